@@ -1,0 +1,86 @@
+"""`dapo`: one command for the laptop run, the pods and the operator.
+
+Each subcommand imports its module lazily so `dapo crd` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dapo.spec import SpecError
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="train a DAPORun on this machine (the embedded default)")
+    p.add_argument("file", help="run file (YAML, kind DAPORun)")
+    p.add_argument("--output-dir", default=None, help="run directory (default runs/NAME)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override one field, e.g. --set spec.learner.lr=2e-6 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+    p.add_argument("--launcher", choices=["inprocess", "processes"], default="inprocess",
+                   help="inprocess: every role in this process; processes: each role a local process on loopback")
+    p.set_defaults(func=lambda a: _lazy("dapo.launch", "main_run")(a))
+
+
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="print the Kubernetes objects the operator would create for a run file")
+    p.add_argument("file")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--image", default=None, help="runtime image (default: the operator's default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    p.set_defaults(func=lambda a: _lazy("dapo_operator.render", "main")(a))
+
+
+def _add_crd(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("crd", help="print the DAPORun CustomResourceDefinition generated from the spec model")
+    p.set_defaults(func=lambda a: _lazy("dapo_operator.crd", "main")(a))
+
+
+def _add_operator(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("operator", help="run the Kubernetes operator")
+    p.add_argument("--namespace", action="append", default=[], help="watch only these namespaces (repeatable); default all")
+    p.add_argument("--metrics-port", type=int, default=8080)
+    p.add_argument("--health-port", type=int, default=8081)
+    p.set_defaults(func=lambda a: _lazy("dapo_operator.main", "main")(a))
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="write PNG training curves of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    p.set_defaults(func=lambda a: _lazy("dapo.plot", "main")(a))
+
+
+def _add_role(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("role", help="run one role of a distributed run (what the pods execute)")
+    p.add_argument("role", choices=["learner", "rollout", "reward"])
+    p.add_argument("--config", default=None, help="run file (default: $DAPO_RUN_FILE, the operator's ConfigMap)")
+    p.set_defaults(func=lambda a: _lazy("dapo.roles", "main")(a))
+
+
+def _lazy(module: str, attr: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dapo", description="DAPO reinforcement learning, on one machine or on Kubernetes")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_render, _add_crd, _add_operator, _add_plot, _add_role):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The `DAPORun` run file: the one typed source of truth for every setting.
+
+The same model validates `dapo run FILE` on a laptop, generates the CRD the cluster validates
+with (`dapo crd`), and configures every pod the operator starts. Field names in YAML are
+camelCase (Kubernetes convention); Python code uses the snake_case attribute names.
+
+Defaults are the DAPO paper's 32B hyperparameters (arXiv 2503.14476, section 4.1).
+
+Cross-field rules live twice by necessity: as a pydantic validator (runs everywhere) and as the
+CEL expression of the same rule (runs in the API server). They sit next to each other in
+``CROSS_FIELD_RULES`` below so a change to one is a change to the other.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "dapo.dev"
+API_VERSION = "v1alpha1"
+KIND = "DAPORun"
+PLURAL = "daporuns"
+
+
+class SpecError(ValueError):
+    """A run file that cannot be used; the message names the field and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+
+# --------------------------------------------------------------------------- pods / k8s bits
+
+
+class ResourcesSpec(_Model):
+    """Kubernetes resource requests and limits of one pod of a role."""
+
+    requests: dict[str, str | int] = Field(default_factory=dict, description="Resource requests, e.g. {cpu: '8', memory: 64Gi}.")
+    limits: dict[str, str | int] = Field(default_factory=dict, description="Resource limits, e.g. {memory: 64Gi}.")
+    gpus: int = Field(0, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu limit).")
+
+
+class PodPlacement(_Model):
+    """Where and how a role's pods run: node pool, resources, image."""
+
+    replicas: int = Field(1, ge=1, le=1024, description="Number of pods of this role.")
+    image: str | None = Field(None, description="Container image; defaults to the operator's runtime image.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match (the role's node pool).")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (Kubernetes Toleration objects).")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (Kubernetes Affinity object).")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+
+
+# --------------------------------------------------------------------------- what to train
+
+
+class ModelSpec(_Model):
+    path: str = Field(
+        ...,
+        min_length=1,
+        description=(
+            "Base model: a local Hugging Face folder, an s3:// prefix holding one, or "
+            "'builtin:NAME' for a model the project builds itself (builtin:arith-tiny)."
+        ),
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside `path` to load (dequantised) instead of safetensors.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder when it is not beside the model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Parameter dtype; auto is bfloat16 on GPU and float32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+
+
+class DataSpec(_Model):
+    train: str = Field(..., min_length=1, description="Training prompts: a .parquet (DAPO row format) or .jsonl file, local or s3://.")
+    eval: str | None = Field(None, description="Evaluation prompts, same formats; omitted means no evaluation.")
+    prompt_template: Literal["dapo", "none"] = Field(
+        "dapo",
+        description="'dapo' wraps raw problems in the DAPO 'Answer: $Answer' instruction; 'none' uses the prompt as given.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping for JSONL sets: keys problem, answer, dataSource (e.g. {problem: question, answer: answer}).",
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts (after de-duplication).")
+    eval_max_prompts: int | None = Field(None, ge=1, description="Use at most this many evaluation prompts.")
+
+
+class OverlongSpec(_Model):
+    """Soft overlong punishment and overlong filtering (DAPO section 3.4)."""
+
+    enabled: bool = Field(True, description="Add the soft overlong penalty to the reward.")
+    buffer_length: int = Field(4096, ge=1, description="L_cache: the last tokens before maxResponseLength where the penalty ramps to -1.")
+    penalty_factor: float = Field(1.0, ge=0.0, description="Scale of the penalty.")
+    filtering: bool = Field(False, description="Mask the loss of truncated responses (the paper's overlong filtering).")
+
+
+class DynamicSamplingSpec(_Model):
+    enabled: bool = Field(True, description="Drop groups whose accuracy is all 0 or all 1 and over-sample until the batch is full.")
+    max_gen_batches: int = Field(10, ge=1, description="Give up (with an explanation) after this many generation batches in one step.")
+
+
+class AlgorithmSpec(_Model):
+    eps_low: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range epsilon_low.")
+    eps_high: float = Field(0.28, gt=0.0, lt=10.0, description="Upper clip range epsilon_high (clip-higher).")
+    clip_ratio_c: float = Field(10.0, gt=1.0, description="Dual-clip constant c (> 1) bounding the loss of negative-advantage tokens.")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
+        "token-mean", description="How token losses are averaged; DAPO uses token-mean."
+    )
+    overlong: OverlongSpec = Field(default_factory=OverlongSpec)
+    dynamic_sampling: DynamicSamplingSpec = Field(default_factory=DynamicSamplingSpec)
+
+
+# --------------------------------------------------------------------------- roles
+
+
+class RolloutSpec(PodPlacement):
+    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation engine: vllm on GPU, hf (transformers) anywhere; auto picks.")
+    n: int = Field(16, ge=1, le=1024, description="Responses sampled per prompt (the group size G).")
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_prompt_length: int = Field(2048, ge=1, description="Prompts longer than this (in tokens) are dropped when loading.")
+    max_response_length: int = Field(20480, ge=1, description="L_max: generation stops here and the response counts as truncated.")
+    gen_batch_size: int = Field(1536, ge=1, description="Prompts per generation batch (verl over-samples 3x the train batch).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one rollout pod.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM's share of GPU memory.")
+
+
+class LearnerSpec(PodPlacement):
+    strategy: Literal["deepspeed-zero2", "deepspeed-zero3", "torch"] = Field(
+        "deepspeed-zero3", description="Training backend: DeepSpeed ZeRO stage 2/3, or plain torch (DDP across ranks)."
+    )
+    train_batch_size: int = Field(512, ge=1, description="Prompts (groups) per training step.")
+    mini_batch_size: int = Field(32, ge=1, description="Prompts per optimizer step; trainBatchSize / miniBatchSize updates per step.")
+    micro_batch_size: int = Field(8, ge=1, description="Responses per forward/backward pass on one rank (memory knob, no effect on the math).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each training batch.")
+    lr: float = Field(1e-6, gt=0.0, lt=1.0)
+    warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up over this many training steps, then constant.")
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    total_steps: int | None = Field(None, ge=1, description="Training steps to run; omitted means totalEpochs passes over the data.")
+    total_epochs: int = Field(1, ge=1, description="Passes over the training prompts when totalSteps is omitted.")
+    seed: int = Field(1, description="Seed for data order, sampling and initialisation.")
+
+
+class RewardSpec(PodPlacement):
+    scorer: str = Field("math_dapo", description="Default scorer for data sources with no registered scorer (math_dapo, math_verify).")
+    timeout_seconds: float = Field(5.0, gt=0.0, le=600.0, description="Bound on one scorer call; a slower answer scores as wrong.")
+    workers: int = Field(2, ge=1, le=256, description="Scoring processes per reward pod.")
+
+
+class EvalSpec(_Model):
+    every_steps: int = Field(5, ge=0, description="Evaluate every k training steps (0: never during training).")
+    before_train: bool = Field(True, description="Evaluate once before the first step (the step-0 baseline).")
+    n: int = Field(32, ge=1, description="Samples per problem; val/acc/mean is avg@n.")
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    top_p: float = Field(0.7, gt=0.0, le=1.0)
+
+
+class CheckpointSpec(_Model):
+    uri: str | None = Field(None, description="Where checkpoints go: local folder or s3:// prefix; default RUN_DIR/checkpoints.")
+    every_steps: int = Field(10, ge=0, description="Save every k steps (0: only at the end).")
+    keep: int = Field(3, ge=1, description="Keep the last k committed checkpoints.")
+
+
+class StorageSpec(_Model):
+    """S3 access. Credentials never go in the run file: they come from a Secret or the AWS chain."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS stores (MinIO, Ceph); omitted means AWS.")
+    region: str | None = Field(None)
+    credentials_secret: str | None = Field(
+        None, description="Name of a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, mounted as env into the pods."
+    )
+    cache_dir: str = Field("/cache", description="Local folder (in pods) where datasets and models are staged.")
+
+
+class DAPORunSpec(_Model):
+    model: ModelSpec
+    data: DataSpec
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    learner: LearnerSpec = Field(default_factory=LearnerSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    suspend: bool = Field(False, description="True stops the pods and keeps status and checkpoints; false resumes.")
+    backoff_limit: int = Field(3, ge=0, description="Gang restarts allowed before the run is Failed.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DAPORun this long after it finished.")
+    image: str | None = Field(None, description="Runtime image for every role unless the role sets its own.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "DAPORunSpec":
+        problems = [rule.message for rule in CROSS_FIELD_RULES if not rule.check(self)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ObjectMeta(_Model):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(..., pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class DAPORun(_Model):
+    api_version: Literal["dapo.dev/v1alpha1"] = Field("dapo.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["DAPORun"] = "DAPORun"
+    metadata: ObjectMeta
+    spec: DAPORunSpec
+    status: dict[str, Any] | None = Field(None, description="Written by the operator; ignored on input.")
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+class CrossFieldRule:
+    """One rule, as Python (for pydantic) and as CEL (for the API server) side by side.
+
+    ``cel_scope`` is the JSON path, relative to spec, of the object the CEL rule is attached to
+    ("" is spec itself); ``cel`` is written against that object as ``self``.
+    """
+
+    def __init__(self, check, cel: str, cel_scope: str, message: str):
+        self.check = check
+        self.cel = cel
+        self.cel_scope = cel_scope
+        self.message = message
+
+
+CROSS_FIELD_RULES: list[CrossFieldRule] = [
+    CrossFieldRule(
+        lambda s: s.learner.mini_batch_size <= s.learner.train_batch_size,
+        "self.miniBatchSize <= self.trainBatchSize",
+        "learner",
+        "spec.learner.miniBatchSize must be <= spec.learner.trainBatchSize (prompts per optimizer step cannot exceed prompts per training step)",
+    ),
+    CrossFieldRule(
+        lambda s: s.learner.train_batch_size % s.learner.mini_batch_size == 0,
+        "self.trainBatchSize % self.miniBatchSize == 0",
+        "learner",
+        "spec.learner.trainBatchSize must be a multiple of spec.learner.miniBatchSize (every optimizer step sees the same number of prompts)",
+    ),
+    CrossFieldRule(
+        lambda s: s.algorithm.eps_high >= s.algorithm.eps_low,
+        "self.epsHigh >= self.epsLow",
+        "algorithm",
+        "spec.algorithm.epsHigh must be >= spec.algorithm.epsLow (clip-higher widens the upper range, never narrows it)",
+    ),
+    CrossFieldRule(
+        lambda s: (not s.algorithm.overlong.enabled) or s.algorithm.overlong.buffer_length < s.rollout.max_response_length,
+        "!self.algorithm.overlong.enabled || self.algorithm.overlong.bufferLength < self.rollout.maxResponseLength",
+        "",
+        "spec.algorithm.overlong.bufferLength must be < spec.rollout.maxResponseLength (lower bufferLength or raise maxResponseLength)",
+    ),
+    CrossFieldRule(
+        lambda s: s.rollout.gen_batch_size >= s.learner.mini_batch_size,
+        "self.rollout.genBatchSize >= self.learner.miniBatchSize",
+        "",
+        "spec.rollout.genBatchSize must be >= spec.learner.miniBatchSize (a generation batch must fill at least one optimizer step)",
+    ),
+]
+
+
+# Fields a running training cannot take a new value of: the operator's CRD rejects the edit.
+IMMUTABLE_FIELDS: dict[str, str] = {
+    "model": "spec.model is immutable: the base model of a running training cannot change; create a new DAPORun",
+    "data": "spec.data is immutable: changing the data would break resume at the same data position; create a new DAPORun",
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            name = str(item)
+            if name.startswith("function-after") or name.startswith("function-"):
+                continue
+            parts.append(("." if parts else "") + name)
+    return "".join(parts) or "(file)"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = _field_path(err["loc"])
+    kind = err["type"]
+    msg = err["msg"]
+    given = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    if kind == "extra_forbidden":
+        return f"{path}: unknown field (check the spelling; fields are camelCase, see `dapo crd` for the schema)"
+    if kind in ("literal_error", "enum"):
+        return f"{path}: {given!r} is not allowed; use one of {ctx.get('expected', '')}"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"{path}: {msg.lower()} (got {shown})"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: the run file is not valid:"]
+    for err in exc.errors():
+        lines.append("  - " + _describe(err))
+    return "\n".join(lines)
+
+
+def parse_run(doc: Any, source: str = "run file") -> DAPORun:
+    """Validate a parsed run file; raise SpecError with one actionable line per problem."""
+    if not isinstance(doc, dict):
+        raise SpecError(f"{source}: expected a YAML mapping with apiVersion, kind, metadata and spec, got {type(doc).__name__}")
+    if doc.get("kind") not in (None, KIND):
+        raise SpecError(f"{source}: kind is {doc.get('kind')!r}; a run file has kind: {KIND}")
+    if doc.get("apiVersion") not in (None, f"{API_GROUP}/{API_VERSION}"):
+        raise SpecError(f"{source}: apiVersion is {doc.get('apiVersion')!r}; use apiVersion: {API_GROUP}/{API_VERSION}")
+    try:
+        return DAPORun.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, source)) from None
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set spec.learner.lr=2e-6` style overrides to a parsed run file (a copy)."""
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected PATH=VALUE, e.g. --set spec.learner.lr=2e-6")
+        path, _, raw = item.partition("=")
+        keys = [k for k in re.split(r"\.", path.strip()) if k]
+        if not keys:
+            raise SpecError(f"--set {item!r}: empty PATH")
+        node: Any = doc
+        for key in keys[:-1]:
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {key} is inside a value that is not a mapping")
+            node = node.setdefault(_alias(key), {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {item!r}: the parent of {keys[-1]} is not a mapping")
+        node[_alias(keys[-1])] = _parse_scalar(raw)
+    return doc
+
+
+def _alias(key: str) -> str:
+    """Accept snake_case on the command line; the file format is camelCase."""
+    return to_camel(key) if "_" in key else key
+
+
+def load_run_file(path: str | Path, overrides: list[str] | None = None) -> DAPORun:
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"{path}: no such run file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        if not isinstance(doc, dict):
+            raise SpecError(f"{path}: expected a YAML mapping")
+        doc = apply_overrides(doc, overrides)
+    return parse_run(doc, source=str(path))
+
+
+def dump_run(run: DAPORun) -> str:
+    """The resolved run file (every default filled in), as YAML."""
+    data = run.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+    return yaml.safe_dump(data, sort_keys=False)
