@@ -1,0 +1,688 @@
+"""Prompt data sets and the resumable, deterministic prompt sampler.
+
+Two halves:
+
+* ``load_prompts`` reads a prompt set (``.parquet`` or ``.jsonl``, local or ``s3://``) into
+  ``PromptRecord`` objects, wraps raw problems in the DAPO instruction template exactly once,
+  de-duplicates on the final prompt text, drops prompts whose copies disagree on the answer, and
+  says what it did in a ``LoadReport`` (logged on the ``dapo.data`` logger). The public
+  DAPO-Math-17k on the hub repeats each prompt ~100 times and a few copies carry different answers;
+  training on that silently is a known pain point, so every dropped row is counted by reason.
+
+* ``PromptSampler`` hands out prompt indices in a seeded, epoch-shuffled order that crosses epoch
+  boundaries without stopping and restores its exact position from a tiny JSON-able state. Its
+  shuffle is a self-contained Fisher-Yates driven by SplitMix64, so the order depends only on
+  (seed, epoch, num_items): not on torch/numpy/python RNG state or library versions, which is
+  what makes "resume replays or skips data" impossible by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger("dapo.data")
+
+# --------------------------------------------------------------------------- the DAPO template
+
+DAPO_PROMPT_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of "
+    "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_PROMPT_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+def apply_dapo_template(problem: str) -> str:
+    """Wrap a raw problem in the DAPO-Math-17k / DAPO-AIME instruction (DAPO-NOTES.md).
+
+    prefix + problem + suffix, where the prefix asks for a last line ``Answer: $Answer`` and the
+    suffix repeats it; the reward function reads exactly that line.
+    """
+    return f"{DAPO_PROMPT_PREFIX}{problem}{DAPO_PROMPT_SUFFIX}"
+
+
+def is_dapo_templated(text: str) -> bool:
+    """True when ``text`` already carries the full DAPO instruction (prefix AND suffix).
+
+    Checking both ends matters: DAPO-Math-17k holds a raw problem that itself begins with
+    "Solve the following equation ...", which a prefix-only test would mistake for a wrapped one.
+    """
+    return text.startswith(DAPO_PROMPT_PREFIX) and text.rstrip().endswith(DAPO_PROMPT_SUFFIX)
+
+
+# --------------------------------------------------------------------------- records and report
+
+
+@dataclasses.dataclass
+class PromptRecord:
+    """One training / evaluation prompt.
+
+    ``uid`` is a stable hash of the final prompt messages (``prompt_uid``), so the same prompt gets
+    the same id in every run, file order and machine.
+    """
+
+    uid: str
+    prompt: list[dict[str, str]]
+    ground_truth: str
+    data_source: str
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """Content of the last user message: the problem as the model sees it (after templating)."""
+        return _last_user_content(self.prompt)
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What ``load_prompts`` read, dropped and kept.
+
+    Invariant: rows_read == sum(bad_rows) + duplicates_dropped + conflicting_rows_dropped
+    + truncated + kept.
+    """
+
+    path: str
+    rows_read: int = 0
+    bad_rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    duplicates_dropped: int = 0
+    conflicting_prompts_dropped: int = 0
+    conflicting_rows_dropped: int = 0
+    truncated: int = 0
+    kept: int = 0
+    # Rows wrapped / found already wrapped, counted before length, conflict and duplicate filtering.
+    templated: int = 0
+    already_templated: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bad_rows_total(self) -> int:
+        """Rows dropped for a defect of their own (all reasons together)."""
+        return sum(self.bad_rows.values())
+
+    def summary(self) -> str:
+        """One readable line, e.g. for logs and the run's event stream."""
+        bad = ", ".join(f"{count} {reason}" for reason, count in sorted(self.bad_rows.items())) or "none"
+        parts = [
+            f"{self.path}: read {self.rows_read} rows, kept {self.kept} prompts",
+            f"bad rows {self.bad_rows_total} ({bad})",
+            f"duplicates dropped {self.duplicates_dropped}",
+            f"conflicting prompts dropped {self.conflicting_prompts_dropped} "
+            f"({self.conflicting_rows_dropped} rows)",
+        ]
+        if self.truncated:
+            parts.append(f"cut by max_prompts {self.truncated}")
+        parts.append(f"templated {self.templated}, already templated {self.already_templated}")
+        parts.append(f"{self.seconds:.2f}s")
+        return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- small pure helpers
+
+
+def canonical_prompt_text(messages: list[dict[str, str]]) -> str:
+    """Unambiguous text of a message list: length-prefixed ``role`` and ``content`` of each message.
+
+    Length prefixes (netstring style) make distinct message lists map to distinct strings, whatever
+    characters the contents hold; this is the de-duplication key and the input of ``prompt_uid``.
+    """
+    return "".join(f"{len(m['role'])}:{m['role']}{len(m['content'])}:{m['content']}" for m in messages)
+
+
+def prompt_uid(messages: list[dict[str, str]]) -> str:
+    """sha256 of ``canonical_prompt_text(messages)``, first 16 hex digits (64 bits)."""
+    return hashlib.sha256(canonical_prompt_text(messages).encode("utf-8")).hexdigest()[:16]
+
+
+def dataset_fingerprint(records: Iterable[PromptRecord]) -> str:
+    """sha256 over the ordered uids: changes when prompts are added, removed or reordered.
+
+    Store it beside a ``PromptSampler`` state so a resume against a different data set fails loudly.
+    """
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(record.uid.encode("ascii"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+
+
+def normalize_answer_value(value: Any) -> str | None:
+    """Turn a raw answer cell into a ground-truth string; None when it is not usable.
+
+    * str: stripped; a GSM8K solution ending in ``#### N`` becomes ``N`` with thousands commas
+      removed ("#### 1,234" -> "1234").
+    * int: decimal; float: "5" for 5.0 (AMC stores answers as floats), repr otherwise; NaN/inf and
+      bools are unusable.
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str):
+        match = _GSM8K_FINAL.search(value)
+        if match:
+            return match.group(1).replace(",", "").strip()
+        return value.strip()
+    return None
+
+
+def conflict_key(ground_truth: str) -> str:
+    """Normalised form used to decide whether two copies of a prompt disagree.
+
+    Whitespace collapsed and one pair of surrounding ``$`` removed: "$ 23 $" and "23" agree, "6" and
+    "64" do not. Deliberately light: the reward's normaliser decides correctness, this only decides
+    whether the data set contradicts itself.
+    """
+    text = " ".join(ground_truth.split())
+    if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
+        text = text[1:-1].strip()
+    return text
+
+
+def _last_user_content(messages: list[dict[str, str]]) -> str:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return message["content"]
+    return messages[-1]["content"] if messages else ""
+
+
+def _get_path(row: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    """Look up ``a.b.c`` in nested dicts; (found, value)."""
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
+
+
+def _as_messages(value: Any) -> list[dict[str, str]] | None:
+    """A raw problem string or a list of {role, content} messages -> messages; None if malformed."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, (list, tuple)) and value:
+        messages = []
+        for item in value:
+            if not isinstance(item, Mapping):
+                return None
+            role, content = item.get("role"), item.get("content")
+            if not isinstance(role, str) or not isinstance(content, str):
+                return None
+            messages.append({"role": role, "content": content})
+        return messages
+    return None
+
+
+# --------------------------------------------------------------------------- column mapping
+
+COLUMN_KEYS = ("problem", "answer", "dataSource")
+
+# Tried in order; the first column present wins. AMC has both `question` and `problem` (same
+# text), GSM8K only `question`.
+_PROBLEM_CANDIDATES = ("problem", "question", "prompt", "query")
+_ANSWER_CANDIDATES = ("answer", "ground_truth", "final_answer", "target")
+_SOURCE_CANDIDATES = ("data_source", "source")
+
+
+def resolve_columns(present: Iterable[str], overrides: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """Pick the source column for each of problem / answer / dataSource.
+
+    DAPO row format (``prompt`` and ``reward_model`` present) maps to prompt /
+    reward_model.ground_truth / data_source. Otherwise the first present candidate is used; when
+    none is present the first candidate is kept so the error names the column a user expects.
+    ``overrides`` (the run file's ``data.columns``; ``data_source`` accepted for ``dataSource``)
+    win; nested fields use dots (``reward_model.ground_truth``).
+    """
+    names = set(present)
+    if {"prompt", "reward_model"} <= names:
+        mapping: dict[str, str | None] = {
+            "problem": "prompt",
+            "answer": "reward_model.ground_truth",
+            "dataSource": "data_source" if "data_source" in names else None,
+        }
+    else:
+        mapping = {
+            "problem": next((c for c in _PROBLEM_CANDIDATES if c in names), _PROBLEM_CANDIDATES[0]),
+            "answer": next((c for c in _ANSWER_CANDIDATES if c in names), _ANSWER_CANDIDATES[0]),
+            "dataSource": next((c for c in _SOURCE_CANDIDATES if c in names), None),
+        }
+    for key, column in (overrides or {}).items():
+        canonical = "dataSource" if key in ("data_source", "dataSource") else key
+        if canonical not in COLUMN_KEYS:
+            raise ValueError(f"data.columns: unknown key {key!r}; allowed keys are {', '.join(COLUMN_KEYS)}")
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"data.columns.{canonical}: expected a column name, got {column!r}")
+        mapping[canonical] = column
+    return mapping
+
+
+# --------------------------------------------------------------------------- reading files
+
+SUPPORTED_SUFFIXES = (".parquet", ".jsonl")
+_INVALID_JSON = "invalid JSON line"
+
+
+def _read_parquet_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return table.to_pylist(), list(table.schema.names)
+
+
+def _read_jsonl_rows(path: Path) -> tuple[list[dict[str, Any] | None], list[str]]:
+    """Rows of a JSON-lines file; a line that is not a JSON object becomes None (a bad row)."""
+    rows: list[dict[str, Any] | None] = []
+    columns: dict[str, None] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue  # blank lines (a trailing newline) are not rows
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                rows.append(None)
+                continue
+            rows.append(row)
+            columns.update(dict.fromkeys(row))
+    return rows, list(columns)
+
+
+def _local_path(uri: str, cache_dir: str | Path | None) -> Path:
+    """A local file for ``uri``: s3:// is staged through ``dapo.storage``; other schemes refused."""
+    if uri.startswith("s3://"):
+        from dapo import storage  # lazy: local use must not need boto3 or the storage module
+
+        return Path(storage.stage(uri, cache_dir=cache_dir))
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
+        raise ValueError(f"{uri}: unsupported URI scheme; use a local file path or an s3:// URI")
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{uri}: is a directory; data.train / data.eval must name one .parquet or .jsonl file")
+    if not path.exists():
+        raise FileNotFoundError(f"{uri}: no such file (data.train / data.eval must name an existing .parquet or .jsonl file)")
+    return path
+
+
+def _suffix_of(uri: str) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _file_stem(uri: str) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+def _char_length(messages: list[dict[str, str]]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
+def load_prompts(
+    uri: str | Path,
+    *,
+    template: Literal["dapo", "none"] = "dapo",
+    columns: Mapping[str, str] | None = None,
+    max_prompts: int | None = None,
+    dedupe: bool = True,
+    cache_dir: str | Path | None = None,
+    max_prompt_length: int | None = None,
+    prompt_length: Callable[[list[dict[str, str]]], int] | None = None,
+) -> tuple[list[PromptRecord], LoadReport]:
+    """Read a prompt set into records plus a report of what was dropped and why.
+
+    Steps, in order: read rows (``.parquet`` via pyarrow, ``.jsonl`` line by line); map columns
+    (``resolve_columns``); drop bad rows by reason; wrap raw problems in the DAPO template when
+    ``template="dapo"`` (rows already wrapped are left alone); drop every copy of a prompt whose
+    copies disagree on the answer (``conflict_key``); keep the first copy of each prompt when
+    ``dedupe``; keep the first ``max_prompts``.
+
+    ``max_prompt_length`` drops prompts longer than that, measured by ``prompt_length(messages)``
+    (default: characters of all message contents; pass a tokenizer-based measure for tokens).
+
+    Raises ValueError naming the file (and column) when nothing usable remains, and for an
+    unsupported file type or URI scheme; FileNotFoundError for a missing local file.
+    """
+    uri = str(uri)
+    if template not in ("dapo", "none"):
+        raise ValueError(f"data.promptTemplate: expected 'dapo' or 'none', got {template!r}")
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+    suffix = _suffix_of(uri)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ValueError(
+            f"{uri}: unsupported file type {suffix or '(no extension)'!r}; "
+            "use .parquet (DAPO row format) or .jsonl (set data.columns for its column names)"
+        )
+    started = time.perf_counter()
+    path = _local_path(uri, cache_dir)
+    rows, present = _read_parquet_rows(path) if suffix == ".parquet" else _read_jsonl_rows(path)
+    mapping = resolve_columns(present, columns)
+    measure = prompt_length or _char_length
+    default_source = _file_stem(uri)
+
+    report = LoadReport(path=uri, rows_read=len(rows))
+    bad: Counter[str] = Counter()
+    candidates: list[tuple[str, PromptRecord]] = []
+    for index, row in enumerate(rows):
+        record, reason = _row_to_record(row, index, mapping, template, default_source, report)
+        if record is not None and max_prompt_length is not None and measure(record.prompt) > max_prompt_length:
+            record, reason = None, "too long"
+        if record is None:
+            bad[reason] += 1
+        else:
+            candidates.append((canonical_prompt_text(record.prompt), record))
+    report.bad_rows = dict(bad)
+
+    kept = _drop_conflicts_and_duplicates(candidates, dedupe, report)
+    if max_prompts is not None and len(kept) > max_prompts:
+        report.truncated = len(kept) - max_prompts
+        kept = kept[:max_prompts]
+    report.kept = len(kept)
+    report.seconds = time.perf_counter() - started
+    if not kept:
+        raise ValueError(_no_usable_rows_message(uri, report, mapping))
+    logger.info(report.summary())
+    if report.conflicting_prompts_dropped:
+        logger.warning(
+            "%s: %d prompts carry different ground truths in different copies; all %d of their rows were dropped",
+            uri, report.conflicting_prompts_dropped, report.conflicting_rows_dropped,
+        )
+    return kept, report
+
+
+def _row_to_record(
+    row: Mapping[str, Any] | None,
+    index: int,
+    mapping: Mapping[str, str | None],
+    template: str,
+    default_source: str,
+    report: LoadReport,
+) -> tuple[PromptRecord | None, str]:
+    """One row -> (record, "") or (None, reason). Counts templating on ``report``."""
+    if row is None:
+        return None, _INVALID_JSON
+    problem_column, answer_column = mapping["problem"], mapping["answer"]
+    found, problem_value = _get_path(row, problem_column)
+    if not found:
+        return None, f"missing column {problem_column!r}"
+    found, answer_value = _get_path(row, answer_column)
+    if not found:
+        return None, f"missing column {answer_column!r}"
+    messages = _as_messages(problem_value)
+    if messages is None:
+        return None, "empty prompt" if problem_value in (None, "", [], ()) else "malformed prompt"
+    if not _last_user_content(messages).strip():
+        return None, "empty prompt"
+    ground_truth = normalize_answer_value(answer_value)
+    if ground_truth is None:
+        return None, "empty answer" if answer_value is None else "unusable answer"
+    if not ground_truth:
+        return None, "empty answer"
+
+    if template == "dapo":
+        messages = _templated(messages, report)
+    source_column = mapping.get("dataSource")
+    data_source = default_source
+    if source_column:
+        found, value = _get_path(row, source_column)
+        if found and isinstance(value, str) and value:
+            data_source = value
+    used = {problem_column.split(".")[0], answer_column.split(".")[0], source_column}
+    extra = {key: value for key, value in row.items() if key not in used and not key.startswith("__")}
+    if isinstance(answer_value, str) and _GSM8K_FINAL.search(answer_value):
+        extra["answer_text"] = answer_value  # the worked solution GSM8K stores before "#### N"
+    extra["row_index"] = index
+    return PromptRecord(prompt_uid(messages), messages, ground_truth, data_source, extra), ""
+
+
+def _templated(messages: list[dict[str, str]], report: LoadReport) -> list[dict[str, str]]:
+    """Wrap the last user message in the DAPO template unless it already is."""
+    position = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    content = messages[position]["content"]
+    if is_dapo_templated(content):
+        report.already_templated += 1
+        return messages
+    report.templated += 1
+    wrapped = list(messages)
+    wrapped[position] = {"role": wrapped[position]["role"], "content": apply_dapo_template(content)}
+    return wrapped
+
+
+def _drop_conflicts_and_duplicates(
+    keyed_records: list[tuple[str, PromptRecord]], dedupe: bool, report: LoadReport
+) -> list[PromptRecord]:
+    """Drop ALL copies of prompts whose copies disagree on the answer; then keep the first copy of each.
+
+    Keyed on ``canonical_prompt_text`` of the final messages (after templating), so a raw copy and
+    a pre-wrapped copy of the same problem count as the same prompt.
+    """
+    answers: dict[str, set[str]] = {}
+    for key, record in keyed_records:
+        answers.setdefault(key, set()).add(conflict_key(record.ground_truth))
+    conflicting = {key for key, seen in answers.items() if len(seen) > 1}
+    report.conflicting_prompts_dropped = len(conflicting)
+
+    kept: list[PromptRecord] = []
+    seen_keys: set[str] = set()
+    for key, record in keyed_records:
+        if key in conflicting:
+            report.conflicting_rows_dropped += 1
+        elif dedupe and key in seen_keys:
+            report.duplicates_dropped += 1
+        else:
+            seen_keys.add(key)
+            kept.append(record)
+    return kept
+
+
+def _no_usable_rows_message(uri: str, report: LoadReport, mapping: Mapping[str, str | None]) -> str:
+    """Explain an empty result by its dominant cause, with the run-file setting that fixes it."""
+    if report.rows_read == 0:
+        return f"{uri}: no usable rows: the file holds no rows"
+    if report.bad_rows:
+        reason, count = max(report.bad_rows.items(), key=lambda item: item[1])
+        scope = f"all {report.rows_read}" if count == report.rows_read else f"{count} of {report.rows_read}"
+        match = re.fullmatch(r"missing column '(.+)'", reason)
+        if match:
+            column = match.group(1)
+            key = next((k for k, v in mapping.items() if v == column), "problem")
+            return f"{uri}: no usable rows: column {column!r} missing in {scope} rows; pass data.columns.{key}"
+        hint = {
+            "empty answer": f"check the answer column {mapping['answer']!r} (data.columns.answer)",
+            "unusable answer": f"the answer column {mapping['answer']!r} must hold strings or numbers (data.columns.answer)",
+            "empty prompt": f"check the problem column {mapping['problem']!r} (data.columns.problem)",
+            "malformed prompt": f"column {mapping['problem']!r} must hold a string or a list of {{role, content}} messages (data.columns.problem)",
+            "too long": "raise the prompt length limit",
+            _INVALID_JSON: "each line must be one JSON object",
+        }.get(reason, "")
+        return f"{uri}: no usable rows: {reason} in {scope} rows" + (f"; {hint}" if hint else "")
+    return (
+        f"{uri}: no usable rows: all {report.conflicting_prompts_dropped} prompts have copies with "
+        "different ground truths; fix the answers in the file"
+    )
+
+
+# --------------------------------------------------------------------------- the sampler
+
+_MASK64 = (1 << 64) - 1
+_SAMPLER_FORMAT = "dapo.PromptSampler/1"
+
+
+def _splitmix64_stream(state: int):
+    """SplitMix64 (Steele, Lea, Flood 2014): state += 0x9E3779B97F4A7C15; mix; yields 64-bit words."""
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        yield z ^ (z >> 31)
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The order of epoch ``epoch``: Fisher-Yates over range(num_items) driven by SplitMix64.
+
+    The generator is seeded by sha256("seed:epoch"), so each epoch's permutation is a pure function
+    of (num_items, seed, epoch). Index j for position i is floor(u * (i + 1) / 2^64) with u a
+    64-bit word (bias <= num_items / 2^64, negligible).
+    """
+    digest = hashlib.sha256(f"dapo-sampler:{seed}:{epoch}".encode()).digest()
+    words = _splitmix64_stream(int.from_bytes(digest[:8], "little"))
+    order = list(range(num_items))
+    for i in range(num_items - 1, 0, -1):
+        j = (next(words) * (i + 1)) >> 64
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+class PromptSampler:
+    """Deterministic, seeded, epoch-shuffled source of prompt indices that resumes exactly.
+
+    Epoch e visits every index once in the order ``epoch_permutation(num_items, seed, e)``
+    (identity when ``shuffle`` is False). ``next_indices(k)`` never stops at the end of an epoch:
+    a request that crosses it takes the tail of epoch e and the head of epoch e+1.
+    ``state_dict()`` is five small fields; loading it into a sampler built with the same
+    num_items / seed / shuffle (and fingerprint, when given) continues with the very same indices.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, *, fingerprint: str | None = None):
+        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+            raise ValueError(f"PromptSampler: num_items must be a positive integer, got {num_items!r} (is the data set empty?)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"PromptSampler: seed must be an integer, got {seed!r}")
+        self._num_items = num_items
+        self._seed = seed
+        self._shuffle = bool(shuffle)
+        self._fingerprint = fingerprint
+        self._epoch = 0
+        self._position = 0
+        self._order_cache: dict[int, list[int]] = {}
+
+    # ----- read-only views
+    @property
+    def num_items(self) -> int:
+        return self._num_items
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next index comes from (0-based)."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """How many indices of the current epoch were already handed out (0 <= position < num_items)."""
+        return self._position
+
+    @property
+    def consumed(self) -> int:
+        """Indices handed out since the start: epoch * num_items + position."""
+        return self._epoch * self._num_items + self._position
+
+    # ----- drawing
+    def _order(self, epoch: int) -> list[int]:
+        order = self._order_cache.get(epoch)
+        if order is None:
+            if self._shuffle:
+                order = epoch_permutation(self._num_items, self._seed, epoch)
+            else:
+                order = list(range(self._num_items))
+            # Two orders suffice (a batch crossing a boundary needs epoch e and e+1); more would
+            # only hold memory, ~num_items ints each.
+            while len(self._order_cache) >= 2:
+                self._order_cache.pop(next(iter(self._order_cache)))
+            self._order_cache[epoch] = order
+        return order
+
+    def _take(self, k: int, advance: bool) -> list[int]:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"PromptSampler: k must be a non-negative integer, got {k!r}")
+        epoch, position = self._epoch, self._position
+        taken: list[int] = []
+        while len(taken) < k:
+            order = self._order(epoch)
+            stop = min(self._num_items, position + (k - len(taken)))
+            taken.extend(order[position:stop])
+            position = stop
+            if position == self._num_items:
+                epoch, position = epoch + 1, 0
+        if advance:
+            self._epoch, self._position = epoch, position
+        return taken
+
+    def next_indices(self, k: int) -> list[int]:
+        """The next ``k`` indices, crossing into later epochs as needed; advances the sampler."""
+        return self._take(k, advance=True)
+
+    def peek(self, k: int) -> list[int]:
+        """What ``next_indices(k)`` would return, without advancing."""
+        return self._take(k, advance=False)
+
+    # ----- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Small JSON-able state: identity (num_items, seed, shuffle, fingerprint) and position."""
+        return {
+            "format": _SAMPLER_FORMAT,
+            "num_items": self._num_items,
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "fingerprint": self._fingerprint,
+            "epoch": self._epoch,
+            "position": self._position,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the exact position; refuse a state from a different data set size / seed / order."""
+        if not isinstance(state, Mapping) or state.get("format") != _SAMPLER_FORMAT:
+            raise ValueError(f"PromptSampler: not a sampler state (expected format {_SAMPLER_FORMAT!r}): {state!r}")
+        mismatches = [
+            f"{name} {state.get(name)!r} in the checkpoint vs {mine!r} now"
+            for name, mine in (("num_items", self._num_items), ("seed", self._seed), ("shuffle", self._shuffle))
+            if state.get(name) != mine
+        ]
+        if self._fingerprint is not None and state.get("fingerprint") not in (None, self._fingerprint):
+            mismatches.append(f"data fingerprint {state.get('fingerprint')!r} in the checkpoint vs {self._fingerprint!r} now")
+        if mismatches:
+            raise ValueError(
+                "PromptSampler: the checkpoint's sampler state does not match this run ("
+                + "; ".join(mismatches)
+                + "): the data set or data seed changed since the checkpoint; resume with the same data and seed, or start a new run"
+            )
+        epoch, position = state.get("epoch"), state.get("position")
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, position))
+        if not (integers and epoch >= 0 and 0 <= position < self._num_items):
+            raise ValueError(
+                f"PromptSampler: invalid position in state (epoch={epoch!r}, position={position!r}); "
+                f"need epoch >= 0 and 0 <= position < {self._num_items}"
+            )
+        self._epoch, self._position = epoch, position
+
+    def __repr__(self) -> str:
+        return (
+            f"PromptSampler(num_items={self._num_items}, seed={self._seed}, shuffle={self._shuffle}, "
+            f"epoch={self._epoch}, position={self._position})"
+        )
