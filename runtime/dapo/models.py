@@ -99,7 +99,7 @@ def load_policy(spec: ModelSpec, *, device: str = "cpu", cache_dir: str | Path |
             model = _load_gguf(folder, spec.gguf_file, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model path for the user
         raise SpecError(f"spec.model: could not load a causal LM from {folder}: {exc}") from None
     if tokenizer.pad_token is None:
         # Left-padded batched generation needs a pad id; eos is the conventional stand-in.

@@ -1,0 +1,56 @@
+"""Model loading: clear errors before any training starts, and the folder kinds that load."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from dapo.builtin import build_tokenizer
+from dapo.models import load_policy, resolve_model_dir
+from dapo.spec import ModelSpec, SpecError
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path):
+    tok = build_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_hf_folder_loads_in_train_mode_with_left_padding(tiny_folder):
+    model, tok = load_policy(ModelSpec(path=str(tiny_folder)))
+    assert model.training
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_missing_folder_names_the_field(tmp_path):
+    with pytest.raises(SpecError, match=r"spec\.model\.path: .* is not a folder"):
+        resolve_model_dir(ModelSpec(path=str(tmp_path / "nope")))
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SpecError, match="no config.json"):
+        resolve_model_dir(ModelSpec(path=str(tmp_path)))
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(SpecError, match=r"spec\.model\.ggufFile"):
+        resolve_model_dir(ModelSpec(path=str(tmp_path), gguf_file="model.gguf"))
+
+
+def test_unknown_builtin_and_package():
+    with pytest.raises(SpecError, match="builtin:arith-tiny"):
+        resolve_model_dir(ModelSpec(path="builtin:nope"))
+    with pytest.raises(SpecError, match="package:no_such_pkg_dapo is not installed"):
+        resolve_model_dir(ModelSpec(path="package:no_such_pkg_dapo"))
+
+
+def test_broken_weights_are_a_spec_error(tiny_folder):
+    for f in tiny_folder.glob("*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    with pytest.raises(SpecError, match="could not load a causal LM"):
+        load_policy(ModelSpec(path=str(tiny_folder)))
