@@ -27,13 +27,15 @@ RELEASE, NAMESPACE = "dapo", "dapo-system"
 
 # The exact permissions the operator needs on namespaced resources (see templates/_helpers.tpl).
 EXPECTED_NAMESPACED_PERMISSIONS = {
-    ("dapo.dev", "daporuns"): {"get", "list", "watch", "patch", "update", "delete"},  # delete: ttlSecondsAfterFinished
-    ("dapo.dev", "daporuns/status"): {"get", "patch", "update"},
-    ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "services"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    # exactly what dapo_operator does: kopf watches runs and pods, patches runs (finalizer,
+    # progress annotations) and their status, deletes runs past ttlSecondsAfterFinished;
+    # the reconciler lists and creates the ConfigMap and Services, creates and deletes pods.
+    ("dapo.dev", "daporuns"): {"get", "list", "watch", "patch", "delete"},
+    ("dapo.dev", "daporuns/status"): {"patch"},
+    ("", "pods"): {"get", "list", "watch", "create", "delete"},
+    ("", "services"): {"list", "create"},
+    ("", "configmaps"): {"list", "create"},
+    ("", "events"): {"create"},
 }
 
 VALUE_VARIANTS = {

@@ -77,27 +77,28 @@ The operator's permissions on namespaced resources, identical in both scopes (on
 kind differs). Least privilege, no wildcards:
 - daporuns: kopf lists/watches them and patches finalizers, progress annotations and status;
   the operator deletes a finished run after spec.ttlSecondsAfterFinished.
-- pods, services, configmaps: the children of a run (CONTRACTS.md); the operator creates them,
-  deletes them on suspend / gang restart, and patches labels. It never reads Secrets: run pods
-  get S3 credentials through secretKeyRef, resolved by the kubelet.
-- events: kopf posts core v1 events; events.k8s.io is listed for clients that use the newer API.
+- pods: watched (failures trigger restarts), created, deleted on suspend / gang restart.
+- services, configmaps: listed and created once per run; the garbage collector deletes them
+  through ownerReferences. The operator never reads Secrets: run pods get S3 credentials
+  through secretKeyRef, resolved by the kubelet.
+- events: kopf posts core v1 events.
 Nothing cluster-scoped: the operator disables kopf's scanning (settings.scanning.disabled), so it
 never lists namespaces or watches CustomResourceDefinitions, and runs standalone (no peering).
 */}}
 {{- define "dapo.namespacedRules" -}}
 - apiGroups: ["dapo.dev"]
   resources: ["daporuns"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["dapo.dev"]
   resources: ["daporuns/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: [""]
-  resources: ["pods", "services", "configmaps"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["list", "create"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}

@@ -1,0 +1,279 @@
+"""Pure builders: a validated DAPORun in, the Kubernetes objects the operator creates out.
+
+No I/O and no clock here, so `dapo render` and the operator print / create the same objects and
+tests check them directly. Object layout follows CONTRACTS.md (names, labels, ports, env).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dapo.spec import API_GROUP, API_VERSION, KIND, DAPORun, PodPlacement, dump_run
+
+from . import naming as n
+
+DEFAULT_IMAGE_ENV = "DAPO_DEFAULT_IMAGE"
+FALLBACK_IMAGE = "ghcr.io/dapo-platform/dapo:latest"
+RUNTIME_UID = 10001  # the image user (Dockerfile)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DAPORun that owns the children (its uid comes from the API server)."""
+
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def default_image() -> str:
+    """Operator-wide runtime image: env DAPO_DEFAULT_IMAGE, else the project's published image."""
+    return os.environ.get(DEFAULT_IMAGE_ENV) or FALLBACK_IMAGE
+
+
+def role_spec(run: DAPORun, role: str) -> PodPlacement:
+    return getattr(run.spec, role)
+
+
+def kueue_queue(run: DAPORun) -> str | None:
+    """The Kueue LocalQueue the run asks for via its label, or None (no Kueue)."""
+    return run.metadata.labels.get(n.KUEUE_QUEUE_LABEL)
+
+
+def gang_roles(run: DAPORun) -> tuple[str, ...]:
+    """Roles restarted together. Under Kueue every pod belongs to one pod group per gang
+    generation, so reward pods join the gang (a lone replacement would join a dead group)."""
+    return n.ROLES if kueue_queue(run) else n.GANG_ROLES
+
+
+def total_pods(run: DAPORun) -> int:
+    return sum(role_spec(run, role).replicas for role in n.ROLES)
+
+
+def checkpoint_uri(run: DAPORun) -> str:
+    """spec.checkpoint.uri, or a folder under the cache emptyDir (lost when the gang restarts)."""
+    return run.spec.checkpoint.uri or f"{run.spec.storage.cache_dir.rstrip('/')}/checkpoints"
+
+
+def spec_warnings(run: DAPORun) -> list[str]:
+    """Settings that work but lose something on a cluster; shown in status.warnings."""
+    warnings = []
+    if not run.spec.checkpoint.uri:
+        warnings.append(
+            "spec.checkpoint.uri is not set: checkpoints go to an emptyDir and a gang restart starts from step 0; "
+            "set spec.checkpoint.uri to an s3:// prefix"
+        )
+    elif not run.spec.checkpoint.uri.startswith("s3://"):
+        warnings.append(
+            f"spec.checkpoint.uri {run.spec.checkpoint.uri!r} is a pod-local path: it does not survive a gang restart; "
+            "use an s3:// prefix"
+        )
+    return warnings
+
+
+def _meta(run: DAPORun, name: str, namespace: str, component: str, owner: Owner | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": n.child_labels(run.metadata.name, component)}
+    if owner is not None:
+        meta["ownerReferences"] = [owner.reference()]
+    return meta
+
+
+def build_config_map(run: DAPORun, namespace: str, owner: Owner | None = None) -> dict[str, Any]:
+    """ConfigMap RUN-spec holding the resolved run file (every default filled in)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, n.config_map_name(run.metadata.name), namespace, "config", owner),
+        "data": {"run.yaml": dump_run(run)},
+    }
+
+
+def build_service(run: DAPORun, role: str, namespace: str, owner: Owner | None = None) -> dict[str, Any]:
+    """Headless Service RUN-ROLE giving each pod the stable DNS name RUN-ROLE-i.RUN-ROLE.NS.svc."""
+    ports = [{"name": "http", "port": n.HTTP_PORT, "targetPort": "http"}]
+    if role == "learner":
+        ports += [
+            {"name": "dist", "port": n.DIST_PORT, "targetPort": "dist"},
+            {"name": "weight-sync", "port": n.WEIGHT_SYNC_PORT, "targetPort": "weight-sync"},
+        ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, n.service_name(run.metadata.name, role), namespace, role, owner),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must resolve each other before they are ready (rendezvous happens first).
+            "publishNotReadyAddresses": True,
+            "selector": {n.LABEL_RUN: run.metadata.name, n.LABEL_ROLE: role},
+            "ports": ports,
+        },
+    }
+
+
+def _resources(placement: PodPlacement) -> dict[str, Any]:
+    requests = {k: str(v) for k, v in placement.resources.requests.items()}
+    limits = {k: str(v) for k, v in placement.resources.limits.items()}
+    if placement.resources.gpus:
+        limits["nvidia.com/gpu"] = str(placement.resources.gpus)
+        requests.setdefault("nvidia.com/gpu", str(placement.resources.gpus))
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def pod_env(run: DAPORun, role: str, index: int, namespace: str, gang_generation: int) -> list[dict[str, Any]]:
+    """Environment of one runtime pod, exactly the variables CONTRACTS.md lists."""
+    name = run.metadata.name
+    spec = run.spec
+    replicas = role_spec(run, role).replicas
+    env: list[dict[str, Any]] = [
+        {"name": "DAPO_RUN_NAME", "value": name},
+        {"name": "DAPO_NAMESPACE", "value": namespace},
+        {"name": "DAPO_ROLE", "value": role},
+        {"name": "DAPO_REPLICA_INDEX", "value": str(index)},
+        {"name": "DAPO_REPLICAS", "value": str(replicas)},
+        {"name": "DAPO_RUN_FILE", "value": n.RUN_FILE},
+        {"name": "DAPO_GANG_GENERATION", "value": str(gang_generation)},
+    ]
+    if role == "learner":
+        env += [
+            {"name": "RANK", "value": str(index)},
+            {"name": "WORLD_SIZE", "value": str(replicas)},
+            {"name": "MASTER_ADDR", "value": n.pod_dns(name, "learner", 0, namespace)},
+            {"name": "MASTER_PORT", "value": str(n.DIST_PORT)},
+        ]
+    env += [
+        {"name": "DAPO_WEIGHT_SYNC_ADDR", "value": f"{n.pod_dns(name, 'learner', 0, namespace)}:{n.WEIGHT_SYNC_PORT}"},
+        {"name": "DAPO_ROLLOUT_URLS", "value": ",".join(
+            f"http://{n.pod_dns(name, 'rollout', i, namespace)}:{n.HTTP_PORT}" for i in range(spec.rollout.replicas))},
+        {"name": "DAPO_REWARD_URLS", "value": ",".join(
+            f"http://{n.pod_dns(name, 'reward', i, namespace)}:{n.HTTP_PORT}" for i in range(spec.reward.replicas))},
+        {"name": "DAPO_CHECKPOINT_URI", "value": checkpoint_uri(run)},
+        {"name": "DAPO_CACHE_DIR", "value": spec.storage.cache_dir},
+        # readOnlyRootFilesystem: every library cache must point at a writable volume.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{spec.storage.cache_dir.rstrip('/')}/huggingface"},
+        {"name": "TORCH_EXTENSIONS_DIR", "value": f"{spec.storage.cache_dir.rstrip('/')}/torch_extensions"},
+    ]
+    if spec.storage.endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
+    if spec.storage.region:
+        env.append({"name": "AWS_REGION", "value": spec.storage.region})
+    if spec.storage.credentials_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}})
+    return env
+
+
+def build_pod(
+    run: DAPORun,
+    role: str,
+    index: int,
+    namespace: str,
+    gang_generation: int,
+    image: str | None = None,
+    owner: Owner | None = None,
+) -> dict[str, Any]:
+    """Pod RUN-ROLE-i. Image: role image > spec.image > ``image`` (operator default)."""
+    name = run.metadata.name
+    placement = role_spec(run, role)
+    meta = _meta(run, n.pod_name(name, role, index), namespace, role, owner)
+    meta["labels"][n.LABEL_GANG] = str(gang_generation)
+    ports = [{"name": "http", "containerPort": n.HTTP_PORT}]
+    if role == "learner":
+        ports += [{"name": "dist", "containerPort": n.DIST_PORT}, {"name": "weight-sync", "containerPort": n.WEIGHT_SYNC_PORT}]
+    container = {
+        "name": role,
+        "image": placement.image or run.spec.image or image or default_image(),
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["dapo", "role", role],
+        "env": pod_env(run, role, index, namespace, gang_generation),
+        "ports": ports,
+        "resources": _resources(placement),
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "run-file", "mountPath": n.RUN_FILE_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": run.spec.storage.cache_dir},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": n.pod_name(name, role, index),
+        "subdomain": n.service_name(name, role),
+        # Training pods get no Kubernetes API rights: no token is mounted at all.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "run-file", "configMap": {"name": n.config_map_name(name)}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            # torch / NCCL exchange tensors through /dev/shm; the container default is 64 MiB.
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if placement.node_selector:
+        pod_spec["nodeSelector"] = dict(placement.node_selector)
+    if placement.affinity:
+        pod_spec["affinity"] = placement.affinity
+    if placement.tolerations:
+        pod_spec["tolerations"] = list(placement.tolerations)
+    if placement.priority_class_name:
+        pod_spec["priorityClassName"] = placement.priority_class_name
+    queue = kueue_queue(run)
+    if queue:
+        # Kueue plain-pod groups: queue + group labels, total count annotation, admission gate
+        # (Kueue's webhook adds the gate too; setting it here keeps the pods gated without it).
+        meta["labels"][n.KUEUE_QUEUE_LABEL] = queue
+        meta["labels"][n.KUEUE_GROUP_LABEL] = n.kueue_group_name(name, gang_generation)
+        meta["annotations"] = {n.KUEUE_TOTAL_ANNOTATION: str(total_pods(run))}
+        pod_spec["schedulingGates"] = [{"name": n.KUEUE_GATE}]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def desired_pod_names(run: DAPORun) -> list[tuple[str, int, str]]:
+    """(role, index, pod name) of every pod the run wants, learner-0 first."""
+    return [
+        (role, i, n.pod_name(run.metadata.name, role, i))
+        for role in n.ROLES
+        for i in range(role_spec(run, role).replicas)
+    ]
+
+
+def build_all(
+    run: DAPORun, namespace: str, gang_generation: int = 0, image: str | None = None, owner: Owner | None = None
+) -> list[dict[str, Any]]:
+    """Every object of a run: ConfigMap, a headless Service per role, every Pod."""
+    objects = [build_config_map(run, namespace, owner)]
+    objects += [build_service(run, role, namespace, owner) for role in n.ROLES]
+    objects += [build_pod(run, role, i, namespace, gang_generation, image, owner) for role, i, _ in desired_pod_names(run)]
+    return objects

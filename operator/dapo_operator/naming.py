@@ -1,0 +1,63 @@
+"""Names, labels and DNS addresses of a DAPORun's children (CONTRACTS.md, fixed)."""
+
+from __future__ import annotations
+
+ROLES = ("learner", "rollout", "reward")
+# A dead pod of these roles restarts every pod of them (they share a process group);
+# a dead reward pod is replaced alone (it is a stateless scoring service).
+GANG_ROLES = ("learner", "rollout")
+
+HTTP_PORT = 8000
+DIST_PORT = 29500
+WEIGHT_SYNC_PORT = 29600
+
+LABEL_RUN = "dapo.dev/run"
+LABEL_ROLE = "dapo.dev/role"
+LABEL_GANG = "dapo.dev/gang-generation"
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_TOTAL_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_GATE = "kueue.x-k8s.io/admission"
+
+RUN_FILE_DIR = "/etc/dapo"
+RUN_FILE = f"{RUN_FILE_DIR}/run.yaml"
+
+
+def pod_name(run: str, role: str, index: int) -> str:
+    return f"{run}-{role}-{index}"
+
+
+def service_name(run: str, role: str) -> str:
+    return f"{run}-{role}"
+
+
+def config_map_name(run: str) -> str:
+    return f"{run}-spec"
+
+
+def pod_dns(run: str, role: str, index: int, namespace: str) -> str:
+    """DNS name of a pod through its role's headless Service: RUN-ROLE-i.RUN-ROLE.NS.svc."""
+    return f"{pod_name(run, role, index)}.{service_name(run, role)}.{namespace}.svc"
+
+
+def child_labels(run: str, component: str) -> dict[str, str]:
+    """Labels on every child object; ``component`` is a role or 'config'."""
+    return {
+        "app.kubernetes.io/name": "dapo",
+        "app.kubernetes.io/instance": run,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "dapo-operator",
+        LABEL_RUN: run,
+        LABEL_ROLE: component,
+    }
+
+
+def run_selector(run: str) -> str:
+    """Label selector of every pod of a run."""
+    return f"{LABEL_RUN}={run}"
+
+
+def kueue_group_name(run: str, gang_generation: int) -> str:
+    """One Kueue pod group (workload) per gang generation: a restarted gang is a new workload."""
+    return f"{run}-g{gang_generation}"

@@ -1,0 +1,30 @@
+"""`dapo render FILE`: the objects the operator would create for a run file, as YAML.
+
+Uses the same pure builders as the operator. ownerReferences are left out: the owner's uid
+exists only once the API server stored the DAPORun.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+from dapo.spec import load_run_file
+
+from .builders import build_all
+
+
+def render_objects(file: str, namespace: str = "default", image: str | None = None,
+                   overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """Validate the run file (raises SpecError) and build its ConfigMap, Services and Pods."""
+    run = load_run_file(file, overrides or [])
+    return build_all(run, run.metadata.namespace or namespace, gang_generation=0, image=image)
+
+
+def main(args: Any) -> int:
+    objects = render_objects(args.file, getattr(args, "namespace", None) or "default",
+                             getattr(args, "image", None), getattr(args, "overrides", None))
+    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=120))
+    return 0

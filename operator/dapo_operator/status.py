@@ -1,0 +1,221 @@
+"""Pure status computation: what a DAPORun's status should say, from what was observed.
+
+`compute_status(run, generation, pods, learner_status, previous, now, outcome)` has no I/O and no
+clock of its own; the operator feeds it the listed pods and learner-0's /status JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from dapo.spec import DAPORun
+
+from . import naming as n
+from .builders import desired_pod_names, role_spec, spec_warnings
+
+PENDING, STARTING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Pending", "Starting", "Running", "Suspended", "Succeeded", "Failed"
+TERMINAL = (SUCCEEDED, FAILED)
+CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
+
+# verl metric names in learner /status -> status field names
+METRIC_FIELDS = {
+    "critic/score/mean": "score",
+    "train/acc/mean": "acc",
+    "response_length/mean": "responseLength",
+    "val/acc/mean": "valAcc",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A phase decided by the reconciler rather than by observation (e.g. backoff exhausted)."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+def rfc3339(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# --------------------------------------------------------------------------- pod facts
+
+
+def pod_name_of(pod: dict[str, Any]) -> str:
+    return pod.get("metadata", {}).get("name", "")
+
+
+def pod_phase(pod: dict[str, Any]) -> str:
+    return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def pod_generation(pod: dict[str, Any]) -> int:
+    try:
+        return int(pod.get("metadata", {}).get("labels", {}).get(n.LABEL_GANG, "0"))
+    except ValueError:
+        return -1
+
+
+def pod_terminating(pod: dict[str, Any]) -> bool:
+    return bool(pod.get("metadata", {}).get("deletionTimestamp"))
+
+
+def pod_failure(pod: dict[str, Any]) -> str:
+    """Why a pod stopped, for messages: container exit code / reason, or the pod's reason."""
+    status = pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return f"exit code {term.get('exitCode')} ({term.get('reason', 'Error')})"
+    return status.get("reason") or status.get("message") or "no reason reported"
+
+
+def current_pods(run: DAPORun, pods: list[dict[str, Any]], gang_generation: int) -> dict[str, dict[str, Any]]:
+    """Pods of this run that count for the current gang (reward pods of any generation count)."""
+    from .builders import gang_roles
+
+    gang = gang_roles(run)
+    out = {}
+    for pod in pods:
+        labels = pod.get("metadata", {}).get("labels", {})
+        if labels.get(n.LABEL_RUN) != run.metadata.name or pod_terminating(pod):
+            continue
+        if labels.get(n.LABEL_ROLE) in gang and pod_generation(pod) != gang_generation:
+            continue
+        out[pod_name_of(pod)] = pod
+    return out
+
+
+def ready_counts(run: DAPORun, pods: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """'ready/replicas' per role, e.g. {'learner': '2/2'}."""
+    out = {}
+    for role in n.ROLES:
+        replicas = role_spec(run, role).replicas
+        ready = sum(1 for i in range(replicas) if (p := pods.get(n.pod_name(run.metadata.name, role, i))) and pod_ready(p))
+        out[role] = f"{ready}/{replicas}"
+    return out
+
+
+def learner_succeeded(run: DAPORun, pods: dict[str, dict[str, Any]], learner_status: dict[str, Any] | None) -> bool:
+    """Training finished: learner-0 says so, or learner-0 exited 0."""
+    learner0 = pods.get(n.pod_name(run.metadata.name, "learner", 0))
+    if learner0 is not None and pod_phase(learner0) == "Succeeded":
+        return True
+    return learner0 is not None and bool(learner_status) and learner_status.get("state") == "succeeded"
+
+
+# --------------------------------------------------------------------------- status
+
+
+def observed_phase(run: DAPORun, pods: dict[str, dict[str, Any]], learner_status: dict[str, Any] | None) -> str:
+    """Pending (pods missing / unscheduled), Starting (all running, training not yet), Running."""
+    wanted = [name for _, _, name in desired_pod_names(run)]
+    if any(name not in pods or pod_phase(pods[name]) == "Pending" for name in wanted):
+        return PENDING
+    if learner_status is not None:
+        return RUNNING if learner_status.get("state") == "running" else STARTING
+    # No /status answer (e.g. an operator outside the cluster): all pods ready is the best signal.
+    return RUNNING if all(pod_ready(pods[name]) for name in wanted) else STARTING
+
+
+def _condition(previous: list[dict[str, Any]], kind: str, true: bool, reason: str, message: str, now: str) -> dict[str, Any]:
+    status = "True" if true else "False"
+    before = next((c for c in previous if c.get("type") == kind), None)
+    since = before["lastTransitionTime"] if before and before.get("status") == status and before.get("lastTransitionTime") else now
+    return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+
+
+def compute_status(
+    run: DAPORun,
+    generation: int | None,
+    pods: list[dict[str, Any]],
+    learner_status: dict[str, Any] | None,
+    previous: dict[str, Any] | None,
+    now: dt.datetime,
+    outcome: Outcome | None = None,
+) -> dict[str, Any]:
+    """The new status. Terminal phases are sticky; ``outcome`` forces a phase (reconciler's call).
+
+    ``previous`` carries the counters the reconciler owns (gangGeneration, restartCount,
+    createdGangGeneration); everything else is recomputed or carried forward.
+    """
+    prev = dict(previous or {})
+    stamp = rfc3339(now)
+    gang_generation = int(prev.get("gangGeneration", 0))
+    live = current_pods(run, pods, gang_generation)
+    reason, message = "", ""
+    if prev.get("phase") in TERMINAL:
+        phase = prev["phase"]
+        reason, message = prev.get("reason", phase), prev.get("message", "")
+    elif outcome is not None:
+        phase, reason, message = outcome.phase, outcome.reason, outcome.message
+    elif run.spec.suspend:
+        phase, reason, message = SUSPENDED, "Suspended", "spec.suspend is true: pods stopped, status and checkpoints kept"
+    elif learner_succeeded(run, live, learner_status):
+        phase, reason, message = SUCCEEDED, "TrainingFinished", "the learner finished training"
+    else:
+        phase = observed_phase(run, live, learner_status)
+        reason = {PENDING: "PodsPending", STARTING: "PodsStarting", RUNNING: "Training"}[phase]
+        message = (learner_status or {}).get("message") or {
+            PENDING: "waiting for pods to be created and scheduled",
+            STARTING: "pods are starting; waiting for the learner to report training",
+            RUNNING: "training",
+        }[phase]
+
+    status = dict(prev)
+    status.update({
+        "phase": phase,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation if generation is not None else prev.get("observedGeneration", 0),
+        "gangGeneration": gang_generation,
+        "restartCount": int(prev.get("restartCount", 0)),
+        "createdGangGeneration": int(prev.get("createdGangGeneration", -1)),
+        "warnings": spec_warnings(run),
+    })
+    counts = ready_counts(run, live)
+    status["learnerReady"], status["rolloutReady"], status["rewardReady"] = counts["learner"], counts["rollout"], counts["reward"]
+    if phase in TERMINAL or phase == SUSPENDED:
+        # Pods are gone (or going); a stale "2/2" would mislead.
+        status["learnerReady"], status["rolloutReady"], status["rewardReady"] = (
+            f"0/{role_spec(run, r).replicas}" for r in n.ROLES)
+    status.setdefault("step", 0)
+    if learner_status:
+        status["learnerState"] = learner_status.get("state", "")
+        for key in ("step", "totalSteps", "weightVersion"):
+            if learner_status.get(key) is not None:
+                status[key] = learner_status[key]
+        metrics = learner_status.get("metrics") or {}
+        for source, target in METRIC_FIELDS.items():
+            # None is skipped: in a merge patch null deletes the key, so it would never settle.
+            if metrics.get(source) is not None:
+                status[target] = metrics[source]
+        if learner_status.get("lastCheckpoint"):
+            status["lastCheckpoint"] = learner_status["lastCheckpoint"]
+    if not status.get("startTime") and (live or phase not in (PENDING,)) and phase != SUSPENDED:
+        status["startTime"] = stamp
+    if phase in TERMINAL and not status.get("completionTime"):
+        status["completionTime"] = stamp
+    previous_conditions = list(prev.get("conditions") or [])
+    status["conditions"] = [
+        _condition(previous_conditions, "Ready", phase == RUNNING, reason, message, stamp),
+        _condition(previous_conditions, "Progressing", phase in (PENDING, STARTING, RUNNING), reason, message, stamp),
+        _condition(previous_conditions, "Succeeded", phase == SUCCEEDED, reason, message, stamp),
+        _condition(previous_conditions, "Failed", phase == FAILED, reason, message, stamp),
+        _condition(previous_conditions, "Suspended", phase == SUSPENDED, reason, message, stamp),
+    ]
+    return status

@@ -1,0 +1,232 @@
+"""Pure unit tests: builders, status, reconcile (no cluster, no clock)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+import yaml
+
+from dapo.spec import parse_run
+from dapo_operator.builders import Owner, build_all, build_pod
+from dapo_operator.reconcile import CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchStatus, reconcile
+from dapo_operator.render import render_objects
+from dapo_operator.status import compute_status
+from operator_testkit import good_run, learner_answer
+
+T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+OWNER = Owner("demo", "uid-1")
+
+
+def run_obj(**spec) -> dict[str, Any]:
+    doc = good_run(**spec)
+    doc["metadata"].update(uid="uid-1", generation=1)
+    return doc
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_pod_contract_env_security_and_owner():
+    run = parse_run(good_run(storage={"credentialsSecret": "s3-creds", "endpointUrl": "http://minio:9000"}))
+    pod = build_pod(run, "learner", 1, "ns1", gang_generation=2, image="img:op", owner=OWNER)
+    env = env_of(pod)
+    assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["MASTER_PORT"] == "29500"
+    assert env["MASTER_ADDR"] == "demo-learner-0.demo-learner.ns1.svc"
+    assert env["DAPO_WEIGHT_SYNC_ADDR"] == "demo-learner-0.demo-learner.ns1.svc:29600"
+    assert env["DAPO_ROLLOUT_URLS"] == "http://demo-rollout-0.demo-rollout.ns1.svc:8000,http://demo-rollout-1.demo-rollout.ns1.svc:8000"
+    assert env["DAPO_GANG_GENERATION"] == "2" and env["DAPO_RUN_FILE"] == "/etc/dapo/run.yaml"
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    assert spec["hostname"] == "demo-learner-1" and spec["subdomain"] == "demo-learner"
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = spec["containers"][0]
+    assert container["command"] == ["dapo", "role", "learner"] and container["image"] == "img:op"
+    assert container["securityContext"] == {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/cache", "/etc/dapo"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert pod["metadata"]["ownerReferences"] == [OWNER.reference()]
+    assert pod["metadata"]["labels"]["dapo.dev/gang-generation"] == "2"
+
+
+def test_image_precedence_resources_and_placement(monkeypatch):
+    monkeypatch.setenv("DAPO_DEFAULT_IMAGE", "img:env")
+    run = parse_run(good_run(image="img:spec", rollout={
+        "replicas": 1, "maxResponseLength": 256, "genBatchSize": 8, "image": "img:role",
+        "resources": {"gpus": 2, "requests": {"cpu": 4}}, "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "gpu", "operator": "Exists"}], "priorityClassName": "high",
+        "affinity": {"nodeAffinity": {}}}))
+    rollout = build_pod(run, "rollout", 0, "ns", 0)
+    learner = build_pod(run, "learner", 0, "ns", 0)
+    assert rollout["spec"]["containers"][0]["image"] == "img:role"
+    assert learner["spec"]["containers"][0]["image"] == "img:spec"
+    assert build_pod(parse_run(good_run()), "reward", 0, "ns", 0)["spec"]["containers"][0]["image"] == "img:env"
+    res = rollout["spec"]["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == "2" and res["requests"]["cpu"] == "4"
+    assert rollout["spec"]["nodeSelector"] == {"pool": "gpu"} and rollout["spec"]["priorityClassName"] == "high"
+    assert rollout["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert rollout["spec"]["affinity"] == {"nodeAffinity": {}}
+    assert "secretKeyRef" not in str(learner)  # no secret unless asked for
+
+
+def test_kueue_gang_hints():
+    doc = good_run()
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "q"}
+    run = parse_run(doc)
+    pods = [o for o in build_all(run, "ns", gang_generation=3) if o["kind"] == "Pod"]
+    assert len(pods) == 5
+    for pod in pods:
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "demo-g3"
+        assert pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "5"
+        assert pod["spec"]["schedulingGates"] == [{"name": "kueue.x-k8s.io/admission"}]
+    assert "schedulingGates" not in build_pod(parse_run(good_run()), "learner", 0, "ns", 0)["spec"]
+
+
+def test_render_uses_builders(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(good_run()))
+    objects = render_objects(str(path), namespace="ignored-because-file-sets-ns1", image="img:x")
+    kinds = [o["kind"] for o in objects]
+    assert kinds == ["ConfigMap", "Service", "Service", "Service", "Pod", "Pod", "Pod", "Pod", "Pod"]
+    assert parse_run(yaml.safe_load(objects[0]["data"]["run.yaml"])).spec.learner.replicas == 2
+
+
+def test_render_bad_file_raises_spec_error(tmp_path):
+    from dapo.spec import SpecError
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(good_run(learner={"replicas": 0})))
+    with pytest.raises(SpecError, match="replicas"):
+        render_objects(str(path))
+
+
+# --------------------------------------------------------------------------- reconcile
+
+
+def apply(obj: dict[str, Any], observed_pods: list[dict[str, Any]], plan) -> list[dict[str, Any]]:
+    """Play the API server for a plan: apply creates/deletes to the pod list, store status."""
+    pods = {p["metadata"]["name"]: p for p in observed_pods}
+    for action in plan.actions:
+        if isinstance(action, CreateObject) and action.obj["kind"] == "Pod":
+            assert action.obj["metadata"]["name"] not in pods, "duplicate pod created"
+            pods[action.obj["metadata"]["name"]] = action.obj
+        elif isinstance(action, DeletePod):
+            pods.pop(action.name)
+    obj["status"] = plan.status
+    return list(pods.values())
+
+
+def all_children():
+    return {"demo-spec"}, {"demo-learner", "demo-rollout", "demo-reward"}
+
+
+def observe(pods, learner=None, now=T0):
+    cms, svcs = all_children()
+    return Observed(pods=pods, config_maps=cms, services=svcs, learner_status=learner, now=now)
+
+
+def set_phase(pods, name, phase, ready=False):
+    for p in pods:
+        if p["metadata"]["name"] == name:
+            p["status"] = {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}]}
+
+
+def test_first_reconcile_creates_everything_then_nothing():
+    obj = run_obj()
+    plan = reconcile(obj, Observed(now=T0))
+    created = [a.obj["metadata"]["name"] for a in plan.of(CreateObject)]
+    assert created[:4] == ["demo-spec", "demo-learner", "demo-rollout", "demo-reward"]
+    assert len(created) == 9 and plan.status["phase"] == "Pending" and plan.status["createdGangGeneration"] == 0
+    pods = apply(obj, [], plan)
+    again = reconcile(obj, observe(pods))
+    assert again.of(CreateObject) == [] and again.of(DeletePod) == []
+
+
+def test_reconcile_running_then_succeeded_deletes_pods():
+    obj = run_obj()
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    for p in pods:
+        set_phase(pods, p["metadata"]["name"], "Running", True)
+    plan = reconcile(obj, observe(pods, learner_answer("running", step=7)))
+    assert plan.status["phase"] == "Running" and plan.status["step"] == 7 and plan.status["rolloutReady"] == "2/2"
+    assert any(isinstance(a, EmitEvent) and a.reason == "Running" for a in plan.actions)
+    pods = apply(obj, pods, plan)
+    plan = reconcile(obj, observe(pods, learner_answer("succeeded", step=10), now=T0 + dt.timedelta(minutes=5)))
+    assert plan.status["phase"] == "Succeeded" and len(plan.of(DeletePod)) == 5
+    assert plan.status["completionTime"] == "2025-01-01T00:05:00Z"
+
+
+def test_gang_restart_then_backoff_limit():
+    obj = run_obj(backoffLimit=1)
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    set_phase(pods, "demo-rollout-1", "Failed")
+    plan = reconcile(obj, observe(pods))
+    deleted = {a.name for a in plan.of(DeletePod)}
+    assert deleted == {"demo-learner-0", "demo-learner-1", "demo-rollout-0", "demo-rollout-1"}
+    assert plan.status["restartCount"] == 1 and plan.status["gangGeneration"] == 1
+    pods = apply(obj, pods, plan)
+    plan = reconcile(obj, observe(pods))  # names are free now: the new gang is created
+    assert {a.obj["metadata"]["labels"]["dapo.dev/gang-generation"] for a in plan.of(CreateObject)} == {"1"}
+    pods = apply(obj, pods, plan)
+    assert obj["status"]["createdGangGeneration"] == 1
+    # A deleted (not failed) learner pod counts as dead too; the limit is reached now.
+    pods = [p for p in pods if p["metadata"]["name"] != "demo-learner-0"]
+    plan = reconcile(obj, observe(pods))
+    assert plan.status["phase"] == "Failed"
+    failed = next(c for c in plan.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded" and "demo-learner-0 was deleted" in failed["message"]
+    assert any(isinstance(a, EmitEvent) and a.type == "Warning" and a.reason == "Failed" for a in plan.actions)
+
+
+def test_reward_failure_replaces_only_that_pod():
+    obj = run_obj()
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    set_phase(pods, "demo-reward-0", "Failed")
+    plan = reconcile(obj, observe(pods))
+    assert [a.name for a in plan.of(DeletePod)] == ["demo-reward-0"] and plan.status["restartCount"] == 0
+    pods = apply(obj, pods, plan)
+    plan = reconcile(obj, observe(pods))
+    assert [a.obj["metadata"]["name"] for a in plan.of(CreateObject)] == ["demo-reward-0"]
+
+
+def test_suspend_and_resume():
+    obj = run_obj()
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    obj["spec"]["suspend"] = True
+    plan = reconcile(obj, observe(pods))
+    assert len(plan.of(DeletePod)) == 5 and plan.status["phase"] == "Suspended"
+    suspended = next(c for c in plan.status["conditions"] if c["type"] == "Suspended")
+    assert suspended["status"] == "True"
+    pods = apply(obj, pods, plan)
+    obj["spec"]["suspend"] = False
+    plan = reconcile(obj, observe(pods))
+    assert plan.status["gangGeneration"] == 1 and plan.status["restartCount"] == 0
+    assert len(plan.of(CreateObject)) == 5
+
+
+def test_terminal_ttl_and_invalid_spec():
+    obj = run_obj(ttlSecondsAfterFinished=60)
+    obj["status"] = {"phase": "Succeeded", "completionTime": "2025-01-01T00:00:00Z"}
+    assert reconcile(obj, observe([], now=T0 + dt.timedelta(seconds=30))).of(DeleteRun) == []
+    assert reconcile(obj, observe([], now=T0 + dt.timedelta(seconds=61))).of(DeleteRun)
+    bad = run_obj(learner={"replicas": 2, "trainBatchSize": 8, "miniBatchSize": 3})
+    plan = reconcile(bad, Observed(now=T0))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
+    assert plan.of(CreateObject) == []
+
+
+def test_compute_status_conditions_keep_transition_time():
+    run = parse_run(good_run())
+    first = compute_status(run, 1, [], None, {}, T0)
+    later = compute_status(run, 1, [], None, first, T0 + dt.timedelta(minutes=1))
+    progressing = [c for c in later["conditions"] if c["type"] == "Progressing"][0]
+    assert progressing["status"] == "True" and progressing["lastTransitionTime"] == "2025-01-01T00:00:00Z"
+    assert {c["type"] for c in later["conditions"]} == {"Ready", "Progressing", "Succeeded", "Failed", "Suspended"}
+    assert later["warnings"] == []
+    no_ckpt = parse_run(good_run(checkpoint={}))
+    assert "checkpoint.uri" in compute_status(no_ckpt, 1, [], None, {}, T0)["warnings"][0]

@@ -1,0 +1,210 @@
+"""The generated CRD: drift against crds/daporun.yaml, structural schema, CEL rules (celpy)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+
+from dapo.spec import CROSS_FIELD_RULES, IMMUTABLE_FIELDS, SpecError, parse_run
+from dapo_operator.crd import apply_defaults, build_crd, render_crd
+from operator_testkit import good_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def root_schema() -> dict[str, Any]:
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_committed_crd_matches_the_spec_model():
+    committed = (ROOT / "crds" / "daporun.yaml").read_text()
+    assert committed == render_crd(), "crds/daporun.yaml drifted: regenerate with `dapo crd > crds/daporun.yaml`"
+
+
+def test_crd_names_and_printer_columns():
+    crd = build_crd()
+    assert crd["spec"]["group"] == "dapo.dev" and crd["spec"]["names"]["kind"] == "DAPORun"
+    assert crd["spec"]["names"]["plural"] == "daporuns" and "dr" in crd["spec"]["names"]["shortNames"]
+    version = crd["spec"]["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    names = [c["name"] for c in version["additionalPrinterColumns"]]
+    for wanted in ("Phase", "Step", "Score", "Acc", "Rollout ready", "Learner ready", "Age"):
+        assert wanted in names
+
+
+def _walk(node: Any, path: str = ""):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _walk(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def test_schema_is_structural():
+    """Rules of structural schemas that pydantic output breaks unless translated."""
+    schema = root_schema()
+    for path, node in _walk(schema):
+        for banned in ("$ref", "anyOf", "title", "$defs"):
+            assert banned not in node, f"{path} has {banned}"
+        if "properties" in node:
+            assert node.get("type") == "object", f"{path}: properties without type object"
+            assert node.get("additionalProperties") in (None,), f"{path}: additionalProperties next to properties"
+        if node.get("exclusiveMinimum") is not None:
+            assert node["exclusiveMinimum"] is True and "minimum" in node, path
+        if "default" in node:
+            assert node["default"] is not None, path
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["learner"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert spec["learner"]["properties"]["affinity"]["nullable"] is True
+    assert spec["learner"]["properties"]["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+    quantity = spec["learner"]["properties"]["resources"]["properties"]["requests"]["additionalProperties"]
+    assert quantity == {"x-kubernetes-int-or-string": True}
+    assert spec["model"]["properties"]["path"]["description"]
+
+
+def _strict(schema: Any) -> Any:
+    """jsonschema approximation of the API server: OpenAPI bits mapped, unknown fields rejected
+    (kubectl's strict field validation), nullable -> allows null."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes")}
+    for bound, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if out.get(bound) is True:
+            out[bound] = out.pop(inclusive)
+    if schema.get("x-kubernetes-int-or-string"):
+        out["type"] = ["integer", "string"]
+    if schema.get("nullable"):
+        out.pop("nullable")
+        if "type" in out:
+            out["type"] = [out["type"], "null"] if isinstance(out["type"], str) else out["type"] + ["null"]
+    if "properties" in out and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out.pop("type")
+        out["type"] = "object"
+    return out
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft7Validator(_strict(root_schema()))
+    return [e.message for e in validator.iter_errors(doc)]
+
+
+def cel_failures(doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """Evaluate every x-kubernetes-validations rule where it is attached, after defaulting.
+
+    Transition rules (oldSelf) run only when an old object exists, as in the API server."""
+    schema = root_schema()
+    doc = apply_defaults(schema, doc)
+    old = apply_defaults(schema, old) if old is not None else None
+    env = celpy.Environment()
+    failures = []
+
+    def visit(node: dict[str, Any], value: Any, old_value: Any) -> None:
+        for rule in node.get("x-kubernetes-validations", []):
+            uses_old = "oldSelf" in rule["rule"]
+            if uses_old and old_value is None:
+                continue
+            activation = {"self": celpy.json_to_cel(value)}
+            if uses_old:
+                activation["oldSelf"] = celpy.json_to_cel(old_value)
+            if not bool(env.program(env.compile(rule["rule"])).evaluate(activation)):
+                failures.append(rule["message"])
+        for name, child in (node.get("properties") or {}).items():
+            if isinstance(value, dict) and name in value:
+                visit(child, value[name], old_value.get(name) if isinstance(old_value, dict) else None)
+
+    visit(schema, doc, old)
+    return failures
+
+
+GOOD_FILES = [good_run(), yaml.safe_load((ROOT / "examples" / "k8s-run.yaml").read_text())]
+
+
+@pytest.mark.parametrize("doc", GOOD_FILES, ids=["small", "example"])
+def test_good_files_pass_schema_and_cel(doc):
+    parse_run(doc)  # and pydantic agrees
+    assert schema_errors(doc) == []
+    assert cel_failures(doc) == []
+
+
+def _bad(path: str, value: Any) -> dict[str, Any]:
+    doc = good_run()
+    node = doc
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize("path,value", [
+    ("spec.learner.replicas", 0),
+    ("spec.learner.lr", "fast"),
+    ("spec.algorithm.epsLow", 0.0),             # exclusiveMinimum
+    ("spec.rollout.engine", "tgi"),
+    ("spec.learner.strategy", "zero4"),
+    ("spec.learner.unknownKnob", 1),             # unknown field
+    ("spec.model.path", ""),
+    ("spec.reward.timeoutSeconds", 601),
+])
+def test_bad_fields_fail_schema_and_pydantic(path, value):
+    doc = _bad(path, value)
+    assert schema_errors(doc), f"{path}={value!r} passed the schema"
+    with pytest.raises(SpecError):
+        parse_run(doc)
+
+
+def test_missing_required_fails_schema():
+    doc = good_run()
+    del doc["spec"]["model"]
+    assert schema_errors(doc)
+
+
+@pytest.mark.parametrize("path,value,rule_index", [
+    ("spec.learner.miniBatchSize", 16, 0),       # > trainBatchSize 8
+    ("spec.learner.miniBatchSize", 3, 1),        # 8 % 3 != 0
+    ("spec.algorithm.epsHigh", 0.1, 2),          # < epsLow 0.2
+    ("spec.algorithm.overlong.bufferLength", 256, 3),  # == maxResponseLength
+    ("spec.rollout.genBatchSize", 2, 4),         # < miniBatchSize
+])
+def test_cel_rules_match_pydantic(path, value, rule_index):
+    doc = _bad(path, value)
+    assert schema_errors(doc) == []  # each value is fine on its own
+    assert CROSS_FIELD_RULES[rule_index].message in cel_failures(doc)
+    with pytest.raises(SpecError, match="must be"):
+        parse_run(doc)
+
+
+def test_cel_rules_see_defaults():
+    """Omitted sections are defaulted before CEL runs (default {} on nested objects)."""
+    doc = good_run()
+    del doc["spec"]["algorithm"]  # default bufferLength 4096 vs maxResponseLength 256: must fail
+    assert CROSS_FIELD_RULES[3].message in cel_failures(doc)
+
+
+def test_immutable_fields_are_transition_rules():
+    old = good_run()
+    new = copy.deepcopy(old)
+    new["spec"]["learner"]["lr"] = 2e-6
+    assert cel_failures(new, old) == []  # mutable field: fine
+    for field, message in IMMUTABLE_FIELDS.items():
+        changed = copy.deepcopy(old)
+        changed["spec"][field] = dict(changed["spec"][field], **({"path": "other"} if field == "model" else {"train": "other"}))
+        assert message in cel_failures(changed, old)
+        assert message not in cel_failures(changed)  # creation has no oldSelf
+
+
+def test_name_length_rule():
+    doc = good_run(name="x" * 41)
+    assert any("metadata.name" in m for m in cel_failures(doc))

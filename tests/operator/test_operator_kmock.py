@@ -1,0 +1,271 @@
+"""The operator in-process (real kopf) against kmock's Kubernetes API emulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiohttp
+import kopf
+import pytest
+
+from dapo_operator.handlers import OperatorConfig, build_registry
+from operator_testkit import NAMESPACE, eventually, good_run, learner_answer
+
+RUNS = f"/apis/dapo.dev/v1alpha1/namespaces/{NAMESPACE}/daporuns"
+PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
+
+
+def declare_resources(kmock: Any) -> None:
+    verbs = ["list", "watch", "get", "create", "patch", "update", "delete"]
+    kmock.resources["dapo.dev/v1alpha1/daporuns"] = kmock.ResourceInfo(
+        kind="DAPORun", singular="daporun", namespaced=True, verbs=verbs, subresources=["status"])
+    for plural, kind in (("pods", "Pod"), ("configmaps", "ConfigMap"), ("services", "Service"), ("events", "Event")):
+        kmock.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=verbs,
+                                                             subresources=["status"] if plural == "pods" else [])
+    # kopf's backbone waits for these to be discoverable even with scanning disabled.
+    kmock.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=verbs)
+    kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs=verbs)
+
+
+@contextlib.asynccontextmanager
+async def running_operator(kmock: Any):
+    async def connection() -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"), insecure=True)
+
+    registry, _ = build_registry(OperatorConfig(image="img:test", poll_interval=0.2, status_timeout=0.5, connection=connection))
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True
+    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
+                                             namespaces=[NAMESPACE], clusterwide=False))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def api(kmock: Any, method: str, path: str, body: Any = None, content_type: str = "application/merge-patch+json"):
+    headers = {"Content-Type": content_type} if body is not None else {}
+    # A short-lived session per call: kmock's shared test client can stall after an operator
+    # restart (its pooled keep-alive connections); a fresh one keeps the tests independent.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.request(method, str(kmock.url).rstrip("/") + path, json=body, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+async def pods(kmock: Any) -> dict[str, dict[str, Any]]:
+    _, answer = await api(kmock, "GET", PODS)
+    return {p["metadata"]["name"]: p for p in answer.get("items", [])}
+
+
+async def run_status(kmock: Any, name: str = "demo") -> dict[str, Any]:
+    status, answer = await api(kmock, "GET", f"{RUNS}/{name}")
+    return (answer.get("status") or {}) if status == 200 else {}
+
+
+async def set_pod(kmock: Any, name: str, phase: str, ready: bool = False, exit_code: int | None = None) -> None:
+    """Play the kubelet: write a pod's status."""
+    status: dict[str, Any] = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": "c", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]
+    code, _ = await api(kmock, "PATCH", f"{PODS}/{name}/status", {"status": status})
+    assert code == 200
+
+
+async def all_running(kmock: Any) -> None:
+    for name in list(await pods(kmock)):
+        await set_pod(kmock, name, "Running", ready=True)
+
+
+def sent(kmock: Any, method: str, path_suffix: str) -> list[Any]:
+    """Requests kmock received (its DSL iterates them) with this method and URL path ending."""
+    return [r for r in list(kmock) if getattr(r.method, "value", r.method) == method
+            and r.url.path.endswith(path_suffix)]
+
+
+EXPECTED = {"demo-learner-0", "demo-learner-1", "demo-rollout-0", "demo-rollout-1", "demo-reward-0"}
+
+
+async def create_run(kmock: Any, doc: dict[str, Any], uid: str = "uid-demo") -> None:
+    # kmock assigns no uid / resourceVersion; kopf's patches test resourceVersion.
+    doc = dict(doc, metadata=dict(doc["metadata"], uid=uid, generation=1, resourceVersion="1"))
+    code, _ = await api(kmock, "POST", RUNS, doc, content_type="application/json")
+    assert code in (200, 201)
+
+
+async def test_create_children_status_running_and_succeeded(kmock, fake_learner):
+    declare_resources(kmock)
+    async with running_operator(kmock):
+        await create_run(kmock, good_run())
+        found = await eventually(lambda: _names_if(kmock, EXPECTED))
+        for pod in found.values():
+            ref = pod["metadata"]["ownerReferences"][0]
+            assert ref["uid"] == "uid-demo" and ref["controller"] and ref["blockOwnerDeletion"]
+            assert pod["spec"]["containers"][0]["image"] == "img:test"
+        _, cms = await api(kmock, "GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps")
+        assert [c["metadata"]["name"] for c in cms["items"]] == ["demo-spec"]
+        assert cms["items"][0]["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+        _, svcs = await api(kmock, "GET", f"/api/v1/namespaces/{NAMESPACE}/services")
+        assert {s["metadata"]["name"] for s in svcs["items"]} == {"demo-learner", "demo-rollout", "demo-reward"}
+        assert (await eventually(lambda: _phase_is(kmock, "Pending")))
+
+        await all_running(kmock)
+        fake_learner.answers["demo"] = learner_answer("running", step=4)
+        status = await eventually(lambda: _phase_is(kmock, "Running"))
+        assert status["step"] == 4 and status["score"] == 0.25 and status["acc"] == 0.6
+        assert status["learnerReady"] == "2/2" and status["rolloutReady"] == "2/2"
+        assert status["lastCheckpoint"]["step"] == 2
+
+        fake_learner.answers["demo"] = learner_answer("succeeded", step=10)
+        status = await eventually(lambda: _phase_is(kmock, "Succeeded"))
+        assert status["completionTime"] and status["step"] == 10
+        await eventually(lambda: _no_pods(kmock))
+        events = [r for r in sent(kmock, "POST", "/events") if r.data.get("reason") == "Succeeded"]
+        assert events, "phase transitions must post Kubernetes Events"
+
+
+async def _names_if(kmock, wanted):
+    found = await pods(kmock)
+    return found if set(found) == wanted else None
+
+
+async def _phase_is(kmock, phase, name="demo"):
+    status = await run_status(kmock, name)
+    return status if status.get("phase") == phase else None
+
+
+async def _no_pods(kmock):
+    return not await pods(kmock)
+
+
+async def test_learner_failure_restarts_gang_and_reward_failure_replaces_one_pod(kmock, fake_learner):
+    declare_resources(kmock)
+    async with running_operator(kmock):
+        await create_run(kmock, good_run())
+        await eventually(lambda: _names_if(kmock, EXPECTED))
+        await all_running(kmock)
+        fake_learner.answers["demo"] = learner_answer("running")
+        await eventually(lambda: _phase_is(kmock, "Running"))
+
+        # A reward pod dies: only it is recreated, the gang keeps generation 0.
+        before = await pods(kmock)
+        await set_pod(kmock, "demo-reward-0", "Failed", exit_code=1)
+
+        async def reward_replaced():
+            now = await pods(kmock)
+            pod = now.get("demo-reward-0")
+            return now if pod and (pod.get("status") or {}).get("phase") != "Failed" and set(now) == EXPECTED else None
+
+        after = await eventually(reward_replaced)
+        for name in EXPECTED - {"demo-reward-0"}:
+            assert after[name]["metadata"]["labels"]["dapo.dev/gang-generation"] == "0"
+            assert (after[name].get("status") or {}).get("phase") == "Running"  # untouched
+        assert (await run_status(kmock))["restartCount"] == 0
+
+        # A learner pod dies: every learner and rollout pod is recreated with generation 1.
+        await set_pod(kmock, "demo-learner-1", "Failed", exit_code=137)
+
+        async def gang_restarted():
+            now = await pods(kmock)
+            gens = {n: p["metadata"]["labels"]["dapo.dev/gang-generation"] for n, p in now.items() if "reward" not in n}
+            return now if set(now) == EXPECTED and set(gens.values()) == {"1"} else None
+
+        now = await eventually(gang_restarted)
+        env = {e["name"]: e.get("value") for e in now["demo-learner-0"]["spec"]["containers"][0]["env"]}
+        assert env["DAPO_GANG_GENERATION"] == "1"
+        status = await eventually(lambda: _status_where(kmock, lambda s: s.get("restartCount") == 1))
+        assert status["gangGeneration"] == 1
+        assert before["demo-reward-0"]["metadata"]["name"] in now
+
+
+async def _status_where(kmock, predicate):
+    status = await run_status(kmock)
+    return status if predicate(status) else None
+
+
+async def test_backoff_limit_fails_the_run(kmock, fake_learner):
+    declare_resources(kmock)
+    async with running_operator(kmock):
+        await create_run(kmock, good_run(backoffLimit=0))
+        await eventually(lambda: _names_if(kmock, EXPECTED))
+        await set_pod(kmock, "demo-rollout-0", "Failed", exit_code=1)
+        status = await eventually(lambda: _phase_is(kmock, "Failed"))
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
+        assert "demo-rollout-0" in failed["message"]
+        await eventually(lambda: _no_pods(kmock))
+
+
+async def test_suspend_resume_and_operator_restart(kmock, fake_learner):
+    declare_resources(kmock)
+    async with running_operator(kmock):
+        await create_run(kmock, good_run())
+        await eventually(lambda: _names_if(kmock, EXPECTED))
+        await all_running(kmock)
+        fake_learner.answers["demo"] = learner_answer("running", step=5)
+        await eventually(lambda: _phase_is(kmock, "Running"))
+
+    # Operator restarts mid-run: no duplicate pods, status kept, counters unchanged.
+    created_before = len(sent(kmock, "POST", "/pods"))
+    async with running_operator(kmock):
+        await asyncio.sleep(1.0)  # several timer ticks and a resume handler
+        assert set(await pods(kmock)) == EXPECTED
+        created_after = len(sent(kmock, "POST", "/pods"))
+        assert created_after == created_before
+        status = await run_status(kmock)
+        assert status["phase"] == "Running" and status["step"] == 5 and status["gangGeneration"] == 0
+
+        # Suspend: pods deleted, status kept.
+        code, _ = await api(kmock, "PATCH", f"{RUNS}/demo", {"spec": {"suspend": True}, "metadata": {"generation": 2}})
+        assert code == 200
+        status = await eventually(lambda: _phase_is(kmock, "Suspended"))
+        await eventually(lambda: _no_pods(kmock))
+        assert status["step"] == 5
+
+        # Resume: a new gang generation.
+        fake_learner.answers.pop("demo")
+        code, _ = await api(kmock, "PATCH", f"{RUNS}/demo", {"spec": {"suspend": False}, "metadata": {"generation": 3}})
+        assert code == 200
+        now = await eventually(lambda: _names_if(kmock, EXPECTED))
+        assert {p["metadata"]["labels"]["dapo.dev/gang-generation"] for p in now.values()} == {"1"}
+        status = await eventually(lambda: _phase_is(kmock, "Pending"))
+        assert status["gangGeneration"] == 1 and status["restartCount"] == 0
+
+
+async def test_delete_run_stops_reconciling(kmock, fake_learner):
+    declare_resources(kmock)
+    async with running_operator(kmock):
+        await create_run(kmock, good_run())
+        await eventually(lambda: _names_if(kmock, EXPECTED))
+        code, _ = await api(kmock, "DELETE", f"{RUNS}/demo")
+        assert code == 200
+        async def gone():
+            code, _ = await api(kmock, "GET", f"{RUNS}/demo")
+            return code == 404
+
+        # kopf holds a finalizer for the polling timer and releases it on deletion.
+        await eventually(gone)
+        # kmock has no garbage collector; the API server's GC deletes the pods via ownerReferences.
+        # The operator must not recreate anything for a run that is gone.
+        for name in list(await pods(kmock)):
+            await api(kmock, "DELETE", f"{PODS}/{name}")
+        await asyncio.sleep(0.6)
+        assert not await pods(kmock)
+
+
+async def test_ttl_deletes_finished_run(kmock, fake_learner):
+    declare_resources(kmock)
+    async with running_operator(kmock):
+        await create_run(kmock, good_run(ttlSecondsAfterFinished=0))
+        await eventually(lambda: _names_if(kmock, EXPECTED))
+        await set_pod(kmock, "demo-learner-0", "Succeeded")
+
+        async def gone():
+            code, _ = await api(kmock, "GET", f"{RUNS}/demo")
+            return code == 404
+
+        await eventually(gone)
