@@ -1,0 +1,169 @@
+"""`dapo run FILE`: the embedded single-machine training.
+
+Builds the pieces the controller needs (policy, rollout engine, learner, reward scorer, data,
+checkpoint store) from the run file and hands them to `dapo.trainer.Trainer`. The run directory
+(default runs/NAME) receives run.yaml (the resolved run file), metrics.jsonl, run.log and, unless
+spec.checkpoint.uri says otherwise, checkpoints/.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dapo.spec import DAPORun, SpecError, dump_run, load_run_file
+
+log = logging.getLogger("dapo.launch")
+
+
+@dataclass
+class EmbeddedRun:
+    """Everything `build_embedded_run` made; ``close()`` stops the reward workers."""
+
+    trainer: object
+    checkpointer: object
+    scorer: object
+    run_dir: Path
+
+    def close(self) -> None:
+        close = getattr(self.scorer, "close", None)
+        if close is not None:
+            close()
+
+
+def default_run_dir(run: DAPORun) -> Path:
+    return Path("runs") / run.metadata.name
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _engine_for(spec, model, tokenizer, device: str):
+    from dapo.engine import HFEngine
+
+    engine = spec.rollout.engine
+    if engine == "vllm":
+        raise SpecError("spec.rollout.engine: vllm is not available in the embedded `dapo run` yet; "
+                        "use engine: hf (or auto) here, vllm runs in the rollout pods on a cluster")
+    # bounded rows per decode batch: the KV cache of gen_batch_size x n rows at once can be huge
+    rows = int(os.environ.get("DAPO_ENGINE_MAX_ROWS", "64" if device == "cpu" else "256"))
+    return HFEngine(model, tokenizer, device=device, max_batch_rows=rows)
+
+
+def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None, policy=None) -> EmbeddedRun:
+    """Wire a Trainer for one process. ``scorer`` / ``policy`` (model, tokenizer) replace the
+    ones the run file names (tests use this to avoid worker processes or model loading)."""
+    from dapo.checkpoint import Checkpointer
+    from dapo.data import PromptSampler, dataset_fingerprint, load_prompts
+    from dapo.engine import encode_prompt
+    from dapo.learner import TorchLearner
+    from dapo.metrics import MetricsWriter, ProgressLog
+    from dapo.storage import CheckpointStore
+    from dapo.trainer import Trainer
+
+    spec = run.spec
+    device = pick_device()
+    cache_dir = os.environ.get("DAPO_CACHE_DIR")
+    torch.manual_seed(spec.learner.seed)
+
+    t0 = time.perf_counter()
+    if policy is None:
+        try:
+            from dapo.models import load_policy
+        except ImportError as exc:  # pragma: no cover - the module ships with the package
+            raise RuntimeError(f"dapo.models is missing from this installation ({exc})") from exc
+        policy = load_policy(spec.model, device=device, cache_dir=cache_dir)
+    model, tokenizer = policy
+    log.info("policy %s loaded in %.1fs: %.1fM parameters on %s", spec.model.path, time.perf_counter() - t0,
+             sum(p.numel() for p in model.parameters()) / 1e6, device)
+
+    prompt_length = lambda messages: len(encode_prompt(tokenizer, messages))  # noqa: E731
+    data = spec.data
+    train_records, _ = load_prompts(data.train, template=data.prompt_template, columns=data.columns,
+                                         max_prompts=data.max_prompts, cache_dir=cache_dir,
+                                         max_prompt_length=spec.rollout.max_prompt_length, prompt_length=prompt_length)
+    eval_records = []
+    if data.eval:
+        eval_records, _ = load_prompts(data.eval, template=data.prompt_template, columns=data.columns,
+                                                 max_prompts=data.eval_max_prompts, cache_dir=cache_dir, dedupe=False,
+                                                 max_prompt_length=spec.rollout.max_prompt_length,
+                                                 prompt_length=prompt_length)
+    if len(train_records) < spec.rollout.gen_batch_size:
+        log.warning("spec.rollout.genBatchSize (%d) is larger than the training set (%d prompts): "
+                    "one generation batch repeats prompts", spec.rollout.gen_batch_size, len(train_records))
+
+    if scorer is None:
+        from dapo.reward import RewardScorer
+
+        ol = spec.algorithm.overlong
+        scorer = RewardScorer(timeout_s=spec.reward.timeout_seconds, workers=spec.reward.workers,
+                              default_scorer=spec.reward.scorer, max_response_length=spec.rollout.max_response_length,
+                              overlong_buffer_length=ol.buffer_length, overlong_penalty_factor=ol.penalty_factor,
+                              overlong_enabled=ol.enabled)
+
+    if spec.learner.strategy != "torch":
+        log.info("spec.learner.strategy=%s applies to distributed learners; the in-process run trains with "
+                 "plain torch in one process", spec.learner.strategy)
+    engine = _engine_for(spec, model, tokenizer, device)
+    learner = TorchLearner.from_spec(model, spec, device=device)
+    sampler = PromptSampler(len(train_records), seed=spec.learner.seed,
+                            fingerprint=dataset_fingerprint(train_records))
+    store = CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
+                            endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
+    checkpointer = Checkpointer(store, tokenizer, staging_root=run_dir / ".staging")
+    metrics = MetricsWriter(run_dir)
+    trainer = Trainer(spec, engine=engine, learner=learner, scorer=scorer, tokenizer=tokenizer,
+                      train_records=train_records, eval_records=eval_records, sampler=sampler,
+                      metrics=metrics, progress=ProgressLog(), checkpointer=checkpointer)
+
+    latest = store.latest()
+    if latest is not None and not resume:
+        raise SpecError(f"{store.root_uri}: holds committed checkpoints "
+                        f"(latest step {latest.step}) of an earlier run; pass --resume to continue it, or choose "
+                        f"another --output-dir / spec.checkpoint.uri for a fresh run")
+    if resume:
+        if checkpointer.restore(trainer, latest):
+            dropped = metrics.truncate_after(trainer.step)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d lines after step %d (they are re-done now)", dropped, trainer.step)
+        else:
+            log.info("--resume: no committed checkpoint in %s, starting at step 0", store)
+    elif (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # no checkpoint: nothing of an earlier attempt is kept
+    return EmbeddedRun(trainer=trainer, checkpointer=checkpointer, scorer=scorer, run_dir=run_dir)
+
+
+def main_run(args) -> int:
+    """Entry point of `dapo run` (see dapo.cli)."""
+    from dapo.metrics import remove_handlers, setup_run_logging
+    from dapo.trainer import DynamicSamplingError
+
+    run = load_run_file(args.file, list(getattr(args, "overrides", None) or []))
+    if getattr(args, "launcher", "inprocess") == "processes":
+        raise SpecError("--launcher processes is not available yet in this version; use --launcher inprocess "
+                        "(the default), which runs rollout, reward and learner in this process")
+    run_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_run_dir(run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handlers = setup_run_logging(run_dir)
+    try:
+        (run_dir / "run.yaml").write_text(dump_run(run))
+        log.info("run %s -> %s", run.metadata.name, run_dir.resolve())
+        embedded = build_embedded_run(run, run_dir, resume=bool(getattr(args, "resume", False)))
+        try:
+            embedded.trainer.train()
+        except DynamicSamplingError as exc:
+            log.error("training stopped at step %d: %s", embedded.trainer.step, exc)
+            return 1
+        finally:
+            embedded.close()
+        log.info("done: %d steps; metrics in %s; curves: dapo plot %s", embedded.trainer.step,
+                 run_dir / "metrics.jsonl", run_dir)
+    finally:
+        remove_handlers(handlers)
+    return 0

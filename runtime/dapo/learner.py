@@ -1,0 +1,250 @@
+"""The learner: recompute log-probs and run DAPO policy-gradient updates with torch.
+
+The controller talks to a learner through four calls, so a distributed learner (DDP, DeepSpeed
+ZeRO) can replace `TorchLearner` without touching the loop:
+
+    compute_log_probs(batch) -> [B, R] tensor      (no grad; the "old" log-probs)
+    update(batch) -> dict of metrics                (one training step: all optimizer steps)
+    named_parameters_for_sync() -> iterator         (what the rollout engine loads)
+    state_dict() / load_state_dict(state)           (optimizer + lr schedule, for checkpoints)
+
+Batch layout (`TrainBatch`): every row is ``[left-padded prompt | response, right-padded]`` so
+the response always starts at column ``prompt_width``; the logits that predict response token t
+sit at column ``prompt_width - 1 + t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import torch
+
+from dapo.algo import entropy_from_logits, log_probs_from_logits, policy_loss
+
+
+@dataclass
+class TrainBatch:
+    """A padded batch of (prompt, response) rows, grouped: the n responses of a prompt are
+    consecutive rows, so a contiguous slice of whole groups is a mini-batch."""
+
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]
+    position_ids: torch.Tensor  # [B, P + R]
+    responses: torch.Tensor  # [B, R]
+    response_mask: torch.Tensor  # [B, R] float 0/1: real (and not filtered) response tokens
+    prompt_width: int
+    advantages: torch.Tensor | None = None  # [B] (one per response; DAPO's A_i is per sequence)
+    old_log_probs: torch.Tensor | None = None  # [B, R]
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> "TrainBatch":
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return replace(self, input_ids=self.input_ids[start:stop], attention_mask=self.attention_mask[start:stop],
+                       position_ids=self.position_ids[start:stop], responses=self.responses[start:stop],
+                       response_mask=self.response_mask[start:stop], advantages=cut(self.advantages),
+                       old_log_probs=cut(self.old_log_probs))
+
+    def to(self, device) -> "TrainBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
+                       position_ids=move(self.position_ids), responses=move(self.responses),
+                       response_mask=move(self.response_mask), advantages=move(self.advantages),
+                       old_log_probs=move(self.old_log_probs))
+
+
+def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:
+    """Pad prompts on the left and responses on the right into one `TrainBatch`."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one prompt per response row")
+    width_p = max(len(p) for p in prompts)
+    width_r = max(1, max(len(r) for r in responses))
+    rows = len(prompts)
+    input_ids = torch.full((rows, width_p + width_r), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, width_p + width_r), dtype=torch.long)
+    resp = torch.full((rows, width_r), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((rows, width_r), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, width_p - len(p):width_p] = torch.tensor(list(p), dtype=torch.long)
+        attention[i, width_p - len(p):width_p] = 1
+        if len(r):
+            input_ids[i, width_p:width_p + len(r)] = torch.tensor(list(r), dtype=torch.long)
+            attention[i, width_p:width_p + len(r)] = 1
+            resp[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+            resp_mask[i, : len(r)] = 1.0
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return TrainBatch(input_ids, attention, positions, resp, resp_mask, width_p)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up then constant: lr_t = lr * min(1, (t + 1) / warmup_steps) for training step
+    t = 0, 1, ... (the first step already moves; verl's t / warmup would waste it at lr 0)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+class TorchLearner:
+    """Single-process learner: AdamW, linear warm-up, grad clipping, micro-batching with the
+    mini-batch's GLOBAL token count as the token-mean normaliser (DAPO's objective; the loss and
+    gradient do not depend on micro_batch_rows)."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        lr: float,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        grad_clip: float = 1.0,
+        mini_batch_rows: int,
+        micro_batch_rows: int,
+        ppo_epochs: int = 1,
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        clip_ratio_c: float = 10.0,
+        loss_agg_mode: str = "token-mean",
+        temperature: float = 1.0,
+        device: str | torch.device = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).train()
+        self.mini_batch_rows = mini_batch_rows
+        self.micro_batch_rows = micro_batch_rows
+        self.ppo_epochs = ppo_epochs
+        self.grad_clip = grad_clip
+        self.loss_kwargs = dict(eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
+                                loss_agg_mode=loss_agg_mode)
+        self.temperature = temperature
+        self.base_lr = lr
+        self.warmup_steps = warmup_steps
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_factor(step, warmup_steps))
+
+    @classmethod
+    def from_spec(cls, model, spec, device="cpu") -> "TorchLearner":
+        """Build from a `DAPORunSpec`: mini/micro batch sizes in responses (prompts x n)."""
+        ls, alg = spec.learner, spec.algorithm
+        return cls(
+            model, lr=ls.lr, weight_decay=ls.weight_decay, warmup_steps=ls.warmup_steps, grad_clip=ls.grad_clip,
+            mini_batch_rows=ls.mini_batch_size * spec.rollout.n, micro_batch_rows=ls.micro_batch_size,
+            ppo_epochs=ls.ppo_epochs, eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
+            loss_agg_mode=alg.loss_agg_mode, temperature=spec.rollout.temperature, device=device,
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _response_logits(self, mb: TrainBatch) -> torch.Tensor:
+        """Temperature-scaled logits predicting each response token: [b, R, V]."""
+        width_r = mb.responses.shape[1]
+        out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                         use_cache=False, logits_to_keep=width_r + 1)
+        # the last width_r + 1 positions are P - 1 .. P + R - 1; the final one predicts past the end
+        return out.logits[:, :-1, :] / self.temperature
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: TrainBatch) -> torch.Tensor:
+        """log pi(response tokens) under the current weights, [B, R], micro-batch by micro-batch."""
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the behaviour-policy log-probs
+        pieces = []
+        for start in range(0, batch.num_rows, self.micro_batch_rows):
+            mb = batch.rows(start, start + self.micro_batch_rows).to(self.device)
+            pieces.append(log_probs_from_logits(self._response_logits(mb), mb.responses).float().cpu())
+        self.model.train(was_training)
+        return torch.cat(pieces) * batch.response_mask
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """One training step: ppo_epochs x (B / mini_batch_rows) optimizer steps; then the lr
+        schedule advances by one training step. Needs batch.advantages and batch.old_log_probs."""
+        if batch.advantages is None or batch.old_log_probs is None:
+            raise ValueError("update() needs batch.advantages and batch.old_log_probs (call compute_log_probs first)")
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+
+        def add(key: str, value: float, weight: float = 1.0) -> None:
+            sums[key] = sums.get(key, 0.0) + value * weight
+            weights[key] = weights.get(key, 0.0) + weight
+
+        for _ in range(self.ppo_epochs):
+            for start in range(0, batch.num_rows, self.mini_batch_rows):
+                mini = batch.rows(start, start + self.mini_batch_rows)
+                stats = self._optimizer_step(mini)
+                for key, (value, weight) in stats.items():
+                    add(key, value, weight)
+        self.scheduler.step()
+        metrics = {key: sums[key] / weights[key] if weights[key] else 0.0 for key in sums}
+        metrics["actor/lr"] = lr_now
+        return metrics
+
+    def _optimizer_step(self, mini: TrainBatch) -> dict[str, tuple[float, float]]:
+        """Accumulate gradients over micro-batches of one mini-batch and take one AdamW step.
+
+        The token-mean normaliser is the whole mini-batch's valid token count, so each micro loss
+        is a partial sum and the accumulated gradient equals the full-batch gradient."""
+        num_tokens = float(mini.response_mask.sum())
+        num_seqs = float((mini.response_mask.sum(-1) > 0).sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        stats: dict[str, tuple[float, float]] = {}
+
+        def acc(key: str, value: float, weight: float) -> None:
+            old_v, old_w = stats.get(key, (0.0, 0.0))
+            stats[key] = ((old_v * old_w + value * weight) / (old_w + weight) if old_w + weight else 0.0, old_w + weight)
+
+        for start in range(0, mini.num_rows, self.micro_batch_rows):
+            mb = mini.rows(start, start + self.micro_batch_rows).to(self.device)
+            mb_tokens = float(mb.response_mask.sum())
+            logits = self._response_logits(mb)
+            log_prob = log_probs_from_logits(logits, mb.responses)
+            loss, m = policy_loss(log_prob, mb.old_log_probs.to(log_prob.dtype), mb.advantages, mb.response_mask,
+                                  num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), **self.loss_kwargs)
+            loss.backward()
+            total_loss += float(loss.detach())
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach())
+                ent = float((entropy * mb.response_mask).sum() / max(mb_tokens, 1.0))
+            for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
+                acc(f"actor/{key}", float(m[key]), mb_tokens)
+            acc("actor/entropy", ent, mb_tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # a NaN/inf gradient would poison AdamW's moments for the rest of the run
+            self.optimizer.zero_grad(set_to_none=True)
+        stats["actor/pg_loss"] = (total_loss, 1.0)
+        stats["actor/grad_norm"] = (float(grad_norm), 1.0)
+        return stats
+
+    # ------------------------------------------------------------------ sync / state
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs the rollout engine loads with update_weights."""
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def steps_for_epochs(total_epochs: int, num_prompts: int, train_batch_size: int) -> int:
+    """Training steps for ``total_epochs`` passes: ceil(epochs * prompts / train_batch_size)."""
+    return max(1, math.ceil(total_epochs * num_prompts / train_batch_size))

@@ -1,0 +1,437 @@
+"""The DAPO controller: one training step as the controller sees it (docs/DESIGN "One step").
+
+    1. next prompts from the resumable sampler          (PromptSampler)
+    2. n responses per prompt                           (RolloutEngine.generate)
+    3. score: shaped score + unshaped accuracy          (RewardScorer.score_batch)
+    4. dynamic sampling: keep groups whose accuracy varies, repeat 1-3 until the batch holds
+       train_batch_size groups; carry surplus groups to the next step; explain the cap
+    5. old log-probs + group advantages + overlong filtering, then the update (learner)
+    6. new weights to the engine, version + 1
+    7. metrics, evaluation, checkpoint
+
+Everything the loop needs comes in through the constructor (engine, learner, scorer, data,
+checkpoint store), so the same controller drives the in-process run, the local multi-process run
+and the learner-0 pod; only the objects behind those interfaces change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
+from dapo.engine import RolloutEngine, Sample, encode_prompt
+from dapo.learner import TrainBatch, make_batch, steps_for_epochs
+
+log = logging.getLogger("dapo.trainer")
+
+# Surplus groups older than this many weight versions are dropped instead of trained on: they
+# were sampled from a policy too far from the current one.
+MAX_SURPLUS_STALENESS = 1
+
+
+class DynamicSamplingError(RuntimeError):
+    """The generation-batch cap was hit before the batch filled; the message says why and what to change."""
+
+
+@dataclass
+class Group:
+    """The n scored responses to one prompt."""
+
+    uid: str
+    record_index: int
+    prompt_ids: list[int]
+    samples: list[Sample]
+    scores: list[float]  # shaped (correctness + overlong penalty): the advantage input
+    accs: list[bool]  # unshaped accuracy: the dynamic-sampling filter input
+    weight_version: int  # version of the policy that sampled it
+
+    def to_state(self) -> dict:
+        state = asdict(self)
+        state["samples"] = [asdict(s) for s in self.samples]
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Group":
+        return cls(**{**state, "samples": [Sample(**s) for s in state["samples"]]})
+
+
+@dataclass
+class BatchCollection:
+    """What step 1-4 produced: the groups to train on and how they were obtained."""
+
+    groups: list[Group]
+    num_gen_batches: int = 0
+    groups_generated: int = 0
+    groups_kept: int = 0
+    all_correct: int = 0
+    all_wrong: int = 0
+    surplus_used: int = 0
+    surplus_dropped: int = 0
+    generated_accs: list[bool] = field(default_factory=list)
+    gen_seconds: float = 0.0
+    reward_seconds: float = 0.0
+    gen_tokens: int = 0
+
+
+def seed_for(base_seed: int, step: int, call: int) -> int:
+    """A distinct, reproducible sampling seed per (step, generation call): resume at step s samples
+    exactly what the uninterrupted run sampled, with no generator state to carry."""
+    return (base_seed * 1_000_003 + step * 10_007 + call) % (2**63 - 1)
+
+
+def dynamic_sampling_message(*, have: int, need: int, batches: int, generated: int, all_correct: int,
+                             all_wrong: int, n: int) -> str:
+    """The actionable explanation when max_gen_batches is reached before the batch fills."""
+    if all_correct >= all_wrong:
+        verdict = (f"most dropped groups were ALL-CORRECT: the data is too easy for the model (every one of the "
+                   f"{n} samples already gets it right, so there is nothing to learn). Use harder prompts")
+    else:
+        verdict = (f"most dropped groups were ALL-WRONG: the data is too hard for the model, or the answers are not "
+                   f"being parsed (check that responses end with 'Answer: ...' and that spec.data.promptTemplate / "
+                   f"spec.reward.scorer fit the data). Use easier prompts or a stronger base model")
+    return (
+        f"dynamic sampling could not fill the training batch: after {batches} generation batches "
+        f"(spec.algorithm.dynamicSampling.maxGenBatches) only {have} of the {need} groups needed "
+        f"(spec.learner.trainBatchSize) had varying accuracy. Of {generated} groups generated in this step, "
+        f"{all_correct} were all-correct and {all_wrong} were all-wrong: {verdict}. "
+        f"Or raise spec.algorithm.dynamicSampling.maxGenBatches, spec.rollout.genBatchSize (prompts per "
+        f"generation batch) or spec.rollout.n (more samples per prompt make mixed groups likelier), or set "
+        f"spec.algorithm.dynamicSampling.enabled=false to train on every group."
+    )
+
+
+class Trainer:
+    """Drives DAPO training steps; see the module docstring for the step."""
+
+    def __init__(
+        self,
+        spec,
+        *,
+        engine: RolloutEngine,
+        learner,
+        scorer,
+        tokenizer,
+        train_records: Sequence,
+        eval_records: Sequence = (),
+        sampler,
+        metrics=None,
+        progress=None,
+        checkpointer=None,
+    ):
+        self.spec = spec
+        self.engine = engine
+        self.learner = learner
+        self.scorer = scorer
+        self.tokenizer = tokenizer
+        self.train_records = list(train_records)
+        self.eval_records = list(eval_records)
+        self.sampler = sampler
+        self.metrics = metrics
+        self.progress = progress
+        self.checkpointer = checkpointer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ls = spec.learner
+        self.total_steps = ls.total_steps or steps_for_epochs(ls.total_epochs, len(self.train_records), ls.train_batch_size)
+        self.step = 0
+        self.weight_version = engine.weight_version
+        self.surplus: list[Group] = []
+        self.last_metrics: dict[str, Any] = {}
+        self.last_val: dict[str, float] = {}
+        self.last_checkpoint: dict | None = None
+        self.state = "starting"
+        self.message = ""
+        self._prompt_ids: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ data helpers
+
+    def prompt_ids(self, record_index: int, records: Sequence | None = None) -> list[int]:
+        if records is not None and records is not self.train_records:
+            return encode_prompt(self.tokenizer, records[record_index].prompt)
+        ids = self._prompt_ids.get(record_index)
+        if ids is None:
+            ids = self._prompt_ids[record_index] = encode_prompt(self.tokenizer, self.train_records[record_index].prompt)
+        return ids
+
+    def generate_groups(self, records: Sequence, indices: Sequence[int], *, n: int, temperature: float, top_p: float,
+                        seed: int, stats: BatchCollection | None = None) -> list[Group]:
+        """Steps 2-3 for a list of prompts: sample n responses each and score them."""
+        prompts = [self.prompt_ids(i, records) for i in indices]
+        t0 = time.perf_counter()
+        samples = self.engine.generate(prompts, n=n, temperature=temperature, top_p=top_p,
+                                       max_new_tokens=self.spec.rollout.max_response_length, seed=seed)
+        t1 = time.perf_counter()
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        rows = [records[indices[s.prompt_index]] for s in samples]
+        results = self.scorer.score_batch(
+            texts, [r.ground_truth for r in rows], [r.data_source for r in rows],
+            [len(s.response_ids) for s in samples], [s.truncated for s in samples])
+        t2 = time.perf_counter()
+        if stats is not None:
+            stats.gen_seconds += t1 - t0
+            stats.reward_seconds += t2 - t1
+            stats.gen_tokens += sum(len(s.response_ids) for s in samples)
+        groups = []
+        for k, index in enumerate(indices):
+            chunk = slice(k * n, (k + 1) * n)
+            groups.append(Group(
+                uid=records[index].uid, record_index=index, prompt_ids=prompts[k], samples=samples[chunk],
+                scores=[float(r.score) for r in results[chunk]], accs=[bool(r.acc) for r in results[chunk]],
+                weight_version=self.engine.weight_version))
+        return groups
+
+    # ------------------------------------------------------------------ step 1-4
+
+    def collect_groups(self) -> BatchCollection:
+        """Fill the training batch: surplus from the last step first, then generation batches;
+        with dynamic sampling only groups whose accuracy varies count."""
+        need = self.spec.learner.train_batch_size
+        ds = self.spec.algorithm.dynamic_sampling
+        ro = self.spec.rollout
+        fresh = [g for g in self.surplus if g.weight_version >= self.weight_version - MAX_SURPLUS_STALENESS]
+        out = BatchCollection(groups=fresh[:need], surplus_used=min(len(fresh), need),
+                              surplus_dropped=len(self.surplus) - len(fresh))
+        leftover = fresh[need:]
+        while len(out.groups) < need:
+            if ds.enabled and out.num_gen_batches >= ds.max_gen_batches:
+                raise DynamicSamplingError(dynamic_sampling_message(
+                    have=len(out.groups), need=need, batches=out.num_gen_batches, generated=out.groups_generated,
+                    all_correct=out.all_correct, all_wrong=out.all_wrong, n=ro.n))
+            indices = self.sampler.next_indices(ro.gen_batch_size)
+            groups = self.generate_groups(self.train_records, indices, n=ro.n, temperature=ro.temperature,
+                                          top_p=ro.top_p, seed=seed_for(self.spec.learner.seed, self.step,
+                                                                        out.num_gen_batches), stats=out)
+            out.num_gen_batches += 1
+            out.groups_generated += len(groups)
+            out.generated_accs.extend(a for g in groups for a in g.accs)
+            if ds.enabled:
+                flat_acc = [a for g in groups for a in g.accs]
+                gids = [k for k, g in enumerate(groups) for _ in g.accs]
+                verdict = dynamic_sampling_filter(flat_acc, gids)
+                out.all_correct += len(verdict.all_correct_groups)
+                out.all_wrong += len(verdict.all_wrong_groups)
+                groups = [groups[k] for k in verdict.kept_groups]
+            out.groups_kept += len(groups)
+            room = need - len(out.groups)
+            out.groups.extend(groups[:room])
+            leftover.extend(groups[room:])
+        self.surplus = leftover
+        return out
+
+    # ------------------------------------------------------------------ step 5
+
+    def build_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
+        """Padded batch with group advantages on the shaped score and overlong filtering."""
+        samples = [s for g in groups for s in g.samples]
+        batch = make_batch([g.prompt_ids for g in groups for _ in g.samples], [s.response_ids for s in samples],
+                           self.pad_id)
+        scores = torch.tensor([x for g in groups for x in g.scores], dtype=torch.float32)
+        group_ids = [k for k, g in enumerate(groups) for _ in g.samples]
+        batch.advantages = group_advantages(scores, group_ids)
+        truncated = torch.tensor([s.truncated for s in samples], dtype=torch.bool)
+        if self.spec.algorithm.overlong.filtering:
+            batch.response_mask = overlong_filter_mask(batch.response_mask, truncated)
+        lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+        accs = torch.tensor([float(a) for g in groups for a in g.accs])
+        info = {
+            "critic/score/mean": float(scores.mean()),
+            "critic/score/max": float(scores.max()),
+            "critic/score/min": float(scores.min()),
+            "critic/advantages/mean": float(batch.advantages.mean()),
+            "train/acc/mean": float(accs.mean()),
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/min": float(lengths.min()),
+            "response_length/clip_ratio": float(truncated.float().mean()),
+            "prompt_length/mean": float(sum(len(g.prompt_ids) for g in groups) / max(len(groups), 1)),
+        }
+        return batch, info
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> dict[str, Any]:
+        """One training step (1-6 of the module docstring); returns its metrics."""
+        t_step = time.perf_counter()
+        collection = self.collect_groups()
+        batch, info = self.build_batch(collection.groups)
+
+        t0 = time.perf_counter()
+        batch.old_log_probs = self.learner.compute_log_probs(batch)
+        t1 = time.perf_counter()
+        update_metrics = self.learner.update(batch)
+        t2 = time.perf_counter()
+        self.weight_version += 1
+        self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+        t3 = time.perf_counter()
+        self.step += 1
+
+        step_seconds = time.perf_counter() - t_step
+        total_tokens = int(batch.attention_mask.sum())
+        metrics: dict[str, Any] = {"step": self.step, **update_metrics, **info}
+        metrics.update({
+            "train/acc/generated_mean": (sum(collection.generated_accs) / len(collection.generated_accs)
+                                         if collection.generated_accs else None),
+            "train/num_gen_batches": collection.num_gen_batches,
+            "train/num_groups_kept": collection.groups_kept,
+            "train/groups_all_correct": collection.all_correct,
+            "train/groups_all_wrong": collection.all_wrong,
+            "train/surplus_used": collection.surplus_used,
+            "train/surplus_dropped": collection.surplus_dropped,
+            "train/surplus_groups": len(self.surplus),
+            "train/epoch": self.sampler.epoch,
+            "train/weight_version": self.weight_version,
+            "timing_s/gen": collection.gen_seconds,
+            "timing_s/reward": collection.reward_seconds,
+            "timing_s/old_log_prob": t1 - t0,
+            "timing_s/update_actor": t2 - t1,
+            "timing_s/sync_weights": t3 - t2,
+            "timing_s/step": step_seconds,
+            "perf/throughput": total_tokens / step_seconds if step_seconds > 0 else 0.0,
+            "perf/gen_tokens_per_s": (collection.gen_tokens / collection.gen_seconds
+                                      if collection.gen_seconds > 0 else 0.0),
+        })
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, Any]:
+        """avg@n accuracy and mean score on the eval set with the eval temperature / top_p."""
+        ev = self.spec.eval
+        t0 = time.perf_counter()
+        chunk = max(1, self.spec.rollout.gen_batch_size)
+        accs: list[bool] = []
+        scores: list[float] = []
+        lengths: list[int] = []
+        by_source: dict[str, list[bool]] = {}
+        for call, start in enumerate(range(0, len(self.eval_records), chunk)):
+            indices = list(range(start, min(start + chunk, len(self.eval_records))))
+            groups = self.generate_groups(self.eval_records, indices, n=ev.n, temperature=ev.temperature,
+                                          top_p=ev.top_p, seed=seed_for(self.spec.learner.seed + 7919, self.step, call))
+            for g in groups:
+                accs.extend(g.accs)
+                scores.extend(g.scores)
+                lengths.extend(len(s.response_ids) for s in g.samples)
+                by_source.setdefault(self.eval_records[g.record_index].data_source, []).extend(g.accs)
+        result: dict[str, Any] = {
+            "step": self.step,
+            "val/acc/mean": sum(accs) / len(accs),
+            "val/score/mean": sum(scores) / len(scores),
+            "val/response_length/mean": sum(lengths) / len(lengths),
+            "val/num_prompts": len(self.eval_records),
+            "val/n": ev.n,
+        }
+        if len(by_source) > 1:
+            for source, values in sorted(by_source.items()):
+                result[f"val/acc/{source}"] = sum(values) / len(values)
+        result["timing_s/eval"] = time.perf_counter() - t0
+        return result
+
+    # ------------------------------------------------------------------ the loop
+
+    def _eval_due(self) -> bool:
+        every = self.spec.eval.every_steps
+        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps)
+
+    def _checkpoint_due(self) -> bool:
+        every = self.spec.checkpoint.every_steps
+        return self.step == self.total_steps or (every > 0 and self.step % every == 0)
+
+    def run_eval(self) -> None:
+        val = self.evaluate()
+        self.last_val = val
+        if self.metrics is not None:
+            self.metrics.write(val)
+        log.info("eval at step %d: val/acc/mean %.4f (avg@%d over %d prompts), val/score/mean %.4f, %.1fs",
+                 self.step, val["val/acc/mean"], self.spec.eval.n, len(self.eval_records), val["val/score/mean"],
+                 val["timing_s/eval"])
+
+    def train(self) -> dict[str, Any]:
+        """Run until total_steps (data epochs wrap inside the sampler: never a silent stop)."""
+        self.state = "running"
+        log.info("training steps %d -> %d (train prompts %d, eval prompts %d, weight version %d)",
+                 self.step, self.total_steps, len(self.train_records), len(self.eval_records), self.weight_version)
+        try:
+            if self.step == 0 and self.eval_records and self.spec.eval.before_train:
+                self.run_eval()
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.last_metrics = metrics
+                if self.metrics is not None:
+                    self.metrics.write(metrics)
+                if self._eval_due():
+                    self.run_eval()
+                if self.progress is not None:
+                    self.progress.step(metrics, self.total_steps, self.last_val.get("val/acc/mean"))
+                if self.checkpointer is not None and self._checkpoint_due():
+                    info = self.checkpointer.save(self)
+                    self.last_checkpoint = {"step": info.step, "uri": info.uri}
+        except Exception as exc:
+            self.state = "failed"
+            self.message = str(exc)
+            raise
+        self.state = "succeeded"
+        self.message = f"finished {self.step} steps"
+        return self.last_metrics
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's resumable state (JSON-able): position, surplus, versions, RNG."""
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "weight_version": self.weight_version,
+            "sampler": self.sampler.state_dict(),
+            "surplus": [g.to_state() for g in self.surplus],
+            "last_val": self.last_val,
+            "python_random": _encode_py_random(random.getstate()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.weight_version = int(state["weight_version"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.surplus = [Group.from_state(g) for g in state["surplus"]]
+        self.last_val = dict(state.get("last_val") or {})
+        if "python_random" in state:
+            random.setstate(_decode_py_random(state["python_random"]))
+
+    def status(self) -> dict[str, Any]:
+        """The learner-0 /status document (CONTRACTS.md)."""
+        def num(key, source):
+            value = source.get(key)
+            return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+        return {
+            "state": self.state,
+            "step": self.step,
+            "totalSteps": self.total_steps,
+            "weightVersion": self.weight_version,
+            "metrics": {
+                "critic/score/mean": num("critic/score/mean", self.last_metrics),
+                "train/acc/mean": num("train/acc/mean", self.last_metrics),
+                "response_length/mean": num("response_length/mean", self.last_metrics),
+                "val/acc/mean": num("val/acc/mean", self.last_val),
+            },
+            "lastCheckpoint": self.last_checkpoint,
+            "message": self.message,
+            "updatedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+
+def _encode_py_random(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_py_random(state) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

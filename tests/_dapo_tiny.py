@@ -1,0 +1,45 @@
+"""Tiny char-level Qwen2 policy for fast tests (no downloads): tokenizer + model built from configs."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Every printable ASCII character is one token; three special tokens for pad / chat / eos."""
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    chars = sorted(set(string.printable))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.train()
+    return model
+
+
+def tiny_policy(hidden: int = 64, layers: int = 2, seed: int = 0):
+    tok = tiny_tokenizer()
+    return tiny_model(tok, hidden, layers, seed), tok

@@ -1,0 +1,136 @@
+"""HFEngine: batched KV-cache sampling on a tiny Qwen2 (random weights, char tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _dapo_tiny import tiny_policy
+from dapo.engine import FINISH_LENGTH, FINISH_STOP, HFEngine, encode_prompt, top_p_filter
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy(hidden=32, layers=2, seed=0)
+
+
+def _prompts(tok):
+    # different lengths: exercises left padding and position ids
+    return [encode_prompt(tok, [{"role": "user", "content": text}]) for text in ("1+1", "12+345=?", "x")]
+
+
+def _reference_log_probs(model, prompt, response, temperature):
+    """log_softmax(logits / T) at the sampled tokens, from one unpadded forward without cache."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + len(response) - 1]
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def test_shapes_order_and_lengths(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok, max_batch_rows=4)  # 3 prompts x 3 = 9 rows: three chunks
+    samples = engine.generate(_prompts(tok), n=3, temperature=1.0, top_p=1.0, max_new_tokens=7, seed=0)
+    assert len(samples) == 9
+    assert [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for s in samples:
+        assert 1 <= len(s.response_ids) <= 7
+        assert len(s.log_probs) == len(s.response_ids)
+        assert all(lp <= 0.0 for lp in s.log_probs)
+        assert s.finish_reason in (FINISH_STOP, FINISH_LENGTH)
+
+
+def test_eos_stops_each_row_and_finish_reasons(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    engine.eos_ids = set(range(10, 40))  # ~30% of the vocabulary ends a row: some stop, some run out
+    samples = engine.generate(_prompts(tok), n=8, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3)
+    reasons = {s.finish_reason for s in samples}
+    assert reasons == {FINISH_STOP, FINISH_LENGTH}
+    for s in samples:
+        inside = [t for t in s.response_ids[:-1] if t in engine.eos_ids]
+        assert not inside, "tokens after EOS must not be returned"
+        if s.finish_reason == FINISH_STOP:
+            assert s.response_ids[-1] in engine.eos_ids
+        else:
+            assert len(s.response_ids) == 6 and s.response_ids[-1] not in engine.eos_ids
+            assert s.truncated
+    engine.eos_ids = set(range(len(tok)))  # every token ends the row: one token each, all "stop"
+    samples = engine.generate(_prompts(tok), n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3)
+    assert all(len(s.response_ids) == 1 and s.finish_reason == FINISH_STOP for s in samples)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_log_probs_are_model_log_softmax_at_temperature(policy, temperature):
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    prompts = _prompts(tok)
+    samples = engine.generate(prompts, n=2, temperature=temperature, top_p=1.0, max_new_tokens=8, seed=5)
+    for s in samples:
+        ref = _reference_log_probs(engine.model, prompts[s.prompt_index], s.response_ids, temperature)
+        torch.testing.assert_close(torch.tensor(s.log_probs), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 1e-9)).tolist() == [[True, False, False, False]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_tiny_top_p_is_greedy(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    prompt = _prompts(tok)[1]
+    samples = engine.generate([prompt], n=4, temperature=1.0, top_p=1e-6, max_new_tokens=6, seed=11)
+    assert len({tuple(s.response_ids) for s in samples}) == 1
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(samples[0].response_ids)):
+            ids.append(int(engine.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert samples[0].response_ids == ids[len(prompt):]
+
+
+def test_seed_determinism(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    run = lambda seed: [s.response_ids for s in engine.generate(_prompts(tok), 3, 1.0, 1.0, 8, seed)]  # noqa: E731
+    assert run(42) == run(42)
+    assert run(42) != run(43)
+
+
+def test_update_weights_changes_outputs_and_version(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    assert engine.weight_version == 0
+    before = engine.generate(_prompts(tok), 4, 1.0, 1.0, 8, seed=1)
+
+    other, _ = tiny_policy(hidden=32, layers=2, seed=123)
+    engine.update_weights(other.named_parameters(), version=7)
+    assert engine.weight_version == 7
+    after = engine.generate(_prompts(tok), 4, 1.0, 1.0, 8, seed=1)
+    assert [s.response_ids for s in after] != [s.response_ids for s in before]
+    prompts = _prompts(tok)
+    for s in after[:3]:  # the engine now samples from `other`
+        ref = _reference_log_probs(other.eval(), prompts[s.prompt_index], s.response_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(s.log_probs), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_engine_owns_its_copy_and_refuses_partial_updates(policy):
+    model, tok = policy
+    engine = HFEngine(model, tok)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the learner's model moves; the engine must not
+        try:
+            assert not torch.equal(next(model.parameters()), next(engine.model.parameters()))
+        finally:
+            next(model.parameters()).sub_(1.0)
+    partial = list(model.named_parameters())[:2]
+    with pytest.raises(ValueError, match="partial update"):
+        engine.update_weights(partial, version=1)
+    with pytest.raises(KeyError, match="no tensor named"):
+        engine.update_weights([("nope.weight", torch.zeros(1))], version=1)
+    assert engine.weight_version == 0

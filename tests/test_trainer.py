@@ -1,0 +1,235 @@
+"""The controller end to end on a tiny random Qwen2: `dapo run`, metrics contract, checkpoints,
+exact resume, dynamic sampling (surplus carry-over, the cap's explanation) and `dapo plot`.
+
+The policy is a tiny random model and the generation engine is the real HFEngine. A random
+model cannot answer math, so most tests score with `OverlapScorer`, a deterministic in-process
+rule with RewardScorer's interface (acc = the response contains a character of the answer): it
+gives groups with varying accuracy, which is what exercises dynamic sampling. One test runs the
+real RewardScorer (math_dapo) to show the all-wrong cap message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import dapo.models
+import dapo.reward
+from _dapo_tiny import tiny_policy
+from dapo.cli import main as cli_main
+from dapo.launch import build_embedded_run
+from dapo.spec import SpecError, parse_run
+from dapo.trainer import DynamicSamplingError, Trainer
+
+torch.set_num_threads(2)
+
+CONTRACT_KEYS = [
+    "step", "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy",
+    "actor/grad_norm", "actor/lr", "critic/score/mean", "train/acc/mean", "response_length/mean",
+    "response_length/clip_ratio", "train/num_gen_batches", "train/num_groups_kept", "train/surplus_groups",
+    "timing_s/gen", "timing_s/reward", "timing_s/update_actor", "timing_s/step", "perf/throughput",
+]
+
+
+class OverlapScorer:
+    """RewardScorer's interface, in process: acc = response shares a character with the answer
+    (``mode="overlap"``), every other response right (``"alternate"``: every group of an even n
+    is mixed), or always right / always wrong; score = +1 / -1."""
+
+    def __init__(self, mode: str = "overlap"):
+        self.mode = mode
+        self.closed = False
+
+    def score_batch(self, responses, ground_truths, data_sources=None, response_lengths=None, truncated=None):
+        out = []
+        for i, (text, truth, cut) in enumerate(zip(responses, ground_truths, truncated or [False] * len(responses))):
+            acc = {"overlap": bool(set(text) & set(truth)), "alternate": i % 2 == 0, "right": True,
+                   "wrong": False}[self.mode]
+            out.append(SimpleNamespace(score=1.0 if acc else -1.0, acc=acc, truncated=cut))
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+def write_data(folder: Path, count: int, name: str) -> Path:
+    path = folder / name
+    with path.open("w") as fh:
+        for i in range(count):
+            fh.write(json.dumps({"problem": f"What is {i}+{i * 7 % 11}?", "answer": "0123456789"[: 1 + i % 4]}) + "\n")
+    return path
+
+
+def run_doc(tmp_path: Path, **spec_over) -> dict:
+    spec = {
+        "model": {"path": "builtin:test-tiny"},
+        "data": {"train": str(write_data(tmp_path, 12, "train.jsonl")), "eval": str(write_data(tmp_path, 3, "eval.jsonl")),
+                 "promptTemplate": "none"},
+        "algorithm": {"overlong": {"enabled": True, "bufferLength": 2},
+                      "dynamicSampling": {"enabled": True, "maxGenBatches": 5}},
+        "rollout": {"engine": "hf", "n": 4, "maxResponseLength": 6, "genBatchSize": 3},
+        "learner": {"strategy": "torch", "trainBatchSize": 2, "miniBatchSize": 1, "microBatchSize": 3, "lr": 1e-3,
+                    "warmupSteps": 1, "totalSteps": 4, "seed": 3, "weightDecay": 0.0},
+        "reward": {"workers": 1, "timeoutSeconds": 5},
+        "eval": {"everySteps": 2, "beforeTrain": True, "n": 2},
+        "checkpoint": {"everySteps": 2, "keep": 2},
+    }
+    for key, value in spec_over.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "t"}, "spec": spec}
+
+
+def write_run_file(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    """`dapo run` with the tiny policy and the OverlapScorer; records each step's prompt uids."""
+    monkeypatch.setattr(dapo.models, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    monkeypatch.setattr(dapo.reward, "RewardScorer", lambda **kw: OverlapScorer())
+    batches: list[list[str]] = []
+    original = Trainer.collect_groups
+
+    def recording(self):
+        out = original(self)
+        batches.append([g.uid for g in out.groups])
+        return out
+
+    monkeypatch.setattr(Trainer, "collect_groups", recording)
+    return batches
+
+
+def read_lines(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "actor/pg_loss" in r], [r for r in records if "val/acc/mean" in r]
+
+
+def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "model" / "model.safetensors"))
+
+
+def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
+    run_file = write_run_file(tmp_path, run_doc(tmp_path))
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+
+    assert cli_main(["run", str(run_file), "--output-dir", str(full_dir)]) == 0
+    full_batches = list(patched)
+    steps, evals = read_lines(full_dir)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for record in steps:
+        missing = [k for k in CONTRACT_KEYS if k not in record]
+        assert not missing, missing
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(0.0 <= e["val/acc/mean"] <= 1.0 for e in evals)
+    assert (full_dir / "run.yaml").exists() and "trainBatchSize: 2" in (full_dir / "run.yaml").read_text()
+    log_text = (full_dir / "run.log").read_text()
+    assert "step 4/4" in log_text and "ETA" in log_text and "s/step" in log_text
+    assert "step 4/4" in capsys.readouterr().err
+
+    # committed checkpoints (keep 2: steps 2 and 4) load with from_pretrained
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    committed = sorted(p.name for p in (full_dir / "checkpoints").iterdir() if (p / "manifest.json").exists())
+    assert committed == ["step-00000002", "step-00000004"]
+    reloaded = AutoModelForCausalLM.from_pretrained(full_dir / "checkpoints" / "step-00000004" / "model")
+    AutoTokenizer.from_pretrained(full_dir / "checkpoints" / "step-00000004" / "model")
+    assert sum(p.numel() for p in reloaded.parameters()) > 0
+
+    # the same run interrupted after step 2, then resumed: same prompts, same final weights
+    patched.clear()
+    assert cli_main(["run", str(run_file), "--output-dir", str(split_dir), "--set", "spec.learner.totalSteps=2"]) == 0
+    assert patched == full_batches[:2]
+    with pytest.raises(SpecError, match="--resume"):
+        build_embedded_run(parse_run(run_doc(tmp_path)), split_dir, resume=False)
+    patched.clear()
+    assert cli_main(["run", str(run_file), "--output-dir", str(split_dir), "--resume"]) == 0
+    assert patched == full_batches[2:], "resume must continue at the same data position"
+    assert [r["step"] for r in read_lines(split_dir)[0]] == [1, 2, 3, 4]
+    a, b = final_weights(full_dir, 4), final_weights(split_dir, 4)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    assert not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"])), "training moved no weight"
+
+    # dapo plot RUN_DIR writes a PNG
+    assert cli_main(["plot", str(full_dir)]) == 0
+    png = full_dir / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _trainer(tmp_path, scorer, **spec_over):
+    run = parse_run(run_doc(tmp_path, **spec_over))
+    embedded = build_embedded_run(run, tmp_path / "out", resume=False, scorer=scorer, policy=tiny_policy(32, 2, 0))
+    return embedded.trainer
+
+
+def test_surplus_groups_carry_to_the_next_step(tmp_path):
+    trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 6},
+                       eval={"beforeTrain": False, "everySteps": 0})
+    first = trainer.train_step()
+    assert first["train/num_gen_batches"] == 1 and first["train/num_groups_kept"] == 6
+    surplus_uids = [g.uid for g in trainer.surplus]
+    assert first["train/surplus_groups"] == len(surplus_uids) == 4
+    recorded = []
+    original = trainer.collect_groups
+    trainer.collect_groups = lambda: (recorded.append(out := original()), out)[1]
+    second = trainer.train_step()
+    assert second["train/num_gen_batches"] == 0, "a full batch of surplus needs no generation"
+    assert second["train/surplus_used"] == 2
+    assert [g.uid for g in recorded[0].groups] == surplus_uids[:2]
+    assert second["train/surplus_groups"] == len(surplus_uids) - 2
+    # the surplus is part of the checkpointed state
+    state = json.loads(json.dumps(trainer.state_dict()))
+    assert [g["uid"] for g in state["surplus"]] == surplus_uids[2:]
+
+
+@pytest.mark.parametrize("mode,expected", [("right", "ALL-CORRECT"), ("wrong", "ALL-WRONG")])
+def test_dynamic_sampling_cap_explains_what_to_change(tmp_path, mode, expected):
+    trainer = _trainer(tmp_path, OverlapScorer(mode), eval={"beforeTrain": False},
+                       algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 2}})
+    with pytest.raises(DynamicSamplingError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert expected in message
+    counts = "6 were all-correct and 0 were all-wrong" if mode == "right" else "0 were all-correct and 6 were all-wrong"
+    assert counts in message and "after 2 generation batches" in message
+    for field in ("maxGenBatches", "genBatchSize", "spec.rollout.n", "dynamicSampling.enabled=false"):
+        assert field in message
+    assert trainer.status()["state"] == "failed" and expected in trainer.status()["message"]
+
+
+def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):
+    trainer = _trainer(tmp_path, OverlapScorer("right"), eval={"beforeTrain": False, "everySteps": 0},
+                       algorithm={"dynamicSampling": {"enabled": False}}, learner={"totalSteps": 1})
+    trainer.train()
+    metrics = trainer.last_metrics
+    assert metrics["train/num_gen_batches"] == 1 and metrics["train/num_groups_kept"] == 3
+    assert metrics["train/surplus_groups"] == 1 and metrics["critic/score/mean"] == 1.0
+    assert metrics["actor/pg_loss"] == 0.0  # all advantages are zero
+    assert trainer.status()["state"] == "succeeded" and trainer.status()["weightVersion"] == 1
+
+
+def test_real_reward_scorer_all_wrong_cap_through_dapo_run(tmp_path, monkeypatch):
+    """The real RewardScorer (math_dapo in worker processes): a random model never writes
+    'Answer: <n>', every group is all-wrong, and `dapo run` exits 1 with the explanation."""
+    monkeypatch.setattr(dapo.models, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    doc = run_doc(tmp_path, algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
+                  eval={"beforeTrain": False})
+    run_dir = tmp_path / "real"
+    assert cli_main(["run", str(write_run_file(tmp_path, doc)), "--output-dir", str(run_dir)]) == 1
+    log_text = (run_dir / "run.log").read_text()
+    assert "0 were all-correct and 3 were all-wrong" in log_text and "ALL-WRONG" in log_text
+
+
+def test_processes_launcher_is_refused_clearly(tmp_path, capsys):
+    run_file = write_run_file(tmp_path, run_doc(tmp_path))
+    assert cli_main(["run", str(run_file), "--launcher", "processes", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--launcher processes is not available" in capsys.readouterr().err
