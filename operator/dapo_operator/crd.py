@@ -27,13 +27,22 @@ from typing import Any
 
 import yaml
 
-from dapo.spec import API_GROUP, API_VERSION, CROSS_FIELD_RULES, IMMUTABLE_FIELDS, KIND, PLURAL, DAPORunSpec
+from dapo.spec import API_GROUP, API_VERSION, CROSS_FIELD_RULES, IMMUTABLE_FIELDS, KIND, PLURAL, DAPORunSpec, ObjectMeta
 
 SHORT_NAMES = ["dr", "dapo"]
 SINGULAR = "daporun"
 
 # Pod names are RUN-rollout-1023 and must stay a DNS label (63 chars); spec.ObjectMeta allows 40.
 MAX_NAME_LENGTH = 40
+
+
+def _name_pattern() -> str:
+    """The metadata.name pattern of the spec model (a DNS label), so CRD and pydantic share it.
+
+    The API server only checks names as DNS subdomains, which allow dots; a dotted run name
+    would pass the server and then fail in the operator (pod host names must be DNS labels).
+    """
+    return next(m.pattern for m in ObjectMeta.model_fields["name"].metadata if getattr(m, "pattern", None))
 
 
 def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
@@ -206,7 +215,12 @@ def build_crd() -> dict[str, Any]:
             {
                 "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (pod names RUN-rollout-N must stay DNS labels)",
-            }
+            },
+            {
+                "rule": f"self.metadata.name.matches('{_name_pattern()}')",
+                "message": "metadata.name must be a DNS label: lowercase letters, digits and '-', no dots "
+                "(it prefixes the pods' host names)",
+            },
         ],
     }
     columns = [

@@ -7,6 +7,7 @@ clock of its own; the operator feeds it the listed pods and learner-0's /status 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,58 @@ METRIC_FIELDS = {
     "response_length/mean": "responseLength",
     "val/acc/mean": "valAcc",
 }
+
+
+LEARNER_STATES = ("starting", "running", "succeeded", "failed")
+# The status object lands in etcd (1.5 MiB per object) and is repeated in 5 conditions: a
+# learner message is a human line, so a long one is cut rather than breaking every patch.
+MAX_MESSAGE_CHARS = 1024
+MAX_URI_CHARS = 2048
+_INT64_MAX = 2**63 - 1
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative int64 (step, version), or None for anything else (bools included)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64_MAX:
+        return None
+    return value
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sanitize_learner_status(answer: Any) -> dict[str, Any] | None:
+    """Only the CONTRACTS.md /status fields, with their contract types; everything else dropped.
+
+    The learner's reply is copied into the DAPORun status, which anyone who can read the CR
+    sees: an unknown key (e.g. a debug dump of the environment) must never reach it, and a
+    wrongly typed value must neither crash the operator nor make the API server reject the
+    status patch on every poll.
+    """
+    if not isinstance(answer, dict):
+        return None
+    clean: dict[str, Any] = {}
+    if answer.get("state") in LEARNER_STATES:
+        clean["state"] = answer["state"]
+    for key in ("step", "totalSteps", "weightVersion"):
+        if _count(answer.get(key)) is not None:
+            clean[key] = answer[key]
+    metrics = answer.get("metrics")
+    if isinstance(metrics, dict):
+        clean["metrics"] = {k: _finite(metrics.get(k)) for k in METRIC_FIELDS if _finite(metrics.get(k)) is not None}
+    checkpoint = answer.get("lastCheckpoint")
+    if isinstance(checkpoint, dict) and _count(checkpoint.get("step")) is not None and isinstance(checkpoint.get("uri"), str):
+        clean["lastCheckpoint"] = {"step": checkpoint["step"], "uri": _cut(checkpoint["uri"], MAX_URI_CHARS)}
+    if isinstance(answer.get("message"), str):
+        clean["message"] = _cut(answer["message"], MAX_MESSAGE_CHARS)
+    return clean
 
 
 @dataclass(frozen=True)
@@ -155,6 +208,7 @@ def compute_status(
     """
     prev = dict(previous or {})
     stamp = rfc3339(now)
+    learner_status = sanitize_learner_status(learner_status)
     gang_generation = int(prev.get("gangGeneration", 0))
     live = current_pods(run, pods, gang_generation)
     reason, message = "", ""

@@ -278,9 +278,14 @@ _INVALID_JSON = "invalid JSON line"
 
 
 def _read_parquet_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        # A truncated upload or a file with a wrong suffix: say which file, not pyarrow's internals.
+        raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
     return table.to_pylist(), list(table.schema.names)
 
 
@@ -288,13 +293,15 @@ def _read_jsonl_rows(path: Path) -> tuple[list[dict[str, Any] | None], list[str]
     """Rows of a JSON-lines file; a line that is not a JSON object becomes None (a bad row)."""
     rows: list[dict[str, Any] | None] = []
     columns: dict[str, None] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
                 continue  # blank lines (a trailing newline) are not rows
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                # JSON text is UTF-8 (RFC 8259); ValueError also covers integers past Python's
+                # digit limit, RecursionError a line of deeply nested brackets.
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 row = None
             if not isinstance(row, dict):
                 rows.append(None)

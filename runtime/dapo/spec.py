@@ -297,8 +297,16 @@ def _field_path(loc: tuple[Any, ...]) -> str:
             name = str(item)
             if name.startswith("function-after") or name.startswith("function-"):
                 continue
+            if not name.isprintable() or not name.strip() or len(name) > 80:
+                name = _shown(name)  # a key with control characters or a huge key, quoted and cut
             parts.append(("." if parts else "") + name)
     return "".join(parts) or "(file)"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr of a user's value, cut to ``limit`` characters: a megabyte string must not become a megabyte error."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -312,10 +320,10 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return f"{path}: unknown field (check the spelling; fields are camelCase, see `dapo crd` for the schema)"
     if kind in ("literal_error", "enum"):
-        return f"{path}: {given!r} is not allowed; use one of {ctx.get('expected', '')}"
+        return f"{path}: {_shown(given)} is not allowed; use one of {ctx.get('expected', '')}"
     if kind == "value_error":
         return msg.removeprefix("Value error, ")
-    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    shown = _shown(given) if not isinstance(given, (dict, list)) else type(given).__name__
     return f"{path}: {msg.lower()} (got {shown})"
 
 
@@ -326,14 +334,43 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# A real run file holds a few hundred values, a few levels deep; these bounds only stop
+# hostile documents (YAML alias "billion laughs", thousands of nested brackets).
+MAX_DOCUMENT_VALUES = 100_000
+MAX_DOCUMENT_DEPTH = 64
+
+
+def _check_document_size(doc: Any, source: str) -> None:
+    """Walk the document without recursion; refuse one too large or too deep to be a run file.
+
+    YAML aliases load as shared references, so a tiny file can expand to billions of values
+    that validation and ``dump_run`` would then visit one by one.
+    """
+    stack = [(doc, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_DOCUMENT_VALUES:
+            raise SpecError(f"{source}: the run file expands to more than {MAX_DOCUMENT_VALUES} values "
+                            "(YAML anchors and aliases repeated inside each other?); write the values out")
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise SpecError(f"{source}: the run file nests more than {MAX_DOCUMENT_DEPTH} levels deep; no field needs that")
+        if isinstance(node, dict):
+            stack.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((value, depth + 1) for value in node)
+
+
 def parse_run(doc: Any, source: str = "run file") -> DAPORun:
     """Validate a parsed run file; raise SpecError with one actionable line per problem."""
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: expected a YAML mapping with apiVersion, kind, metadata and spec, got {type(doc).__name__}")
+    _check_document_size(doc, source)
     if doc.get("kind") not in (None, KIND):
-        raise SpecError(f"{source}: kind is {doc.get('kind')!r}; a run file has kind: {KIND}")
+        raise SpecError(f"{source}: kind is {_shown(doc.get('kind'))}; a run file has kind: {KIND}")
     if doc.get("apiVersion") not in (None, f"{API_GROUP}/{API_VERSION}"):
-        raise SpecError(f"{source}: apiVersion is {doc.get('apiVersion')!r}; use apiVersion: {API_GROUP}/{API_VERSION}")
+        raise SpecError(f"{source}: apiVersion is {_shown(doc.get('apiVersion'))}; use apiVersion: {API_GROUP}/{API_VERSION}")
     try:
         return DAPORun.model_validate(doc)
     except ValidationError as exc:
@@ -378,9 +415,15 @@ def load_run_file(path: str | Path, overrides: list[str] | None = None) -> DAPOR
     if not path.exists():
         raise SpecError(f"{path}: no such run file")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text file (not UTF-8: {exc.reason} at byte {exc.start}); a run file is YAML") from None
+    except RecursionError:
+        raise SpecError(f"{path}: the YAML nests too deeply to be a run file") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the run file: {exc.strerror or exc}") from None
     if overrides:
         if not isinstance(doc, dict):
             raise SpecError(f"{path}: expected a YAML mapping")
