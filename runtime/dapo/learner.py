@@ -80,6 +80,12 @@ def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[in
     return TrainBatch(input_ids, attention, positions, resp, resp_mask, width_p)
 
 
+def mini_batch_normalisers(response_mask: torch.Tensor) -> tuple[float, float]:
+    """(valid tokens, non-empty responses) of a mini-batch: DAPO's token-mean and seq-mean
+    denominators N_tokens = sum_{i,t} m_it and N_seqs = #{i : sum_t m_it > 0}."""
+    return float(response_mask.sum()), float((response_mask.sum(-1) > 0).sum())
+
+
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warm-up then constant: lr_t = lr * min(1, (t + 1) / warmup_steps) for training step
     t = 0, 1, ... (the first step already moves; verl's t / warmup would waste it at lr 0)."""
@@ -192,9 +198,27 @@ class TorchLearner:
 
         The token-mean normaliser is the whole mini-batch's valid token count, so each micro loss
         is a partial sum and the accumulated gradient equals the full-batch gradient."""
-        num_tokens = float(mini.response_mask.sum())
-        num_seqs = float((mini.response_mask.sum(-1) > 0).sum())
+        num_tokens, num_seqs = mini_batch_normalisers(mini.response_mask)
         self.optimizer.zero_grad(set_to_none=True)
+        total_loss, stats = self._accumulate_gradients(self._micro_batches(mini), num_tokens, num_seqs)
+        grad_norm = self._clip_and_step()
+        stats["actor/pg_loss"] = (total_loss, 1.0)
+        stats["actor/grad_norm"] = (float(grad_norm), 1.0)
+        return stats
+
+    def _micro_batches(self, rows: TrainBatch) -> list[TrainBatch]:
+        """Consecutive slices of at most micro_batch_rows rows."""
+        return [rows.rows(start, start + self.micro_batch_rows) for start in range(0, rows.num_rows, self.micro_batch_rows)]
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Seam for distributed backends (DeepSpeed owns the backward pass)."""
+        loss.backward()
+
+    def _accumulate_gradients(self, micro_batches: list[TrainBatch], num_tokens: float,
+                              num_seqs: float) -> tuple[float, dict[str, tuple[float, float]]]:
+        """Forward/backward every micro-batch with the given (global) normalisers; returns the
+        summed loss (a partial sum of the mini-batch loss) and token-weighted metric means as
+        (value, weight) pairs. A micro-batch with no valid tokens adds 0 to loss and gradient."""
         total_loss = 0.0
         stats: dict[str, tuple[float, float]] = {}
 
@@ -202,14 +226,14 @@ class TorchLearner:
             old_v, old_w = stats.get(key, (0.0, 0.0))
             stats[key] = ((old_v * old_w + value * weight) / (old_w + weight) if old_w + weight else 0.0, old_w + weight)
 
-        for start in range(0, mini.num_rows, self.micro_batch_rows):
-            mb = mini.rows(start, start + self.micro_batch_rows).to(self.device)
+        for micro in micro_batches:
+            mb = micro.to(self.device)
             mb_tokens = float(mb.response_mask.sum())
             logits = self._response_logits(mb)
             log_prob = log_probs_from_logits(logits, mb.responses)
             loss, m = policy_loss(log_prob, mb.old_log_probs.to(log_prob.dtype), mb.advantages, mb.response_mask,
                                   num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), **self.loss_kwargs)
-            loss.backward()
+            self._backward(loss)
             total_loss += float(loss.detach())
             with torch.no_grad():
                 entropy = entropy_from_logits(logits.detach())
@@ -217,14 +241,17 @@ class TorchLearner:
             for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
                 acc(f"actor/{key}", float(m[key]), mb_tokens)
             acc("actor/entropy", ent, mb_tokens)
+        return total_loss, stats
+
+    def _clip_and_step(self) -> torch.Tensor:
+        """Clip the global gradient norm and step AdamW; a non-finite norm skips the step.
+        Returns the norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
         else:  # a NaN/inf gradient would poison AdamW's moments for the rest of the run
             self.optimizer.zero_grad(set_to_none=True)
-        stats["actor/pg_loss"] = (total_loss, 1.0)
-        stats["actor/grad_norm"] = (float(grad_norm), 1.0)
-        return stats
+        return grad_norm
 
     # ------------------------------------------------------------------ sync / state
 
