@@ -147,3 +147,29 @@ def test_learner_log_probs_match_engine_sampling_log_probs(policy):
 def test_steps_for_epochs():
     assert steps_for_epochs(1, 10, 4) == 3
     assert steps_for_epochs(2, 10, 4) == 5
+
+
+def test_single_step_update_needs_no_old_log_probs(policy):
+    """One optimizer step on the whole batch: the update's own forward pass gives the old
+    log-probs, and the result equals the update with recomputed old log-probs."""
+    model, tok = policy
+    with_old, without_old = _learner(copy.deepcopy(model)), _learner(copy.deepcopy(model))
+    batch = _batch(tok)
+    assert not with_old.needs_old_log_probs(batch.num_rows)
+    recomputed = copy.deepcopy(batch)
+    recomputed.old_log_probs = with_old.compute_log_probs(recomputed)
+    m1 = with_old.update(recomputed)
+    m2 = without_old.update(batch)
+    assert m2["actor/ppo_kl"] == 0.0 and m2["actor/pg_clipfrac"] == 0.0
+    assert m1["actor/pg_loss"] == pytest.approx(m2["actor/pg_loss"], abs=1e-6)
+    for (name, a), (_, b) in zip(with_old.model.named_parameters(), without_old.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_several_optimizer_steps_require_old_log_probs(policy):
+    model, tok = policy
+    batch = _batch(tok)
+    for learner in (_learner(copy.deepcopy(model), mini_batch_rows=3), _learner(copy.deepcopy(model), ppo_epochs=2)):
+        assert learner.needs_old_log_probs(batch.num_rows)
+        with pytest.raises(ValueError, match="old_log_probs"):
+            learner.update(batch)

@@ -383,8 +383,7 @@ class DistributedLearner(TorchLearner):
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One training step on every rank; returns the globally reduced metrics on rank 0."""
-        if batch.advantages is None or batch.old_log_probs is None:
-            raise ValueError("update() needs batch.advantages and batch.old_log_probs (call compute_log_probs first)")
+        self.check_update_inputs(batch)
         self._post(CMD_UPDATE, batch)
         return self._local_update(batch)
 

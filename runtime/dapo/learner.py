@@ -169,11 +169,24 @@ class TorchLearner:
 
     # ------------------------------------------------------------------ update
 
+    def needs_old_log_probs(self, num_rows: int) -> bool:
+        """False when the update is a single optimizer step over the whole batch (one mini-batch,
+        one epoch). The behaviour policy is then exactly the current policy, so the ratio is 1 and
+        the update's own forward pass provides the old log-probs: one forward pass saved per step."""
+        return self.ppo_epochs > 1 or num_rows > self.mini_batch_rows
+
+    def check_update_inputs(self, batch: TrainBatch) -> None:
+        if batch.advantages is None:
+            raise ValueError("update() needs batch.advantages")
+        if batch.old_log_probs is None and self.needs_old_log_probs(batch.num_rows):
+            raise ValueError("update() needs batch.old_log_probs when it takes several optimizer steps "
+                             "(call compute_log_probs first)")
+
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One training step: ppo_epochs x (B / mini_batch_rows) optimizer steps; then the lr
-        schedule advances by one training step. Needs batch.advantages and batch.old_log_probs."""
-        if batch.advantages is None or batch.old_log_probs is None:
-            raise ValueError("update() needs batch.advantages and batch.old_log_probs (call compute_log_probs first)")
+        schedule advances by one training step. Needs batch.advantages, and batch.old_log_probs
+        unless `needs_old_log_probs` says the update's own forward pass stands in for them."""
+        self.check_update_inputs(batch)
         lr_now = self.optimizer.param_groups[0]["lr"]
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
@@ -231,7 +244,8 @@ class TorchLearner:
             mb_tokens = float(mb.response_mask.sum())
             logits = self._response_logits(mb)
             log_prob = log_probs_from_logits(logits, mb.responses)
-            loss, m = policy_loss(log_prob, mb.old_log_probs.to(log_prob.dtype), mb.advantages, mb.response_mask,
+            old = log_prob.detach() if mb.old_log_probs is None else mb.old_log_probs.to(log_prob.dtype)
+            loss, m = policy_loss(log_prob, old, mb.advantages, mb.response_mask,
                                   num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), **self.loss_kwargs)
             self._backward(loss)
             total_loss += float(loss.detach())

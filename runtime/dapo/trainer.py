@@ -264,7 +264,8 @@ class Trainer:
         batch, info = self.build_batch(collection.groups)
 
         t0 = time.perf_counter()
-        batch.old_log_probs = self.learner.compute_log_probs(batch)
+        if self.learner.needs_old_log_probs(batch.num_rows):
+            batch.old_log_probs = self.learner.compute_log_probs(batch)
         t1 = time.perf_counter()
         update_metrics = self.learner.update(batch)
         t2 = time.perf_counter()
