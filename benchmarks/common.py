@@ -32,21 +32,13 @@ BENCH_CACHE = Path(os.environ.get("DAPO_BENCH_CACHE", REPO / ".bench-cache"))
 
 
 def arith_data_paths() -> tuple[Path, Path]:
-    """(train, eval) JSONL files of the quickstart arithmetic task.
-
-    Prefers examples/data/arith-{train,eval}.jsonl (the quickstart's files). When they are
-    absent it writes equivalent files into the bench cache with the generator of
-    ``dapo.builtin`` (eval = the model's held-out problems, train = disjoint problems)."""
+    """(train, eval) JSONL files of the quickstart arithmetic task (examples/data, regenerated
+    with ``dapo.builtin.write_arith_data`` when a checkout lacks them)."""
     train, held_out = REPO / "examples/data/arith-train.jsonl", REPO / "examples/data/arith-eval.jsonl"
-    if train.is_file() and held_out.is_file():
-        return train, held_out
-    from dapo import builtin
-
-    train, held_out = BENCH_CACHE / "data/arith-train.jsonl", BENCH_CACHE / "data/arith-eval.jsonl"
     if not (train.is_file() and held_out.is_file()):
-        eval_problems = builtin.arith_problems(200, seed=7)
-        builtin.write_arith_jsonl(held_out, eval_problems)
-        builtin.write_arith_jsonl(train, builtin.arith_problems(2000, seed=11, exclude={p for p, _ in eval_problems}))
+        from dapo import builtin
+
+        builtin.write_arith_data(train.parent)
     return train, held_out
 
 
