@@ -229,7 +229,10 @@ def test_real_reward_scorer_all_wrong_cap_through_dapo_run(tmp_path, monkeypatch
     assert "0 were all-correct and 3 were all-wrong" in log_text and "ALL-WRONG" in log_text
 
 
-def test_processes_launcher_is_refused_clearly(tmp_path, capsys):
+def test_processes_launcher_checks_the_model_before_starting_processes(tmp_path, capsys):
+    # builtin:test-tiny exists only in this process (monkeypatched elsewhere): the launcher must say so
+    # before it starts any role process (the launcher itself is tested in test_distributed_e2e.py)
     run_file = write_run_file(tmp_path, run_doc(tmp_path))
     assert cli_main(["run", str(run_file), "--launcher", "processes", "--output-dir", str(tmp_path / "x")]) == 2
-    assert "--launcher processes is not available" in capsys.readouterr().err
+    assert "unknown built-in model 'builtin:test-tiny'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "logs").exists()

@@ -56,13 +56,22 @@ def _engine_for(spec, model, tokenizer, device: str):
     return HFEngine(model, tokenizer, device=device, max_batch_rows=rows)
 
 
-def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None, policy=None) -> EmbeddedRun:
+def _torch_learner(model, spec, device):
+    from dapo.learner import TorchLearner
+
+    return TorchLearner.from_spec(model, spec, device=device)
+
+
+def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None, policy=None,
+                       engine_factory=None, learner_factory=None) -> EmbeddedRun:
     """Wire a Trainer for one process. ``scorer`` / ``policy`` (model, tokenizer) replace the
-    ones the run file names (tests use this to avoid worker processes or model loading)."""
+    ones the run file names (tests use this to avoid worker processes or model loading).
+    ``engine_factory(spec, model, tokenizer, device)`` / ``learner_factory(model, spec, device)``
+    replace the in-process HF engine and TorchLearner (learner-0 of a distributed run passes the
+    remote rollout client and the distributed learner: `dapo.roles`)."""
     from dapo.checkpoint import Checkpointer
     from dapo.data import PromptSampler, dataset_fingerprint, load_prompts
     from dapo.engine import encode_prompt
-    from dapo.learner import TorchLearner
     from dapo.metrics import MetricsWriter, ProgressLog
     from dapo.storage import CheckpointStore
     from dapo.trainer import Trainer
@@ -107,11 +116,11 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
                               overlong_buffer_length=ol.buffer_length, overlong_penalty_factor=ol.penalty_factor,
                               overlong_enabled=ol.enabled)
 
-    if spec.learner.strategy != "torch":
+    if spec.learner.strategy != "torch" and learner_factory is None:
         log.info("spec.learner.strategy=%s applies to distributed learners; the in-process run trains with "
                  "plain torch in one process", spec.learner.strategy)
-    engine = _engine_for(spec, model, tokenizer, device)
-    learner = TorchLearner.from_spec(model, spec, device=device)
+    engine = (engine_factory or _engine_for)(spec, model, tokenizer, device)
+    learner = (learner_factory or _torch_learner)(model, spec, device)
     sampler = PromptSampler(len(train_records), seed=spec.learner.seed,
                             fingerprint=dataset_fingerprint(train_records))
     store = CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
@@ -145,10 +154,11 @@ def main_run(args) -> int:
     from dapo.trainer import DynamicSamplingError
 
     run = load_run_file(args.file, list(getattr(args, "overrides", None) or []))
-    if getattr(args, "launcher", "inprocess") == "processes":
-        raise SpecError("--launcher processes is not available yet in this version; use --launcher inprocess "
-                        "(the default), which runs rollout, reward and learner in this process")
     run_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_run_dir(run)
+    if getattr(args, "launcher", "inprocess") == "processes":
+        from dapo.launch_processes import run_processes
+
+        return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)))
     run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_run_logging(run_dir)
     try:

@@ -1,0 +1,234 @@
+"""`dapo run FILE --launcher processes`: every role of a distributed run as a local process.
+
+The processes run exactly what the pods run (`python -m dapo.cli role ROLE --config RUN_DIR/run.yaml`)
+with the environment of CONTRACTS.md pointed at loopback and free ports:
+
+    reward-0..K-1, rollout-0..M-1    HTTP services (DAPO_HTTP_PORT each)
+    learner-0..N-1                   torch.distributed over MASTER_ADDR=127.0.0.1; learner-0 also
+                                     serves /status and the weight-sync store
+
+Each process's output goes to RUN_DIR/logs/ROLE-i.log and to this terminal with a ``[ROLE-i]``
+prefix. The launcher waits for learner-0; when any process exits non-zero first (or learner-0
+fails), it stops everything and returns that exit code after printing the failing role's last
+log lines. Ctrl-C (or SIGTERM) stops every process too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dapo.spec import DAPORun, dump_run
+
+log = logging.getLogger("dapo.launch")
+
+TAIL_LINES = 40
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class RoleProcess:
+    """One launched role: its name (``rollout-1``), process and the last lines it printed."""
+
+    name: str
+    env: dict
+    process: subprocess.Popen | None = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    pump: threading.Thread | None = None
+
+
+def process_env(run: DAPORun, run_dir: Path, *, resume: bool, base_env: dict | None = None,
+                ports: dict | None = None) -> dict[str, dict]:
+    """The environment of every role process, by name (``learner-0``, ``rollout-1``, ...):
+    CONTRACTS.md's variables with loopback addresses and free ports."""
+    spec = run.spec
+    counts = {"learner": spec.learner.replicas, "rollout": spec.rollout.replicas, "reward": spec.reward.replicas}
+    if ports is None:
+        need = counts["rollout"] + counts["reward"] + 3
+        pool = free_ports(need)
+        ports = {"master": pool[0], "weight_sync": pool[1], "status": pool[2],
+                 "rollout": pool[3:3 + counts["rollout"]], "reward": pool[3 + counts["rollout"]:]}
+    base = dict(os.environ if base_env is None else base_env)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        base.pop(name, None)  # a launcher started under torchrun must not leak its own rank
+    rollout_urls = ",".join(f"http://127.0.0.1:{p}" for p in ports["rollout"])
+    reward_urls = ",".join(f"http://127.0.0.1:{p}" for p in ports["reward"])
+    common = {
+        "DAPO_RUN_NAME": run.metadata.name, "DAPO_NAMESPACE": "local", "DAPO_RUN_FILE": str(run_dir / "run.yaml"),
+        "DAPO_GANG_GENERATION": "1" if resume else "0",
+        "DAPO_WEIGHT_SYNC_ADDR": f"127.0.0.1:{ports['weight_sync']}",
+        "DAPO_ROLLOUT_URLS": rollout_urls, "DAPO_REWARD_URLS": reward_urls,
+        "DAPO_CHECKPOINT_URI": spec.checkpoint.uri or str(run_dir / "checkpoints"),
+        "DAPO_RUN_DIR": str(run_dir), "DAPO_HTTP_HOST": "127.0.0.1",
+        "DAPO_STATUS_GRACE_S": base.get("DAPO_STATUS_GRACE_S", "0"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if spec.storage.endpoint_url and not base.get("AWS_ENDPOINT_URL"):
+        common["AWS_ENDPOINT_URL"] = spec.storage.endpoint_url
+    if spec.storage.region and not base.get("AWS_REGION"):
+        common["AWS_REGION"] = spec.storage.region
+    envs: dict[str, dict] = {}
+    for role in ("reward", "rollout", "learner"):
+        for i in range(counts[role]):
+            env = {**base, **common, "DAPO_ROLE": role, "DAPO_REPLICA_INDEX": str(i), "DAPO_REPLICAS": str(counts[role])}
+            if role == "learner":
+                env.update(RANK=str(i), WORLD_SIZE=str(counts[role]), MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(ports["master"]), DAPO_HTTP_PORT=str(ports["status"]))
+            else:
+                env["DAPO_HTTP_PORT"] = str(ports[role][i])
+            envs[f"{role}-{i}"] = env
+    return envs
+
+
+def _pump(role: RoleProcess, log_path: Path, echo) -> None:
+    """Copy a process's output to its log file and (prefixed) to ``echo``, keeping a tail."""
+    with log_path.open("a", encoding="utf-8", errors="replace") as fh:
+        for raw in iter(role.process.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            role.tail.append(line)
+            fh.write(line + "\n")
+            fh.flush()
+            if echo is not None:
+                echo(f"[{role.name}] {line}")
+
+
+class ProcessGang:
+    """Start, watch and stop the role processes of one local run."""
+
+    def __init__(self, envs: dict[str, dict], run_dir: Path, *, echo=None):
+        self.roles = [RoleProcess(name, env) for name, env in envs.items()]
+        self.log_dir = run_dir / "logs"
+        self.echo = echo if echo is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for role in self.roles:
+            kind = role.name.rsplit("-", 1)[0]
+            command = [sys.executable, "-m", "dapo.cli", "role", kind, "--config", role.env["DAPO_RUN_FILE"]]
+            # own session: a stop signal reaches the role's helpers (reward workers) too
+            role.process = subprocess.Popen(command, env=role.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            role.pump = threading.Thread(target=_pump, args=(role, self.log_dir / f"{role.name}.log", self.echo),
+                                         name=f"log-{role.name}", daemon=True)
+            role.pump.start()
+            log.info("started %s (pid %d)", role.name, role.process.pid)
+
+    def role(self, name: str) -> RoleProcess:
+        return next(r for r in self.roles if r.name == name)
+
+    def wait(self, leader: str = "learner-0", poll_s: float = 0.2) -> tuple[int, RoleProcess | None]:
+        """Until the leader exits or another role fails: (exit code, the failing role or None)."""
+        lead = self.role(leader)
+        while True:
+            code = lead.process.poll()
+            if code is not None:
+                return code, (lead if code != 0 else None)
+            for role in self.roles:
+                if role is lead:
+                    continue
+                other = role.process.poll()
+                # a service or a follower rank that stops before the controller is a failure, even with 0
+                if other is not None and not role.name.startswith("learner"):
+                    return (other or 1), role
+                if other not in (None, 0):
+                    return other, role
+            time.sleep(poll_s)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every running role's process group, SIGKILL what is left after ``grace_s``."""
+        running = [r for r in self.roles if r.process is not None and r.process.poll() is None]
+        for role in running:
+            _signal_group(role.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for role in running:
+            try:
+                role.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(role.process, signal.SIGKILL)
+                role.process.wait(5)
+        for role in self.roles:
+            if role.process is not None:
+                # the reward workers of a finished role may still hold the pipe: kill the group
+                _signal_group(role.process, signal.SIGKILL)
+            if role.pump is not None:
+                role.pump.join(2)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)  # the group this launcher created for this role (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def failure_report(role: RoleProcess, code: int) -> str:
+    lines = "\n".join(f"    {line}" for line in role.tail)
+    return f"{role.name} exited with code {code}; its last log lines:\n{lines}"
+
+
+def preflight(run: DAPORun) -> None:
+    """Fail before starting any process when the model cannot be found (SpecError naming the
+    field). Staging / building it here also means the role processes find it in the cache
+    instead of fetching it N times at once."""
+    from dapo.models import resolve_model_dir
+
+    resolve_model_dir(run.spec.model, os.environ.get("DAPO_CACHE_DIR") or None)
+
+
+def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
+    """Run every role as a local process (see the module docstring); returns the exit code."""
+    from dapo.metrics import remove_handlers, setup_run_logging
+
+    preflight(run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handlers = setup_run_logging(run_dir)
+    gang = None
+    try:
+        (run_dir / "run.yaml").write_text(dump_run(run))
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        gang = ProcessGang(process_env(run, run_dir, resume=resume), run_dir)
+        log.info("run %s -> %s: %d learner, %d rollout, %d reward processes (logs in %s)", run.metadata.name,
+                 run_dir.resolve(), run.spec.learner.replicas, run.spec.rollout.replicas, run.spec.reward.replicas,
+                 gang.log_dir)
+        gang.start()
+        code, failed = gang.wait()
+        if failed is not None:
+            gang.stop()
+            log.error("the run failed: %s", failure_report(failed, code))
+            return code or 1
+        log.info("done; metrics in %s", run_dir / "metrics.jsonl")
+        return 0
+    except KeyboardInterrupt:
+        log.error("interrupted: stopping every role process")
+        return 130
+    finally:
+        if gang is not None:
+            gang.stop()
+            signal.signal(signal.SIGTERM, previous)
+        remove_handlers(handlers)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,245 @@
+"""A distributed run as local processes: exactly what the pods run (`dapo role ...`), on loopback.
+
+1. `dapo run FILE --launcher processes` with 2 learner ranks (DistributedLearner over gloo),
+   2 rollout replicas (HF engine, weight-sync receivers) and 1 reward replica (real RewardScorer):
+   after every weight sync each replica's state checksum equals the learner's (learner-0 logs
+   both per version to weight_sync.jsonl with DAPO_VERIFY_WEIGHT_SYNC=1), the replicas serve the
+   final version whose weights equal the last checkpoint (checked here, independently, from the
+   checkpoint's safetensors), and metrics.jsonl holds the contract keys.
+2. S3 end to end against moto's ThreadedMotoServer: data and checkpoints on s3://, the run is
+   killed after its first checkpoint, resumed with DAPO_GANG_GENERATION=1 (--resume), and the
+   prompts of every step equal those of an uninterrupted run.
+
+The policy is a tiny random Qwen2 saved as a Hugging Face folder; it cannot do math, so every
+response is wrong: the scores vary only through the overlong shaping (see `model_dir`) and
+dynamic sampling is off (the data position advances the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _dapo_tiny import tiny_policy
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT_KEYS = ["step", "actor/pg_loss", "actor/pg_clipfrac", "actor/entropy", "critic/score/mean",
+                 "train/acc/mean", "response_length/mean", "train/num_gen_batches", "timing_s/step"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 as an HF folder. Its EOS embedding is scaled up so that some contexts
+    end the response at once and others never do: response lengths vary inside a group, so the
+    overlong-shaped scores vary and the updates are not zero (the model cannot answer math)."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = tiny_policy(32, 2, 0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] *= 30
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_data(path: Path, count: int) -> Path:
+    with path.open("w") as fh:
+        for i in range(count):
+            fh.write(json.dumps({"problem": f"What is {i}+{i * 7 % 11}?", "answer": str(i + i * 7 % 11)}) + "\n")
+    return path
+
+
+def run_doc(model_dir: Path, train: str, *, learners: int, rollouts: int, steps: int, checkpoint: dict) -> dict:
+    return {
+        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "e2e"},
+        "spec": {
+            "model": {"path": str(model_dir)},
+            "data": {"train": train, "promptTemplate": "none"},
+            "algorithm": {"overlong": {"enabled": True, "bufferLength": 4}, "dynamicSampling": {"enabled": False}},
+            "rollout": {"replicas": rollouts, "engine": "hf", "n": 2, "maxResponseLength": 6, "genBatchSize": 4},
+            "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
+                        "microBatchSize": 4, "lr": 1e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
+                        "weightDecay": 0.0},
+            "reward": {"replicas": 1, "workers": 1, "timeoutSeconds": 5},
+            "eval": {"everySteps": 0, "beforeTrain": False},
+            "checkpoint": checkpoint,
+        },
+    }
+
+
+def role_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"DAPO_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "DAPO_VERIFY_WEIGHT_SYNC": "1", "DAPO_STATUS_GRACE_S": "0", "DAPO_SERVICE_WAIT_S": "120",
+                "DAPO_WEIGHT_SYNC_TIMEOUT_S": "60", "DAPO_LEARNER_TIMEOUT_S": "120",
+                "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), env.get("PYTHONPATH", "")])})
+    env.update(extra or {})
+    return env
+
+
+def dapo_run(run_file: Path, out: Path, *args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out),
+               "--launcher", "processes", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def steps_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "actor/pg_loss" in line]
+
+
+def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    from dapo.weight_sync import state_checksum
+
+    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=2, rollouts=2, steps=3,
+                  checkpoint={"everySteps": 0, "keep": 1})
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    result = dapo_run(run_file, out, env=role_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    steps = steps_of(out)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for record in steps:
+        assert not [k for k in CONTRACT_KEYS if k not in record], record
+        assert record["train/weight_version"] == record["step"]
+
+    syncs = [json.loads(line) for line in (out / "weight_sync.jsonl").read_text().splitlines()]
+    assert [s["version"] for s in syncs] == [1, 2, 3]
+    for sync in syncs:
+        assert len(sync["replicas"]) == 2
+        assert set(sync["replicas"].values()) == {sync["learner"]}, sync
+    assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
+
+    # independent check: the final checkpoint's weights are what the replicas served last
+    weights = load_file(str(out / "checkpoints" / "step-00000003" / "model" / "model.safetensors"))
+    assert state_checksum(weights) == syncs[-1]["learner"]
+
+    for name in ("learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"):
+        assert (out / "logs" / f"{name}.log").stat().st_size > 0
+    assert "[rollout-1]" in result.stderr and "[learner-0]" in result.stderr
+    assert "learner rank 1/2 following the controller" in (out / "logs" / "learner-1.log").read_text()
+
+
+def test_processes_launcher_reports_the_failing_role(tmp_path, model_dir):
+    doc = run_doc(model_dir, str(tmp_path / "missing.jsonl"), learners=1, rollouts=1, steps=1,
+                  checkpoint={"everySteps": 0})
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc))
+    result = dapo_run(run_file, tmp_path / "out", env=role_env(), timeout=180)
+    assert result.returncode != 0
+    assert "learner-0 exited with code" in result.stderr and "missing.jsonl" in result.stderr
+
+
+# --------------------------------------------------------------------------- S3: kill, resume
+
+
+STEPS = 6  # a few steps of slack to kill the first attempt after a checkpoint, before the end
+ALL_STEPS = range(1, STEPS + 1)
+
+
+@pytest.fixture
+def s3(tmp_path):
+    pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e .[test])")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket="bucket")
+    yield client, env
+    server.stop()
+
+
+def test_s3_run_killed_after_a_checkpoint_resumes_at_the_same_data_position(tmp_path, model_dir, s3, monkeypatch):
+    client, s3_env = s3
+    client.upload_file(str(write_data(tmp_path / "train.jsonl", 10)), "bucket", "data/train.jsonl")
+    doc = run_doc(model_dir, "s3://bucket/data/train.jsonl", learners=1, rollouts=1, steps=STEPS,
+                  checkpoint={"uri": "s3://bucket/run", "everySteps": 1, "keep": STEPS})
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc))
+    env = role_env({**s3_env, "DAPO_CACHE_DIR": str(tmp_path / "cache")})
+
+    # the uninterrupted reference, in this process (same seeds, same data order)
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DAPO_CACHE_DIR", str(tmp_path / "cache-ref"))
+    reference = reference_states(run_file, tmp_path / "ref")
+
+    out = tmp_path / "out"
+    killed = run_until_checkpoint(run_file, out, env, client)
+    assert killed, "the run finished before it could be killed after a checkpoint"
+    done = {int(line["step"]) for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    resumed = dapo_run(run_file, out, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from checkpoint step" in resumed.stderr
+
+    steps = steps_of(out)
+    assert [s["step"] for s in steps] == list(ALL_STEPS), done
+    # the data position after every step (sampler epoch / position / order seed) equals the
+    # uninterrupted run's, including the steps the resumed run re-did or did for the first time
+    resumed_states = [s3_trainer_state(client, step) for step in ALL_STEPS]
+    assert [s["sampler"] for s in resumed_states] == [s["sampler"] for s in reference]
+    assert len({json.dumps(s["sampler"], sort_keys=True) for s in reference}) == STEPS  # it really moves
+    assert [s["weight_version"] for s in resumed_states] == list(ALL_STEPS)
+
+
+def s3_trainer_state(client, step: int) -> dict:
+    body = client.get_object(Bucket="bucket", Key=f"run/step-{step:08d}/trainer_state.json")["Body"].read()
+    return json.loads(body)
+
+
+def run_until_checkpoint(run_file: Path, out: Path, env: dict, client) -> bool:
+    """Start the processes launcher, SIGTERM it once a checkpoint is committed in S3 (before the
+    last step): True when it was killed mid-run."""
+    command = [sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out),
+               "--launcher", "processes"]
+    with open(out.parent / "first.log", "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                found = client.list_objects_v2(Bucket="bucket", Prefix="run/").get("Contents", [])
+                if any(o["Key"].endswith("manifest.json") for o in found):
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(60)
+                    return proc.returncode != 0
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return False
+
+
+def reference_states(run_file: Path, out: Path) -> list[dict]:
+    """The controller state after each step of an uninterrupted in-process run."""
+    from dapo.launch import build_embedded_run
+    from dapo.spec import load_run_file
+
+    from test_trainer import OverlapScorer
+
+    run = load_run_file(run_file, ["spec.checkpoint.uri=" + str(out / "ck")])
+    embedded = build_embedded_run(run, out, resume=False, scorer=OverlapScorer("wrong"))
+    try:
+        embedded.trainer.train()
+    finally:
+        embedded.close()
+    return [json.loads((out / "ck" / f"step-{step:08d}" / "trainer_state.json").read_text()) for step in ALL_STEPS]
