@@ -94,15 +94,19 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
 
     prompt_length = lambda messages: len(encode_prompt(tokenizer, messages))  # noqa: E731
     data = spec.data
-    train_records, _ = load_prompts(data.train, template=data.prompt_template, columns=data.columns,
-                                         max_prompts=data.max_prompts, cache_dir=cache_dir,
-                                         max_prompt_length=spec.rollout.max_prompt_length, prompt_length=prompt_length)
-    eval_records = []
-    if data.eval:
-        eval_records, _ = load_prompts(data.eval, template=data.prompt_template, columns=data.columns,
-                                                 max_prompts=data.eval_max_prompts, cache_dir=cache_dir, dedupe=False,
-                                                 max_prompt_length=spec.rollout.max_prompt_length,
-                                                 prompt_length=prompt_length)
+
+    def load(field: str, uri: str, max_prompts: int | None):
+        # Eval sets are de-duplicated too: repeated copies (AIME's 32) would multiply eval.n.
+        try:
+            records, _ = load_prompts(uri, template=data.prompt_template, columns=data.columns, max_prompts=max_prompts,
+                                      cache_dir=cache_dir, max_prompt_length=spec.rollout.max_prompt_length,
+                                      prompt_length=prompt_length)
+        except (ValueError, OSError) as exc:
+            raise SpecError(f"spec.data.{field}: {exc}") from None
+        return records
+
+    train_records = load("train", data.train, data.max_prompts)
+    eval_records = load("eval", data.eval, data.eval_max_prompts) if data.eval else []
     if len(train_records) < spec.rollout.gen_batch_size:
         log.warning("spec.rollout.genBatchSize (%d) is larger than the training set (%d prompts): "
                     "one generation batch repeats prompts", spec.rollout.gen_batch_size, len(train_records))
