@@ -15,7 +15,7 @@ plus knobs for local runs, all optional: DAPO_HTTP_HOST / DAPO_HTTP_PORT (defaul
 DAPO_RUN_DIR (learner-0's metrics / logs; default $DAPO_CACHE_DIR/runs/NAME), DAPO_STATUS_GRACE_S
 (how long learner-0 keeps serving the final state, default 60), DAPO_SERVICE_WAIT_S (how long
 learner-0 waits for the services to come up, default 1800), DAPO_WEIGHT_SYNC_TIMEOUT_S (default
-600), DAPO_VERIFY_WEIGHT_SYNC=1 (CRC per tensor and learner == replica state checksums after
+600), DAPO_VERIFY_WEIGHT_SYNC=1 (as spec.rollout.verifyWeightSync: CRC per tensor and learner == replica state checksums after
 every sync, logged to RUN_DIR/weight_sync.jsonl), DAPO_TORCH_THREADS.
 
 Learner rank 0 is the controller: it serves /status at once ("starting"), builds the Trainer with
@@ -74,7 +74,7 @@ def parse_host_port(text: str, variable: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def weight_sync_config(rank: int, rollout_replicas: int):
+def weight_sync_config(rank: int, rollout_replicas: int, verify: bool = False):
     """The weight-sync group of this run from DAPO_WEIGHT_SYNC_ADDR: rank 0 = learner-0,
     rollout replica i = rank i + 1; None when the variable is unset."""
     from dapo.weight_sync import WeightSyncConfig
@@ -85,7 +85,7 @@ def weight_sync_config(rank: int, rollout_replicas: int):
     host, port = parse_host_port(addr, "DAPO_WEIGHT_SYNC_ADDR")
     return WeightSyncConfig(host=host, port=port, world_size=1 + rollout_replicas, rank=rank,
                             timeout_s=env_float("DAPO_WEIGHT_SYNC_TIMEOUT_S", 600.0),
-                            verify_checksums=env_flag("DAPO_VERIFY_WEIGHT_SYNC"))
+                            verify_checksums=verify or env_flag("DAPO_VERIFY_WEIGHT_SYNC"))
 
 
 def http_address() -> tuple[str, int]:
@@ -192,7 +192,8 @@ def run_rollout(run: DAPORun) -> int:
     engine = build_rollout_engine(spec, os.environ.get("DAPO_CACHE_DIR") or None)
     log.info("rollout replica %d/%d: %s engine ready in %.1fs", index, replicas, type(engine).__name__,
              time.perf_counter() - t0)
-    service = RolloutService(engine, sync_config=weight_sync_config(index + 1, replicas), replica=index)
+    service = RolloutService(engine, sync_config=weight_sync_config(index + 1, replicas, spec.rollout.verify_weight_sync),
+                             replica=index)
     host, port = http_address()
     return serve_forever(service.make_app, host, port, on_stop=service.close)
 
@@ -239,8 +240,8 @@ def remote_engine_factory(rollout_urls: list[str], run_dir: Path):
     from dapo.services.rollout import RemoteRolloutEngine
 
     def factory(spec, model, tokenizer, device):
-        verify = env_flag("DAPO_VERIFY_WEIGHT_SYNC")
-        engine = RemoteRolloutEngine(rollout_urls, sync_config=weight_sync_config(0, len(rollout_urls)),
+        verify = spec.rollout.verify_weight_sync or env_flag("DAPO_VERIFY_WEIGHT_SYNC")
+        engine = RemoteRolloutEngine(rollout_urls, sync_config=weight_sync_config(0, len(rollout_urls), verify),
                                      verify=verify, sync_log=run_dir / "weight_sync.jsonl" if verify else None)
         engine.wait_ready(env_float("DAPO_SERVICE_WAIT_S", 1800.0))
         return engine

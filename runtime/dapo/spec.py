@@ -137,6 +137,9 @@ class RolloutSpec(PodPlacement):
     gen_batch_size: int = Field(1536, ge=1, description="Prompts per generation batch (verl over-samples 3x the train batch).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one rollout pod.")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM's share of GPU memory.")
+    verify_weight_sync: bool = Field(
+        False, description="After every weight sync, check per-tensor CRC-32s and that each replica's weights equal the learner's."
+    )
 
 
 class LearnerSpec(PodPlacement):
