@@ -2,6 +2,9 @@
 
 The learner ranks are child processes (torch threads 1); rank 0 plays the controller and writes
 what it saw to a file the test compares with a single-process `TorchLearner` on the whole batch.
+ZeRO-3 runs with stage3_param_persistence_threshold 100, so this tiny model's matrices are
+partitioned while its norms and biases stay whole on every rank, as small parameters of a real
+model do (DeepSpeed's default threshold, 1e5 elements, would keep every tiny parameter whole).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 import torch.multiprocessing as mp
 
 from _dapo_tiny import tiny_policy
+from dapo.checkpoint import MODEL_DIR, Checkpointer
 from dapo.dist_learner import DistributedLearner, DistributedLearnerError, micro_batch_count, shard_bounds
 from dapo.engine import encode_prompt
 from dapo.learner import TorchLearner, make_batch
+from dapo.storage import CheckpointStore
 
 torch.set_num_threads(2)
 CTX = mp.get_context("forkserver")
@@ -52,9 +57,43 @@ def perturb(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (log_probs + noise) * mask
 
 
-def _policy(dtype):
-    model, tok = tiny_policy(hidden=32, layers=2, seed=0)
+def _policy(dtype, seed: int = 0):
+    model, tok = tiny_policy(hidden=32, layers=2, seed=seed)
     return model.to(dtype), tok
+
+
+ZERO3_PARTITION_MATRICES = {"zero_optimization": {"stage3_param_persistence_threshold": 100}}
+
+
+class _SyncRecorder:
+    """Stands in for the rollout engine: keeps what the learner synced."""
+
+    def __init__(self):
+        self.synced: dict[str, torch.Tensor] = {}
+
+    def update_weights(self, named, version):
+        self.synced = {n: t.detach().to("cpu", copy=True) for n, t in named}
+
+
+class _TrainerState:
+    """The parts of `dapo.trainer.Trainer` that `Checkpointer` reads and restores."""
+
+    def __init__(self, learner, step: int):
+        self.learner, self.step, self.weight_version, self.total_steps = learner, step, step, 10
+        self.engine = _SyncRecorder()
+        self.sampler = type("Sampler", (), {"epoch": 0, "position": 0})()
+        self.surplus: list = []
+        self.last_checkpoint = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "weight_version": self.weight_version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.weight_version = state["step"], state["weight_version"]
+
+
+def _checkpointer(out: str) -> Checkpointer:
+    return Checkpointer(CheckpointStore(str(Path(out) / "ckpt"), keep=2), None, staging_root=Path(out) / "staging")
 
 
 def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, dtype_name: str, strategy: str) -> None:
@@ -65,13 +104,16 @@ def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, dtype_
     result: dict = {}
     try:
         dtype = getattr(torch, dtype_name)
-        model, tok = _policy(dtype)
+        # the resumed run starts from other weights: the checkpoint's must win on every rank
+        model, tok = _policy(dtype, seed=1 if scenario == "resume" else 0)
         if rank > 0:  # followers start from other weights: rank 0's must win
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
         timeout = 6.0 if scenario == "dead_follower" else 60.0
-        learner = DistributedLearner(model, strategy=strategy, timeout_s=timeout, poll_s=0.5, **LEARNER_ARGS)
+        overrides = ZERO3_PARTITION_MATRICES if strategy == "deepspeed-zero3" else None
+        learner = DistributedLearner(model, strategy=strategy, timeout_s=timeout, poll_s=0.5,
+                                     deepspeed_overrides=overrides, **LEARNER_ARGS)
         if rank > 0:
             if scenario == "dead_follower":
                 os._exit(0)  # vanish without a word
@@ -88,6 +130,9 @@ def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, dtype_
                 except DistributedLearnerError as exc:
                     result["error"] = str(exc)
                 result["seconds"] = time.perf_counter() - t0
+            elif scenario in ("save", "resume"):
+                _save_or_resume(learner, tok, batch, out, scenario, result)
+                learner.shutdown()
             else:
                 old = learner.compute_log_probs(batch)
                 result["log_probs"] = old
@@ -97,18 +142,39 @@ def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, dtype_
                     result["grads"] = {n: p.grad.detach().clone() for n, p in learner.model.named_parameters()}
                 result["params"] = {n: t.clone() for n, t in learner.named_parameters_for_sync()}
                 if scenario == "checkpoint":
+                    saved = {n: t.clone() for n, t in learner.full_state_dict_for_save().items()}
                     state = copy.deepcopy(learner.state_dict())
-                    saved = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
                     result["metrics"].append(learner.update(batch))  # moves weights and optimizer on
-                    with torch.no_grad():  # what Checkpointer.restore does on rank 0
-                        for n, p in learner.model.named_parameters():
-                            p.copy_(saved[n])
+                    learner.load_model_weights(saved)  # what Checkpointer.restore does
                     learner.load_state_dict(state)
                     result["metrics"].append(learner.update(batch))  # must repeat the second update
                 learner.shutdown()
     except BaseException:  # noqa: BLE001 - report to the test, whatever it was
         result["traceback"] = traceback.format_exc()
     torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def _save_or_resume(learner, tok, batch, out: str, scenario: str, result: dict) -> None:
+    """save: update, checkpoint (step 1), update again. resume (fresh ranks, other weights):
+    restore step 1 and repeat the second update, which must come out the same."""
+    checkpointer = _checkpointer(out)
+    checkpointer.tokenizer = tok
+    old_path = Path(out) / "old_log_probs.pt"
+    if scenario == "save":
+        batch.old_log_probs = perturb(learner.compute_log_probs(batch), batch.response_mask)
+        torch.save(batch.old_log_probs, old_path)
+        result["metrics"] = [learner.update(batch)]
+        result["placeholders"] = sum(p.numel() == 0 for p in learner.model.parameters())
+        checkpointer.save(_TrainerState(learner, step=1))
+        result["saved_params"] = {n: t.clone() for n, t in learner.named_parameters_for_sync()}
+    else:
+        batch.old_log_probs = torch.load(old_path)
+        trainer = _TrainerState(learner, step=0)
+        result["restored"] = checkpointer.restore(trainer)
+        result["step"], result["synced"] = trainer.step, trainer.engine.synced
+        result["metrics"] = []
+    result["metrics"].append(learner.update(batch))
+    result["params"] = {n: t.clone() for n, t in learner.named_parameters_for_sync()}
 
 
 def run_ranks(tmp_path, world: int, scenario: str = "update", dtype: str = "float64",
@@ -223,13 +289,12 @@ def test_a_dead_follower_gives_an_error_not_a_hang(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["deepspeed-zero2", "deepspeed-zero3"])
 def test_deepspeed_on_cpu_two_ranks_match_one_rank(tmp_path, strategy):
-    """DeepSpeed ZeRO (cpu accelerator, gloo) with torch's AdamW: the same step as one plain rank.
-    ZeRO-2 also round-trips its sharded optimizer state through state_dict / load_state_dict (the
-    ZeRO-3 round trip needs the partitioned weights restored through DeepSpeed: not covered)."""
+    """DeepSpeed ZeRO (cpu accelerator, gloo) with torch's AdamW: the same step as one plain rank;
+    the weights (ZeRO-3: gathered from / scattered into the partitions) and the sharded optimizer
+    state round-trip through full_state_dict_for_save / load_model_weights / (load_)state_dict."""
     pytest.importorskip("deepspeed", reason="deepspeed is an optional extra (pip install deepspeed)")
     t0 = time.perf_counter()
-    scenario = "checkpoint" if strategy == "deepspeed-zero2" else "update"
-    results = run_ranks(tmp_path, world=2, scenario=scenario, dtype="float32", strategy=strategy)
+    results = run_ranks(tmp_path, world=2, scenario="checkpoint", dtype="float32", strategy=strategy)
     seconds = time.perf_counter() - t0
     ref, old, metrics = reference(torch.float32)
     torch.testing.assert_close(results[0]["log_probs"], old, atol=2e-6, rtol=0)
@@ -239,8 +304,43 @@ def test_deepspeed_on_cpu_two_ranks_match_one_rank(tmp_path, strategy):
                                    msg=name)
     for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/entropy", "actor/grad_norm", "actor/lr"):
         assert results[0]["metrics"][0][key] == pytest.approx(metrics[0][key], abs=1e-5), key
-    if scenario == "checkpoint":
-        second, replayed = results[0]["metrics"][1], results[0]["metrics"][2]
-        for key in second:
-            assert replayed[key] == pytest.approx(second[key], abs=1e-6), key
-    print(f"{strategy}: 2 ranks, init + log-probs + update + sync in {seconds:.1f}s")
+    second, replayed = results[0]["metrics"][1], results[0]["metrics"][2]
+    for key in second:
+        assert replayed[key] == pytest.approx(second[key], abs=1e-6), key
+    print(f"{strategy}: 2 ranks, init + log-probs + update + sync + round trip in {seconds:.1f}s")
+
+
+@pytest.mark.parametrize("strategy", ["torch", "deepspeed-zero2", "deepspeed-zero3"])
+def test_checkpoint_save_then_resume_on_fresh_ranks_repeats_the_next_update(tmp_path, strategy):
+    """Checkpointer with a 2-rank learner: the model folder is a plain HF folder holding the full
+    weights (ZeRO-3: gathered from the partitions, not the empty placeholders rank 0's module
+    holds); fresh ranks starting from other weights restore it and take the same next step."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="deepspeed is an optional extra (pip install deepspeed)")
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    saved = run_ranks(tmp_path, world=2, scenario="save", dtype="float32", strategy=strategy)[0]
+    if strategy == "deepspeed-zero3":  # rank 0's module holds placeholders for the matrices
+        assert 0 < saved["placeholders"] < len(saved["saved_params"])
+    folder = Path(CheckpointStore(str(tmp_path / "ckpt")).fetch(CheckpointStore(str(tmp_path / "ckpt")).latest()))
+    reloaded = AutoModelForCausalLM.from_pretrained(folder / MODEL_DIR, dtype=torch.float32)
+    reloaded_params = dict(reloaded.named_parameters())
+    assert set(reloaded_params) == set(saved["saved_params"])
+    for name, tensor in saved["saved_params"].items():
+        assert tensor.numel() > 0, name
+        torch.testing.assert_close(reloaded_params[name].detach(), tensor, atol=0, rtol=0, msg=name)
+
+    resumed = run_ranks(tmp_path, world=2, scenario="resume", dtype="float32", strategy=strategy)
+    seconds = time.perf_counter() - t0
+    ranks_0 = resumed[0]
+    assert ranks_0["restored"] and ranks_0["step"] == 1 and resumed[1] == {"followed": True}
+    for name, tensor in saved["saved_params"].items():  # the engine got the restored weights
+        torch.testing.assert_close(ranks_0["synced"][name], tensor, atol=0, rtol=0, msg=name)
+    second, replayed = saved["metrics"][1], ranks_0["metrics"][0]
+    assert second["actor/lr"] == pytest.approx(replayed["actor/lr"])  # the lr schedule resumed too
+    for key in second:
+        assert replayed[key] == pytest.approx(second[key], abs=1e-6), key
+    for name, tensor in saved["params"].items():
+        torch.testing.assert_close(ranks_0["params"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    print(f"{strategy}: save + resume on 2 fresh ranks in {seconds:.1f}s")

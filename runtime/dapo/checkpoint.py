@@ -11,6 +11,11 @@ manifest last, so a half-written checkpoint is never "latest"):
 
 Resuming restores every one of these, so step s+1 after a resume samples the same prompts with
 the same seeds and applies the same update as the uninterrupted run.
+
+The learner, not this module, knows how its weights are laid out: `learner.full_state_dict_for_save()`
+gives the full weights on the controller (a ZeRO-3 learner gathers them from every rank) and
+`learner.load_model_weights(state)` puts them back on every rank, so one code path serves the
+single-process learner and every distributed strategy.
 """
 
 from __future__ import annotations
@@ -45,11 +50,14 @@ def restore_torch_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint_folder(folder: Path, *, model, tokenizer, learner_state: dict, trainer_state: dict) -> None:
-    """Write every checkpoint file into ``folder`` (local, not yet committed)."""
+def write_checkpoint_folder(folder: Path, *, model, model_state: dict[str, torch.Tensor], tokenizer,
+                            learner_state: dict, trainer_state: dict) -> None:
+    """Write every checkpoint file into ``folder`` (local, not yet committed). The weights come
+    from ``model_state`` (full tensors by name); ``model`` supplies only the config and the class
+    (its own parameters may be partitioned placeholders)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        model.save_pretrained(folder / MODEL_DIR, safe_serialization=True)
+        model.save_pretrained(folder / MODEL_DIR, state_dict=model_state, safe_serialization=True)
     except Exception as exc:  # e.g. a model still flagged as quantised (gguf) refuses to save
         raise RuntimeError(f"checkpoint: could not save the policy model in HF format ({exc}); "
                            "load the base model as a plain (non-quantised) model") from exc
@@ -59,35 +67,30 @@ def write_checkpoint_folder(folder: Path, *, model, tokenizer, learner_state: di
     torch.save(capture_torch_rng(), folder / RNG_FILE)
 
 
-def load_model_weights(model, model_dir: Path) -> None:
-    """Load the safetensors of a checkpoint's model/ folder into ``model`` in place.
+def read_model_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in a checkpoint's model/ folder, by name (CPU).
 
-    Loading in place (instead of from_pretrained) keeps the object the learner's optimizer holds
-    and works for every way the base model was loaded (HF folder, gguf, builtin)."""
+    The learner loads them in place (`learner.load_model_weights`) instead of from_pretrained:
+    that keeps the objects the optimizer holds and works however the base model was loaded
+    (HF folder, gguf, builtin)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"checkpoint model folder {model_dir} has no *.safetensors files")
     state: dict[str, torch.Tensor] = {}
     for path in files:
         state.update(load_file(str(path)))
-    result = model.load_state_dict(state, strict=False)
-    tied = _tied_names(model)
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {model_dir} does not match the model: missing {missing[:5]}, "
-                           f"unexpected {list(result.unexpected_keys)[:5]} (was the run file's spec.model changed?)")
+    return state
 
 
-def _tied_names(model) -> set[str]:
-    """Parameter names that alias another parameter (tied embeddings): save_pretrained omits them."""
-    seen: dict[int, str] = {}
-    tied: set[str] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        else:
-            seen[id(param)] = name
-    return tied
+def restore_model_weights(learner, model_dir: Path) -> None:
+    """Read a checkpoint's model/ folder and hand the weights to ``learner`` (every rank of a
+    distributed learner receives them); a name mismatch says which spec field to check."""
+    state = read_model_state(model_dir)
+    try:
+        learner.load_model_weights(state)
+    except ValueError as exc:
+        raise RuntimeError(f"checkpoint {model_dir} does not match the model: {exc} "
+                           "(was the run file's spec.model changed?)") from exc
 
 
 class Checkpointer:
@@ -103,8 +106,13 @@ class Checkpointer:
         self.staging_root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"step-{trainer.step:08d}-", dir=self.staging_root))
         try:
-            write_checkpoint_folder(folder, model=trainer.learner.model, tokenizer=self.tokenizer,
-                                    learner_state=trainer.learner.state_dict(), trainer_state=trainer.state_dict())
+            # the weights first: a ZeRO-3 learner gathers them with collectives, and no other
+            # learner call may come between its gathers
+            model_state = trainer.learner.full_state_dict_for_save()
+            write_checkpoint_folder(folder, model=trainer.learner.model, model_state=model_state,
+                                    tokenizer=self.tokenizer, learner_state=trainer.learner.state_dict(),
+                                    trainer_state=trainer.state_dict())
+            del model_state
             meta = {"weight_version": trainer.weight_version, "total_steps": trainer.total_steps}
             info = self.store.commit(trainer.step, folder, meta=meta, overwrite=True)
         finally:
@@ -118,7 +126,7 @@ class Checkpointer:
         if info is None:
             return False
         folder = Path(self.store.fetch(info))
-        load_model_weights(trainer.learner.model, folder / MODEL_DIR)
+        restore_model_weights(trainer.learner, folder / MODEL_DIR)
         trainer.learner.load_state_dict(torch.load(folder / LEARNER_FILE, weights_only=False))
         trainer.load_state_dict(json.loads((folder / TRAINER_FILE).read_text()))
         restore_torch_rng(torch.load(folder / RNG_FILE, weights_only=False))

@@ -25,6 +25,12 @@ means reduced across ranks.
 Strategies: ``torch`` (plain torch, replicated parameters and AdamW state, works on CPU/gloo and
 GPU/NCCL) and ``deepspeed-zero2`` / ``deepspeed-zero3`` (DeepSpeed with torch's AdamW as client
 optimizer; parameters of ZeRO-3 are gathered one at a time for the weight sync).
+
+Checkpoints (`dapo.checkpoint.Checkpointer`, on rank 0): `full_state_dict_for_save` gives rank 0
+the full weights (ZeRO-3: gathered one parameter at a time, copied to CPU, so rank 0 holds the
+model once on CPU and one gathered parameter on the device), `load_model_weights` puts rank 0's
+full weights into every rank's module (ZeRO-3: each parameter gathered, overwritten on rank 0,
+broadcast and re-partitioned), then `load_state_dict` restores each rank's optimizer shard.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from dapo.learner import TorchLearner, TrainBatch, mini_batch_normalisers, warmup_factor
+from dapo.learner import (TorchLearner, TrainBatch, check_weight_names, mini_batch_normalisers, parameter_aliases,
+                          persistent_buffers, warmup_factor, weight_for)
 
 log = logging.getLogger("dapo.dist_learner")
 
@@ -57,6 +64,7 @@ CMD_UPDATE = "update"
 CMD_STATE_DICT = "state_dict"
 CMD_LOAD_STATE = "load_state"
 CMD_SYNC_PARAMS = "sync_params"
+CMD_LOAD_WEIGHTS = "load_weights"
 CMD_SHUTDOWN = "shutdown"
 
 
@@ -135,7 +143,9 @@ class DistributedLearner(TorchLearner):
     """`TorchLearner` spread over the default process group (see the module docstring)."""
 
     def __init__(self, model, *, strategy: str = "torch", timeout_s: float = 600.0, poll_s: float = 2.0,
-                 idle_timeout_s: float | None = None, **learner_kwargs):
+                 idle_timeout_s: float | None = None, deepspeed_overrides: dict | None = None, **learner_kwargs):
+        """``deepspeed_overrides`` is merged into the DeepSpeed config (its "zero_optimization"
+        entry key by key), e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}."""
         if strategy not in STRATEGIES:
             raise ValueError(f"spec.learner.strategy={strategy!r}: use one of {STRATEGIES}")
         device = torch.device(learner_kwargs.get("device", "cpu"))
@@ -154,6 +164,7 @@ class DistributedLearner(TorchLearner):
         self._seq = 0
         self._store = dist.distributed_c10d._get_default_store()
         self._engine = None
+        self._deepspeed_overrides = deepspeed_overrides or {}
         super().__init__(model, **learner_kwargs)
         # one starting point on every rank whatever each rank's initialisation was
         self._broadcast_parameters()
@@ -200,6 +211,11 @@ class DistributedLearner(TorchLearner):
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
+        for key, value in self._deepspeed_overrides.items():
+            if key == "zero_optimization":
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
         engine, optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=config,
                                                        dist_init_required=False)
         self._engine = engine
@@ -309,6 +325,8 @@ class DistributedLearner(TorchLearner):
             elif command == CMD_SYNC_PARAMS:
                 for _ in self._gathered_parameters():
                     pass
+            elif command == CMD_LOAD_WEIGHTS:
+                self._receive_weights(None)
             else:
                 raise DistributedLearnerError(f"learner rank {self.rank}: unknown command {command!r} from rank 0 "
                                               "(every learner rank must run the same dapo version)")
@@ -490,6 +508,56 @@ class DistributedLearner(TorchLearner):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def full_state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        """Rank 0: every weight by name, full size (what save_pretrained(state_dict=...) writes).
+        torch / ZeRO-2: rank 0's module holds them. ZeRO-3: each parameter is gathered (all ranks
+        take part) and copied to CPU before the next one; tied names share one tensor, so
+        save_pretrained drops the alias as it does for the module's own state_dict."""
+        if not self._zero3:
+            if not self.is_controller:
+                raise DistributedLearnerError("full_state_dict_for_save() runs on learner rank 0")
+            return super().full_state_dict_for_save()
+        state = {name: tensor.to("cpu", copy=True) for name, tensor in self.named_parameters_for_sync()}
+        for alias, canonical in parameter_aliases(self.model).items():
+            state[alias] = state[canonical]
+        for name, buffer in persistent_buffers(self.model):  # buffers are never partitioned
+            state[name] = buffer.detach().to("cpu", copy=True)
+        return state
+
+    def load_model_weights(self, state) -> None:
+        """Rank 0: put ``state`` (full weights by name, e.g. a checkpoint's safetensors) into every
+        rank's module. The names are checked before the followers are called in, so a mismatch
+        (ValueError) leaves them waiting for the next command instead of half-way in collectives."""
+        if not self.is_controller:
+            raise DistributedLearnerError("load_model_weights() runs on learner rank 0")
+        check_weight_names(self.model, state.keys())
+        self._post(CMD_LOAD_WEIGHTS)
+        self._receive_weights(state)
+
+    def _receive_weights(self, state) -> None:
+        """Every rank: rank 0's ``state`` into this rank's module (followers pass None)."""
+        if not self._zero3:
+            if self.is_controller:
+                TorchLearner.load_model_weights(self, state)
+            self._broadcast_parameters()
+            return
+        import deepspeed
+
+        aliases = parameter_aliases(self.model) if self.is_controller else {}
+        with torch.no_grad():
+            # same parameter order on every rank (same architecture): the gathers pair up
+            for name, param in self.model.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.is_controller:
+                        param.copy_(weight_for(name, state, aliases))
+            for name, buffer in persistent_buffers(self.model):
+                if self.is_controller:
+                    buffer.copy_(state[name])
+                buf = buffer.detach().to(self.comm_device).contiguous()
+                self._collective(dist.broadcast, buf, 0, what=f"broadcast of buffer {name}")
+                if not self.is_controller:
+                    buffer.copy_(buf)
+
     def state_dict(self) -> dict:
         """Rank 0: optimizer + schedule state. torch strategy: rank 0's state is every rank's
         (replicated); DeepSpeed: the per-rank ZeRO shards gathered into a list."""
@@ -507,14 +575,12 @@ class DistributedLearner(TorchLearner):
         return {"zero_shards": gathered, "scheduler": self.scheduler.state_dict(), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Rank 0 (after the checkpoint's weights were loaded into ``self.model`` on rank 0):
-        give every rank rank 0's weights and its part of the optimizer / schedule state."""
+        """Rank 0 (after `load_model_weights` put the checkpoint's weights on every rank): give
+        every rank its part of the optimizer / schedule state."""
         self._post(CMD_LOAD_STATE)
         self._scatter_state(state)
 
     def _scatter_state(self, state: dict | None) -> None:
-        if not self._zero3:
-            self._broadcast_parameters()
         if self._engine is None:
             box = [_to_bytes(state) if self.is_controller else None]
             self._collective(dist.broadcast_object_list, box, src=0, device=self.comm_device,
@@ -531,7 +597,7 @@ class DistributedLearner(TorchLearner):
                          what="broadcast of optimizer shards")
         self.optimizer.load_state_dict([_from_bytes(b) for b in box[0]], load_optimizer_states=True,
                                        load_from_fp32_weights=True)
-        box = [self.scheduler.state_dict() if self.is_controller else None]
+        box = [state["scheduler"] if self.is_controller else None]  # the checkpoint's position, not rank 0's
         self._collective(dist.broadcast_object_list, box, src=0, device=self.comm_device,
                          what="broadcast of the lr schedule")
         self.scheduler.load_state_dict(box[0])

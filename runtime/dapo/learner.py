@@ -7,6 +7,7 @@ ZeRO) can replace `TorchLearner` without touching the loop:
     update(batch) -> dict of metrics                (one training step: all optimizer steps)
     named_parameters_for_sync() -> iterator         (what the rollout engine loads)
     state_dict() / load_state_dict(state)           (optimizer + lr schedule, for checkpoints)
+    full_state_dict_for_save() / load_model_weights(state)   (full model weights, for checkpoints)
 
 Batch layout (`TrainBatch`): every row is ``[left-padded prompt | response, right-padded]`` so
 the response always starts at column ``prompt_width``; the logits that predict response token t
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -92,6 +93,56 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / warmup_steps)
+
+
+def persistent_buffers(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the buffers ``model.state_dict()`` holds (non-persistent ones such as
+    rotary inv_freq are rebuilt from the config and never saved)."""
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buffer
+
+
+def parameter_aliases(model) -> dict[str, str]:
+    """alias name -> canonical name for parameters registered under several names (tied
+    embeddings: lm_head.weight -> model.embed_tokens.weight); canonical = first registration,
+    the name ``named_parameters()`` yields."""
+    canonical: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in canonical:
+            aliases[name] = canonical[id(param)]
+        else:
+            canonical[id(param)] = name
+    return aliases
+
+
+def check_weight_names(model, names: Iterable[str]) -> None:
+    """Raise ValueError unless ``names`` (a checkpoint's tensor names) cover every parameter and
+    persistent buffer of ``model`` (a tied alias may stand in for its canonical name or be
+    omitted, as save_pretrained omits it) and name nothing else."""
+    names = set(names)
+    aliases = parameter_aliases(model)
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in persistent_buffers(model)}
+    present = names | {aliases[n] for n in names if n in aliases}  # an alias provides its canonical tensor
+    missing = sorted(n for n in expected - present if n not in aliases)
+    unexpected = sorted(names - expected)
+    if missing or unexpected:
+        raise ValueError(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+
+
+def weight_for(name: str, state: Mapping[str, torch.Tensor], aliases: dict[str, str]) -> torch.Tensor:
+    """``state``'s tensor for parameter ``name``, found under the name itself or any name tied
+    to it (a checkpoint keeps only one name of a tied pair)."""
+    if name in state:
+        return state[name]
+    canonical = aliases.get(name, name)
+    for candidate in [canonical] + [a for a, c in aliases.items() if c == canonical]:
+        if candidate in state:
+            return state[candidate]
+    raise KeyError(f"no tensor for parameter {name} (nor for the names tied to it)")
 
 
 class TorchLearner:
@@ -273,6 +324,22 @@ class TorchLearner:
         """(name, tensor) pairs the rollout engine loads with update_weights."""
         for name, param in self.model.named_parameters():
             yield name, param.detach()
+
+    def full_state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        """The model's full weights by name (what ``save_pretrained(state_dict=...)`` writes);
+        here the module's own tensors, no copy."""
+        return self.model.state_dict()
+
+    def load_model_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy full weights (a checkpoint's safetensors) into the model in place: the optimizer
+        keeps holding the same parameters. ValueError names missing / unexpected tensors."""
+        check_weight_names(self.model, state.keys())
+        aliases = parameter_aliases(self.model)
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(weight_for(name, state, aliases))
+            for name, buffer in persistent_buffers(self.model):
+                buffer.copy_(state[name])
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
