@@ -29,12 +29,13 @@ RELEASE, NAMESPACE = "dapo", "dapo-system"
 EXPECTED_NAMESPACED_PERMISSIONS = {
     # exactly what dapo_operator does: kopf watches runs and pods, patches runs (finalizer,
     # progress annotations) and their status, deletes runs past ttlSecondsAfterFinished;
-    # the reconciler lists and creates the ConfigMap and Services, creates and deletes pods.
+    # the reconciler lists and creates the ConfigMap and Services (and patches the ConfigMap
+    # when the DAPORun is edited), creates and deletes pods.
     ("dapo.dev", "daporuns"): {"get", "list", "watch", "patch", "delete"},
     ("dapo.dev", "daporuns/status"): {"patch"},
     ("", "pods"): {"get", "list", "watch", "create", "delete"},
     ("", "services"): {"list", "create"},
-    ("", "configmaps"): {"list", "create"},
+    ("", "configmaps"): {"list", "create", "patch"},
     ("", "events"): {"create"},
 }
 

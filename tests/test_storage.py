@@ -1,27 +1,24 @@
 """dapo.storage against a real S3 HTTP endpoint (moto's ThreadedMotoServer on 127.0.0.1).
 
-Faults (500 InternalError, 503 SlowDown, 403 on the manifest) are injected by a tiny HTTP
-proxy in front of moto: real sockets and real HTTP, no mocks of boto3.
+Faults (500 InternalError, 503 SlowDown, 403 on the manifest) are injected by the HTTP proxy
+of tests/_s3proxy.py in front of moto: real sockets and real HTTP, no mocks of boto3.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e .[test])")
 
+from _s3proxy import FaultProxy  # noqa: E402  (shared with tests/faults/)
 from dapo import storage  # noqa: E402
 from dapo.storage import (  # noqa: E402
     CheckpointExistsError,
@@ -36,101 +33,6 @@ from dapo.storage import (  # noqa: E402
     upload_dir,
     upload_file,
 )
-
-# ----------------------------------------------------------------------------------------
-# A fault-injecting HTTP proxy (forwards to moto unless told to answer an error itself)
-# ----------------------------------------------------------------------------------------
-
-
-
-Fault = Callable[[str, str, int], "tuple[int, str] | None"]
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
-
-
-def _make_handler(proxy: "FaultProxy"):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # keep test output quiet
-            pass
-
-        def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            index = proxy._next_index()
-            fault = proxy.fault(self.command, self.path, index) if proxy.fault else None
-            if fault is not None:
-                proxy.faults_sent += 1
-                status, code = fault
-                payload = (
-                    f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                    f"<Message>injected by test proxy</Message></Error>"
-                ).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                return
-            upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=30)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"expect"}}
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                resp = upstream.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for key, value in resp.getheaders():
-                    if key.lower() in _HOP_BY_HOP or key.lower() == "content-length":
-                        continue
-                    self.send_header(key, value)
-                # HEAD keeps the upstream's Content-Length (the object size) and sends no body
-                length_header = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
-                self.send_header("Content-Length", length_header or "0")
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-            finally:
-                upstream.close()
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-    return Handler
-
-
-class FaultProxy:
-    """``with FaultProxy(host, port, fault) as proxy: proxy.url`` -> http://127.0.0.1:PORT."""
-
-    def __init__(self, upstream_host: str, upstream_port: int, fault: Fault | None = None):
-        self.upstream_host = upstream_host
-        self.upstream_port = upstream_port
-        self.fault = fault
-        self.requests_seen = 0
-        self.faults_sent = 0
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def _next_index(self) -> int:
-        with self._lock:
-            self.requests_seen += 1
-            return self.requests_seen - 1
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "FaultProxy":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
 
 # ----------------------------------------------------------------------------------------
 # Fixtures

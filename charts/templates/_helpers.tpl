@@ -78,7 +78,8 @@ kind differs). Least privilege, no wildcards:
 - daporuns: kopf lists/watches them and patches finalizers, progress annotations and status;
   the operator deletes a finished run after spec.ttlSecondsAfterFinished.
 - pods: watched (failures trigger restarts), created, deleted on suspend / gang restart.
-- services, configmaps: listed and created once per run; the garbage collector deletes them
+- services, configmaps: listed and created once per run (the run-file ConfigMap is patched when the
+  DAPORun is edited); the garbage collector deletes them
   through ownerReferences. The operator never reads Secrets: run pods get S3 credentials
   through secretKeyRef, resolved by the kubelet.
 - events: kopf posts core v1 events.
@@ -96,8 +97,11 @@ never lists namespaces or watches CustomResourceDefinitions, and runs standalone
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
+  resources: ["services"]
   verbs: ["list", "create"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["list", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -23,7 +23,9 @@ from dapo.spec import API_GROUP, API_VERSION, PLURAL
 from . import metrics
 from . import naming as n
 from .kube import KubeClient, core_path, pod_path, run_path
-from .reconcile import CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchStatus, Plan, reconcile
+from .reconcile import (
+    CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchObject, PatchStatus, Plan, reconcile,
+)
 from .status import TERMINAL, pod_phase
 
 log = logging.getLogger("dapo_operator")
@@ -101,13 +103,15 @@ class Operator:
             return [i for i in items if i.get("metadata", {}).get("labels", {}).get(n.LABEL_RUN) == name]
 
         pods = mine(await client.list(pod_path(namespace), selector))
-        config_maps = {c["metadata"]["name"] for c in mine(await client.list(core_path("ConfigMap", namespace), selector))}
+        maps = mine(await client.list(core_path("ConfigMap", namespace), selector))
+        config_maps = {c["metadata"]["name"] for c in maps}
+        config_map_data = {c["metadata"]["name"]: dict(c.get("data") or {}) for c in maps}
         services = {s["metadata"]["name"] for s in mine(await client.list(core_path("Service", namespace), selector))}
         learner_status = None
         learner0 = next((p for p in pods if p["metadata"]["name"] == n.pod_name(name, "learner", 0)), None)
         if (obj.get("status") or {}).get("phase") not in TERMINAL and learner0 and pod_phase(learner0) == "Running":
             learner_status = await fetch_learner_status(status_url(name, namespace), self.config.status_timeout)
-        return Observed(pods, config_maps, services, learner_status, dt.datetime.now(dt.timezone.utc))
+        return Observed(pods, config_maps, services, learner_status, dt.datetime.now(dt.timezone.utc), config_map_data)
 
     async def execute(self, obj: dict[str, Any], plan: Plan) -> dict[str, Any] | None:
         """Run the plan's actions in order (deletes/creates first, status last as planned)."""
@@ -123,6 +127,9 @@ class Operator:
             elif isinstance(action, DeletePod):
                 await client.delete(pod_path(namespace, action.name))
                 log.info("deleted pod %s/%s: %s", namespace, action.name, action.reason)
+            elif isinstance(action, PatchObject):
+                await client.merge_patch(core_path(action.kind, namespace, action.name), action.patch)
+                log.info("patched %s %s/%s: %s", action.kind, namespace, action.name, action.reason)
             elif isinstance(action, PatchStatus):
                 refreshed = await client.merge_patch(run_path(namespace, name, status=True), {"status": action.status})
             elif isinstance(action, EmitEvent):

@@ -34,6 +34,16 @@ class DeletePod:
 
 
 @dataclass(frozen=True)
+class PatchObject:
+    """A JSON merge patch of one child object (e.g. the run-file ConfigMap after a spec edit)."""
+
+    kind: str
+    name: str
+    patch: dict[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True)
 class PatchStatus:
     status: dict[str, Any]
 
@@ -50,7 +60,7 @@ class DeleteRun:
     reason: str
 
 
-Action = CreateObject | DeletePod | PatchStatus | EmitEvent | DeleteRun
+Action = CreateObject | DeletePod | PatchObject | PatchStatus | EmitEvent | DeleteRun
 
 
 @dataclass
@@ -62,6 +72,8 @@ class Observed:
     services: set[str] = field(default_factory=set)
     learner_status: dict[str, Any] | None = None
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    # name -> data of this run's ConfigMaps, where the observer read them (None: not compared)
+    config_map_data: dict[str, dict[str, str]] | None = None
 
 
 @dataclass
@@ -112,7 +124,8 @@ def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None)
     if meta.get("deletionTimestamp"):
         return Plan([], previous)  # the garbage collector removes the children via ownerReferences
     pods = [p for p in observed.pods if p.get("metadata", {}).get("labels", {}).get(n.LABEL_RUN) == name]
-    observed = Observed(pods, observed.config_maps, observed.services, observed.learner_status, observed.now)
+    observed = Observed(pods, observed.config_maps, observed.services, observed.learner_status, observed.now,
+                        observed.config_map_data)
     try:
         run = parse_run({k: v for k, v in obj.items() if k != "status"}, source=f"DAPORun {namespace}/{name}")
     except SpecError as exc:
@@ -182,8 +195,15 @@ def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None)
         actions.append(EmitEvent("Warning", "GangRestart",
                                  f"restart {restarts}/{run.spec.backoff_limit}, gang generation {gen}: {why}"))
 
+    spec_map = build_config_map(run, namespace, owner)
     if n.config_map_name(name) not in observed.config_maps:
-        actions.append(CreateObject(build_config_map(run, namespace, owner)))
+        actions.append(CreateObject(spec_map))
+    elif observed.config_map_data is not None and \
+            observed.config_map_data.get(n.config_map_name(name)) not in (None, spec_map["data"]):
+        # An edited DAPORun: pods started from now on (resume, gang restart, a replaced reward
+        # pod) must read the edited run file, not the one of the first creation.
+        actions.append(PatchObject("ConfigMap", n.config_map_name(name), {"data": spec_map["data"]},
+                                   "the DAPORun spec changed"))
     for role in n.ROLES:
         if n.service_name(name, role) not in observed.services:
             actions.append(CreateObject(build_service(run, role, namespace, owner)))

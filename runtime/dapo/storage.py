@@ -179,13 +179,23 @@ def transfer_config():
 
 def _describe_client_error(exc: Exception, uri: str, action: str) -> StorageError:
     """Turn a botocore exception into a StorageError naming the URI, endpoint and a fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
     if isinstance(exc, EndpointConnectionError):
         return StorageError(
             f"{action} {uri}: cannot reach S3 at {exc.kwargs.get('endpoint_url', endpoint)} "
             f"({exc}); check spec.storage.endpointUrl / AWS_ENDPOINT_URL and the network"
+        )
+    if isinstance(exc, (ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)):
+        # the store answered nothing (reset, closed, silent) on every one of the client's attempts
+        return StorageError(
+            f"{action} {uri}: S3 at {endpoint} did not answer ({type(exc).__name__}: {exc}) after "
+            f"DAPO_S3_MAX_ATTEMPTS={_env_int('DAPO_S3_MAX_ATTEMPTS', 8)} attempts; check the store's health, "
+            f"spec.storage.endpointUrl / AWS_ENDPOINT_URL and the network, then resume the run"
         )
     if isinstance(exc, NoCredentialsError):
         return StorageError(
@@ -650,7 +660,13 @@ class CheckpointStore:
         nbytes = sum(f["size"] for f in manifest["files"].values())
         _log_rate("committed checkpoint", self.step_uri(step), nbytes, time.perf_counter() - start, len(files))
         info = CheckpointInfo(step=step, uri=self.step_uri(step), manifest=manifest)
-        self.prune(newest_step=step)
+        try:
+            self.prune(newest_step=step)
+        except (StorageError, OSError) as exc:
+            # the checkpoint is committed (its manifest is written): failing here would stop a
+            # training over housekeeping; the next commit prunes again
+            log.warning("checkpoint step %d is committed but pruning older ones failed (retried at the next "
+                        "commit): %s", step, exc)
         return info
 
     def _commit_local(self, step: int, local_dir: Path, files: list[Path], meta: dict | None) -> dict:

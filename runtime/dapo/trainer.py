@@ -16,6 +16,7 @@ and the learner-0 pod; only the objects behind those interfaces change.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -86,6 +87,13 @@ def seed_for(base_seed: int, step: int, call: int) -> int:
     """A distinct, reproducible sampling seed per (step, generation call): resume at step s samples
     exactly what the uninterrupted run sampled, with no generator state to carry."""
     return (base_seed * 1_000_003 + step * 10_007 + call) % (2**63 - 1)
+
+
+def uids_digest(uids: Sequence[str]) -> str:
+    """First 16 hex digits of SHA-256 over the trained groups' prompt uids in batch order (one
+    per line): two runs trained step s on the same prompts exactly when their digests agree, so
+    a resumed run can be checked against an uninterrupted one from metrics.jsonl alone."""
+    return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
 
 
 def dynamic_sampling_message(*, have: int, need: int, batches: int, generated: int, all_correct: int,
@@ -288,6 +296,7 @@ class Trainer:
             "train/surplus_dropped": collection.surplus_dropped,
             "train/surplus_groups": len(self.surplus),
             "train/epoch": self.sampler.epoch,
+            "train/prompt_uids_digest": uids_digest([g.uid for g in collection.groups]),
             "train/weight_version": self.weight_version,
             "timing_s/gen": collection.gen_seconds,
             "timing_s/reward": collection.reward_seconds,
