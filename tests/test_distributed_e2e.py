@@ -28,62 +28,26 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _dapo_tiny import tiny_policy
+from _dapo_runs import make_model, write_data
+from _dapo_runs import role_env as shared_role_env
+from _dapo_runs import run_doc as shared_run_doc
 
-REPO = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = ["step", "actor/pg_loss", "actor/pg_clipfrac", "actor/entropy", "critic/score/mean",
                  "train/acc/mean", "response_length/mean", "train/num_gen_batches", "timing_s/step"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen2 as an HF folder. Its EOS embedding is scaled up so that some contexts
-    end the response at once and others never do: response lengths vary inside a group, so the
-    overlong-shaped scores vary and the updates are not zero (the model cannot answer math)."""
-    import torch
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_policy(32, 2, 0)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[tokenizer.eos_token_id] *= 30
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def write_data(path: Path, count: int) -> Path:
-    with path.open("w") as fh:
-        for i in range(count):
-            fh.write(json.dumps({"problem": f"What is {i}+{i * 7 % 11}?", "answer": str(i + i * 7 % 11)}) + "\n")
-    return path
+    return make_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def run_doc(model_dir: Path, train: str, *, learners: int, rollouts: int, steps: int, checkpoint: dict) -> dict:
-    return {
-        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "e2e"},
-        "spec": {
-            "model": {"path": str(model_dir)},
-            "data": {"train": train, "promptTemplate": "none"},
-            "algorithm": {"overlong": {"enabled": True, "bufferLength": 4}, "dynamicSampling": {"enabled": False}},
-            "rollout": {"replicas": rollouts, "engine": "hf", "n": 2, "maxResponseLength": 6, "genBatchSize": 4},
-            "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
-                        "microBatchSize": 4, "lr": 1e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
-                        "weightDecay": 0.0},
-            "reward": {"replicas": 1, "workers": 1, "timeoutSeconds": 5},
-            "eval": {"everySteps": 0, "beforeTrain": False},
-            "checkpoint": checkpoint,
-        },
-    }
+    return shared_run_doc(model_dir, train, name="e2e", steps=steps, checkpoint=checkpoint, learners=learners,
+                          rollouts=rollouts)
 
 
 def role_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.update({"DAPO_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "DAPO_VERIFY_WEIGHT_SYNC": "1", "DAPO_STATUS_GRACE_S": "0", "DAPO_SERVICE_WAIT_S": "120",
-                "DAPO_WEIGHT_SYNC_TIMEOUT_S": "60", "DAPO_LEARNER_TIMEOUT_S": "120",
-                "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), env.get("PYTHONPATH", "")])})
-    env.update(extra or {})
-    return env
+    return shared_role_env({"DAPO_VERIFY_WEIGHT_SYNC": "1", **(extra or {})})
 
 
 def dapo_run(run_file: Path, out: Path, *args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:

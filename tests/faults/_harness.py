@@ -21,53 +21,22 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from _dapo_runs import REPO, make_model, write_data  # noqa: F401 - re-exported for the scenarios
+from _dapo_runs import role_env as shared_role_env
+from _dapo_runs import run_doc as shared_run_doc
+
 STEPS = 4
 PROMPTS = 16  # gen batch 4 x 4 steps: one epoch, every step a new set of prompts
 
 
-def make_model(folder: Path) -> Path:
-    """A tiny random Qwen2 HF folder whose EOS embedding is scaled up (response lengths vary,
-    so overlong-shaped scores vary and updates are not zero), as in tests/test_distributed_e2e.py."""
-    import torch
-
-    from _dapo_tiny import tiny_policy
-
-    model, tokenizer = tiny_policy(32, 2, 0)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[tokenizer.eos_token_id] *= 30
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def write_data(path: Path, count: int = PROMPTS) -> Path:
-    with path.open("w") as fh:
-        for i in range(count):
-            fh.write(json.dumps({"problem": f"What is {i}+{i * 7 % 11}?", "answer": str(i + i * 7 % 11)}) + "\n")
-    return path
-
-
 def run_doc(model_dir: Path, train: str, *, learners: int = 1, rollouts: int = 1, rewards: int = 1,
             checkpoint_uri: str | None = None, steps: int = STEPS) -> dict:
+    """The shared tiny run file with a checkpoint every step (the data accounting needs each one)."""
     checkpoint = {"everySteps": 1, "keep": steps}
     if checkpoint_uri:
         checkpoint["uri"] = checkpoint_uri
-    return {
-        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "faults"},
-        "spec": {
-            "model": {"path": str(model_dir)},
-            "data": {"train": train, "promptTemplate": "none"},
-            "algorithm": {"overlong": {"enabled": True, "bufferLength": 4}, "dynamicSampling": {"enabled": False}},
-            "rollout": {"replicas": rollouts, "engine": "hf", "n": 2, "maxResponseLength": 6, "genBatchSize": 4},
-            "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
-                        "microBatchSize": 4, "lr": 1e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
-                        "weightDecay": 0.0},
-            "reward": {"replicas": rewards, "workers": 1, "timeoutSeconds": 5},
-            "eval": {"everySteps": 0, "beforeTrain": False},
-            "checkpoint": checkpoint,
-        },
-    }
+    return shared_run_doc(model_dir, train, name="faults", steps=steps, checkpoint=checkpoint, learners=learners,
+                          rollouts=rollouts, rewards=rewards)
 
 
 def write_run_file(path: Path, doc: dict) -> Path:
@@ -76,14 +45,7 @@ def write_run_file(path: Path, doc: dict) -> Path:
 
 
 def role_env(extra: dict | None = None) -> dict:
-    """One torch thread per process and short timeouts: a dead peer is noticed in seconds."""
-    env = dict(os.environ)
-    env.update({"DAPO_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "DAPO_STATUS_GRACE_S": "0", "DAPO_SERVICE_WAIT_S": "120", "DAPO_WEIGHT_SYNC_TIMEOUT_S": "30",
-                "DAPO_LEARNER_TIMEOUT_S": "60",
-                "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), env.get("PYTHONPATH", "")])})
-    env.update(extra or {})
-    return env
+    return shared_role_env(extra, weight_sync_timeout_s=30, learner_timeout_s=60)
 
 
 class Launch:

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from _harness import (
-    STEPS, Launch, data_lost, local_manifest, local_state_reader, make_model, reference_records, role_env,
+    PROMPTS, STEPS, Launch, data_lost, local_manifest, local_state_reader, make_model, reference_records, role_env,
     run_doc, run_records, s3_state_reader, steps_done, wait_for, write_data, write_run_file,
 )
 from report import FaultResult, record
@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl", PROMPTS)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,64 @@
+"""Shared pieces of the multi-process tests (tests/test_distributed_e2e.py, tests/faults/):
+a tiny model folder, sum problems, a small run file and the env every role process gets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_model(folder: Path) -> Path:
+    """A tiny random Qwen2 as an HF folder. Its EOS embedding is scaled up so that some contexts
+    end the response at once and others never do: response lengths vary inside a group, so the
+    overlong-shaped scores vary and the updates are not zero (the model cannot answer math)."""
+    import torch
+
+    from _dapo_tiny import tiny_policy
+
+    model, tokenizer = tiny_policy(32, 2, 0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] *= 30
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_data(path: Path, count: int) -> Path:
+    with path.open("w") as fh:
+        for i in range(count):
+            fh.write(json.dumps({"problem": f"What is {i}+{i * 7 % 11}?", "answer": str(i + i * 7 % 11)}) + "\n")
+    return path
+
+
+def run_doc(model_dir: Path, train: str, *, name: str, steps: int, checkpoint: dict, learners: int = 1,
+            rollouts: int = 1, rewards: int = 1) -> dict:
+    """A run file small enough for several processes on 2 cores: 4 prompts x 2 responses per step."""
+    return {
+        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": name},
+        "spec": {
+            "model": {"path": str(model_dir)},
+            "data": {"train": train, "promptTemplate": "none"},
+            "algorithm": {"overlong": {"enabled": True, "bufferLength": 4}, "dynamicSampling": {"enabled": False}},
+            "rollout": {"replicas": rollouts, "engine": "hf", "n": 2, "maxResponseLength": 6, "genBatchSize": 4},
+            "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
+                        "microBatchSize": 4, "lr": 1e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
+                        "weightDecay": 0.0},
+            "reward": {"replicas": rewards, "workers": 1, "timeoutSeconds": 5},
+            "eval": {"everySteps": 0, "beforeTrain": False},
+            "checkpoint": checkpoint,
+        },
+    }
+
+
+def role_env(extra: dict | None = None, *, weight_sync_timeout_s: int = 60, learner_timeout_s: int = 120) -> dict:
+    """One torch thread per process and short timeouts: a dead peer is noticed in seconds."""
+    env = dict(os.environ)
+    env.update({"DAPO_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "DAPO_STATUS_GRACE_S": "0", "DAPO_SERVICE_WAIT_S": "120",
+                "DAPO_WEIGHT_SYNC_TIMEOUT_S": str(weight_sync_timeout_s), "DAPO_LEARNER_TIMEOUT_S": str(learner_timeout_s),
+                "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), env.get("PYTHONPATH", "")])})
+    env.update(extra or {})
+    return env
