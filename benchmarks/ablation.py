@@ -76,8 +76,10 @@ def run_one(label: str, sets: dict[str, str], seed: int, args, run_file: Path, t
         cmd += ["--set", f"{key}={value}"]
     for extra in args.set or []:
         cmd += ["--set", extra]
+    load_before = common.load_average()
     child = common.run_child(cmd, env=common.bench_env(threads), log_path=run_dir / "log.txt")
-    result = {"label": label, "seed": seed, "rc": child["rc"], "wall_s": child["wall_s"], "log": child["log"]}
+    result = {"label": label, "seed": seed, "rc": child["rc"], "wall_s": child["wall_s"], "log": child["log"],
+              "load_avg_before": load_before, "load_avg_after": common.load_average()}
     metrics = run_dir / "run" / "metrics.jsonl"
     if metrics.is_file():
         steps, evals = read_metrics(metrics)
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", help="extra PATH=VALUE for every configuration")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--mini-batch", type=int, default=4,
+    p.add_argument("--mini-batch", type=int, default=0,
                    help="prompts per optimizer step (must divide the run file's trainBatchSize; 0 = keep the file's)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-prompts", type=int, default=64)
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (threads are split between them)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/ablation"))
-    p.add_argument("--plots", type=Path, default=common.REPO / "docs/img")
+    p.add_argument("--plots", type=str, default=str(common.REPO / "docs/img"))
     args = p.parse_args(argv)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     failed = [(r["label"], r["seed"], r["log"]) for r in results if r["rc"] != 0]
     for label, seed, log in failed:
         print(f"FAILED: {label} seed {seed}: see {log}")
-    if str(args.plots):
+    if args.plots:  # '' = no plots (a Path('') would mean the current folder)
         plot(results, Path(args.plots))
     print(f"wrote {args.out_dir / 'ablation.json'}")
     return 1 if failed else 0

@@ -188,6 +188,11 @@ def acc_at_time(curve: Sequence[tuple[float, float]], t: float) -> float | None:
     return best
 
 
+def load_average() -> list[float]:
+    """The 1/5/15-minute load averages `uptime` prints (the machine these ran on was shared)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def machine_info() -> dict:
     """What the numbers were measured on."""
     import torch
@@ -201,7 +206,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "load_avg_at_start": os.getloadavg()}
+            "platform": platform.platform(), "load_avg_at_start": load_average()}
     try:
         import transformers
 

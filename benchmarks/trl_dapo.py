@@ -3,9 +3,13 @@
 The reference point of the side-by-side benchmark (benchmarks/side_by_side.py). TRL settings:
 loss_type="dapo" (token-mean over the whole accumulated batch), epsilon 0.2, epsilon_high 0.28,
 mask_truncated_completions=True (overlong filtering), beta 0 (no KL, no reference model),
-num_iterations 1, one generation per optimizer step (steps_per_generation =
-gradient_accumulation_steps), and our optimizer recipe passed in explicitly (torch AdamW,
-weight decay, grad clip, lr * min(1, (t+1)/warmup)) so the two differ only in the framework.
+num_iterations 1, one generation per *training step* split into ``--optimizer-steps-per-step``
+optimizer steps (steps_per_generation = k x gradient_accumulation_steps: TRL then computes old
+log-probs with an extra forward pass, as our learner does with several mini-batches), and our
+optimizer recipe passed in explicitly (torch AdamW, weight decay, grad clip, and the warm-up
+lr * min(1, (t+1)/warmup) over *training* steps t, as our learner schedules it) so the two differ
+only in the framework. A "step" below is a training step (one generation batch, k of TRL's
+global steps), the unit our trainer logs.
 The soft overlong punishment is added to the reward (``--overlong-buffer``; 0 turns it off)
 since TRL has no switch for it. TRL has no dynamic sampling: that is one of the differences
 the comparison measures.
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8, help="responses per prompt (group size)")
     p.add_argument("--max-response-length", type=int, default=16)
     p.add_argument("--overlong-buffer", type=int, default=4, help="soft overlong punishment L_cache; 0 = off")
+    p.add_argument("--optimizer-steps-per-step", type=int, default=1,
+                   help="optimizer steps per training step (our trainBatchSize / miniBatchSize)")
     p.add_argument("--micro-batch", type=int, default=64, help="responses per forward/backward")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -175,10 +181,15 @@ def main(argv=None) -> int:
 
         eval_rows = [(apply_dapo_template(p), a) for p, a in eval_rows]
     completions_per_step = args.prompts_per_step * args.n
-    micro = min(args.micro_batch, completions_per_step)
-    if completions_per_step % micro:
-        raise SystemExit(f"--micro-batch {micro} must divide prompts-per-step x n = {completions_per_step}")
-    accumulation = completions_per_step // micro
+    opt_steps = args.optimizer_steps_per_step
+    if opt_steps < 1 or args.prompts_per_step % opt_steps:
+        raise SystemExit(f"--optimizer-steps-per-step {opt_steps} must divide --prompts-per-step {args.prompts_per_step}")
+    completions_per_update = completions_per_step // opt_steps
+    micro = min(args.micro_batch, completions_per_update)
+    if completions_per_update % micro:
+        raise SystemExit(f"--micro-batch {micro} must divide the responses of one optimizer step "
+                         f"({completions_per_update} = prompts-per-step x n / optimizer-steps-per-step)")
+    accumulation = completions_per_update // micro
 
     recorder = Recorder()
     generate_for_eval = timed_generate(model, recorder)
@@ -186,19 +197,22 @@ def main(argv=None) -> int:
     config = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=args.seed, data_seed=args.seed,
-        max_steps=args.steps, learning_rate=args.lr, max_grad_norm=args.grad_clip,
+        max_steps=args.steps * opt_steps, learning_rate=args.lr, max_grad_norm=args.grad_clip,
         per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
-        steps_per_generation=accumulation, num_generations=args.n, num_iterations=1,
+        steps_per_generation=accumulation * opt_steps, num_generations=args.n, num_iterations=1,
         max_completion_length=args.max_response_length, temperature=args.temperature, top_p=1.0, top_k=0,
         loss_type="dapo", epsilon=args.eps_low, epsilon_high=args.eps_high, beta=0.0,
         mask_truncated_completions=True, scale_rewards="group", dataloader_num_workers=0,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     warmup = args.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 if warmup <= 0 else min(1.0, (t + 1) / warmup))
+    # TRL steps the scheduler per optimizer step; ours advances it per training step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 1.0 if warmup <= 0 else min(1.0, (t // opt_steps + 1) / warmup))
 
     steps: list[dict] = []
     evals: list[dict] = []
+    trl_logs: dict[int, dict] = {}
     clock = {"train_s": 0.0, "step_start": None}
 
     def run_eval(step: int) -> None:
@@ -215,28 +229,34 @@ def main(argv=None) -> int:
 
     class Instrument(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            clock["step_start"] = time.perf_counter()
+            if state.global_step % opt_steps == 0:  # the first optimizer step of a training step
+                clock["step_start"] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            if state.global_step % opt_steps:
+                return
+            step = state.global_step // opt_steps
             step_s = time.perf_counter() - clock["step_start"]
             clock["train_s"] += step_s
             numbers = recorder.take()
             learner_s = max(step_s - numbers["gen_s"] - numbers["reward_s"], 1e-9)
-            record = {"step": state.global_step, "step_s": step_s, "train_wall_s": clock["train_s"],
+            record = {"step": step, "step_s": step_s, "train_wall_s": clock["train_s"],
                       "learner_s": learner_s, "peak_rss_mib": common.peak_rss_mib(), **numbers,
                       "gen_tokens_per_s": numbers["generated_tokens"] / numbers["gen_s"] if numbers["gen_s"] else None,
                       "learner_tokens_per_s": numbers["learner_tokens"] / learner_s}
             steps.append(record)
-            common.progress(f"trl step {state.global_step}: {step_s:.2f}s (gen {numbers['gen_s']:.2f}s), "
+            common.progress(f"trl step {step}: {step_s:.2f}s (gen {numbers['gen_s']:.2f}s), "
                             f"score {record['score_mean']}, acc {record['train_acc']}")
-            if args.eval_every and state.global_step % args.eval_every == 0:
-                run_eval(state.global_step)
+            if args.eval_every and step % args.eval_every == 0:
+                run_eval(step)
             if args.time_budget_s is not None and clock["train_s"] >= args.time_budget_s:
                 control.should_training_stop = True
 
         def on_log(self, a, state, control, logs=None, **kw):
-            if steps and logs:
-                steps[-1].setdefault("trl_log", {}).update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if logs and state.global_step:
+                # TRL logs per optimizer step; file them under the training step they belong to
+                step = (state.global_step - 1) // opt_steps + 1
+                trl_logs.setdefault(step, {}).update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
     trainer = GRPOTrainer(
         model=model, processing_class=tokenizer, args=config, train_dataset=build_dataset(train_rows, args.prompt_template),
@@ -247,6 +267,8 @@ def main(argv=None) -> int:
     if args.eval_every:
         run_eval(0)
     trainer.train()
+    for record in steps:
+        record["trl_log"] = trl_logs.get(record["step"], {})
     if args.eval_every and (not evals or evals[-1]["step"] != len(steps)):
         run_eval(len(steps))
 
