@@ -99,9 +99,15 @@ def test_unknown_builtin_name_names_the_field_and_the_choices(tmp_path):
 
 
 def test_committed_data_files_equal_the_generator(tmp_path):
+    import pyarrow.parquet as pq
+
+    def content(path):  # parquet bytes carry the writer's version: compare rows
+        return pq.read_table(path).to_pylist() if path.suffix == ".parquet" else path.read_text()
+
     written = builtin.write_arith_data(tmp_path)
+    assert len(written) == 4
     for path in written:
-        assert (DATA / path.name).read_text() == path.read_text(), (
+        assert content(DATA / path.name) == content(path), (
             f"examples/data/{path.name} is stale: run `python -m dapo.builtin write-data examples/data`")
 
 
@@ -126,3 +132,16 @@ def test_committed_data_loads_with_the_project_loader():
     records, _report = load_prompts(DATA / builtin.EVAL_FILE, template="none")
     assert len(records) == 200 and records[0].ground_truth.isdigit()
     assert records[0].prompt[-1]["content"] == _read_jsonl(DATA / builtin.EVAL_FILE)[0]["problem"]
+
+
+def test_fewshot_prompts_load_as_chat_messages_ending_in_the_question():
+    from dapo.data import load_prompts
+
+    records, _report = load_prompts(DATA / builtin.FEWSHOT_EVAL_FILE, template="none")
+    plain = _read_jsonl(DATA / builtin.EVAL_FILE)
+    assert len(records) == len(plain)
+    first = records[0]
+    a, b = plain[0]["problem"].split("+")
+    assert [m["role"] for m in first.prompt] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert first.prompt[-1]["content"] == f"What is {a} + {b}?"
+    assert first.ground_truth == plain[0]["answer"]

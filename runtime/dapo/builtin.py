@@ -129,12 +129,44 @@ def write_arith_jsonl(path: Path, problems: list[tuple[str, str]]) -> None:
 
 
 def write_arith_data(out_dir: str | Path, recipe: ArithRecipe = ARITH_TINY) -> list[Path]:
-    """Write ``arith-train.jsonl`` and ``arith-eval.jsonl`` (the quickstart's data) into ``out_dir``."""
+    """Write the quickstart's ``arith-{train,eval}.jsonl`` and the same split as few-shot chat
+    prompts (``sums-fewshot-{train,eval}.parquet``, for pretrained instruct models) into ``out_dir``."""
     train, evaluation = split_problems(recipe)
-    paths = [Path(out_dir) / TRAIN_FILE, Path(out_dir) / EVAL_FILE]
-    write_arith_jsonl(paths[0], train)
-    write_arith_jsonl(paths[1], evaluation)
-    return paths
+    out = Path(out_dir)
+    write_arith_jsonl(out / TRAIN_FILE, train)
+    write_arith_jsonl(out / EVAL_FILE, evaluation)
+    write_fewshot_parquet(out / FEWSHOT_TRAIN_FILE, train)
+    write_fewshot_parquet(out / FEWSHOT_EVAL_FILE, evaluation)
+    return [out / TRAIN_FILE, out / EVAL_FILE, out / FEWSHOT_TRAIN_FILE, out / FEWSHOT_EVAL_FILE]
+
+
+# Few-shot chat prompts of the same sums, for pretrained instruct models (SmolLM2-135M-Instruct):
+# asked zero-shot it rambles and never writes "Answer: N" (0 % measured), with these three worked
+# turns it answers in format and gets ~58 % of one-digit and ~10 % of two-digit sums right at
+# temperature 1: room for DAPO to improve it.
+FEWSHOT_SYSTEM = "You are a calculator. Reply with one line: Answer: N"
+FEWSHOT_TURNS = (("What is 2 + 3?", "Answer: 5"), ("What is 14 + 7?", "Answer: 21"), ("What is 6 + 9?", "Answer: 15"))
+FEWSHOT_TRAIN_FILE, FEWSHOT_EVAL_FILE = "sums-fewshot-train.parquet", "sums-fewshot-eval.parquet"
+
+
+def fewshot_messages(problem: str) -> list[dict[str, str]]:
+    """The chat prompt for ``a+b``: a system line, three worked examples, then the question."""
+    a, b = problem.split("+")
+    messages = [{"role": "system", "content": FEWSHOT_SYSTEM}]
+    for question, answer in FEWSHOT_TURNS:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": f"What is {a} + {b}?"}]
+
+
+def write_fewshot_parquet(path: Path, problems: list[tuple[str, str]]) -> None:
+    """DAPO row format (data_source, prompt = chat messages, ability, reward_model, extra_info)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"data_source": DATA_SOURCE, "prompt": fewshot_messages(p), "ability": "arithmetic",
+             "reward_model": {"ground_truth": a, "style": "rule"}, "extra_info": {"problem": p}} for p, a in problems]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 # --------------------------------------------------------------------------- tokenizer and model
@@ -323,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m dapo.builtin write-data DIR`` | ``build [--cache-dir DIR]``."""
     parser = argparse.ArgumentParser(prog="python -m dapo.builtin", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("write-data", help="write arith-train.jsonl and arith-eval.jsonl")
+    data = sub.add_parser("write-data", help="write the arith-*.jsonl and sums-fewshot-*.parquet data files")
     data.add_argument("out_dir", nargs="?", default="examples/data")
     build = sub.add_parser("build", help="build (or find cached) builtin:arith-tiny and print its folder")
     build.add_argument("--cache-dir", default=None)
