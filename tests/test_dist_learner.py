@@ -292,7 +292,7 @@ def test_deepspeed_on_cpu_two_ranks_match_one_rank(tmp_path, strategy):
     """DeepSpeed ZeRO (cpu accelerator, gloo) with torch's AdamW: the same step as one plain rank;
     the weights (ZeRO-3: gathered from / scattered into the partitions) and the sharded optimizer
     state round-trip through full_state_dict_for_save / load_model_weights / (load_)state_dict."""
-    pytest.importorskip("deepspeed", reason="deepspeed is an optional extra (pip install deepspeed)")
+    pytest.importorskip("deepspeed", reason="deepspeed is in the test extra: pip install -e '.[test]'")
     t0 = time.perf_counter()
     results = run_ranks(tmp_path, world=2, scenario="checkpoint", dtype="float32", strategy=strategy)
     seconds = time.perf_counter() - t0
@@ -316,7 +316,7 @@ def test_checkpoint_save_then_resume_on_fresh_ranks_repeats_the_next_update(tmp_
     weights (ZeRO-3: gathered from the partitions, not the empty placeholders rank 0's module
     holds); fresh ranks starting from other weights restore it and take the same next step."""
     if strategy.startswith("deepspeed"):
-        pytest.importorskip("deepspeed", reason="deepspeed is an optional extra (pip install deepspeed)")
+        pytest.importorskip("deepspeed", reason="deepspeed is in the test extra: pip install -e '.[test]'")
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
