@@ -42,19 +42,22 @@ def arith_data_paths() -> tuple[Path, Path]:
     return train, held_out
 
 
-def read_problems(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
-    """(problem, answer) pairs of a JSONL file with ``problem`` and ``answer`` keys."""
-    rows = []
-    with Path(path).open() as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                rows.append((str(row["problem"]), str(row["answer"])))
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise SystemExit(f"{path}: no rows with 'problem' and 'answer' keys")
-    return rows
+def read_prompt_set(path: Path | str, *, template: str = "none", limit: int | None = None,
+                    max_prompt_length: int | None = None, tokenizer=None) -> list[tuple[list[dict], str]]:
+    """(chat messages, ground truth) pairs of a prompt set, read by the trainer's own loader
+    (``dapo.data.load_prompts``: .jsonl or DAPO .parquet, the same template, de-duplication,
+    conflict drop, token-length filter and first-``limit`` cut as ``dapo run``), so a benchmark
+    that drives another framework sees exactly the prompts our trainer sees."""
+    from dapo.data import load_prompts
+    from dapo.engine import encode_prompt
+
+    measure = (lambda messages: len(encode_prompt(tokenizer, messages))) if tokenizer is not None else None
+    try:
+        records, _ = load_prompts(str(path), template=template, max_prompts=limit,
+                                  max_prompt_length=max_prompt_length if measure else None, prompt_length=measure)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"{path}: {exc}") from None
+    return [(record.prompt, record.ground_truth) for record in records]
 
 
 def tiny_model_path() -> Path:
@@ -67,24 +70,23 @@ def tiny_model_path() -> Path:
 # --------------------------------------------------------------------------- evaluation
 
 
-def heldout_accuracy(model, tokenizer, problems: Sequence[tuple[str, str]], *, n: int, max_new_tokens: int,
+def heldout_accuracy(model, tokenizer, problems: Sequence[tuple[list[dict], str]], *, n: int, max_new_tokens: int,
                      temperature: float = 1.0, seed: int = 0, batch_rows: int = 256) -> float:
     """avg@n: the mean over problems and n samples of acc(score_math_dapo(response, answer)).
 
-    Sampling is plain ``model.generate`` (temperature, top_p 1, top_k off), prompts through the
-    tokenizer's chat template; the same definition as the trainer's ``val/acc/mean``."""
+    ``problems`` are (chat messages, ground truth) pairs (``read_prompt_set``). Sampling is plain
+    ``model.generate`` (temperature, top_p 1, top_k off), prompts encoded as our engine encodes
+    them; the same definition as the trainer's ``val/acc/mean``."""
     import torch
 
+    from dapo.engine import encode_prompt
     from dapo.reward import score_math_dapo
 
     was_training = model.training
     model.eval()
     prompts = []
-    for problem, answer in problems:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": problem}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        prompts.extend([(list(ids), answer)] * n)
+    for messages, answer in problems:
+        prompts.extend([(encode_prompt(tokenizer, messages), answer)] * n)
     correct = 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

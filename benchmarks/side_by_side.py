@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def trl_command(spec, args, seed: int, out: Path) -> list[str]:
                          "and one epoch; make spec.learner.miniBatchSize divide trainBatchSize and set ppoEpochs 1")
     cmd = [sys.executable, str(common.REPO / "benchmarks/trl_dapo.py"),
            "--model", spec.model.path, "--train", spec.data.train, "--eval", spec.data.eval or spec.data.train,
-           "--prompt-template", spec.data.prompt_template, "--prompts-per-step", str(ls.train_batch_size),
+           "--prompt-template", spec.data.prompt_template, "--max-prompt-length", str(ro.max_prompt_length),
+           "--prompts-per-step", str(ls.train_batch_size),
            "--optimizer-steps-per-step", str(ls.train_batch_size // ls.mini_batch_size),
            "--n", str(ro.n), "--max-response-length", str(ro.max_response_length),
            "--overlong-buffer", str(al.overlong.buffer_length if al.overlong.enabled else 0),
@@ -163,7 +165,10 @@ def failed_run(system: str, repeat: int, child: dict) -> dict:
 def run_system(system: str, spec_doc: dict, overrides: list[str], spec, args, repeat: int, out_dir: Path) -> dict:
     seed = args.seed + repeat
     run_dir = out_dir / "runs" / f"{system}-r{repeat}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # every invocation measures from scratch: a run folder left by an earlier one would make
+    # `dapo run` refuse (committed checkpoints) or mix two runs' metrics
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     env = common.bench_env(args.threads)
     load_before = common.load_average()
     if system == "trl":

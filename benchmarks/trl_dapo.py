@@ -44,10 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:arith-tiny", help="model path as in spec.model.path")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--train", default=None, help="train JSONL (problem, answer); default: the quickstart's")
-    p.add_argument("--eval", default=None, help="held-out JSONL; default: the quickstart's")
+    p.add_argument("--train", default=None, help="train set (.jsonl or DAPO .parquet, as spec.data.train); default: the quickstart's")
+    p.add_argument("--eval", default=None, help="held-out set; default: the quickstart's")
     p.add_argument("--prompt-template", choices=["none", "dapo"], default="none",
-                   help="'dapo' wraps problems in the DAPO Answer: instruction (for real models)")
+                   help="'dapo' wraps problems in the DAPO Answer: instruction (spec.data.promptTemplate)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="drop prompts longer than this many tokens (spec.rollout.maxPromptLength)")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--n", type=int, default=8, help="responses per prompt (group size)")
     p.add_argument("--max-response-length", type=int, default=16)
@@ -80,18 +82,12 @@ def load_model(args):
     return load_policy(ModelSpec(path=args.model, gguf_file=args.gguf_file), device="cpu")
 
 
-def build_dataset(rows, template: str):
-    """TRL's conversational format: the prompt is a chat, so the tokenizer's chat template is
-    applied exactly as our engine applies it."""
+def build_dataset(rows):
+    """TRL's conversational format: the prompt is the chat our loader produced (template already
+    applied), so the tokenizer's chat template turns it into the same tokens our engine sees."""
     from datasets import Dataset
 
-    from dapo.data import apply_dapo_template
-
-    return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": apply_dapo_template(problem) if template == "dapo" else problem}],
-         "answer": answer}
-        for problem, answer in rows
-    ])
+    return Dataset.from_list([{"prompt": messages, "answer": answer} for messages, answer in rows])
 
 
 class Recorder:
@@ -122,6 +118,7 @@ def make_reward(recorder: Recorder, tokenizer, max_len: int, buffer: int):
     import torch
 
     from dapo.algo import overlong_penalty
+    from dapo.engine import encode_prompt
     from dapo.reward import score_math_dapo
 
     def dapo_math_reward(prompts, completions, completion_ids, answer, **_):
@@ -139,8 +136,7 @@ def make_reward(recorder: Recorder, tokenizer, max_len: int, buffer: int):
         recorder.responses += len(texts)
         prompt_tokens = 0
         for prompt in prompts:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            prompt_tokens += len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            prompt_tokens += len(encode_prompt(tokenizer, prompt))
         recorder.learner_tokens += prompt_tokens + int(lengths.sum())
         recorder.reward_s += time.perf_counter() - started
         return scores
@@ -173,13 +169,10 @@ def main(argv=None) -> int:
 
     started_all = time.perf_counter()
     model, tokenizer = load_model(args)
-    train_path, eval_path = (Path(args.train), Path(args.eval)) if args.train else common.arith_data_paths()
-    train_rows = common.read_problems(train_path)
-    eval_rows = common.read_problems(Path(args.eval) if args.eval else eval_path, args.eval_prompts)
-    if args.prompt_template == "dapo":
-        from dapo.data import apply_dapo_template
-
-        eval_rows = [(apply_dapo_template(p), a) for p, a in eval_rows]
+    train_path, eval_path = (Path(args.train), Path(args.eval or args.train)) if args.train else common.arith_data_paths()
+    shared = {"template": args.prompt_template, "max_prompt_length": args.max_prompt_length, "tokenizer": tokenizer}
+    train_rows = common.read_prompt_set(train_path, **shared)
+    eval_rows = common.read_prompt_set(eval_path, limit=args.eval_prompts, **shared)
     completions_per_step = args.prompts_per_step * args.n
     opt_steps = args.optimizer_steps_per_step
     if opt_steps < 1 or args.prompts_per_step % opt_steps:
@@ -259,7 +252,7 @@ def main(argv=None) -> int:
                 trl_logs.setdefault(step, {}).update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
     trainer = GRPOTrainer(
-        model=model, processing_class=tokenizer, args=config, train_dataset=build_dataset(train_rows, args.prompt_template),
+        model=model, processing_class=tokenizer, args=config, train_dataset=build_dataset(train_rows),
         reward_funcs=make_reward(recorder, tokenizer, args.max_response_length, args.overlong_buffer),
         callbacks=[Instrument()], optimizers=(optimizer, scheduler),
     )
