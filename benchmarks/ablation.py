@@ -23,6 +23,7 @@ Writes OUT/ablation.json and docs/img/bench-ablation-{acc,entropy}.png.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,10 @@ def stage_overrides() -> list[tuple[str, dict[str, str]]]:
 def run_one(label: str, sets: dict[str, str], seed: int, args, run_file: Path, threads: int) -> dict:
     slug = label.strip("+ ").split(" (")[0].replace(" ", "-")
     run_dir = args.out_dir / "runs" / f"{slug}-s{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # a fresh folder per invocation: a run left by an earlier one would make `dapo run` refuse
+    # (committed checkpoints), and its metrics must never be read as this run's
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     common_sets = {"spec.learner.totalSteps": str(args.steps), "spec.learner.seed": str(seed),
                    "spec.eval.everySteps": str(args.eval_every), "spec.eval.beforeTrain": "true",
                    "spec.eval.n": str(args.eval_n), "spec.eval.topP": "1.0",
@@ -81,7 +85,7 @@ def run_one(label: str, sets: dict[str, str], seed: int, args, run_file: Path, t
     result = {"label": label, "seed": seed, "rc": child["rc"], "wall_s": child["wall_s"], "log": child["log"],
               "load_avg_before": load_before, "load_avg_after": common.load_average()}
     metrics = run_dir / "run" / "metrics.jsonl"
-    if metrics.is_file():
+    if child["rc"] == 0 and metrics.is_file():
         steps, evals = read_metrics(metrics)
         result.update({
             "val_curve": [(e["step"], e["val/acc/mean"]) for e in evals],

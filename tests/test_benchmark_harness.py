@@ -46,6 +46,9 @@ def test_trl_gets_every_shared_setting_from_the_spec(run_file, tmp_path):
     assert trl.overlong_buffer == (al.overlong.buffer_length if al.overlong.enabled else 0)
     assert (trl.steps, trl.seed, trl.eval_n, trl.eval_every) == (7, 4, spec.eval.n, spec.eval.every_steps)
     assert trl.eval_prompts == spec.data.eval_max_prompts == 48
+    # TRL's GRPOConfig turns gradient checkpointing on by default: extra recomputation our learner
+    # does not do unless the run file asks for it
+    assert trl.gradient_checkpointing is spec.model.gradient_checkpointing is False
     # our generation batch is pinned to the training batch: TRL generates exactly one per step
     assert ro.gen_batch_size == ls.train_batch_size
 
@@ -92,3 +95,11 @@ def test_a_failed_repeat_is_left_out_of_the_ratios():
                                    "trl": [run_summary(4.0, 40.0, [(0.0, 0.3), (40.0, 0.5)]), good]})
     assert result["ours"]["failed_repeats"] == [1]
     assert result["ours"]["step_time_ratio_vs_trl"] == pytest.approx(0.25)
+
+
+def test_gradient_checkpointing_reaches_trl_only_when_the_run_file_asks(tmp_path):
+    doc = yaml.safe_load((REPO / "examples/quickstart.yaml").read_text())
+    args = harness_args(set=["spec.model.gradientCheckpointing=true"])
+    spec = side_by_side.resolved_spec(doc, side_by_side.matched_overrides(args, doc))
+    command = side_by_side.trl_command(spec, args, seed=1, out=tmp_path / "trl.json")
+    assert trl_dapo.parse_args(command[2:]).gradient_checkpointing is True

@@ -35,6 +35,18 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def run_name(run_dir: Path) -> str:
+    """metadata.name from the run.yaml `dapo run` writes beside the metrics (a run directory can
+    be called anything: --output-dir), else the folder's name."""
+    import yaml
+
+    try:
+        name = (yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("metadata", {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        name = None
+    return str(name) if name else run_dir.name
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the grid of curves of ``run_dir``'s metrics.jsonl to ``out`` (default RUN_DIR/curves.png)."""
     import matplotlib
@@ -62,7 +74,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"DAPO run {run_dir.name}: {len(train)} steps, {len(evals)} evaluations")
+    fig.suptitle(f"DAPO run {run_name(run_dir)}: {len(train)} steps, {len(evals)} evaluations")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
