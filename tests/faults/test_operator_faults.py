@@ -21,7 +21,8 @@ import yaml
 from operator_testkit import eventually, good_run, learner_answer
 from report import FaultResult, record
 from test_operator_kmock import (
-    EXPECTED, RUNS, all_running, api, create_run, declare_resources, pods, run_status, running_operator, sent, set_pod,
+    EXPECTED, RUNS, all_running, api, create_run, declare_resources, no_pods, phase_is, pods, pods_named, run_status,
+    running_operator, sent, set_pod, start_running_run,
 )
 
 GANG = {name for name in EXPECTED if "reward" not in name}
@@ -29,11 +30,6 @@ GANG = {name for name in EXPECTED if "reward" not in name}
 
 def env_of(pod: dict) -> dict:
     return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-
-
-async def phase(kmock, wanted: str):
-    status = await run_status(kmock)
-    return status if status.get("phase") == wanted else None
 
 
 async def config_map_run(kmock) -> dict:
@@ -44,11 +40,7 @@ async def config_map_run(kmock) -> dict:
 async def test_operator_restarted_mid_run_with_a_failure_while_down(kmock, fake_learner):
     declare_resources(kmock)
     async with running_operator(kmock):
-        await create_run(kmock, good_run())
-        await eventually(lambda: _names(kmock, EXPECTED))
-        await all_running(kmock)
-        fake_learner.answers["demo"] = learner_answer("running", step=5)
-        await eventually(lambda: phase(kmock, "Running"))
+        await start_running_run(kmock, fake_learner, step=5)
     created = len(sent(kmock, "POST", "/pods"))
     lost = 0
 
@@ -86,26 +78,17 @@ async def test_operator_restarted_mid_run_with_a_failure_while_down(kmock, fake_
     assert lost == 0
 
 
-async def _no_pods(kmock):
-    return not await pods(kmock)
-
-
-async def _names(kmock, wanted):
-    found = await pods(kmock)
-    return found if set(found) == wanted else None
-
-
 async def test_run_edited_suspended_and_resumed_repeatedly(kmock, fake_learner):
     declare_resources(kmock)
     lost, recover = 0, []
     async with running_operator(kmock):
         await create_run(kmock, good_run())
-        await eventually(lambda: _names(kmock, EXPECTED))
+        await eventually(lambda: pods_named(kmock, EXPECTED))
         generation = 1
         for cycle in range(1, 4):
             await all_running(kmock)
             fake_learner.answers["demo"] = learner_answer("running", step=2 * cycle)
-            await eventually(lambda: phase(kmock, "Running"))
+            await eventually(lambda: phase_is(kmock, "Running"))
             created = len(sent(kmock, "POST", "/pods"))
 
             # edit a field the runtime reads (the learning rate), then suspend
@@ -118,8 +101,8 @@ async def test_run_edited_suspended_and_resumed_repeatedly(kmock, fake_learner):
             code, _ = await api(kmock, "PATCH", f"{RUNS}/demo", {"spec": {"suspend": True},
                                                                  "metadata": {"generation": generation}})
             assert code == 200
-            status = await eventually(lambda: phase(kmock, "Suspended"))
-            await eventually(lambda: _no_pods(kmock))
+            status = await eventually(lambda: phase_is(kmock, "Suspended"))
+            await eventually(lambda: no_pods(kmock))
             lost += int(status.get("step") != 2 * cycle)
             fake_learner.answers.pop("demo")
 
@@ -128,7 +111,7 @@ async def test_run_edited_suspended_and_resumed_repeatedly(kmock, fake_learner):
             code, _ = await api(kmock, "PATCH", f"{RUNS}/demo", {"spec": {"suspend": False},
                                                                  "metadata": {"generation": generation}})
             assert code == 200
-            now = await eventually(lambda: _names(kmock, EXPECTED))
+            now = await eventually(lambda: pods_named(kmock, EXPECTED))
             recover.append(time.monotonic() - started)
             await asyncio.sleep(0.5)
             status = await run_status(kmock)

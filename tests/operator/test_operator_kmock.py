@@ -101,7 +101,7 @@ async def test_create_children_status_running_and_succeeded(kmock, fake_learner)
     declare_resources(kmock)
     async with running_operator(kmock):
         await create_run(kmock, good_run())
-        found = await eventually(lambda: _names_if(kmock, EXPECTED))
+        found = await eventually(lambda: pods_named(kmock, EXPECTED))
         for pod in found.values():
             ref = pod["metadata"]["ownerReferences"][0]
             assert ref["uid"] == "uid-demo" and ref["controller"] and ref["blockOwnerDeletion"]
@@ -111,45 +111,52 @@ async def test_create_children_status_running_and_succeeded(kmock, fake_learner)
         assert cms["items"][0]["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
         _, svcs = await api(kmock, "GET", f"/api/v1/namespaces/{NAMESPACE}/services")
         assert {s["metadata"]["name"] for s in svcs["items"]} == {"demo-learner", "demo-rollout", "demo-reward"}
-        assert (await eventually(lambda: _phase_is(kmock, "Pending")))
+        assert (await eventually(lambda: phase_is(kmock, "Pending")))
 
         await all_running(kmock)
         fake_learner.answers["demo"] = learner_answer("running", step=4)
-        status = await eventually(lambda: _phase_is(kmock, "Running"))
+        status = await eventually(lambda: phase_is(kmock, "Running"))
         assert status["step"] == 4 and status["score"] == 0.25 and status["acc"] == 0.6
         assert status["learnerReady"] == "2/2" and status["rolloutReady"] == "2/2"
         assert status["lastCheckpoint"]["step"] == 2
 
         fake_learner.answers["demo"] = learner_answer("succeeded", step=10)
-        status = await eventually(lambda: _phase_is(kmock, "Succeeded"))
+        status = await eventually(lambda: phase_is(kmock, "Succeeded"))
         assert status["completionTime"] and status["step"] == 10
-        await eventually(lambda: _no_pods(kmock))
+        await eventually(lambda: no_pods(kmock))
         events = [r for r in sent(kmock, "POST", "/events") if r.data.get("reason") == "Succeeded"]
         assert events, "phase transitions must post Kubernetes Events"
 
 
-async def _names_if(kmock, wanted):
+async def pods_named(kmock, wanted):
     found = await pods(kmock)
     return found if set(found) == wanted else None
 
 
-async def _phase_is(kmock, phase, name="demo"):
+async def phase_is(kmock, phase, name="demo"):
     status = await run_status(kmock, name)
     return status if status.get("phase") == phase else None
 
 
-async def _no_pods(kmock):
+async def no_pods(kmock):
     return not await pods(kmock)
+
+
+async def start_running_run(kmock, fake_learner, step: int = 3) -> dict:
+    """Create the demo run, let the operator create its pods, mark them all Running and have
+    learner-0 report training at ``step``; returns the status once the phase is Running.
+    Call inside ``running_operator``."""
+    await create_run(kmock, good_run())
+    await eventually(lambda: pods_named(kmock, EXPECTED))
+    await all_running(kmock)
+    fake_learner.answers["demo"] = learner_answer("running", step=step)
+    return await eventually(lambda: phase_is(kmock, "Running"))
 
 
 async def test_learner_failure_restarts_gang_and_reward_failure_replaces_one_pod(kmock, fake_learner):
     declare_resources(kmock)
     async with running_operator(kmock):
-        await create_run(kmock, good_run())
-        await eventually(lambda: _names_if(kmock, EXPECTED))
-        await all_running(kmock)
-        fake_learner.answers["demo"] = learner_answer("running")
-        await eventually(lambda: _phase_is(kmock, "Running"))
+        await start_running_run(kmock, fake_learner)
 
         # A reward pod dies: only it is recreated, the gang keeps generation 0.
         before = await pods(kmock)
@@ -191,23 +198,19 @@ async def test_backoff_limit_fails_the_run(kmock, fake_learner):
     declare_resources(kmock)
     async with running_operator(kmock):
         await create_run(kmock, good_run(backoffLimit=0))
-        await eventually(lambda: _names_if(kmock, EXPECTED))
+        await eventually(lambda: pods_named(kmock, EXPECTED))
         await set_pod(kmock, "demo-rollout-0", "Failed", exit_code=1)
-        status = await eventually(lambda: _phase_is(kmock, "Failed"))
+        status = await eventually(lambda: phase_is(kmock, "Failed"))
         failed = next(c for c in status["conditions"] if c["type"] == "Failed")
         assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
         assert "demo-rollout-0" in failed["message"]
-        await eventually(lambda: _no_pods(kmock))
+        await eventually(lambda: no_pods(kmock))
 
 
 async def test_suspend_resume_and_operator_restart(kmock, fake_learner):
     declare_resources(kmock)
     async with running_operator(kmock):
-        await create_run(kmock, good_run())
-        await eventually(lambda: _names_if(kmock, EXPECTED))
-        await all_running(kmock)
-        fake_learner.answers["demo"] = learner_answer("running", step=5)
-        await eventually(lambda: _phase_is(kmock, "Running"))
+        await start_running_run(kmock, fake_learner, step=5)
 
     # Operator restarts mid-run: no duplicate pods, status kept, counters unchanged.
     created_before = len(sent(kmock, "POST", "/pods"))
@@ -222,17 +225,17 @@ async def test_suspend_resume_and_operator_restart(kmock, fake_learner):
         # Suspend: pods deleted, status kept.
         code, _ = await api(kmock, "PATCH", f"{RUNS}/demo", {"spec": {"suspend": True}, "metadata": {"generation": 2}})
         assert code == 200
-        status = await eventually(lambda: _phase_is(kmock, "Suspended"))
-        await eventually(lambda: _no_pods(kmock))
+        status = await eventually(lambda: phase_is(kmock, "Suspended"))
+        await eventually(lambda: no_pods(kmock))
         assert status["step"] == 5
 
         # Resume: a new gang generation.
         fake_learner.answers.pop("demo")
         code, _ = await api(kmock, "PATCH", f"{RUNS}/demo", {"spec": {"suspend": False}, "metadata": {"generation": 3}})
         assert code == 200
-        now = await eventually(lambda: _names_if(kmock, EXPECTED))
+        now = await eventually(lambda: pods_named(kmock, EXPECTED))
         assert {p["metadata"]["labels"]["dapo.dev/gang-generation"] for p in now.values()} == {"1"}
-        status = await eventually(lambda: _phase_is(kmock, "Pending"))
+        status = await eventually(lambda: phase_is(kmock, "Pending"))
         assert status["gangGeneration"] == 1 and status["restartCount"] == 0
 
 
@@ -240,7 +243,7 @@ async def test_delete_run_stops_reconciling(kmock, fake_learner):
     declare_resources(kmock)
     async with running_operator(kmock):
         await create_run(kmock, good_run())
-        await eventually(lambda: _names_if(kmock, EXPECTED))
+        await eventually(lambda: pods_named(kmock, EXPECTED))
         code, _ = await api(kmock, "DELETE", f"{RUNS}/demo")
         assert code == 200
         async def gone():
@@ -261,7 +264,7 @@ async def test_ttl_deletes_finished_run(kmock, fake_learner):
     declare_resources(kmock)
     async with running_operator(kmock):
         await create_run(kmock, good_run(ttlSecondsAfterFinished=0))
-        await eventually(lambda: _names_if(kmock, EXPECTED))
+        await eventually(lambda: pods_named(kmock, EXPECTED))
         await set_pod(kmock, "demo-learner-0", "Succeeded")
 
         async def gone():
