@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from dapo.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Sample
+from dapo.errors import DapoError
 
 log = logging.getLogger("dapo.engine_vllm")
 
@@ -35,7 +36,7 @@ WORKER_EXTENSION = "dapo.engine_vllm.WeightSyncWorkerExtension"
 _FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
 
 
-class VLLMEngineError(RuntimeError):
+class VLLMEngineError(DapoError, RuntimeError):
     """vLLM is missing, misconfigured or returned something the trainer cannot use."""
 
 

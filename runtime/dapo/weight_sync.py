@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
+from dapo.errors import DapoError
 
 __all__ = [
     "WeightSyncConfig",
@@ -66,7 +67,7 @@ _STORE_PREFIX = "dapo-weight-sync"
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(DapoError, RuntimeError):
     """A weight sync failed; the message names the peer (rank, host, address) and the fix."""
 
 

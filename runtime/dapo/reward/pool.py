@@ -139,6 +139,16 @@ class RewardScorer:
 
     # ---- lifecycle -----------------------------------------------------------------------
 
+    @classmethod
+    def from_spec(cls, spec) -> "RewardScorer":
+        """The scorer a run file asks for (spec.reward, the overlong shaping of spec.algorithm):
+        the one construction every launch mode uses (dapo.wiring)."""
+        ol = spec.algorithm.overlong
+        return cls(timeout_s=spec.reward.timeout_seconds, workers=spec.reward.workers,
+                   default_scorer=spec.reward.scorer, max_response_length=spec.rollout.max_response_length,
+                   overlong_buffer_length=ol.buffer_length, overlong_penalty_factor=ol.penalty_factor,
+                   overlong_enabled=ol.enabled)
+
     def __enter__(self) -> "RewardScorer":
         return self
 
