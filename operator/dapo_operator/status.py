@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from dapo.contracts import CONDITION_TYPES, LEARNER_STATES, PHASES, STATUS_METRIC_FIELDS, LearnerMetrics, finite_or_none
+from dapo.contracts import LEARNER_STATES, PHASES, STATUS_METRIC_FIELDS, LearnerMetrics, finite_or_none
 from dapo.spec import DAPORun
 
 from . import naming as n

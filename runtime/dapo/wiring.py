@@ -69,7 +69,7 @@ def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, s
     device = device or pick_device()
     if engine_kind(spec) == "vllm":
         return build_vllm_engine(spec)
-    from dapo.engine import HFEngine
+    from dapo.rollout.hf import HFEngine
 
     if policy is None:
         policy = load_policy(spec, device)
@@ -81,8 +81,8 @@ def build_vllm_engine(spec: DAPORunSpec):
     """`VLLMEngine` on the staged base model, sized from spec.rollout."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from dapo.engine_vllm import VLLMEngine
-    from dapo.models import resolve_model_dir
+    from dapo.rollout.vllm import VLLMEngine
+    from dapo.model.loading import resolve_model_dir
 
     if spec.model.gguf_file:
         raise SpecError("spec.rollout.engine: vllm does not load spec.model.ggufFile here; use engine: hf")
@@ -103,7 +103,7 @@ def build_vllm_engine(spec: DAPORunSpec):
 def load_policy(spec: DAPORunSpec, device: str | None = None):
     """(model, tokenizer) of spec.model, seeded with the run's seed (initialisation of any newly
     built weights is then the same in every process)."""
-    from dapo.models import load_policy as load
+    from dapo.model.loading import load_policy as load
 
     torch.manual_seed(spec.learner.seed)
     return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
@@ -113,12 +113,12 @@ def build_learner(model, spec: DAPORunSpec, device: str, world_size: int = 1):
     """TorchLearner for one learner rank; the DistributedLearner (torch all-reduce or DeepSpeed
     ZeRO, spec.learner.strategy) when there are several."""
     if world_size <= 1:
-        from dapo.learner import TorchLearner
+        from dapo.learner.torch_learner import TorchLearner
 
         if spec.learner.strategy != "torch":
             log.info("spec.learner.strategy=%s with one learner rank: training with plain torch", spec.learner.strategy)
         return TorchLearner.from_spec(model, spec, device=device)
-    from dapo.dist_learner import DistributedLearner
+    from dapo.learner.distributed import DistributedLearner
 
     return DistributedLearner.from_spec(model, spec, device=device,
                                         timeout_s=Env().float(EnvVar.LEARNER_TIMEOUT_S, 1800.0))
@@ -133,7 +133,7 @@ def build_scorer(spec: DAPORunSpec):
 
 def build_checkpoint_store(spec: DAPORunSpec, run_dir: Path):
     """Committed checkpoints: spec.checkpoint.uri, else RUN_DIR/checkpoints."""
-    from dapo.storage import CheckpointStore
+    from dapo.storage.store import CheckpointStore
 
     return CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
                            endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)

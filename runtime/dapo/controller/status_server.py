@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from dapo.contracts import LearnerStatus
 
-log = logging.getLogger("dapo.services.status")
+log = logging.getLogger("dapo.controller.status_server")
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")

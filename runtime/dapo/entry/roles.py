@@ -24,7 +24,7 @@ from dapo.contracts import HTTP_PORT, ROLES, Env, EnvVar
 from dapo.errors import ConfigError
 from dapo.spec import DAPORun, SpecError, load_run_file
 
-log = logging.getLogger("dapo.roles")
+log = logging.getLogger("dapo.entry.roles")
 
 
 # --------------------------------------------------------------------------- environment
@@ -35,7 +35,7 @@ env = Env()
 def weight_sync_config(rank: int, rollout_replicas: int, verify: bool = False):
     """The weight-sync group of this run from DAPO_WEIGHT_SYNC_ADDR: rank 0 = learner-0,
     rollout replica i = rank i + 1; None when the variable is unset."""
-    from dapo.weight_sync import WeightSyncConfig
+    from dapo.weightsync import WeightSyncConfig
 
     address = env.host_port(EnvVar.WEIGHT_SYNC_ADDR)
     if address is None:
@@ -148,10 +148,10 @@ def run_follower(run: DAPORun, world_size: int) -> int:
 
 def run_controller(run: DAPORun, world_size: int) -> int:
     """Learner rank 0 (see the module docstring)."""
-    from dapo.launch import build_embedded_run
+    from dapo.entry.inprocess import build_embedded_run
     from dapo.services.http import parse_urls
     from dapo.services.reward import RemoteScorer
-    from dapo.services.status import StatusServer, placeholder_status
+    from dapo.controller.status_server import StatusServer, placeholder_status
 
     spec = run.spec
     host, port = http_address()

@@ -1,7 +1,7 @@
 """`dapo run FILE`: the embedded single-machine training.
 
 Builds the pieces the controller needs (policy, rollout engine, learner, reward scorer, data,
-checkpoint store) from the run file and hands them to `dapo.trainer.Trainer`. The run directory
+checkpoint store) from the run file and hands them to `dapo.controller.trainer.Trainer`. The run directory
 (default runs/NAME) receives run.yaml (the resolved run file), metrics.jsonl, run.log and, unless
 spec.checkpoint.uri says otherwise, checkpoints/.
 """
@@ -18,7 +18,7 @@ import torch
 from dapo import wiring
 from dapo.spec import DAPORun, SpecError, dump_run, load_run_file
 
-log = logging.getLogger("dapo.launch")
+log = logging.getLogger("dapo.entry.inprocess")
 
 
 @dataclass
@@ -46,12 +46,12 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     ones the run file names (tests use this to avoid worker processes or model loading).
     ``engine_factory(spec, model, tokenizer, device)`` / ``learner_factory(model, spec, device)``
     replace the in-process engine and learner of dapo.wiring (learner-0 of a distributed run passes
-    the remote rollout client and the distributed learner: `dapo.roles`)."""
-    from dapo.checkpoint import Checkpointer
-    from dapo.data import PromptSampler, dataset_fingerprint, load_prompts
-    from dapo.engine import encode_prompt
-    from dapo.metrics import MetricsWriter, ProgressLog
-    from dapo.trainer import Trainer
+    the remote rollout client and the distributed learner: `dapo.entry.roles`)."""
+    from dapo.storage.checkpointer import Checkpointer
+    from dapo.data.prompts import PromptSampler, dataset_fingerprint, load_prompts
+    from dapo.rollout.base import encode_prompt
+    from dapo.controller.metrics import MetricsWriter, ProgressLog
+    from dapo.controller.trainer import Trainer
 
     spec = run.spec
     device = wiring.pick_device()
@@ -123,13 +123,13 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
 
 def main_run(args) -> int:
     """Entry point of `dapo run` (see dapo.cli)."""
-    from dapo.metrics import remove_handlers, setup_run_logging
-    from dapo.trainer import DynamicSamplingError
+    from dapo.controller.metrics import remove_handlers, setup_run_logging
+    from dapo.controller.trainer import DynamicSamplingError
 
     run = load_run_file(args.file, list(getattr(args, "overrides", None) or []))
     run_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_run_dir(run)
     if getattr(args, "launcher", "inprocess") == "processes":
-        from dapo.launch_processes import run_processes
+        from dapo.entry.processes import run_processes
 
         return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)))
     run_dir.mkdir(parents=True, exist_ok=True)
