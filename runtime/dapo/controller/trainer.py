@@ -25,11 +25,13 @@ from typing import Any, Sequence
 
 import torch
 
+from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
 from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
 from dapo.errors import DapoError
-from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
-from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
+from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
+from dapo.reward.base import Scorer
+from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 
 log = logging.getLogger("dapo.controller.trainer")
 
@@ -124,8 +126,8 @@ class Trainer:
         spec,
         *,
         engine: RolloutEngine,
-        learner,
-        scorer,
+        learner: Learner,
+        scorer: Scorer,
         tokenizer,
         train_records: Sequence,
         eval_records: Sequence = (),

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dapo.contracts import Addresses, EnvVar, role_environment
+from dapo.contracts import Addresses, EnvVar, cache_dir, role_environment
 from dapo.spec import DAPORun, dump_run
 
 log = logging.getLogger("dapo.entry.inprocess")
@@ -93,7 +93,7 @@ def process_env(run: DAPORun, run_dir: Path, *, resume: bool, base_env: dict | N
                 run_name=run.metadata.name, namespace="local", role=role, index=i, replicas=counts,
                 run_file=str(run_dir / "run.yaml"), gang_generation=1 if resume else 0,
                 checkpoint_uri=spec.checkpoint.uri or str(run_dir / "checkpoints"),
-                cache_dir=base.get(EnvVar.CACHE_DIR), addresses=addresses)
+                cache_dir=str(cache_dir(spec.storage, base)), addresses=addresses)
             envs[f"{role}-{i}"] = {**base, **common, **contract,
                                    EnvVar.HTTP_PORT: str(addresses.http_port(role, i))}
     return envs

@@ -156,9 +156,11 @@ class RewardScorer:
         self.close()
 
     def __del__(self) -> None:
+        # a scorer nobody closed: stop its workers; at interpreter exit modules may already be
+        # torn down, and an exception from __del__ would only be printed as noise
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass
 
     def close(self) -> None:
