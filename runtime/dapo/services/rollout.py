@@ -169,13 +169,15 @@ class RolloutService:
     def _sync_inside_engine(self, version: int) -> dict:
         """Engines whose weights live in another process (vLLM's GPU worker) join the group and
         receive there (`VLLMEngine.join_weight_sync` / `receive_weights`): the receive loads
-        straight into the model, so generation waits for the whole sync."""
+        straight into the model, so generation waits for the whole sync. The checksum is the one
+        the worker computed over the state it received and loaded (vLLM's own parameters are
+        fused / repacked and cannot be hashed against the learner's)."""
         cfg = self.sync_config
         t0 = time.perf_counter()
         with self.engine_lock:
             if not self._engine_joined:
                 self.engine.join_weight_sync(cfg.host, cfg.port, cfg.world_size, cfg.rank, cfg.backend, cfg.timeout_s,
-                                             cfg.bucket_bytes)
+                                             cfg.bucket_bytes, verify_checksums=cfg.verify_checksums)
                 self._engine_joined = True
             got = self.engine.receive_weights()
         if got != version:
