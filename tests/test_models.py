@@ -54,3 +54,32 @@ def test_broken_weights_are_a_spec_error(tiny_folder):
         f.write_bytes(b"not safetensors")
     with pytest.raises(SpecError, match="could not load a causal LM"):
         load_policy(ModelSpec(path=str(tiny_folder)))
+
+
+def test_gguf_dequantised_model_saves_a_config_any_engine_can_load(tiny_folder, tmp_path, monkeypatch):
+    """transformers' GGUF loader leaves quantization_config {quant_method: gguf} on the config of
+    the dequantised model; _load_gguf must drop it, else the checkpoint's config.json is refused
+    by vLLM ("Unknown quantization method: gguf") and by from_pretrained without the GGUF file.
+    The GGUF read itself is transformers' (stood in for here by the same weights with the
+    loader's config flag); what is checked is our rebuild and what a checkpoint then holds."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from dapo.model import loading
+    from dapo.storage.checkpointer import MODEL_DIR, write_checkpoint_folder
+
+    real = AutoModelForCausalLM.from_pretrained
+    flagged = real(tiny_folder)
+    flagged.config.quantization_config = {"quant_method": "gguf"}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda folder, gguf_file=None, **kw: flagged if gguf_file else real(folder, **kw))
+    model = loading._load_gguf(tiny_folder, "model.gguf", torch.float32)
+    assert flagged.config.quantization_config  # the loaded model's own config is left alone
+    write_checkpoint_folder(tmp_path / "ckpt", model=model, model_state=model.state_dict(), tokenizer=build_tokenizer(),
+                            learner_state={}, trainer_state={})
+    saved = json.loads((tmp_path / "ckpt" / MODEL_DIR / "config.json").read_text())
+    assert "quantization_config" not in saved
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", real)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / MODEL_DIR)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), flagged.state_dict().values()))

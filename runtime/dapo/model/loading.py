@@ -68,16 +68,30 @@ def _torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
+def dequantised_config(config):
+    """A copy of ``config`` without ``quantization_config``: for a model whose weights are plain."""
+    import copy
+
+    plain = copy.deepcopy(config)
+    if hasattr(plain, "quantization_config"):
+        delattr(plain, "quantization_config")
+    return plain
+
+
 def _load_gguf(folder: Path, gguf_file: str, dtype):
     """Dequantise a GGUF checkpoint into a plain, saveable model.
 
     transformers flags a GGUF-loaded model as quantised and refuses `save_pretrained`, which the
     checkpoints need; rebuilding from the config and loading the state dict gives a plain model.
+    Its config must not keep the loader's ``quantization_config`` (quant_method gguf): the weights
+    are dequantised, and a checkpoint's config.json carrying it is refused by vLLM ("Unknown
+    quantization method: gguf") and by transformers without the GGUF file.
     """
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=dtype)
+    config = dequantised_config(loaded.config)
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain.load_state_dict(loaded.state_dict())
     del loaded
     return plain
