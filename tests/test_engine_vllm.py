@@ -161,7 +161,7 @@ def engine(model_dir):
 
     run = parse_run({"metadata": {"name": "vllm-test"}, "spec": {
         "model": {"path": str(model_dir), "dtype": "float32"}, "data": {"train": "t.jsonl"},
-        "rollout": {"engine": "vllm", "maxPromptLength": 32, "maxResponseLength": 32, "kvCacheGiB": 0.25},
+        "rollout": {"engine": "vllm", "maxPromptLength": 160, "maxResponseLength": 32, "kvCacheGiB": 0.25},
         "algorithm": {"overlong": {"bufferLength": 8}}, "learner": {"seed": 3}}})
     engine = wiring.build_engine(run.spec)
     yield engine
@@ -197,6 +197,8 @@ def max_mismatch(samples, reference) -> float:
 
 
 PROMPTS = [[5, 40, 41, 42], [6, 50, 51], [7, 60, 61, 62, 63, 64]]
+# longer than one KV block (128 tokens on vLLM-CPU): only full blocks enter the prefix cache
+LONG_PROMPT = [5] + [40 + k % 50 for k in range(150)]
 
 
 @requires_vllm
@@ -215,6 +217,8 @@ def test_generate_returns_what_the_trainer_needs_and_log_probs_match_the_learner
     # processed log-probs at the sampling temperature == log_softmax(logits / T) of the learner
     learner = learner_for(model_dir, temperature=0.7)
     mismatch = max_mismatch(samples, learner_log_probs(learner, PROMPTS, samples, tokenizer.pad_token_id))
+    print(f"max |log p_vLLM - log p_learner| over {sum(len(s.log_probs) for s in samples)} tokens at T=0.7: "
+          f"{mismatch:.2e}")
     assert mismatch < LOGPROB_TOL, mismatch
     # and not the T = 1 log-probs: the temperature is really applied
     plain = learner_for(model_dir, temperature=1.0)
@@ -245,20 +249,21 @@ def test_update_weights_in_process_reaches_the_tied_lm_head_and_resets_the_prefi
     whose KV blocks were cached under the old weights is recomputed."""
     tokenizer = tiny_tokenizer()
     kw = dict(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8)
-    before = engine.generate(PROMPTS, seed=5, **kw)  # fills the prefix cache with these prompts
+    prompts = PROMPTS + [LONG_PROMPT]
+    before = engine.generate(prompts, seed=5, **kw)  # caches LONG_PROMPT's first block
     start = engine.weight_version
     new = learner_for(model_dir, temperature=1.0, seed=99)
     engine.update_weights(new.named_parameters_for_sync(), version=start + 1)
     assert engine.weight_version == start + 1
-    after = engine.generate(PROMPTS, seed=5, **kw)
-    mismatch = max_mismatch(after, learner_log_probs(new, PROMPTS, after, tokenizer.pad_token_id))
+    after = engine.generate(prompts, seed=5, **kw)
+    mismatch = max_mismatch(after, learner_log_probs(new, prompts, after, tokenizer.pad_token_id))
     assert mismatch < LOGPROB_TOL, f"vLLM does not sample from the loaded weights: max |dlogp| {mismatch}"
     old = learner_for(model_dir, temperature=1.0)
-    assert max_mismatch(after, learner_log_probs(old, PROMPTS, after, tokenizer.pad_token_id)) > 0.1
+    assert max_mismatch(after, learner_log_probs(old, prompts, after, tokenizer.pad_token_id)) > 0.1
     assert [s.response_ids for s in after] != [s.response_ids for s in before]
     # back to the original weights: the original samples come back exactly
     engine.update_weights(old.named_parameters_for_sync(), version=start + 2)
-    restored = engine.generate(PROMPTS, seed=5, **kw)
+    restored = engine.generate(prompts, seed=5, **kw)
     assert [s.response_ids for s in restored] == [s.response_ids for s in before]
 
 
