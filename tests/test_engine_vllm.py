@@ -132,6 +132,31 @@ def test_pack_tensors_round_trip_through_bytes():
     assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in named)
 
 
+def test_vllm_settings_from_the_run_file_per_device():
+    from dapo.spec import SpecError, parse_run
+    from dapo.wiring import vllm_engine_kwargs
+
+    def spec(**rollout):
+        return parse_run({"metadata": {"name": "r"}, "spec": {
+            "model": {"path": "builtin:arith-tiny"}, "data": {"train": "t.jsonl"},
+            "rollout": {"engine": "vllm", "maxPromptLength": 100, "maxResponseLength": 28, **rollout},
+            "algorithm": {"overlong": {"bufferLength": 4}}}}).spec
+
+    cpu = vllm_engine_kwargs(spec(), "cpu")
+    assert cpu["enforce_eager"] is True and cpu["enable_chunked_prefill"] is False
+    assert cpu["kv_cache_memory_bytes"] == 1 << 30 and cpu["max_model_len"] == 128
+    gpu = vllm_engine_kwargs(spec(), "cuda")
+    assert gpu["enforce_eager"] is False and "enable_chunked_prefill" not in gpu
+    assert "kv_cache_memory_bytes" not in gpu and gpu["gpu_memory_utilization"] == 0.85
+    tuned = vllm_engine_kwargs(spec(kvCacheGiB=0.5, enforceEager=False, enableChunkedPrefill=True), "cuda")
+    assert tuned["kv_cache_memory_bytes"] == 1 << 29 and tuned["enforce_eager"] is False
+    assert tuned["enable_chunked_prefill"] is True
+    with pytest.raises(SpecError, match=r"spec\.rollout\.enableChunkedPrefill: true crashes"):
+        vllm_engine_kwargs(spec(enableChunkedPrefill=True), "cpu")
+    with pytest.raises(SpecError, match="kvCacheGiB"):
+        spec(kvCacheGiB=0)
+
+
 # --------------------------------------------------------------------------- the real engine
 
 
