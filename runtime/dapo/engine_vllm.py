@@ -99,9 +99,10 @@ def sampled_log_probs(token_ids: Sequence[int], logprobs: Any, *, request_id: st
     return out
 
 
-def samples_from_outputs(request_outputs: Sequence[Any], n: int) -> list[Sample]:
+def samples_from_outputs(request_outputs: Sequence[Any], n: int, weight_version: int | None = None) -> list[Sample]:
     """``LLM.generate`` results (one RequestOutput per prompt, in prompt order, each with n
-    CompletionOutputs) -> ``len(prompts) * n`` Samples, prompt by prompt."""
+    CompletionOutputs) -> ``len(prompts) * n`` Samples, prompt by prompt, stamped with the
+    ``weight_version`` that generated them."""
     samples: list[Sample] = []
     for prompt_index, request in enumerate(request_outputs):
         request_id = str(getattr(request, "request_id", prompt_index))
@@ -115,6 +116,7 @@ def samples_from_outputs(request_outputs: Sequence[Any], n: int) -> list[Sample]
                 response_ids=ids,
                 log_probs=sampled_log_probs(ids, completion.logprobs, request_id=request_id),
                 finish_reason=finish_reason(completion.finish_reason, request_id=request_id),
+                weight_version=weight_version,
             ))
     return samples
 
@@ -211,7 +213,7 @@ class VLLMEngine(RolloutEngine):
                                                    stop_token_ids=self.eos_ids))
                   for i in range(len(prompts))]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return samples_from_outputs(outputs, n)
+        return samples_from_outputs(outputs, n, self._version)
 
     # -- weights
 

@@ -13,8 +13,11 @@ CEL expression of the same rule (runs in the API server). They sit next to each 
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.util
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +116,55 @@ class DynamicSamplingSpec(_Model):
     max_gen_batches: int = Field(10, ge=1, description="Give up (with an explanation) after this many generation batches in one step.")
 
 
+@lru_cache(maxsize=None)
+def registered_names(decorator: str) -> tuple[str, ...]:
+    """Names registered in ``dapo/algo.py`` with ``@<decorator>("name")``, in file order.
+
+    The registries in `dapo.algo` are the one source of truth for the allowed policy losses and
+    advantage estimators. The spec (and the CRD generated from it, and the operator that
+    validates run files) must not import torch, so it reads the decorator calls from the
+    module's source instead of importing it; tests/test_spec.py checks that the names read here
+    are exactly the keys of the imported registries."""
+    found = importlib.util.find_spec("dapo.algo")
+    if found is None or not found.origin:
+        raise RuntimeError("dapo.algo is not installed next to dapo.spec: reinstall the dapo package")
+    tree = ast.parse(Path(found.origin).read_text(encoding="utf-8"))
+    names = []
+    for node in tree.body:
+        for deco in getattr(node, "decorator_list", []):
+            if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == decorator
+                    and deco.args and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)):
+                names.append(deco.args[0].value)
+    if not names:
+        raise RuntimeError(f"no @{decorator}(...) found in {found.origin}")
+    return tuple(names)
+
+
+POLICY_LOSS_NAMES = registered_names("register_policy_loss")
+ADVANTAGE_ESTIMATOR_NAMES = registered_names("register_advantage_estimator")
+
+
+class RolloutCorrectionSpec(_Model):
+    """Importance-sampling correction from the policy that SAMPLED a response (the rollout
+    engine's weights and numerics) to the learner's weights at the start of the step."""
+
+    mode: Literal["none", "truncate", "mask"] = Field(
+        "truncate",
+        description=(
+            "truncate (default, like verl's TIS and TRL's vLLM importance-sampling correction): multiply each "
+            "token's loss by min(pi_learner / pi_rollout, threshold); mask: weight pi_learner / pi_rollout inside "
+            "[1/threshold, threshold], 0 outside (rejection); none: no correction for responses sampled by the "
+            "current weights (engine/learner numeric mismatch ignored), while responses sampled by older weights "
+            "(surplus carried over) still get the truncated weight: stale samples are never trained as on-policy."
+        ),
+    )
+    level: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: one ratio per token; sequence: the product of a response's token ratios, one weight per response.",
+    )
+    threshold: float = Field(2.0, gt=1.0, le=1e6, description="The cap C (> 1) of truncate and the band [1/C, C] of mask.")
+
+
 class AlgorithmSpec(_Model):
     eps_low: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range epsilon_low.")
     eps_high: float = Field(0.28, gt=0.0, lt=10.0, description="Upper clip range epsilon_high (clip-higher).")
@@ -122,6 +174,23 @@ class AlgorithmSpec(_Model):
     )
     overlong: OverlongSpec = Field(default_factory=OverlongSpec)
     dynamic_sampling: DynamicSamplingSpec = Field(default_factory=DynamicSamplingSpec)
+    policy_loss: Literal[POLICY_LOSS_NAMES] = Field(  # type: ignore[valid-type]
+        "dapo",
+        description=(
+            "Policy-gradient loss, registered in dapo.algo: dapo (clip-higher, token-mean), grpo (per-sequence "
+            "mean), dr-grpo (sum over tokens / maxResponseLength), gspo (sequence-level ratio; its clip range via "
+            "policyLossParams eps_low / eps_high, default 3e-4 / 4e-4), cispo (clipped IS weight, stop-gradient)."
+        ),
+    )
+    policy_loss_params: dict[str, float] = Field(
+        default_factory=dict,
+        description="The selected loss's own hyperparameters by name (e.g. gspo: {eps_low: 3e-4, eps_high: 4e-4}).",
+    )
+    advantage_estimator: Literal[ADVANTAGE_ESTIMATOR_NAMES] = Field(  # type: ignore[valid-type]
+        "grpo",
+        description="Advantage from the group's scores: grpo ((R - mean) / std), dr-grpo (R - mean), rloo (leave-one-out baseline).",
+    )
+    rollout_correction: RolloutCorrectionSpec = Field(default_factory=RolloutCorrectionSpec)
 
 
 # --------------------------------------------------------------------------- roles

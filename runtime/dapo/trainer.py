@@ -5,7 +5,8 @@
     3. score: shaped score + unshaped accuracy          (RewardScorer.score_batch)
     4. dynamic sampling: keep groups whose accuracy varies, repeat 1-3 until the batch holds
        train_batch_size groups; carry surplus groups to the next step; explain the cap
-    5. old log-probs + group advantages + overlong filtering, then the update (learner)
+    5. advantages (spec.algorithm.advantageEstimator) + overlong filtering + the engine's behaviour
+       log-probs and weight versions; proximal log-probs, then the update (learner)
     6. new weights to the engine, version + 1
     7. metrics, evaluation, checkpoint
 
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
+from dapo.algo import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter, overlong_filter_mask
 from dapo.engine import RolloutEngine, Sample, encode_prompt
 from dapo.learner import TrainBatch, make_batch, steps_for_epochs
 
@@ -54,6 +55,11 @@ class Group:
     scores: list[float]  # shaped (correctness + overlong penalty): the advantage input
     accs: list[bool]  # unshaped accuracy: the dynamic-sampling filter input
     weight_version: int  # version of the policy that sampled it
+
+    def sample_versions(self) -> list[int]:
+        """Weight version of each sample (the engine's stamp; the group's for samples restored
+        from checkpoints written before samples carried one)."""
+        return [self.weight_version if s.weight_version is None else int(s.weight_version) for s in self.samples]
 
     def to_state(self) -> dict:
         state = asdict(self)
@@ -237,13 +243,26 @@ class Trainer:
     # ------------------------------------------------------------------ step 5
 
     def build_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
-        """Padded batch with group advantages on the shaped score and overlong filtering."""
+        """Padded batch with advantages on the shaped score (spec.algorithm.advantageEstimator),
+        overlong filtering, and for every row the engine's behaviour log-probs and the weight
+        version that sampled it (the learner's rollout correction needs both)."""
         samples = [s for g in groups for s in g.samples]
         batch = make_batch([g.prompt_ids for g in groups for _ in g.samples], [s.response_ids for s in samples],
                            self.pad_id)
         scores = torch.tensor([x for g in groups for x in g.scores], dtype=torch.float32)
         group_ids = [k for k, g in enumerate(groups) for _ in g.samples]
-        batch.advantages = group_advantages(scores, group_ids)
+        estimator = ADVANTAGE_ESTIMATORS.resolve(self.spec.algorithm.advantage_estimator)
+        batch.advantages = estimator(scores, group_ids)
+        batch.behaviour_log_probs = torch.zeros_like(batch.response_mask)
+        for row, s in enumerate(samples):
+            if len(s.log_probs) != len(s.response_ids):
+                raise ValueError(f"the rollout engine returned {len(s.log_probs)} log-probs for a response of "
+                                 f"{len(s.response_ids)} tokens: every engine must report one per sampled token")
+            batch.behaviour_log_probs[row, : len(s.log_probs)] = torch.tensor(s.log_probs, dtype=torch.float32)
+        versions = [v for g in groups for v in g.sample_versions()]
+        batch.weight_versions = torch.tensor(versions, dtype=torch.long)
+        batch.policy_version = self.weight_version
+        lags = [self.weight_version - v for v in versions]
         truncated = torch.tensor([s.truncated for s in samples], dtype=torch.bool)
         if self.spec.algorithm.overlong.filtering:
             batch.response_mask = overlong_filter_mask(batch.response_mask, truncated)
@@ -261,6 +280,9 @@ class Trainer:
             "response_length/clip_ratio": float(truncated.float().mean()),
             "prompt_length/mean": float(sum(len(g.prompt_ids) for g in groups) / max(len(groups), 1)),
         }
+        # share of trained samples by version lag (0 = sampled by the weights being trained)
+        for lag in range(max([MAX_SURPLUS_STALENESS, *lags]) + 1):
+            info[f"rollout_corr/lag_{lag}_frac"] = sum(1 for x in lags if x == lag) / max(len(lags), 1)
         return batch, info
 
     # ------------------------------------------------------------------ one step
@@ -272,7 +294,7 @@ class Trainer:
         batch, info = self.build_batch(collection.groups)
 
         t0 = time.perf_counter()
-        if self.learner.needs_old_log_probs(batch.num_rows):
+        if self.learner.needs_old_log_probs(batch):
             batch.old_log_probs = self.learner.compute_log_probs(batch)
         t1 = time.perf_counter()
         update_metrics = self.learner.update(batch)
