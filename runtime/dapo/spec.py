@@ -177,18 +177,19 @@ class AlgorithmSpec(_Model):
     policy_loss: Literal[POLICY_LOSS_NAMES] = Field(  # type: ignore[valid-type]
         "dapo",
         description=(
-            "Policy-gradient loss, registered in dapo.algo: dapo (clip-higher, token-mean), grpo (per-sequence "
-            "mean), dr-grpo (sum over tokens / maxResponseLength), gspo (sequence-level ratio; its clip range via "
-            "policyLossParams eps_low / eps_high, default 3e-4 / 4e-4), cispo (clipped IS weight, stop-gradient)."
+            f"Policy-gradient loss, one of the losses registered in dapo.algo ({', '.join(POLICY_LOSS_NAMES)}); "
+            "dapo is the paper's (clip-higher, token-mean). Formulas and defaults: docs/algorithm.md."
         ),
     )
     policy_loss_params: dict[str, float] = Field(
         default_factory=dict,
-        description="The selected loss's own hyperparameters by name (e.g. gspo: {eps_low: 3e-4, eps_high: 4e-4}).",
+        description=("The selected loss's own hyperparameters by name, e.g. {eps_low: 3e-4, eps_high: 4e-4} for gspo; "
+                     "an unknown name fails at start naming the accepted ones."),
     )
     advantage_estimator: Literal[ADVANTAGE_ESTIMATOR_NAMES] = Field(  # type: ignore[valid-type]
         "grpo",
-        description="Advantage from the group's scores: grpo ((R - mean) / std), dr-grpo (R - mean), rloo (leave-one-out baseline).",
+        description=(f"Advantage from the group's shaped scores, one of the estimators registered in dapo.algo "
+                     f"({', '.join(ADVANTAGE_ESTIMATOR_NAMES)}); grpo is (R - mean) / std. See docs/algorithm.md."),
     )
     rollout_correction: RolloutCorrectionSpec = Field(default_factory=RolloutCorrectionSpec)
 
