@@ -18,7 +18,7 @@ import torch
 
 from dapo import algo
 from dapo.spec import ADVANTAGE_ESTIMATOR_NAMES, POLICY_LOSS_NAMES, SpecError, parse_run
-from test_algo import random_batch, ref_token_terms
+from test_algo import random_batch, ref_group_advantages, ref_token_terms
 
 L_MAX = 9  # Dr. GRPO's constant normaliser in these tests (>= every row length)
 
@@ -269,18 +269,18 @@ def test_weights_carry_no_gradient_and_stale_rows_change_the_update():
 
 
 def ref_advantages(name, scores, ids):
+    """grpo: tests/test_algo.py's literal reference; dr-grpo: R - group mean; rloo: R - mean of the others."""
+    if name == "grpo":
+        return ref_group_advantages(scores, ids)
     groups: dict = {}
     for s, g in zip(scores, ids):
         groups.setdefault(g, []).append(s)
     out = []
     for s, g in zip(scores, ids):
         vals = groups[g]
-        if name == "grpo":
-            mean, std = (0.0, 1.0) if len(vals) == 1 else (statistics.fmean(vals), statistics.stdev(vals))
-            out.append((s - mean) / (std + 1e-6))
-        elif name == "dr-grpo":
+        if name == "dr-grpo":
             out.append(s - (0.0 if len(vals) == 1 else statistics.fmean(vals)))
-        else:  # rloo: minus the mean of the OTHER samples of the group
+        else:
             out.append(s if len(vals) == 1 else s - (sum(vals) - s) / (len(vals) - 1))
     return out
 

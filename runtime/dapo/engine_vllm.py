@@ -16,7 +16,10 @@ Log-probs: ``SamplingParams(logprobs=0)`` returns the sampled token's log-prob o
 built with ``logprobs_mode="processed_logprobs"`` so it is taken after temperature scaling, the
 quantity the learner recomputes (log_softmax(logits / T)). With top_p < 1 vLLM's processed
 log-probs are those of the nucleus-renormalised distribution; the trainer only uses top_p < 1 for
-evaluation, where log-probs are not used.
+evaluation, where log-probs are not used. These log-probs are the BEHAVIOUR policy of the
+learner's rollout correction (spec.algorithm.rolloutCorrection): a training run with top_p < 1
+would weigh the learner's full-vocabulary probabilities against nucleus-renormalised ones (the HF
+engine reports full-vocabulary ones), so keep rollout.topP at 1 for training, as DAPO does.
 """
 
 from __future__ import annotations

@@ -170,7 +170,9 @@ class AlgorithmSpec(_Model):
     eps_high: float = Field(0.28, gt=0.0, lt=10.0, description="Upper clip range epsilon_high (clip-higher).")
     clip_ratio_c: float = Field(10.0, gt=1.0, description="Dual-clip constant c (> 1) bounding the loss of negative-advantage tokens.")
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
-        "token-mean", description="How token losses are averaged; DAPO uses token-mean."
+        "token-mean",
+        description=("How token losses are averaged for policyLoss dapo (DAPO uses token-mean); the other losses use "
+                     "their paper's normalisation (docs/algorithm.md)."),
     )
     overlong: OverlongSpec = Field(default_factory=OverlongSpec)
     dynamic_sampling: DynamicSamplingSpec = Field(default_factory=DynamicSamplingSpec)
