@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dapo.algo import log_probs_from_logits
-from dapo.trainer import Group
+from dapo.controller.trainer import Group
 from test_trainer import OverlapScorer, _trainer
 
 torch.set_num_threads(2)
