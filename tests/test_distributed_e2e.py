@@ -64,6 +64,7 @@ def steps_of(run_dir: Path) -> list[dict]:
 def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     from safetensors.torch import load_file
 
+    from dapo.storage import CheckpointStore
     from dapo.weight_sync import state_checksum
 
     doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=2, rollouts=2, steps=3,
@@ -88,7 +89,10 @@ def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
 
     # independent check: the final checkpoint's weights are what the replicas served last
-    weights = load_file(str(out / "checkpoints" / "step-00000003" / "model" / "model.safetensors"))
+    store = CheckpointStore(str(out / "checkpoints"))
+    final = store.latest()
+    assert final.step == 3
+    weights = load_file(str(store.fetch(final) / "model" / "model.safetensors"))
     assert state_checksum(weights) == syncs[-1]["learner"]
 
     for name in ("learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"):

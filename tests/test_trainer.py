@@ -11,6 +11,8 @@ real RewardScorer (math_dapo) to show the all-wrong cap message.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +27,7 @@ from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
 from dapo.launch import build_embedded_run
 from dapo.spec import SpecError, parse_run
+from dapo.storage import CheckpointStore
 from dapo.trainer import DynamicSamplingError, Trainer
 
 torch.set_num_threads(2)
@@ -113,8 +116,14 @@ def read_lines(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "actor/pg_loss" in r], [r for r in records if "val/acc/mean" in r]
 
 
+def checkpoint_folder(run_dir: Path, step: int) -> Path:
+    """The (sha256-verified) local folder of committed checkpoint ``step``."""
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    return store.fetch(next(info for info in store.list_committed() if info.step == step))
+
+
 def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "model" / "model.safetensors"))
+    return load_file(str(checkpoint_folder(run_dir, step) / "model" / "model.safetensors"))
 
 
 def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
@@ -139,8 +148,8 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
 
     committed = sorted(p.name for p in (full_dir / "checkpoints").iterdir() if (p / "manifest.json").exists())
     assert committed == ["step-00000002", "step-00000004"]
-    reloaded = AutoModelForCausalLM.from_pretrained(full_dir / "checkpoints" / "step-00000004" / "model")
-    AutoTokenizer.from_pretrained(full_dir / "checkpoints" / "step-00000004" / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint_folder(full_dir, 4) / "model")
+    AutoTokenizer.from_pretrained(checkpoint_folder(full_dir, 4) / "model")
     assert sum(p.numel() for p in reloaded.parameters()) > 0
 
     # the same run interrupted after step 2, then resumed: same prompts, same final weights
@@ -158,6 +167,25 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
     assert not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"])), "training moved no weight"
+
+    # a damaged newest checkpoint (one byte of the weights flipped, same size) is refused, naming
+    # the file; resume falls back to step 2, the newest that verifies, and ends in the same state
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full_dir, damaged)
+    weights = checkpoint_folder(damaged, 4) / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    patched.clear()
+    assert cli_main(["run", str(run_file), "--output-dir", str(damaged), "--resume"]) == 0
+    assert patched == full_batches[2:], "the fallback must redo steps 3 and 4 from checkpoint 2"
+    log_text = (damaged / "run.log").read_text()
+    assert re.search(r"refusing checkpoint step 4: checkpoint step 4 \(.*step-00000004\): file "
+                     r"model/model.safetensors has sha256", log_text), log_text[-3000:]
+    assert "resuming from checkpoint step 2, the newest that verifies (skipped damaged steps [4])" in log_text
+    b = final_weights(damaged, 4)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
 
     # dapo plot RUN_DIR writes a PNG
     assert cli_main(["plot", str(full_dir)]) == 0

@@ -74,12 +74,12 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     from dapo.engine import encode_prompt
     from dapo.metrics import MetricsWriter, ProgressLog
     from dapo.storage import CheckpointStore
-    from dapo.trainer import Trainer
+    from dapo.trainer import Trainer, seed_all
 
     spec = run.spec
     device = pick_device()
     cache_dir = os.environ.get("DAPO_CACHE_DIR")
-    torch.manual_seed(spec.learner.seed)
+    seed_all(spec.learner.seed)
 
     t0 = time.perf_counter()
     if policy is None:
@@ -141,7 +141,7 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
                         f"(latest step {latest.step}) of an earlier run; pass --resume to continue it, or choose "
                         f"another --output-dir / spec.checkpoint.uri for a fresh run")
     if resume:
-        if checkpointer.restore(trainer, latest):
+        if checkpointer.restore(trainer):  # the newest checkpoint that verifies
             dropped = metrics.truncate_after(trainer.step)
             if dropped:
                 log.info("metrics.jsonl: dropped %d lines after step %d (they are re-done now)", dropped, trainer.step)

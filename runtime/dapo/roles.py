@@ -15,7 +15,8 @@ plus knobs for local runs, all optional: DAPO_HTTP_HOST / DAPO_HTTP_PORT (defaul
 DAPO_RUN_DIR (learner-0's metrics / logs; default $DAPO_CACHE_DIR/runs/NAME), DAPO_STATUS_GRACE_S
 (how long learner-0 keeps serving the final state, default 60), DAPO_SERVICE_WAIT_S (how long
 learner-0 waits for the services to come up, default 1800), DAPO_WEIGHT_SYNC_TIMEOUT_S (default
-600), DAPO_VERIFY_WEIGHT_SYNC=1 (as spec.rollout.verifyWeightSync: CRC per tensor and learner == replica state checksums after
+600), DAPO_ROLLOUT_REQUEST_TIMEOUT_S (how long learner-0 waits for one rollout replica's answer to a
+generate request before retrying it on another replica, default 3600), DAPO_VERIFY_WEIGHT_SYNC=1 (as spec.rollout.verifyWeightSync: CRC per tensor and learner == replica state checksums after
 every sync, logged to RUN_DIR/weight_sync.jsonl), DAPO_TORCH_THREADS.
 
 Learner rank 0 is the controller: it serves /status at once ("starting"), builds the Trainer with
@@ -147,9 +148,10 @@ def build_rollout_engine(spec, cache_dir: str | None):
         return build_vllm_engine(spec, cache_dir)
     from dapo.engine import HFEngine
     from dapo.models import load_policy
+    from dapo.trainer import seed_all
 
     device = pick_device()
-    torch.manual_seed(spec.learner.seed)
+    seed_all(spec.learner.seed)
     model, tokenizer = load_policy(spec.model, device=device, cache_dir=cache_dir)
     rows = env_int("DAPO_ENGINE_MAX_ROWS", 64 if device == "cpu" else 256)
     return HFEngine(model, tokenizer, device=device, max_batch_rows=rows, copy_model=False)
@@ -242,7 +244,8 @@ def remote_engine_factory(rollout_urls: list[str], run_dir: Path):
     def factory(spec, model, tokenizer, device):
         verify = spec.rollout.verify_weight_sync or env_flag("DAPO_VERIFY_WEIGHT_SYNC")
         engine = RemoteRolloutEngine(rollout_urls, sync_config=weight_sync_config(0, len(rollout_urls), verify),
-                                     verify=verify, sync_log=run_dir / "weight_sync.jsonl" if verify else None)
+                                     verify=verify, sync_log=run_dir / "weight_sync.jsonl" if verify else None,
+                                     request_timeout_s=env_float("DAPO_ROLLOUT_REQUEST_TIMEOUT_S", 3600.0))
         engine.wait_ready(env_float("DAPO_SERVICE_WAIT_S", 1800.0))
         return engine
 
@@ -262,10 +265,11 @@ def run_follower(run: DAPORun, world_size: int) -> int:
 
     from dapo.launch import pick_device
     from dapo.models import load_policy
+    from dapo.trainer import seed_all
 
     spec = run.spec
     device = pick_device()
-    torch.manual_seed(spec.learner.seed)
+    seed_all(spec.learner.seed)
     model, _ = load_policy(spec.model, device=device, cache_dir=os.environ.get("DAPO_CACHE_DIR") or None)
     learner = make_learner(model, spec, device, world_size)
     learner.follow()

@@ -83,6 +83,22 @@ class BatchCollection:
     gen_tokens: int = 0
 
 
+def seed_all(seed: int) -> None:
+    """Seed every process-wide random source from the run's seed (spec.learner.seed): Python's
+    ``random``, numpy's legacy global generator (when numpy is installed) and torch (CPU and every
+    CUDA device). The Python state is saved in each checkpoint and restored on resume, so an
+    unseeded one would make a resumed run differ from an uninterrupted one the moment anything
+    draws from it."""
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for the runtime
+        pass
+    else:
+        numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def seed_for(base_seed: int, step: int, call: int) -> int:
     """A distinct, reproducible sampling seed per (step, generation call): resume at step s samples
     exactly what the uninterrupted run sampled, with no generator state to carry."""
