@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from dapo.spec import API_GROUP, API_VERSION, KIND, DAPORun, PodPlacement, dump_run
 
 from . import naming as n
@@ -89,13 +91,23 @@ def _meta(run: DAPORun, name: str, namespace: str, component: str, owner: Owner 
     return meta
 
 
+def pod_run_file(run: DAPORun) -> str:
+    """The run file the pods read: apiVersion, kind, the run's name and the resolved spec (every
+    default filled in), nothing else of the DAPORun's metadata. The API server rewrites the rest
+    (resourceVersion on every status write, generation, managedFields, kopf's annotations and
+    finalizers): copied into the ConfigMap, it would change the ConfigMap at every write."""
+    doc = yaml.safe_load(dump_run(run))
+    doc["metadata"] = {"name": run.metadata.name}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def build_config_map(run: DAPORun, namespace: str, owner: Owner | None = None) -> dict[str, Any]:
-    """ConfigMap RUN-spec holding the resolved run file (every default filled in)."""
+    """ConfigMap RUN-spec holding the pods' run file (`pod_run_file`)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(run, n.config_map_name(run.metadata.name), namespace, "config", owner),
-        "data": {"run.yaml": dump_run(run)},
+        "data": {"run.yaml": pod_run_file(run)},
     }
 
 
