@@ -234,6 +234,40 @@ def test_dynamic_sampling_cap_explains_what_to_change(tmp_path, mode, expected):
     assert trainer.status()["state"] == "failed" and expected in trainer.status()["message"]
 
 
+def test_dynamic_sampling_with_one_response_per_prompt_fills_the_batch(tmp_path):
+    """n = 1: every group is a group of one, kept as verl keeps it (dropping them, the batch
+    could never fill and the cap would stop the run)."""
+    trainer = _trainer(tmp_path, OverlapScorer("wrong"), eval={"beforeTrain": False, "everySteps": 0},
+                       rollout={"n": 1}, algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
+                       learner={"totalSteps": 1})
+    metrics = trainer.train()
+    assert metrics["train/num_gen_batches"] == 1 and metrics["train/groups_all_wrong"] == 0
+
+
+def test_total_epochs_counts_passes_over_the_prompts_under_dynamic_sampling(tmp_path):
+    """totalEpochs 1 (no totalSteps) on 12 prompts: training stops after the step that draws the
+    12th prompt, however many generation batches dynamic sampling needed per step."""
+    trainer = _trainer(tmp_path, OverlapScorer("overlap"), eval={"beforeTrain": False, "everySteps": 0},
+                       learner={"totalSteps": None, "totalEpochs": 1})
+    bound = trainer.total_steps
+    assert bound == 6  # ceil(12 prompts / trainBatchSize 2): every group kept
+    drawn = []
+    step = trainer.train_step
+
+    def counting():
+        metrics = step()
+        drawn.append(trainer.sampler.consumed)
+        return metrics
+
+    trainer.train_step = counting
+    trainer.train()
+    assert drawn[-1] >= 12 and all(d < 12 for d in drawn[:-1]), drawn
+    assert trainer.step < bound, "dynamic sampling dropped groups: fewer steps than the all-kept bound"
+    assert trainer.step == len(drawn) <= bound
+    assert trainer.status()["totalSteps"] == trainer.step and trainer.status()["state"] == "succeeded"
+    assert trainer.last_checkpoint["step"] == trainer.step  # the end of the passes is checkpointed
+
+
 def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):
     trainer = _trainer(tmp_path, OverlapScorer("right"), eval={"beforeTrain": False, "everySteps": 0},
                        algorithm={"dynamicSampling": {"enabled": False}}, learner={"totalSteps": 1})

@@ -164,6 +164,12 @@ class Trainer:
         self.checkpointer = checkpointer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ls = spec.learner
+        # totalEpochs = passes over the training prompts (as verl, whose loop ends when its prompt
+        # loader is exhausted): training ends after the step in which the sampler hands out the
+        # last prompt of the last pass. Every trained group used up one prompt, so the step count
+        # is at most ceil(epochs * prompts / trainBatchSize): the bound shown as totalSteps until
+        # the passes are done (fewer steps when dynamic sampling drops groups).
+        self.epoch_limit = None if ls.total_steps else ls.total_epochs
         self.total_steps = ls.total_steps or steps_for_epochs(ls.total_epochs, len(self.train_records), ls.train_batch_size)
         self.step = 0
         self.weight_version = engine.weight_version
@@ -364,11 +370,16 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         every = self.spec.eval.every_steps
-        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps)
+        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps
+                                                           or self.epochs_done())
 
     def _checkpoint_due(self) -> bool:
         every = self.spec.checkpoint.every_steps
-        return self.step == self.total_steps or (every > 0 and self.step % every == 0)
+        return self.step == self.total_steps or self.epochs_done() or (every > 0 and self.step % every == 0)
+
+    def epochs_done(self) -> bool:
+        """With totalEpochs (no totalSteps): the sampler has handed out every prompt of the last pass."""
+        return self.epoch_limit is not None and self.sampler.consumed >= self.epoch_limit * self.sampler.num_items
 
     def run_eval(self) -> None:
         val = self.evaluate()
@@ -387,7 +398,7 @@ class Trainer:
         try:
             if self.step == 0 and self.eval_records and self.spec.eval.before_train:
                 self.run_eval()
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.epochs_done():
                 metrics = self.train_step()
                 self.last_metrics = metrics
                 if self.metrics is not None:
@@ -403,6 +414,10 @@ class Trainer:
             self.state = "failed"
             self.message = str(exc)
             raise
+        if self.epochs_done():
+            log.info("finished %d pass(es) over the %d training prompts in %d steps (at most %d were possible)",
+                     self.epoch_limit, len(self.train_records), self.step, self.total_steps)
+            self.total_steps = self.step
         self.state = "succeeded"
         self.message = f"finished {self.step} steps"
         return self.last_metrics

@@ -64,7 +64,7 @@ def write_data(path: Path) -> Path:
 
 def run_doc(model_dir: Path, train: str, *, learners: int = 1, rollouts: int = 1, rewards: int = 1,
             checkpoint_uri: str | None = None, steps: int = STEPS, name: str = "faults") -> dict:
-    """4 groups of 4 responses per step, generation batches of 6 prompts, dynamic sampling on
+    """4 groups of 4 responses per step, generation batches of 8 prompts, dynamic sampling on
     (about a third of the groups are all-wrong and dropped; the rest fill the batch and the
     surplus carries to the next step), two optimizer steps per training step, a checkpoint
     every step."""
@@ -79,7 +79,7 @@ def run_doc(model_dir: Path, train: str, *, learners: int = 1, rollouts: int = 1
             "algorithm": {"overlong": {"enabled": True, "bufferLength": 2},
                           "dynamicSampling": {"enabled": True, "maxGenBatches": 8}},
             "rollout": {"replicas": rollouts, "engine": "hf", "n": 4, "maxPromptLength": 16, "maxResponseLength": 8,
-                        "genBatchSize": 6},
+                        "genBatchSize": 8},
             "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
                         "microBatchSize": 4, "lr": 2e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
                         "weightDecay": 0.0},
