@@ -6,7 +6,8 @@ Layout of one checkpoint (committed through `dapo.storage.CheckpointStore`: file
     model/                 HF format: config.json, *.safetensors, tokenizer files
                            (`AutoModelForCausalLM.from_pretrained(folder)` loads it)
     learner.pt             optimizer + lr-scheduler state (torch.save)
-    trainer_state.json     step, weight version, sampler position, surplus groups, python RNG
+    trainer_state.json     step, weight version, sampler position, surplus groups, the trainer's
+                           Python RNG (`Trainer.rng`)
     rng.pt                 torch CPU (and CUDA) RNG states
 
 Resuming restores every one of these, so step s+1 after a resume samples the same prompts with

@@ -261,8 +261,6 @@ def run_learner(run: DAPORun) -> int:
 
 
 def run_follower(run: DAPORun, world_size: int) -> int:
-    import torch
-
     from dapo.launch import pick_device
     from dapo.models import load_policy
     from dapo.trainer import seed_all

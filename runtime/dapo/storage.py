@@ -406,8 +406,9 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``."""
+def _write_json_durably(path: Path, payload: dict, publish) -> None:
+    """Write JSON to a temp file in ``path``'s folder, fsync it, ``publish(tmp, path)``, then
+    fsync the folder: readers see either no file or the complete one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -415,28 +416,22 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
             json.dump(payload, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        publish(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # after a rename it is gone; after a link the name is spare
     _fsync_dir(path.parent)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON durably, replacing ``path`` if it exists (rename)."""
+    _write_json_durably(path, payload, os.replace)
 
 
 def _write_json_exclusive(path: Path, payload: dict) -> None:
-    """Create ``path`` holding JSON, complete and durable, only if it does not exist yet: the
-    bytes go to a temp file first, then a hard link publishes them under ``path`` (link(2)
-    fails with EEXIST instead of replacing). Raises FileExistsError when ``path`` exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    """Create ``path`` holding JSON, complete and durable, only if it does not exist yet: a hard
+    link publishes the temp file (link(2) fails with EEXIST instead of replacing). Raises
+    FileExistsError when ``path`` exists."""
+    _write_json_durably(path, payload, os.link)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -86,9 +86,7 @@ class BatchCollection:
 def seed_all(seed: int) -> None:
     """Seed every process-wide random source from the run's seed (spec.learner.seed): Python's
     ``random``, numpy's legacy global generator (when numpy is installed) and torch (CPU and every
-    CUDA device). The Python state is saved in each checkpoint and restored on resume, so an
-    unseeded one would make a resumed run differ from an uninterrupted one the moment anything
-    draws from it."""
+    CUDA device), so that nothing in a role process starts from OS randomness."""
     random.seed(seed)
     try:
         import numpy
@@ -174,6 +172,11 @@ class Trainer:
         self.step = 0
         self.weight_version = engine.weight_version
         self.surplus: list[Group] = []
+        # The controller's own Python RNG, checkpointed and restored: loop code that needs Python
+        # randomness draws from it. The global `random` is seeded (seed_all) but not checkpointed:
+        # libraries draw from it too (botocore's retry jitter), so its state depends on how many
+        # S3 requests were retried and could never match an uninterrupted run's.
+        self.rng = random.Random(ls.seed)
         self.last_metrics: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
         self.last_checkpoint: dict | None = None
@@ -425,7 +428,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
-        """The controller's resumable state (JSON-able): position, surplus, versions, RNG."""
+        """The controller's resumable state (JSON-able): position, surplus, versions, its RNG."""
         return {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -433,7 +436,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "surplus": [g.to_state() for g in self.surplus],
             "last_val": self.last_val,
-            "python_random": _encode_py_random(random.getstate()),
+            "python_random": _encode_py_random(self.rng.getstate()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,7 +446,7 @@ class Trainer:
         self.surplus = [Group.from_state(g) for g in state["surplus"]]
         self.last_val = dict(state.get("last_val") or {})
         if "python_random" in state:
-            random.setstate(_decode_py_random(state["python_random"]))
+            self.rng.setstate(_decode_py_random(state["python_random"]))
 
     def status(self) -> dict[str, Any]:
         """The learner-0 /status document (CONTRACTS.md)."""
