@@ -29,7 +29,6 @@ from pathlib import Path
 
 import yaml
 
-from _dapo_runs import REPO  # noqa: F401 - re-exported for the scenarios
 from _dapo_runs import role_env as shared_role_env
 
 STEPS = 4
@@ -227,11 +226,6 @@ def differences(want, got, where: str = "") -> list[str]:
     return [] if want == got else [where or "value"]
 
 
-def state_differences(reference: dict, got: dict) -> list[str]:
-    """Which parts of the final training state differ ("model/...", "trainer/sampler/...", ...)."""
-    return differences(reference, got)
-
-
 def step_digests(run_dir: Path) -> list[tuple[int, str]]:
     """(step, prompt uid digest) per training line of metrics.jsonl, in file order."""
     return [(int(r["step"]), r["train/prompt_uids_digest"]) for r in step_lines(run_dir)]
@@ -264,7 +258,7 @@ def compare_with_reference(reference: Reference, out: Path, checkpoint_uri: str,
     got = step_digests(out)
     if got != reference.digests:
         problems.append(f"metrics.jsonl steps/prompts {got} != uninterrupted {reference.digests}")
-    problems += state_differences(reference.state, final_state(checkpoint_uri, out.parent, endpoint_url=endpoint_url))
+    problems += differences(reference.state, final_state(checkpoint_uri, out.parent, endpoint_url=endpoint_url))
     return problems
 
 

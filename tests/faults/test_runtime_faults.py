@@ -13,6 +13,7 @@ the same prompts.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -302,7 +303,6 @@ def test_weight_sync_peer_stops_answering_then_gang_restart_resumes_exactly(tmp_
         code = first.wait(180)
     finally:
         try:  # never leave a stopped process behind, whatever happened
-            import os
             os.kill(first.pids()["rollout-1"], signal.SIGKILL)
         except ProcessLookupError:
             pass
