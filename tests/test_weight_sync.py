@@ -1,4 +1,4 @@
-"""dapo.weight_sync over real gloo groups between separate processes on loopback.
+"""dapo.weightsync over real gloo groups between separate processes on loopback.
 
 The receivers are spawned processes (torch threads 1) driven by a command queue, so one set
 of processes serves several groups; the sender runs in the test process.
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dapo.weight_sync import (
+from dapo.weightsync import (
     MAGIC,
     WeightReceiver,
     WeightSender,
@@ -29,7 +29,7 @@ from dapo.weight_sync import (
 
 SPAWN = mp.get_context("forkserver")
 # children fork from one server that imported torch + transformers once (spawn re-imports per child)
-SPAWN.set_forkserver_preload(["torch", "transformers.models.qwen2.modeling_qwen2", "dapo.weight_sync"])
+SPAWN.set_forkserver_preload(["torch", "transformers.models.qwen2.modeling_qwen2", "dapo.weightsync"])
 RESULT_TIMEOUT_S = 60
 
 

@@ -9,7 +9,7 @@ same run file with the same process topology (tensors compared with ``torch.equa
 with ``==``), and metrics.jsonl holds every step exactly once, each trained on the same prompts
 (uid digest) as the uninterrupted run's.
 
-Why the model and scorer: the arithmetic task (``dapo.builtin``) with a briefly warmed-up tiny model
+Why the model and scorer: the arithmetic task (``dapo.model.builtin``) with a briefly warmed-up tiny model
 samples the right answer ~20 % of the time, so the real ``math_dapo`` scorer gives rewards that
 vary inside groups, advantages are non-zero, the weights move every step, and dynamic sampling drops
 groups and carries surplus ones: every part of the state depends on what happened before.
@@ -41,20 +41,20 @@ ARITH_RECIPE_FIELDS = dict(operand_max=9, eval_problems=20, hidden_size=32, laye
 
 
 def arith_recipe():
-    from dapo.builtin import ArithRecipe
+    from dapo.model.builtin import ArithRecipe
 
     return replace(ArithRecipe(), **ARITH_RECIPE_FIELDS)
 
 
 def make_model(folder: Path) -> Path:
-    from dapo.builtin import build_arith_tiny
+    from dapo.model.builtin import build_arith_tiny
 
     return build_arith_tiny(folder / "arith", arith_recipe())
 
 
 def write_data(path: Path) -> Path:
     """The recipe's training sums (80) as a jsonl with data_source "arith" (scored by math_dapo)."""
-    from dapo.builtin import split_problems, write_arith_jsonl
+    from dapo.model.builtin import split_problems, write_arith_jsonl
 
     train, _ = split_problems(arith_recipe())
     write_arith_jsonl(path, train)
@@ -191,8 +191,8 @@ def final_state(checkpoint_uri: str, scratch: Path, *, endpoint_url: str | None 
     Python RNG) and torch RNG (rng.pt). Fetched with sha256 verification."""
     import torch
 
-    from dapo.checkpoint import LEARNER_FILE, MODEL_DIR, RNG_FILE, TRAINER_FILE, read_model_state
-    from dapo.storage import CheckpointStore
+    from dapo.storage.checkpointer import LEARNER_FILE, MODEL_DIR, RNG_FILE, TRAINER_FILE, read_model_state
+    from dapo.storage.store import CheckpointStore
 
     store = CheckpointStore(checkpoint_uri, endpoint_url=endpoint_url)
     info = store.latest()
@@ -264,7 +264,7 @@ def compare_with_reference(reference: Reference, out: Path, checkpoint_uri: str,
 
 def run_reference(run_file: Path, out: Path, env: dict, model_dir: Path, *, checkpoint_uri: str | None = None,
                   endpoint_url: str | None = None) -> Reference:
-    from dapo.checkpoint import read_model_state
+    from dapo.storage.checkpointer import read_model_state
 
     run = Launch(run_file, out, env, name="reference")
     code = run.wait(300)

@@ -39,9 +39,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from dapo.engine import RolloutEngine, Sample
+from dapo.rollout.base import RolloutEngine, Sample
 from dapo.services.http import ReplicaPool, RetryableError, ServiceError, get_json, post_json, split_evenly
-from dapo.weight_sync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
+from dapo.weightsync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
 
 log = logging.getLogger("dapo.services.rollout")
 
@@ -57,7 +57,7 @@ def chunk_seed(seed: int, start: int) -> int:
 
 
 def engine_checksum(engine) -> str | None:
-    """SHA-256 of the engine's named parameters (`dapo.weight_sync.state_checksum`), comparable
+    """SHA-256 of the engine's named parameters (`dapo.weightsync.state_checksum`), comparable
     with the learner's `named_parameters_for_sync()`; None for engines that hold no torch module
     (an engine may offer its own ``state_checksum()``)."""
     own = getattr(engine, "state_checksum", None)

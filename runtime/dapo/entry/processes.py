@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dapo.spec import DAPORun, dump_run
 
-log = logging.getLogger("dapo.launch")
+log = logging.getLogger("dapo.entry.inprocess")
 
 TAIL_LINES = 40
 
@@ -212,14 +212,14 @@ def preflight(run: DAPORun) -> None:
     """Fail before starting any process when the model cannot be found (SpecError naming the
     field). Staging / building it here also means the role processes find it in the cache
     instead of fetching it N times at once."""
-    from dapo.models import resolve_model_dir
+    from dapo.model.loading import resolve_model_dir
 
     resolve_model_dir(run.spec.model, os.environ.get("DAPO_CACHE_DIR") or None)
 
 
 def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
     """Run every role as a local process (see the module docstring); returns the exit code."""
-    from dapo.metrics import remove_handlers, setup_run_logging
+    from dapo.controller.metrics import remove_handlers, setup_run_logging
 
     preflight(run)
     run_dir.mkdir(parents=True, exist_ok=True)

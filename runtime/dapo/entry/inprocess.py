@@ -1,7 +1,7 @@
 """`dapo run FILE`: the embedded single-machine training.
 
 Builds the pieces the controller needs (policy, rollout engine, learner, reward scorer, data,
-checkpoint store) from the run file and hands them to `dapo.trainer.Trainer`. The run directory
+checkpoint store) from the run file and hands them to `dapo.controller.trainer.Trainer`. The run directory
 (default runs/NAME) receives run.yaml (the resolved run file), metrics.jsonl, run.log and, unless
 spec.checkpoint.uri says otherwise, checkpoints/.
 """
@@ -18,7 +18,7 @@ import torch
 
 from dapo.spec import DAPORun, SpecError, dump_run, load_run_file
 
-log = logging.getLogger("dapo.launch")
+log = logging.getLogger("dapo.entry.inprocess")
 
 
 @dataclass
@@ -45,7 +45,7 @@ def pick_device() -> str:
 
 
 def _engine_for(spec, model, tokenizer, device: str):
-    from dapo.engine import HFEngine
+    from dapo.rollout.hf import HFEngine
 
     engine = spec.rollout.engine
     if engine == "vllm":
@@ -57,7 +57,7 @@ def _engine_for(spec, model, tokenizer, device: str):
 
 
 def _torch_learner(model, spec, device):
-    from dapo.learner import TorchLearner
+    from dapo.learner.torch_learner import TorchLearner
 
     return TorchLearner.from_spec(model, spec, device=device)
 
@@ -68,13 +68,13 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     ones the run file names (tests use this to avoid worker processes or model loading).
     ``engine_factory(spec, model, tokenizer, device)`` / ``learner_factory(model, spec, device)``
     replace the in-process HF engine and TorchLearner (learner-0 of a distributed run passes the
-    remote rollout client and the distributed learner: `dapo.roles`)."""
-    from dapo.checkpoint import Checkpointer
-    from dapo.data import PromptSampler, dataset_fingerprint, load_prompts
-    from dapo.engine import encode_prompt
-    from dapo.metrics import MetricsWriter, ProgressLog
-    from dapo.storage import CheckpointStore
-    from dapo.trainer import Trainer, seed_all
+    remote rollout client and the distributed learner: `dapo.entry.roles`)."""
+    from dapo.storage.checkpointer import Checkpointer
+    from dapo.data.prompts import PromptSampler, dataset_fingerprint, load_prompts
+    from dapo.rollout.base import encode_prompt
+    from dapo.controller.metrics import MetricsWriter, ProgressLog
+    from dapo.storage.store import CheckpointStore
+    from dapo.controller.trainer import Trainer, seed_all
 
     spec = run.spec
     device = pick_device()
@@ -84,9 +84,9 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     t0 = time.perf_counter()
     if policy is None:
         try:
-            from dapo.models import load_policy
+            from dapo.model.loading import load_policy
         except ImportError as exc:  # pragma: no cover - the module ships with the package
-            raise RuntimeError(f"dapo.models is missing from this installation ({exc})") from exc
+            raise RuntimeError(f"dapo.model.loading is missing from this installation ({exc})") from exc
         policy = load_policy(spec.model, device=device, cache_dir=cache_dir)
     model, tokenizer = policy
     log.info("policy %s loaded in %.1fs: %.1fM parameters on %s", spec.model.path, time.perf_counter() - t0,
@@ -154,13 +154,13 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
 
 def main_run(args) -> int:
     """Entry point of `dapo run` (see dapo.cli)."""
-    from dapo.metrics import remove_handlers, setup_run_logging
-    from dapo.trainer import DynamicSamplingError
+    from dapo.controller.metrics import remove_handlers, setup_run_logging
+    from dapo.controller.trainer import DynamicSamplingError
 
     run = load_run_file(args.file, list(getattr(args, "overrides", None) or []))
     run_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_run_dir(run)
     if getattr(args, "launcher", "inprocess") == "processes":
-        from dapo.launch_processes import run_processes
+        from dapo.entry.processes import run_processes
 
         return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)))
     run_dir.mkdir(parents=True, exist_ok=True)

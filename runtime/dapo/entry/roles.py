@@ -35,7 +35,7 @@ from pathlib import Path
 
 from dapo.spec import DAPORun, SpecError, load_run_file
 
-log = logging.getLogger("dapo.roles")
+log = logging.getLogger("dapo.entry.roles")
 
 ROLES = ("learner", "rollout", "reward")
 
@@ -78,7 +78,7 @@ def parse_host_port(text: str, variable: str) -> tuple[str, int]:
 def weight_sync_config(rank: int, rollout_replicas: int, verify: bool = False):
     """The weight-sync group of this run from DAPO_WEIGHT_SYNC_ADDR: rank 0 = learner-0,
     rollout replica i = rank i + 1; None when the variable is unset."""
-    from dapo.weight_sync import WeightSyncConfig
+    from dapo.weightsync import WeightSyncConfig
 
     addr = os.environ.get("DAPO_WEIGHT_SYNC_ADDR", "").strip()
     if not addr:
@@ -141,14 +141,14 @@ def build_rollout_engine(spec, cache_dir: str | None):
 
     import torch
 
-    from dapo.launch import pick_device
+    from dapo.entry.inprocess import pick_device
 
     kind = pick_engine(spec.rollout.engine, torch.cuda.is_available(), importlib.util.find_spec("vllm") is not None)
     if kind == "vllm":
         return build_vllm_engine(spec, cache_dir)
-    from dapo.engine import HFEngine
-    from dapo.models import load_policy
-    from dapo.trainer import seed_all
+    from dapo.rollout.hf import HFEngine
+    from dapo.model.loading import load_policy
+    from dapo.controller.trainer import seed_all
 
     device = pick_device()
     seed_all(spec.learner.seed)
@@ -161,8 +161,8 @@ def build_vllm_engine(spec, cache_dir: str | None):
     """`VLLMEngine` on the staged base model, sized from spec.rollout."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from dapo.engine_vllm import VLLMEngine
-    from dapo.models import resolve_model_dir
+    from dapo.rollout.vllm import VLLMEngine
+    from dapo.model.loading import resolve_model_dir
 
     if spec.model.gguf_file:
         raise SpecError("spec.rollout.engine: vllm does not load spec.model.ggufFile here; use engine: hf")
@@ -226,12 +226,12 @@ def make_learner(model, spec, device, world_size: int):
     """TorchLearner for one learner rank; the DistributedLearner (torch DDP-style or DeepSpeed
     ZeRO, spec.learner.strategy) when there are several."""
     if world_size <= 1:
-        from dapo.learner import TorchLearner
+        from dapo.learner.torch_learner import TorchLearner
 
         if spec.learner.strategy != "torch":
             log.info("spec.learner.strategy=%s with one learner rank: training with plain torch", spec.learner.strategy)
         return TorchLearner.from_spec(model, spec, device=device)
-    from dapo.dist_learner import DistributedLearner
+    from dapo.learner.distributed import DistributedLearner
 
     return DistributedLearner.from_spec(model, spec, device=device,
                                         timeout_s=env_float("DAPO_LEARNER_TIMEOUT_S", 1800.0))
@@ -261,9 +261,9 @@ def run_learner(run: DAPORun) -> int:
 
 
 def run_follower(run: DAPORun, world_size: int) -> int:
-    from dapo.launch import pick_device
-    from dapo.models import load_policy
-    from dapo.trainer import seed_all
+    from dapo.entry.inprocess import pick_device
+    from dapo.model.loading import load_policy
+    from dapo.controller.trainer import seed_all
 
     spec = run.spec
     device = pick_device()
@@ -276,10 +276,10 @@ def run_follower(run: DAPORun, world_size: int) -> int:
 
 def run_controller(run: DAPORun, world_size: int) -> int:
     """Learner rank 0 (see the module docstring)."""
-    from dapo.launch import build_embedded_run
+    from dapo.entry.inprocess import build_embedded_run
     from dapo.services.http import parse_urls
     from dapo.services.reward import RemoteScorer
-    from dapo.services.status import StatusServer, placeholder_status
+    from dapo.controller.status_server import StatusServer, placeholder_status
 
     spec = run.spec
     host, port = http_address()

@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import torch
 
 from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
-from dapo.engine import RolloutEngine, Sample, encode_prompt
-from dapo.learner import TrainBatch, make_batch, steps_for_epochs
+from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
+from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
 
-log = logging.getLogger("dapo.trainer")
+log = logging.getLogger("dapo.controller.trainer")
 
 # Surplus groups older than this many weight versions are dropped instead of trained on: they
 # were sampled from a policy too far from the current one.
