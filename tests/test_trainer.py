@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 import dapo.model.loading
-import dapo.reward
+import dapo.wiring
 from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
 from dapo.entry.inprocess import build_embedded_run
@@ -98,7 +98,7 @@ def write_run_file(tmp_path: Path, doc: dict) -> Path:
 def patched(monkeypatch):
     """`dapo run` with the tiny policy and the OverlapScorer; records each step's prompt uids."""
     monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
-    monkeypatch.setattr(dapo.reward, "RewardScorer", lambda **kw: OverlapScorer())
+    monkeypatch.setattr(dapo.wiring, "build_scorer", lambda spec: OverlapScorer())
     batches: list[list[str]] = []
     original = Trainer.collect_groups
 

@@ -46,6 +46,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from dapo.errors import DapoError
 from dapo.learner.torch_learner import (TorchLearner, TrainBatch, check_weight_names, mini_batch_normalisers, parameter_aliases,
                           persistent_buffers, warmup_factor, weight_for)
 
@@ -68,7 +69,7 @@ CMD_LOAD_WEIGHTS = "load_weights"
 CMD_SHUTDOWN = "shutdown"
 
 
-class DistributedLearnerError(RuntimeError):
+class DistributedLearnerError(DapoError, RuntimeError):
     """A rank failed or disappeared; the message names which and what to check."""
 
 
