@@ -28,7 +28,7 @@ import torch
 from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
 from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
 from dapo.errors import DapoError
-from dapo.learner.torch_learner.base import Learner
+from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
