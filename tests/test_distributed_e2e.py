@@ -170,8 +170,12 @@ def test_s3_run_killed_after_a_checkpoint_resumes_at_the_same_data_position(tmp_
 
 
 def s3_trainer_state(client, step: int) -> dict:
-    body = client.get_object(Bucket="bucket", Key=f"run/step-{step:08d}/trainer_state.json")["Body"].read()
-    return json.loads(body)
+    """trainer_state.json of committed checkpoint ``step``: in the attempt folder its manifest names."""
+    def read(key: str) -> dict:
+        return json.loads(client.get_object(Bucket="bucket", Key=key)["Body"].read())
+
+    manifest = read(f"run/step-{step:08d}/manifest.json")
+    return read(f"run/step-{step:08d}/{manifest['attempt']}/trainer_state.json")
 
 
 def run_until_checkpoint(run_file: Path, out: Path, env: dict, client) -> bool:
@@ -210,4 +214,7 @@ def reference_states(run_file: Path, out: Path) -> list[dict]:
         embedded.trainer.train()
     finally:
         embedded.close()
-    return [json.loads((out / "ck" / f"step-{step:08d}" / "trainer_state.json").read_text()) for step in ALL_STEPS]
+    from dapo.storage import CheckpointStore
+
+    store = CheckpointStore(str(out / "ck"), keep=STEPS)
+    return [json.loads((store.fetch(info) / "trainer_state.json").read_text()) for info in store.list_committed()]
