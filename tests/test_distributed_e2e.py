@@ -214,7 +214,7 @@ def reference_states(run_file: Path, out: Path) -> list[dict]:
         embedded.trainer.train()
     finally:
         embedded.close()
-    from dapo.storage import CheckpointStore
+    from dapo.storage.store import CheckpointStore
 
     store = CheckpointStore(str(out / "ck"), keep=STEPS)
     return [json.loads((store.fetch(info) / "trainer_state.json").read_text()) for info in store.list_committed()]

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e .[test])")
 
 from _s3proxy import FaultProxy  # noqa: E402  (shared with tests/faults/)
-from dapo import storage  # noqa: E402
+from dapo.storage import store as storage  # noqa: E402
 from dapo.storage.store import (  # noqa: E402
     CheckpointExistsError,
     CheckpointInfo,
