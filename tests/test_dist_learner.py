@@ -103,7 +103,8 @@ def _checkpointer(out: str) -> Checkpointer:
     return Checkpointer(CheckpointStore(str(Path(out) / "ckpt"), keep=2), None, staging_root=Path(out) / "staging")
 
 
-def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, dtype_name: str, strategy: str) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, dtype_name: str, strategy: str,
+               learner_args: dict) -> None:
     """One learner rank. Rank 0 drives; the others follow()."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       GLOO_SOCKET_IFNAME="lo")
@@ -120,7 +121,7 @@ def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, dtype_
         timeout = 6.0 if scenario == "dead_follower" else 60.0
         overrides = ZERO3_PARTITION_MATRICES if strategy == "deepspeed-zero3" else None
         learner = DistributedLearner(model, strategy=strategy, timeout_s=timeout, poll_s=0.5,
-                                     deepspeed_overrides=overrides, **LEARNER_ARGS)
+                                     deepspeed_overrides=overrides, **learner_args)
         if rank > 0:
             if scenario == "dead_follower":
                 os._exit(0)  # vanish without a word
@@ -187,9 +188,11 @@ def _save_or_resume(learner, tok, batch, out: str, scenario: str, result: dict) 
 
 
 def run_ranks(tmp_path, world: int, scenario: str = "update", dtype: str = "float64",
-              strategy: str = "torch") -> list[dict]:
+              strategy: str = "torch", **learner_overrides) -> list[dict]:
     port = free_port()
-    procs = [CTX.Process(target=_rank_main, args=(r, world, port, str(tmp_path), scenario, dtype, strategy))
+    learner_args = {**LEARNER_ARGS, **learner_overrides}
+    procs = [CTX.Process(target=_rank_main, args=(r, world, port, str(tmp_path), scenario, dtype, strategy,
+                                                  learner_args))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -265,13 +268,42 @@ def _assert_same_update(dist_result: dict, ref: dict, ref_old, ref_metrics, atol
 
 
 def test_two_ranks_give_the_one_rank_update_float64(tmp_path):
-    """Global token-mean + summed gradients: 2 ranks (uneven token counts per rank, 2 micro-batches
-    each, grad clipping active) take exactly the step one rank takes on the full batch."""
+    """Global token-mean + summed gradients: 2 ranks (uneven token counts per rank, one micro-batch
+    each per mini-batch, 2 mini-batches, grad clipping active) take exactly the steps one rank
+    takes on the full batch."""
     results = run_ranks(tmp_path, world=2, dtype="float64")
     ref, old, metrics = reference(torch.float64)
     assert metrics[0]["actor/grad_norm"] > LEARNER_ARGS["grad_clip"]  # the clip is exercised
     assert metrics[0]["actor/pg_clipfrac"] > 0
     _assert_same_update(results[0], ref, old, metrics, atol=1e-10)
+    assert results[1] == {"followed": True}
+
+
+# 8 rows, one optimizer step over all of them: 4 rows per rank, 4 micro-batches of one row each
+ACCUMULATE = dict(mini_batch_rows=8, micro_batch_rows=1)
+
+
+@pytest.mark.parametrize("strategy", ["torch", "deepspeed-zero2", "deepspeed-zero3"])
+def test_two_ranks_accumulating_several_micro_batches_equal_the_full_batch_update(tmp_path, strategy):
+    """Gradient accumulation under data parallelism: each of 2 ranks runs 4 micro-batches (uneven
+    token counts) into one optimizer step; the result equals one process updating on the whole
+    batch in a single micro-batch (weights, and for plain torch the gradients, to float rounding)."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="deepspeed is in the test extra: pip install -e '.[test]'")
+    assert micro_batch_count(ACCUMULATE["mini_batch_rows"] // 2, ACCUMULATE["micro_batch_rows"]) == 4
+    dtype = torch.float64 if strategy == "torch" else torch.float32
+    results = run_ranks(tmp_path, world=2, dtype=str(dtype).removeprefix("torch."), strategy=strategy, **ACCUMULATE)
+    ref, old, metrics = reference(dtype, mini_batch_rows=8, micro_batch_rows=8)
+    assert metrics[0]["actor/grad_norm"] > LEARNER_ARGS["grad_clip"]  # the clip is exercised
+    if strategy == "torch":
+        _assert_same_update(results[0], ref, old, metrics, atol=1e-10)
+    else:  # ZeRO keeps its gradients partitioned inside the optimizer: compare weights and metrics
+        for name, grad in ref["grads"].items():
+            real = grad.abs() > 1e-6
+            torch.testing.assert_close(results[0]["params"][name][real], ref["params"][name][real], atol=2e-6,
+                                       rtol=1e-5, msg=name)
+        for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/entropy", "actor/grad_norm", "actor/lr"):
+            assert results[0]["metrics"][0][key] == pytest.approx(metrics[0][key], abs=1e-5), key
     assert results[1] == {"followed": True}
 
 

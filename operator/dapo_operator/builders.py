@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dapo.contracts import Addresses, role_environment
+import yaml
 from dapo.spec import API_GROUP, API_VERSION, KIND, DAPORun, PodPlacement, dump_run
 
 from . import naming as n
@@ -89,13 +91,23 @@ def _meta(run: DAPORun, name: str, namespace: str, component: str, owner: Owner 
     return meta
 
 
+def pod_run_file(run: DAPORun) -> str:
+    """The run file the pods read: apiVersion, kind, the run's name and the resolved spec (every
+    default filled in), nothing else of the DAPORun's metadata. The API server rewrites the rest
+    (resourceVersion on every status write, generation, managedFields, kopf's annotations and
+    finalizers): copied into the ConfigMap, it would change the ConfigMap at every write."""
+    doc = yaml.safe_load(dump_run(run))
+    doc["metadata"] = {"name": run.metadata.name}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def build_config_map(run: DAPORun, namespace: str, owner: Owner | None = None) -> dict[str, Any]:
-    """ConfigMap RUN-spec holding the resolved run file (every default filled in)."""
+    """ConfigMap RUN-spec holding the pods' run file (`pod_run_file`)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(run, n.config_map_name(run.metadata.name), namespace, "config", owner),
-        "data": {"run.yaml": dump_run(run)},
+        "data": {"run.yaml": pod_run_file(run)},
     }
 
 
@@ -136,35 +148,18 @@ def _resources(placement: PodPlacement) -> dict[str, Any]:
 
 
 def pod_env(run: DAPORun, role: str, index: int, namespace: str, gang_generation: int) -> list[dict[str, Any]]:
-    """Environment of one runtime pod, exactly the variables CONTRACTS.md lists."""
+    """Environment of one runtime pod: the contract variables (dapo.contracts.role_environment)
+    with cluster DNS addresses, plus what the pod's read-only filesystem and S3 need."""
     name = run.metadata.name
     spec = run.spec
-    replicas = role_spec(run, role).replicas
-    env: list[dict[str, Any]] = [
-        {"name": "DAPO_RUN_NAME", "value": name},
-        {"name": "DAPO_NAMESPACE", "value": namespace},
-        {"name": "DAPO_ROLE", "value": role},
-        {"name": "DAPO_REPLICA_INDEX", "value": str(index)},
-        {"name": "DAPO_REPLICAS", "value": str(replicas)},
-        {"name": "DAPO_RUN_FILE", "value": n.RUN_FILE},
-        {"name": "DAPO_GANG_GENERATION", "value": str(gang_generation)},
-    ]
-    if role == "learner":
-        env += [
-            {"name": "RANK", "value": str(index)},
-            {"name": "WORLD_SIZE", "value": str(replicas)},
-            {"name": "MASTER_ADDR", "value": n.pod_dns(name, "learner", 0, namespace)},
-            {"name": "MASTER_PORT", "value": str(n.DIST_PORT)},
-        ]
+    contract = role_environment(
+        run_name=name, namespace=namespace, role=role, index=index,
+        replicas={r: role_spec(run, r).replicas for r in n.ROLES}, run_file=n.RUN_FILE,
+        gang_generation=gang_generation, checkpoint_uri=checkpoint_uri(run), cache_dir=spec.storage.cache_dir,
+        addresses=Addresses(host=lambda peer, i: n.pod_dns(name, peer, i, namespace)))
+    env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in contract.items()]
     env += [
-        {"name": "DAPO_WEIGHT_SYNC_ADDR", "value": f"{n.pod_dns(name, 'learner', 0, namespace)}:{n.WEIGHT_SYNC_PORT}"},
-        {"name": "DAPO_ROLLOUT_URLS", "value": ",".join(
-            f"http://{n.pod_dns(name, 'rollout', i, namespace)}:{n.HTTP_PORT}" for i in range(spec.rollout.replicas))},
-        {"name": "DAPO_REWARD_URLS", "value": ",".join(
-            f"http://{n.pod_dns(name, 'reward', i, namespace)}:{n.HTTP_PORT}" for i in range(spec.reward.replicas))},
-        {"name": "DAPO_CHECKPOINT_URI", "value": checkpoint_uri(run)},
-        {"name": "DAPO_CACHE_DIR", "value": spec.storage.cache_dir},
-        # readOnlyRootFilesystem: every library cache must point at a writable volume.
+    # readOnlyRootFilesystem: every library cache must point at a writable volume.
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": f"{spec.storage.cache_dir.rstrip('/')}/huggingface"},
         {"name": "TORCH_EXTENSIONS_DIR", "value": f"{spec.storage.cache_dir.rstrip('/')}/torch_extensions"},

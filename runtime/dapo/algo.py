@@ -791,8 +791,10 @@ def overlong_filter_mask(response_mask: torch.Tensor, truncated: torch.Tensor) -
 class DynamicSamplingResult:
     """Outcome of DAPO's dynamic-sampling filter on one generation batch.
 
-    keep: bool tensor, one per sample: True for samples of groups whose accuracy varies.
-    kept_groups / all_correct_groups / all_wrong_groups: group ids in first-seen order.
+    keep: bool tensor, one per sample: True for samples of kept groups (accuracy varies, or a
+    group of one).
+    kept_groups / all_correct_groups / all_wrong_groups: group ids in first-seen order (the
+    last two list only dropped groups).
     """
 
     keep: torch.Tensor
@@ -804,10 +806,12 @@ class DynamicSamplingResult:
 def dynamic_sampling_filter(acc: torch.Tensor | Sequence[bool], group_ids: Sequence[Hashable] | torch.Tensor) -> DynamicSamplingResult:
     """Keep the groups whose (unshaped) accuracy varies: some right and some wrong.
 
-    A group with all acc = 1 or all acc = 0 has zero advantage for every sample and gives
-    no gradient, so DAPO drops it. A group of one never varies and is dropped too (and
-    counted as all-correct or all-wrong). Filter on ``acc``, never on the shaped score:
-    overlong shaping can make scores differ inside a group that is uniformly right or wrong.
+    A group of two or more with all acc = 1 or all acc = 0 has zero advantage for every sample
+    and gives no gradient, so DAPO drops it: keep group g iff std(acc_g) > 0 or |g| = 1. A
+    group of one (rollout.n = 1) is kept, as the reference implementation (verl's DAPO
+    trainer) keeps it: it has no spread to test, and dropping it would make a batch of n = 1
+    groups impossible to fill. Filter on ``acc``, never on the shaped score: overlong shaping
+    can make scores differ inside a group that is uniformly right or wrong.
     """
     acc_tensor = torch.as_tensor(acc)
     if acc_tensor.dim() != 1:
@@ -822,7 +826,7 @@ def dynamic_sampling_filter(acc: torch.Tensor | Sequence[bool], group_ids: Seque
     num_groups = len(distinct)
     correct = torch.zeros(num_groups, dtype=torch.long, device=acc_tensor.device).index_add_(0, index, acc_tensor.long())
     total = torch.zeros(num_groups, dtype=torch.long, device=acc_tensor.device).index_add_(0, index, torch.ones_like(index))
-    varies = (correct > 0) & (correct < total)
+    varies = ((correct > 0) & (correct < total)) | (total == 1)
     all_correct = correct == total
     result = DynamicSamplingResult(keep=varies[index])
     for gid, v, c in zip(distinct, varies.tolist(), all_correct.tolist()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dapo.errors import ConfigError, DapoError
 from dapo.spec import SpecError
 
 
@@ -77,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except SpecError as exc:
+    except (SpecError, ConfigError) as exc:  # a bad run file / setting: the message names it and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DapoError as exc:  # the platform refused at run time and says why: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,13 +25,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from dapo.errors import DapoError
+
 API_GROUP = "dapo.dev"
 API_VERSION = "v1alpha1"
 KIND = "DAPORun"
 PLURAL = "daporuns"
 
 
-class SpecError(ValueError):
+class SpecError(DapoError, ValueError):
     """A run file that cannot be used; the message names the field and the fix."""
 
 
@@ -227,7 +229,10 @@ class LearnerSpec(PodPlacement):
     weight_decay: float = Field(0.1, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
     total_steps: int | None = Field(None, ge=1, description="Training steps to run; omitted means totalEpochs passes over the data.")
-    total_epochs: int = Field(1, ge=1, description="Passes over the training prompts when totalSteps is omitted.")
+    total_epochs: int = Field(1, ge=1, description=(
+        "Passes over the training prompts when totalSteps is omitted: training ends after the step in which the "
+        "last prompt of the last pass is drawn (with dynamic sampling a step draws several generation batches, "
+        "so there are fewer steps than totalEpochs x prompts / trainBatchSize)."))
     seed: int = Field(1, description="Seed for data order, sampling and initialisation.")
 
 

@@ -1,4 +1,4 @@
-"""Learner-0's GET /status (the operator polls it; CONTRACTS.md) and GET /healthz.
+"""Learner-0's GET /status (the operator polls it; dapo.contracts.LearnerStatus) and GET /healthz.
 
 A stdlib threading HTTP server: it must answer while the controller thread is busy in a step,
 and before the model has even loaded ("starting"). The document comes from a callable (normally
@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import threading
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from dapo.contracts import LearnerStatus
 
 log = logging.getLogger("dapo.controller.status_server")
 
@@ -26,10 +27,6 @@ _SECRET_PAIR = re.compile(
     r"(?i)((?:aws_)?(?:secret_access_key|access_key_id|session_token|password|passwd|token|api_key|secret)"
     r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)")
 _URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)([^@\s/]+)(@)")
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def redact(value: Any, secrets: list[str] | None = None) -> Any:
@@ -52,10 +49,8 @@ def redact(value: Any, secrets: list[str] | None = None) -> Any:
 def placeholder_status(state: str, message: str = "", total_steps: int = 0, step: int = 0,
                        weight_version: int = 0) -> dict:
     """A /status document before a Trainer exists (or after it could not be built)."""
-    return {"state": state, "step": step, "totalSteps": total_steps, "weightVersion": weight_version,
-            "metrics": {"critic/score/mean": None, "train/acc/mean": None, "response_length/mean": None,
-                        "val/acc/mean": None},
-            "lastCheckpoint": None, "message": message, "updatedAt": now_rfc3339()}
+    return LearnerStatus(state=state, step=step, total_steps=total_steps, weight_version=weight_version,
+                         message=message).document()
 
 
 class StatusServer:

@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from dapo.algo import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter, overlong_filter_mask
-from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
+from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
+from dapo.errors import DapoError
+from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
+from dapo.reward.base import Scorer
+from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 
 log = logging.getLogger("dapo.controller.trainer")
 
@@ -40,7 +41,7 @@ log = logging.getLogger("dapo.controller.trainer")
 MAX_SURPLUS_STALENESS = 1
 
 
-class DynamicSamplingError(RuntimeError):
+class DynamicSamplingError(DapoError, RuntimeError):
     """The generation-batch cap was hit before the batch filled; the message says why and what to change."""
 
 
@@ -89,6 +90,20 @@ class BatchCollection:
     gen_tokens: int = 0
 
 
+def seed_all(seed: int) -> None:
+    """Seed every process-wide random source from the run's seed (spec.learner.seed): Python's
+    ``random``, numpy's legacy global generator (when numpy is installed) and torch (CPU and every
+    CUDA device), so that nothing in a role process starts from OS randomness."""
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for the runtime
+        pass
+    else:
+        numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def seed_for(base_seed: int, step: int, call: int) -> int:
     """A distinct, reproducible sampling seed per (step, generation call): resume at step s samples
     exactly what the uninterrupted run sampled, with no generator state to carry."""
@@ -131,8 +146,8 @@ class Trainer:
         spec,
         *,
         engine: RolloutEngine,
-        learner,
-        scorer,
+        learner: Learner,
+        scorer: Scorer,
         tokenizer,
         train_records: Sequence,
         eval_records: Sequence = (),
@@ -154,10 +169,21 @@ class Trainer:
         self.checkpointer = checkpointer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ls = spec.learner
+        # totalEpochs = passes over the training prompts (as verl, whose loop ends when its prompt
+        # loader is exhausted): training ends after the step in which the sampler hands out the
+        # last prompt of the last pass. Every trained group used up one prompt, so the step count
+        # is at most ceil(epochs * prompts / trainBatchSize): the bound shown as totalSteps until
+        # the passes are done (fewer steps when dynamic sampling drops groups).
+        self.epoch_limit = None if ls.total_steps else ls.total_epochs
         self.total_steps = ls.total_steps or steps_for_epochs(ls.total_epochs, len(self.train_records), ls.train_batch_size)
         self.step = 0
         self.weight_version = engine.weight_version
         self.surplus: list[Group] = []
+        # The controller's own Python RNG, checkpointed and restored: loop code that needs Python
+        # randomness draws from it. The global `random` is seeded (seed_all) but not checkpointed:
+        # libraries draw from it too (botocore's retry jitter), so its state depends on how many
+        # S3 requests were retried and could never match an uninterrupted run's.
+        self.rng = random.Random(ls.seed)
         self.last_metrics: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
         self.last_checkpoint: dict | None = None
@@ -370,11 +396,16 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         every = self.spec.eval.every_steps
-        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps)
+        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps
+                                                           or self.epochs_done())
 
     def _checkpoint_due(self) -> bool:
         every = self.spec.checkpoint.every_steps
-        return self.step == self.total_steps or (every > 0 and self.step % every == 0)
+        return self.step == self.total_steps or self.epochs_done() or (every > 0 and self.step % every == 0)
+
+    def epochs_done(self) -> bool:
+        """With totalEpochs (no totalSteps): the sampler has handed out every prompt of the last pass."""
+        return self.epoch_limit is not None and self.sampler.consumed >= self.epoch_limit * self.sampler.num_items
 
     def run_eval(self) -> None:
         val = self.evaluate()
@@ -393,7 +424,7 @@ class Trainer:
         try:
             if self.step == 0 and self.eval_records and self.spec.eval.before_train:
                 self.run_eval()
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.epochs_done():
                 metrics = self.train_step()
                 self.last_metrics = metrics
                 if self.metrics is not None:
@@ -409,6 +440,10 @@ class Trainer:
             self.state = "failed"
             self.message = str(exc)
             raise
+        if self.epochs_done():
+            log.info("finished %d pass(es) over the %d training prompts in %d steps (at most %d were possible)",
+                     self.epoch_limit, len(self.train_records), self.step, self.total_steps)
+            self.total_steps = self.step
         self.state = "succeeded"
         self.message = f"finished {self.step} steps"
         return self.last_metrics
@@ -416,7 +451,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
-        """The controller's resumable state (JSON-able): position, surplus, versions, RNG."""
+        """The controller's resumable state (JSON-able): position, surplus, versions, its RNG."""
         return {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -424,7 +459,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "surplus": [g.to_state() for g in self.surplus],
             "last_val": self.last_val,
-            "python_random": _encode_py_random(random.getstate()),
+            "python_random": _encode_py_random(self.rng.getstate()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -434,29 +469,17 @@ class Trainer:
         self.surplus = [Group.from_state(g) for g in state["surplus"]]
         self.last_val = dict(state.get("last_val") or {})
         if "python_random" in state:
-            random.setstate(_decode_py_random(state["python_random"]))
+            self.rng.setstate(_decode_py_random(state["python_random"]))
 
     def status(self) -> dict[str, Any]:
-        """The learner-0 /status document (CONTRACTS.md)."""
-        def num(key, source):
-            value = source.get(key)
-            return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-        return {
-            "state": self.state,
-            "step": self.step,
-            "totalSteps": self.total_steps,
-            "weightVersion": self.weight_version,
-            "metrics": {
-                "critic/score/mean": num("critic/score/mean", self.last_metrics),
-                "train/acc/mean": num("train/acc/mean", self.last_metrics),
-                "response_length/mean": num("response_length/mean", self.last_metrics),
-                "val/acc/mean": num("val/acc/mean", self.last_val),
-            },
-            "lastCheckpoint": self.last_checkpoint,
-            "message": self.message,
-            "updatedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
+        """The learner-0 /status document (dapo.contracts.LearnerStatus)."""
+        latest = {**self.last_metrics, **{k: v for k, v in self.last_val.items() if k == "val/acc/mean"}}
+        metrics = LearnerMetrics.model_validate(
+            {field.alias: finite_or_none(latest.get(field.alias)) for field in LearnerMetrics.model_fields.values()})
+        return LearnerStatus(
+            state=self.state, step=self.step, total_steps=self.total_steps, weight_version=self.weight_version,
+            metrics=metrics, last_checkpoint=self.last_checkpoint, message=self.message,
+        ).document()
 
 
 def _encode_py_random(state) -> list:

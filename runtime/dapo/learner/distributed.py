@@ -46,8 +46,10 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from dapo.learner.torch_learner import (TorchLearner, TrainBatch, check_weight_names, loss_kwargs_from_spec, mini_batch_normalisers,
-                          parameter_aliases, persistent_buffers, warmup_factor, weight_for)
+from dapo.errors import DapoError
+from dapo.learner.torch_learner import (TorchLearner, TrainBatch, check_weight_names, loss_kwargs_from_spec,
+                                        mini_batch_normalisers, parameter_aliases, persistent_buffers, warmup_factor,
+                                        weight_for)
 
 log = logging.getLogger("dapo.learner.distributed")
 
@@ -70,7 +72,7 @@ CMD_LOAD_WEIGHTS = "load_weights"
 CMD_SHUTDOWN = "shutdown"
 
 
-class DistributedLearnerError(RuntimeError):
+class DistributedLearnerError(DapoError, RuntimeError):
     """A rank failed or disappeared; the message names which and what to check."""
 
 

@@ -38,8 +38,10 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from dapo.contracts import cache_dir as default_cache_dir
 
 log = logging.getLogger("dapo.model.builtin")
 
@@ -321,11 +323,6 @@ def _build_lock(lock_path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def default_cache_dir() -> Path:
-    """``$DAPO_CACHE_DIR`` or ``~/.cache/dapo``."""
-    return Path(os.environ.get("DAPO_CACHE_DIR") or Path.home() / ".cache" / "dapo")
 
 
 def builtin_path(name: str, cache_dir: str | Path | None = None) -> Path:

@@ -139,6 +139,16 @@ class RewardScorer:
 
     # ---- lifecycle -----------------------------------------------------------------------
 
+    @classmethod
+    def from_spec(cls, spec) -> "RewardScorer":
+        """The scorer a run file asks for (spec.reward, the overlong shaping of spec.algorithm):
+        the one construction every launch mode uses (dapo.wiring)."""
+        ol = spec.algorithm.overlong
+        return cls(timeout_s=spec.reward.timeout_seconds, workers=spec.reward.workers,
+                   default_scorer=spec.reward.scorer, max_response_length=spec.rollout.max_response_length,
+                   overlong_buffer_length=ol.buffer_length, overlong_penalty_factor=ol.penalty_factor,
+                   overlong_enabled=ol.enabled)
+
     def __enter__(self) -> "RewardScorer":
         return self
 
@@ -146,9 +156,11 @@ class RewardScorer:
         self.close()
 
     def __del__(self) -> None:
+        # a scorer nobody closed: stop its workers; at interpreter exit modules may already be
+        # torn down, and an exception from __del__ would only be printed as noise
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from dapo.errors import DapoError
 from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Sample
 
 log = logging.getLogger("dapo.rollout.vllm")
@@ -38,7 +39,7 @@ WORKER_EXTENSION = "dapo.rollout.vllm.WeightSyncWorkerExtension"
 _FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
 
 
-class VLLMEngineError(RuntimeError):
+class VLLMEngineError(DapoError, RuntimeError):
     """vLLM is missing, misconfigured or returned something the trainer cannot use."""
 
 

@@ -29,6 +29,7 @@ weights gives the same samples) and retries a failed chunk on another replica.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -384,8 +385,10 @@ class RemoteRolloutEngine(RolloutEngine):
                 future.result(timeout=max(0.0, deadline - time.monotonic()))
             except ServiceError as exc:
                 notes.append(f"{url}: {exc}")
-            except Exception:  # noqa: BLE001 - still running or timed out: nothing to add
+            except concurrent.futures.TimeoutError:  # still running: nothing to add yet
                 pass
+            except Exception as exc:  # noqa: BLE001 - any other failure of the announce is worth naming
+                notes.append(f"{url}: {type(exc).__name__}: {exc}")
         return (" Replica answers: " + "; ".join(notes)) if notes else ""
 
     def replica_versions(self) -> dict[str, dict]:
