@@ -263,7 +263,6 @@ def test_learner_status_server_of_the_trainer(tmp_path):
 
 def test_engine_choice():
     from dapo.wiring import pick_engine
-    from dapo.entry.roles import pick_engine
     from dapo.spec import SpecError
 
     assert pick_engine("auto", cuda=False, vllm_importable=True) == "hf"
