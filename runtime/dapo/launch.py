@@ -81,6 +81,11 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     cache_dir = os.environ.get("DAPO_CACHE_DIR")
     torch.manual_seed(spec.learner.seed)
 
+    if scorer is None:  # first: a run-file scorer that does not import fails before the model loads
+        from dapo.reward import RewardScorer
+
+        scorer = RewardScorer.from_spec(spec)
+
     t0 = time.perf_counter()
     if policy is None:
         try:
@@ -110,15 +115,6 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     if len(train_records) < spec.rollout.gen_batch_size:
         log.warning("spec.rollout.genBatchSize (%d) is larger than the training set (%d prompts): "
                     "one generation batch repeats prompts", spec.rollout.gen_batch_size, len(train_records))
-
-    if scorer is None:
-        from dapo.reward import RewardScorer
-
-        ol = spec.algorithm.overlong
-        scorer = RewardScorer(timeout_s=spec.reward.timeout_seconds, workers=spec.reward.workers,
-                              default_scorer=spec.reward.scorer, max_response_length=spec.rollout.max_response_length,
-                              overlong_buffer_length=ol.buffer_length, overlong_penalty_factor=ol.penalty_factor,
-                              overlong_enabled=ol.enabled)
 
     if spec.learner.strategy != "torch" and learner_factory is None:
         log.info("spec.learner.strategy=%s applies to distributed learners; the in-process run trains with "

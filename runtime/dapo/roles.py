@@ -206,12 +206,7 @@ def run_reward(run: DAPORun) -> int:
     from dapo.services.http import serve_forever
     from dapo.services.reward import RewardService
 
-    spec = run.spec
-    ol = spec.algorithm.overlong
-    scorer = RewardScorer(timeout_s=spec.reward.timeout_seconds, workers=spec.reward.workers,
-                          default_scorer=spec.reward.scorer, max_response_length=spec.rollout.max_response_length,
-                          overlong_buffer_length=ol.buffer_length, overlong_penalty_factor=ol.penalty_factor,
-                          overlong_enabled=ol.enabled)
+    scorer = RewardScorer.from_spec(run.spec)  # a scorer that does not import: SpecError, exit 2, pod Failed
     service = RewardService(scorer, replica=env_int("DAPO_REPLICA_INDEX", 0))
     host, port = http_address()
     return serve_forever(service.make_app, host, port, on_stop=service.close)
