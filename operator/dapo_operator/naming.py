@@ -20,6 +20,9 @@ KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_TOTAL_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
 KUEUE_GATE = "kueue.x-k8s.io/admission"
 
+# `dapo`'s exit code after a run-file error (dapo.cli): restarting the pod cannot fix it.
+SPEC_ERROR_EXIT_CODE = 2
+
 RUN_FILE_DIR = "/etc/dapo"
 RUN_FILE = f"{RUN_FILE_DIR}/run.yaml"
 
