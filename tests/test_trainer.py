@@ -95,7 +95,7 @@ def write_run_file(tmp_path: Path, doc: dict) -> Path:
 def patched(monkeypatch):
     """`dapo run` with the tiny policy and the OverlapScorer; records each step's prompt uids."""
     monkeypatch.setattr(dapo.models, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
-    monkeypatch.setattr(dapo.reward, "RewardScorer", lambda **kw: OverlapScorer())
+    monkeypatch.setattr(dapo.reward.RewardScorer, "from_spec", classmethod(lambda cls, spec, **kw: OverlapScorer()))
     batches: list[list[str]] = []
     original = Trainer.collect_groups
 

@@ -34,6 +34,10 @@ class EmbeddedRun:
         close = getattr(self.scorer, "close", None)
         if close is not None:
             close()
+        metrics = getattr(self.trainer, "metrics", None)
+        if metrics is not None:  # finish the experiment trackers with the last checkpoint
+            metrics.close(final_checkpoint=getattr(self.trainer, "last_checkpoint", None),
+                          succeeded=getattr(self.trainer, "state", "") == "succeeded")
 
 
 def default_run_dir(run: DAPORun) -> Path:
@@ -74,6 +78,7 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     from dapo.engine import encode_prompt
     from dapo.metrics import MetricsWriter, ProgressLog
     from dapo.storage import CheckpointStore
+    from dapo.tracking import build_trackers
     from dapo.trainer import Trainer
 
     spec = run.spec
@@ -126,7 +131,7 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     store = CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
                             endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
     checkpointer = Checkpointer(store, tokenizer, staging_root=run_dir / ".staging")
-    metrics = MetricsWriter(run_dir)
+    metrics = MetricsWriter(run_dir, trackers=build_trackers(run, run_dir))
     trainer = Trainer(spec, engine=engine, learner=learner, scorer=scorer, tokenizer=tokenizer,
                       train_records=train_records, eval_records=eval_records, sampler=sampler,
                       metrics=metrics, progress=ProgressLog(), checkpointer=checkpointer)

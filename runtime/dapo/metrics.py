@@ -27,16 +27,43 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends metric records to RUN_DIR/metrics.jsonl."""
+    """Appends metric records to RUN_DIR/metrics.jsonl and hands each one to the experiment
+    trackers (``dapo.tracking``: TensorBoard, MLflow, W&B) at the record's step.
 
-    def __init__(self, run_dir: str | Path):
+    A tracker that raises is logged once and skipped from then on: metrics.jsonl is the record of
+    the run, and a tracking server outage must not stop a training."""
+
+    def __init__(self, run_dir: str | Path, trackers: list | tuple = ()):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers = list(trackers)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=False)
         with self.path.open("a") as fh:
             fh.write(line + "\n")
+        if self.trackers:
+            from dapo.tracking import numeric_metrics
+
+            values, step = numeric_metrics(record), int(record.get("step") or 0)
+            for tracker in list(self.trackers):
+                try:
+                    tracker.log(values, step)
+                except Exception as exc:  # noqa: BLE001 - see the class docstring
+                    logging.getLogger("dapo.metrics").warning(
+                        "tracker %s failed at step %d (%s: %s); it gets no more metrics, metrics.jsonl continues",
+                        getattr(tracker, "name", tracker), step, type(exc).__name__, exc)
+                    self.trackers.remove(tracker)
+
+    def close(self, final_checkpoint: dict | None = None, succeeded: bool = True) -> None:
+        """Finish every tracker (the final checkpoint, if any, goes to them as a reference)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            try:
+                tracker.close(final_checkpoint=final_checkpoint, succeeded=succeeded)
+            except Exception as exc:  # noqa: BLE001 - closing is best effort at the end of a run
+                logging.getLogger("dapo.metrics").warning("closing tracker %s failed: %s",
+                                                          getattr(tracker, "name", tracker), exc)
 
     def truncate_after(self, step: int) -> int:
         """Drop lines whose step is > ``step`` (a resumed run re-does those steps); returns how many."""
