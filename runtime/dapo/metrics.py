@@ -37,6 +37,7 @@ class MetricsWriter:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.trackers = list(trackers)
+        self._dropped: list = []  # failed while logging: still closed at the end (best effort)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=False)
@@ -54,10 +55,11 @@ class MetricsWriter:
                         "tracker %s failed at step %d (%s: %s); it gets no more metrics, metrics.jsonl continues",
                         getattr(tracker, "name", tracker), step, type(exc).__name__, exc)
                     self.trackers.remove(tracker)
+                    self._dropped.append(tracker)
 
     def close(self, final_checkpoint: dict | None = None, succeeded: bool = True) -> None:
         """Finish every tracker (the final checkpoint, if any, goes to them as a reference)."""
-        trackers, self.trackers = self.trackers, []
+        trackers, self.trackers, self._dropped = self.trackers + self._dropped, [], []
         for tracker in trackers:
             try:
                 tracker.close(final_checkpoint=final_checkpoint, succeeded=succeeded)
