@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dapo.tracking import numeric_metrics
+
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "run.log"
 
@@ -38,24 +40,27 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.trackers = list(trackers)
         self._dropped: list = []  # failed while logging: still closed at the end (best effort)
+        self._latest: dict[str, float] = {}  # the last value of every numeric metric (GET /metrics)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=False)
         with self.path.open("a") as fh:
             fh.write(line + "\n")
-        if self.trackers:
-            from dapo.tracking import numeric_metrics
+        values, step = numeric_metrics(record), int(record.get("step") or 0)
+        self._latest.update(values)
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(values, step)
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                logging.getLogger("dapo.metrics").warning(
+                    "tracker %s failed at step %d (%s: %s); it gets no more metrics, metrics.jsonl continues",
+                    getattr(tracker, "name", tracker), step, type(exc).__name__, exc)
+                self.trackers.remove(tracker)
+                self._dropped.append(tracker)
 
-            values, step = numeric_metrics(record), int(record.get("step") or 0)
-            for tracker in list(self.trackers):
-                try:
-                    tracker.log(values, step)
-                except Exception as exc:  # noqa: BLE001 - see the class docstring
-                    logging.getLogger("dapo.metrics").warning(
-                        "tracker %s failed at step %d (%s: %s); it gets no more metrics, metrics.jsonl continues",
-                        getattr(tracker, "name", tracker), step, type(exc).__name__, exc)
-                    self.trackers.remove(tracker)
-                    self._dropped.append(tracker)
+    def latest_values(self) -> dict[str, float]:
+        """The latest value of every numeric metric written so far (train and eval records)."""
+        return dict(self._latest)
 
     def close(self, final_checkpoint: dict | None = None, succeeded: bool = True) -> None:
         """Finish every tracker (the final checkpoint, if any, goes to them as a reference)."""
