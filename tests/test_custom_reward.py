@@ -205,3 +205,16 @@ def test_reward_role_fails_fast_with_the_message(tmp_path):
     done = _cli("role", "reward", "--config", str(run), cwd=tmp_path)
     assert done.returncode == 2
     assert "spec.reward.scorers[0].function" in done.stderr and "no such file" in done.stderr
+
+
+def test_example_format_scorer_through_the_pool(monkeypatch):
+    """examples/custom-scorer.yaml's rule, as `dapo run` from the repository root resolves it."""
+    from dapo.spec import load_run_file
+
+    monkeypatch.chdir(REPO)
+    spec = load_run_file(REPO / "examples/custom-scorer.yaml").spec
+    with RewardScorer.from_spec(spec, overlong_enabled=False) as scorer:
+        results = scorer.score_batch(["Answer: 84", "Answer: 85", "Answer: 8x", "84"], ["1"] * 4, ["arith"] * 4)
+    assert [(r.score, r.acc, r.pred) for r in results] == [
+        (1.0, True, "84"), (0.0, False, "85"), (-1.0, False, "[INVALID]"), (-1.0, False, "[INVALID]")]
+    assert results[0].scorer == f"{REPO}/examples/scorers/even_answer.py:compute_score"
