@@ -32,7 +32,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from dapo.weight_sync import (  # noqa: E402
+from dapo.weightsync import (  # noqa: E402
     WeightReceiver,
     WeightSender,
     WeightSyncConfig,

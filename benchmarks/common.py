@@ -33,7 +33,7 @@ BENCH_CACHE = Path(os.environ.get("DAPO_BENCH_CACHE", REPO / ".bench-cache"))
 
 def arith_data_paths() -> tuple[Path, Path]:
     """(train, eval) JSONL files of the quickstart arithmetic task (examples/data, regenerated
-    with ``dapo.builtin.write_arith_data`` when a checkout lacks them)."""
+    with ``dapo.model.builtin.write_arith_data`` when a checkout lacks them)."""
     train, held_out = REPO / "examples/data/arith-train.jsonl", REPO / "examples/data/arith-eval.jsonl"
     if not (train.is_file() and held_out.is_file()):
         from dapo import builtin
@@ -45,11 +45,11 @@ def arith_data_paths() -> tuple[Path, Path]:
 def read_prompt_set(path: Path | str, *, template: str = "none", limit: int | None = None,
                     max_prompt_length: int | None = None, tokenizer=None) -> list[tuple[list[dict], str]]:
     """(chat messages, ground truth) pairs of a prompt set, read by the trainer's own loader
-    (``dapo.data.load_prompts``: .jsonl or DAPO .parquet, the same template, de-duplication,
+    (``dapo.data.prompts.load_prompts``: .jsonl or DAPO .parquet, the same template, de-duplication,
     conflict drop, token-length filter and first-``limit`` cut as ``dapo run``), so a benchmark
     that drives another framework sees exactly the prompts our trainer sees."""
-    from dapo.data import load_prompts
-    from dapo.engine import encode_prompt
+    from dapo.data.prompts import load_prompts
+    from dapo.rollout.base import encode_prompt
 
     measure = (lambda messages: len(encode_prompt(tokenizer, messages))) if tokenizer is not None else None
     try:
@@ -62,7 +62,7 @@ def read_prompt_set(path: Path | str, *, template: str = "none", limit: int | No
 
 def tiny_model_path() -> Path:
     """The built ``builtin:arith-tiny`` folder (built and cached on first use)."""
-    from dapo.builtin import builtin_path
+    from dapo.model.builtin import builtin_path
 
     return builtin_path("arith-tiny")
 
@@ -79,7 +79,7 @@ def heldout_accuracy(model, tokenizer, problems: Sequence[tuple[list[dict], str]
     them; the same definition as the trainer's ``val/acc/mean``."""
     import torch
 
-    from dapo.engine import encode_prompt
+    from dapo.rollout.base import encode_prompt
     from dapo.reward import score_math_dapo
 
     was_training = model.training

@@ -1,6 +1,6 @@
 """Micro benchmarks: rollout-engine overhead and dynamic-sampling efficiency.
 
-1. ``engine``: our HF rollout engine (dapo.engine.HFEngine: batched sampling with per-token
+1. ``engine``: our HF rollout engine (dapo.rollout.hf.HFEngine: batched sampling with per-token
    log-probs and per-row EOS) against raw ``model.generate`` (sampling, no log-probs) on the
    same randomly initialised Qwen2 model, the same prompts and lengths. The two are timed in
    alternation; figures are medians over repeats. A random model over a 4k vocabulary almost
@@ -50,7 +50,7 @@ def random_qwen2(hidden: int, layers: int, vocab: int, seed: int = 0):
 def engine_overhead(args) -> dict:
     import torch
 
-    from dapo.engine import HFEngine
+    from dapo.rollout.hf import HFEngine
 
     torch.set_num_threads(args.threads)
     model = random_qwen2(args.hidden, args.layers, args.vocab)

@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(args):
-    from dapo.models import load_policy
+    from dapo.model.loading import load_policy
     from dapo.spec import ModelSpec
 
     return load_policy(ModelSpec(path=args.model, gguf_file=args.gguf_file), device="cpu")
@@ -122,7 +122,7 @@ def make_reward(recorder: Recorder, tokenizer, max_len: int, buffer: int):
     import torch
 
     from dapo.algo import overlong_penalty
-    from dapo.engine import encode_prompt
+    from dapo.rollout.base import encode_prompt
     from dapo.reward import score_math_dapo
 
     def dapo_math_reward(prompts, completions, completion_ids, answer, **_):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dapo import builtin
-from dapo.builtin import ArithRecipe, build_arith_tiny, build_tokenizer, builtin_path, split_problems
+from dapo.model.builtin import ArithRecipe, build_arith_tiny, build_tokenizer, builtin_path, split_problems
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
@@ -108,7 +108,7 @@ def test_committed_data_files_equal_the_generator(tmp_path):
     assert len(written) == 4
     for path in written:
         assert content(DATA / path.name) == content(path), (
-            f"examples/data/{path.name} is stale: run `python -m dapo.builtin write-data examples/data`")
+            f"examples/data/{path.name} is stale: run `python -m dapo.model.builtin write-data examples/data`")
 
 
 def test_data_files_are_disjoint_and_cover_the_task():
@@ -127,7 +127,7 @@ def test_data_files_are_disjoint_and_cover_the_task():
 
 
 def test_committed_data_loads_with_the_project_loader():
-    from dapo.data import load_prompts
+    from dapo.data.prompts import load_prompts
 
     records, _report = load_prompts(DATA / builtin.EVAL_FILE, template="none")
     assert len(records) == 200 and records[0].ground_truth.isdigit()
@@ -135,7 +135,7 @@ def test_committed_data_loads_with_the_project_loader():
 
 
 def test_fewshot_prompts_load_as_chat_messages_ending_in_the_question():
-    from dapo.data import load_prompts
+    from dapo.data.prompts import load_prompts
 
     records, _report = load_prompts(DATA / builtin.FEWSHOT_EVAL_FILE, template="none")
     plain = _read_jsonl(DATA / builtin.EVAL_FILE)

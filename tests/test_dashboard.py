@@ -49,13 +49,13 @@ def operator_exported() -> set[str]:
 @pytest.fixture(scope="module")
 def learner_exported(tmp_path_factory) -> set[str]:
     """Sample names of GET /metrics after one step + eval of a real Trainer (tiny policy, real
-    reward pool), served by the StatusServer exactly as roles.run_controller wires it."""
+    reward pool), served by the StatusServer exactly as dapo.entry.roles.run_controller wires it."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from _dapo_runs import run_doc, write_data
     from _dapo_tiny import tiny_policy
-    from dapo.launch import build_embedded_run
-    from dapo.services.status import StatusServer
+    from dapo.entry.inprocess import build_embedded_run
+    from dapo.controller.status_server import StatusServer
     from dapo.spec import parse_run
 
     tmp = tmp_path_factory.mktemp("learner")

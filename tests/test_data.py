@@ -1,4 +1,4 @@
-"""Tests of dapo.data: the prompt loader (real public sets + synthetic edge cases) and the sampler.
+"""Tests of dapo.data.prompts: the prompt loader (real public sets + synthetic edge cases) and the sampler.
 
 Run: .venv/bin/pytest -s tests/test_data.py   (-s shows the printed counts)
 """
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import dapo
-from dapo.data import (
+from dapo.data.prompts import (
     DAPO_PROMPT_PREFIX,
     DAPO_PROMPT_SUFFIX,
     LoadReport,
@@ -374,9 +374,9 @@ def test_s3_uris_go_through_the_storage_seam(tmp_path, monkeypatch):
         calls.append((uri, cache_dir))
         return local
 
-    fake = types.ModuleType("dapo.storage")
+    fake = types.ModuleType("dapo.storage.store")
     fake.stage = fake_stage
-    monkeypatch.setitem(sys.modules, "dapo.storage", fake)
+    monkeypatch.setitem(sys.modules, "dapo.storage.store", fake)
     monkeypatch.setattr(dapo, "storage", fake, raising=False)
     records, report = load_prompts("s3://bucket/sets/train.jsonl", cache_dir=tmp_path / "cache")
     assert calls == [("s3://bucket/sets/train.jsonl", tmp_path / "cache")]
@@ -390,17 +390,17 @@ def test_s3_uris_go_through_the_storage_seam(tmp_path, monkeypatch):
 def test_local_loading_never_imports_storage(tmp_path):
     path = write_jsonl(tmp_path / "local.jsonl", [{"problem": "p", "answer": "1"}])
     code = (
-        "import sys; from dapo.data import load_prompts; load_prompts(sys.argv[1]); "
-        "assert 'dapo.storage' not in sys.modules and 'boto3' not in sys.modules, sorted(sys.modules)"
+        "import sys; from dapo.data.prompts import load_prompts; load_prompts(sys.argv[1]); "
+        "assert 'dapo.storage.store' not in sys.modules and 'boto3' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
 
 
 def test_summary_is_logged(tmp_path, caplog):
     path = write_jsonl(tmp_path / "log.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "p", "answer": "2"}, {"problem": "q", "answer": "3"}])
-    with caplog.at_level(logging.INFO, logger="dapo.data"):
+    with caplog.at_level(logging.INFO, logger="dapo.data.prompts"):
         _, report = load_prompts(path)
-    messages = [r.getMessage() for r in caplog.records if r.name == "dapo.data"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "dapo.data.prompts"]
     assert report.summary() in messages
     assert any("different ground truths" in m for m in messages)
     assert "\n" not in report.summary()

@@ -1,4 +1,4 @@
-"""dapo.dist_learner over real gloo groups: separate processes on loopback, free ports.
+"""dapo.learner.distributed over real gloo groups: separate processes on loopback, free ports.
 
 The learner ranks are child processes (torch threads 1); rank 0 plays the controller and writes
 what it saw to a file the test compares with a single-process `TorchLearner` on the whole batch.
@@ -21,15 +21,15 @@ import torch
 import torch.multiprocessing as mp
 
 from _dapo_tiny import tiny_policy
-from dapo.checkpoint import MODEL_DIR, Checkpointer
-from dapo.dist_learner import DistributedLearner, DistributedLearnerError, micro_batch_count, shard_bounds
-from dapo.engine import encode_prompt
-from dapo.learner import TorchLearner, make_batch
-from dapo.storage import CheckpointStore
+from dapo.storage.checkpointer import MODEL_DIR, Checkpointer
+from dapo.learner.distributed import DistributedLearner, DistributedLearnerError, micro_batch_count, shard_bounds
+from dapo.rollout.base import encode_prompt
+from dapo.learner.torch_learner import TorchLearner, make_batch
+from dapo.storage.store import CheckpointStore
 
 torch.set_num_threads(2)
 CTX = mp.get_context("forkserver")
-CTX.set_forkserver_preload(["torch", "transformers.models.qwen2.modeling_qwen2", "dapo.learner"])
+CTX.set_forkserver_preload(["torch", "transformers.models.qwen2.modeling_qwen2", "dapo.learner.torch_learner"])
 JOIN_TIMEOUT_S = 90
 LEARNER_ARGS = dict(lr=1e-2, weight_decay=0.0, warmup_steps=2, grad_clip=0.5, mini_batch_rows=4, micro_batch_rows=2,
                     ppo_epochs=1)
@@ -76,7 +76,7 @@ class _SyncRecorder:
 
 
 class _TrainerState:
-    """The parts of `dapo.trainer.Trainer` that `Checkpointer` reads and restores."""
+    """The parts of `dapo.controller.trainer.Trainer` that `Checkpointer` reads and restores."""
 
     def __init__(self, learner, step: int):
         self.learner, self.step, self.weight_version, self.total_steps = learner, step, step, 10

@@ -64,7 +64,7 @@ def steps_of(run_dir: Path) -> list[dict]:
 def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     from safetensors.torch import load_file
 
-    from dapo.weight_sync import state_checksum
+    from dapo.weightsync import state_checksum
 
     doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=2, rollouts=2, steps=3,
                   checkpoint={"everySteps": 0, "keep": 1})
@@ -195,7 +195,7 @@ def run_until_checkpoint(run_file: Path, out: Path, env: dict, client) -> bool:
 
 def reference_states(run_file: Path, out: Path) -> list[dict]:
     """The controller state after each step of an uninterrupted in-process run."""
-    from dapo.launch import build_embedded_run
+    from dapo.entry.inprocess import build_embedded_run
     from dapo.spec import load_run_file
 
     from test_trainer import OverlapScorer

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from _dapo_tiny import tiny_policy
-from dapo.engine import FINISH_LENGTH, FINISH_STOP, HFEngine, encode_prompt, top_p_filter
+from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP, encode_prompt
+from dapo.rollout.hf import HFEngine, top_p_filter
 
 torch.set_num_threads(2)
 

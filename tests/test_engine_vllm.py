@@ -1,4 +1,4 @@
-"""dapo.engine_vllm: the pure parts (vLLM is GPU-only and not installed here).
+"""dapo.rollout.vllm: the pure parts (vLLM is GPU-only and not installed here).
 
 vLLM-shaped outputs are built with SimpleNamespace and dicts exactly as vLLM returns them
 (RequestOutput.outputs -> CompletionOutput with token_ids, logprobs = [{token_id: Logprob}],
@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dapo.engine import FINISH_LENGTH, FINISH_STOP
-from dapo.engine_vllm import (
+from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP
+from dapo.rollout.vllm import (
     VLLMEngine,
     VLLMEngineError,
     WeightSyncWorkerExtension,
@@ -27,7 +27,7 @@ from dapo.engine_vllm import (
     samples_from_outputs,
     sampling_kwargs,
 )
-from dapo.weight_sync import WeightSender, WeightSyncConfig
+from dapo.weightsync import WeightSender, WeightSyncConfig
 
 
 def logprob(value):
@@ -46,7 +46,7 @@ def completion(index, ids, lps, reason, extra_top=False):
 
 
 def test_module_imports_without_vllm():
-    assert importlib.util.find_spec("dapo.engine_vllm") is not None
+    assert importlib.util.find_spec("dapo.rollout.vllm") is not None
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(VLLMEngineError, match="pip install vllm"):
             VLLMEngine("/nowhere", eos_ids=[2])

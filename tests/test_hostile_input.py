@@ -26,7 +26,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dapo.data import load_prompts
+from dapo.data.prompts import load_prompts
 from dapo.spec import DAPORun, SpecError, load_run_file, parse_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -512,7 +512,7 @@ def test_scorer_non_string_inputs_are_failed_not_raised(scorer):
 
 @pytest.fixture()
 def tokenizer_folder(tmp_path):
-    from dapo.builtin import build_tokenizer
+    from dapo.model.builtin import build_tokenizer
 
     folder = tmp_path / "model"
     build_tokenizer().save_pretrained(folder)
@@ -520,7 +520,7 @@ def tokenizer_folder(tmp_path):
 
 
 def test_model_path_that_is_a_file(tmp_path):
-    from dapo.models import resolve_model_dir
+    from dapo.model.loading import resolve_model_dir
     from dapo.spec import ModelSpec
 
     weights = tmp_path / "model.safetensors"
@@ -530,7 +530,7 @@ def test_model_path_that_is_a_file(tmp_path):
 
 
 def test_model_gguf_file_that_is_a_folder_or_junk(tokenizer_folder):
-    from dapo.models import load_policy, resolve_model_dir
+    from dapo.model.loading import load_policy, resolve_model_dir
     from dapo.spec import ModelSpec
 
     (tokenizer_folder / "sub.gguf").mkdir()
@@ -542,7 +542,7 @@ def test_model_gguf_file_that_is_a_folder_or_junk(tokenizer_folder):
 
 
 def test_model_folder_with_a_broken_config(tokenizer_folder):
-    from dapo.models import load_policy
+    from dapo.model.loading import load_policy
     from dapo.spec import ModelSpec
 
     (tokenizer_folder / "config.json").write_text("{not json")

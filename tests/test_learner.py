@@ -9,8 +9,9 @@ import torch
 
 from _dapo_tiny import tiny_policy
 from dapo.algo import log_probs_from_logits, policy_loss
-from dapo.engine import HFEngine, encode_prompt
-from dapo.learner import TorchLearner, make_batch, steps_for_epochs, warmup_factor
+from dapo.rollout.base import encode_prompt
+from dapo.rollout.hf import HFEngine
+from dapo.learner.torch_learner import TorchLearner, make_batch, steps_for_epochs, warmup_factor
 
 torch.set_num_threads(2)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from dapo.builtin import build_tokenizer
-from dapo.models import load_policy, resolve_model_dir
+from dapo.model.builtin import build_tokenizer
+from dapo.model.loading import load_policy, resolve_model_dir
 from dapo.spec import ModelSpec, SpecError
 
 

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from _dapo_tiny import tiny_policy
-from dapo.engine import HFEngine, RolloutEngine, encode_prompt
+from dapo.rollout.base import RolloutEngine, encode_prompt
+from dapo.rollout.hf import HFEngine
 from dapo.services.http import AppThread, ServiceError, split_evenly
 from dapo.services.reward import RemoteScorer, RewardService
 from dapo.services.rollout import RemoteRolloutEngine, RolloutService, chunk_seed, parse_generate_request
-from dapo.services.status import StatusServer, placeholder_status, redact
-from dapo.weight_sync import WeightSyncConfig, state_checksum
+from dapo.controller.status_server import StatusServer, placeholder_status, redact
+from dapo.weightsync import WeightSyncConfig, state_checksum
 
 torch.set_num_threads(1)
 
@@ -257,7 +258,7 @@ def test_learner_status_server_of_the_trainer(tmp_path):
 
 
 def test_engine_choice():
-    from dapo.roles import pick_engine
+    from dapo.wiring import pick_engine
     from dapo.spec import SpecError
 
     assert pick_engine("auto", cuda=False, vllm_importable=True) == "hf"
@@ -268,7 +269,7 @@ def test_engine_choice():
 
 
 def test_process_env_follows_the_contract(tmp_path):
-    from dapo.launch_processes import process_env
+    from dapo.entry.processes import process_env
     from dapo.spec import parse_run
 
     run = parse_run({"metadata": {"name": "r"}, "spec": {
@@ -293,7 +294,7 @@ def test_process_env_follows_the_contract(tmp_path):
 def test_controller_that_cannot_start_serves_failed_then_exits_non_zero(tmp_path, monkeypatch):
     import threading
 
-    from dapo.roles import run_controller
+    from dapo.entry.roles import run_controller
     from dapo.spec import parse_run
 
     port = free_port()

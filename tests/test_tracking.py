@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dapo.models
+import dapo.model.loading
 from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
-from dapo.metrics import MetricsWriter
+from dapo.controller.metrics import MetricsWriter
 from dapo.spec import SpecError, load_run_file, parse_run
 from dapo.tracking import MlflowTracker, TrackingError, flat_params, numeric_metrics
 
@@ -83,7 +83,7 @@ def test_quickstart_run_feeds_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setattr(dapo.models, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_SILENT", "true")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -183,7 +183,7 @@ class _Recorder:
 def test_metrics_writer_feeds_trackers_and_survives_a_broken_one(tmp_path, caplog):
     broken, recorder = _Broken(), _Recorder()
     writer = MetricsWriter(tmp_path, trackers=[broken, recorder])
-    with caplog.at_level(logging.WARNING, logger="dapo.metrics"):
+    with caplog.at_level(logging.WARNING, logger="dapo.controller.metrics"):
         writer.write({"step": 1, "actor/pg_loss": 0.5, "critic/score/mean": float("nan"), "train/flag": True,
                       "note": "text"})
         writer.write({"step": 2, "actor/pg_loss": 0.25})

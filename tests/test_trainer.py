@@ -19,13 +19,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import dapo.models
-import dapo.reward
+import dapo.model.loading
+import dapo.wiring
 from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
-from dapo.launch import build_embedded_run
+from dapo.entry.inprocess import build_embedded_run
 from dapo.spec import SpecError, parse_run
-from dapo.trainer import DynamicSamplingError, Trainer
+from dapo.controller.trainer import DynamicSamplingError, Trainer
 
 torch.set_num_threads(2)
 
@@ -94,8 +94,8 @@ def write_run_file(tmp_path: Path, doc: dict) -> Path:
 @pytest.fixture
 def patched(monkeypatch):
     """`dapo run` with the tiny policy and the OverlapScorer; records each step's prompt uids."""
-    monkeypatch.setattr(dapo.models, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
-    monkeypatch.setattr(dapo.reward.RewardScorer, "from_spec", classmethod(lambda cls, spec, **kw: OverlapScorer()))
+    monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    monkeypatch.setattr(dapo.wiring, "build_scorer", lambda spec: OverlapScorer())
     batches: list[list[str]] = []
     original = Trainer.collect_groups
 
@@ -220,7 +220,7 @@ def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):
 def test_real_reward_scorer_all_wrong_cap_through_dapo_run(tmp_path, monkeypatch):
     """The real RewardScorer (math_dapo in worker processes): a random model never writes
     'Answer: <n>', every group is all-wrong, and `dapo run` exits 1 with the explanation."""
-    monkeypatch.setattr(dapo.models, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
     doc = run_doc(tmp_path, algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
                   eval={"beforeTrain": False})
     run_dir = tmp_path / "real"

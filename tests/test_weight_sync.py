@@ -1,4 +1,4 @@
-"""dapo.weight_sync over real gloo groups between separate processes on loopback.
+"""dapo.weightsync over real gloo groups between separate processes on loopback.
 
 The receivers are spawned processes (torch threads 1) driven by a command queue, so one set
 of processes serves several groups; the sender runs in the test process.
@@ -16,20 +16,20 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dapo.weight_sync import (
-    MAGIC,
+from dapo.weightsync import (
     WeightReceiver,
     WeightSender,
     WeightSyncConfig,
     WeightSyncError,
-    _unpack,
     load_into_module,
     state_checksum,
 )
+from dapo.weightsync.wire import MAGIC
+from dapo.weightsync.wire import unpack as _unpack
 
 SPAWN = mp.get_context("forkserver")
 # children fork from one server that imported torch + transformers once (spawn re-imports per child)
-SPAWN.set_forkserver_preload(["torch", "transformers.models.qwen2.modeling_qwen2", "dapo.weight_sync"])
+SPAWN.set_forkserver_preload(["torch", "transformers.models.qwen2.modeling_qwen2", "dapo.weightsync"])
 RESULT_TIMEOUT_S = 60
 
 
@@ -218,15 +218,21 @@ def test_two_receivers_match_sender_over_two_versions(receivers, bucket_bytes):
         close_group(sender, receivers)
 
 
-def test_checksums_catch_corruption_and_abort_is_reported(receivers):
+def test_checksums_catch_corruption_and_abort_is_reported(receivers, monkeypatch):
     model = tiny_qwen2(seed=1)
     sender = open_group(receivers, bucket_bytes=16 << 10, verify_checksums=True)
     try:
-        def corrupt(bucket_index, data):
+        finish_manifest = sender._finish_manifest
+
+        def corrupt(state, data, entries, direct):
+            # after the checksums are taken, before the bucket is broadcast
+            bucket_index = state.buckets
+            manifest = finish_manifest(state, data, entries, direct)
             if bucket_index == 1:
                 data[7] ^= 0xFF
+            return manifest
 
-        sender._corrupt_bucket_hook = corrupt
+        monkeypatch.setattr(sender, "_finish_manifest", corrupt)
         receivers.post("receive")
         with pytest.raises(WeightSyncError, match="checksum mismatch") as caught:
             sender.send(model.state_dict().items(), 1)
@@ -235,7 +241,7 @@ def test_checksums_catch_corruption_and_abort_is_reported(receivers):
             assert not result["ok"] and "checksum mismatch" in result["value"]
             assert result["version"] is None  # not applied
 
-        sender._corrupt_bucket_hook = None
+        monkeypatch.setattr(sender, "_finish_manifest", finish_manifest)
         _, got = sync(sender, receivers, model, version=2)
         assert all(r["ok"] and r["value"]["checksum"] == state_checksum(model)
                    for r in got.values())

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dapo.contracts import Addresses, role_environment
 from dapo.spec import API_GROUP, API_VERSION, KIND, SCORER_MOUNT_DIR, DAPORun, PodPlacement, dump_run
 
 from . import naming as n
@@ -136,35 +137,18 @@ def _resources(placement: PodPlacement) -> dict[str, Any]:
 
 
 def pod_env(run: DAPORun, role: str, index: int, namespace: str, gang_generation: int) -> list[dict[str, Any]]:
-    """Environment of one runtime pod, exactly the variables CONTRACTS.md lists."""
+    """Environment of one runtime pod: the contract variables (dapo.contracts.role_environment)
+    with cluster DNS addresses, plus what the pod's read-only filesystem and S3 need."""
     name = run.metadata.name
     spec = run.spec
-    replicas = role_spec(run, role).replicas
-    env: list[dict[str, Any]] = [
-        {"name": "DAPO_RUN_NAME", "value": name},
-        {"name": "DAPO_NAMESPACE", "value": namespace},
-        {"name": "DAPO_ROLE", "value": role},
-        {"name": "DAPO_REPLICA_INDEX", "value": str(index)},
-        {"name": "DAPO_REPLICAS", "value": str(replicas)},
-        {"name": "DAPO_RUN_FILE", "value": n.RUN_FILE},
-        {"name": "DAPO_GANG_GENERATION", "value": str(gang_generation)},
-    ]
-    if role == "learner":
-        env += [
-            {"name": "RANK", "value": str(index)},
-            {"name": "WORLD_SIZE", "value": str(replicas)},
-            {"name": "MASTER_ADDR", "value": n.pod_dns(name, "learner", 0, namespace)},
-            {"name": "MASTER_PORT", "value": str(n.DIST_PORT)},
-        ]
+    contract = role_environment(
+        run_name=name, namespace=namespace, role=role, index=index,
+        replicas={r: role_spec(run, r).replicas for r in n.ROLES}, run_file=n.RUN_FILE,
+        gang_generation=gang_generation, checkpoint_uri=checkpoint_uri(run), cache_dir=spec.storage.cache_dir,
+        addresses=Addresses(host=lambda peer, i: n.pod_dns(name, peer, i, namespace)))
+    env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in contract.items()]
     env += [
-        {"name": "DAPO_WEIGHT_SYNC_ADDR", "value": f"{n.pod_dns(name, 'learner', 0, namespace)}:{n.WEIGHT_SYNC_PORT}"},
-        {"name": "DAPO_ROLLOUT_URLS", "value": ",".join(
-            f"http://{n.pod_dns(name, 'rollout', i, namespace)}:{n.HTTP_PORT}" for i in range(spec.rollout.replicas))},
-        {"name": "DAPO_REWARD_URLS", "value": ",".join(
-            f"http://{n.pod_dns(name, 'reward', i, namespace)}:{n.HTTP_PORT}" for i in range(spec.reward.replicas))},
-        {"name": "DAPO_CHECKPOINT_URI", "value": checkpoint_uri(run)},
-        {"name": "DAPO_CACHE_DIR", "value": spec.storage.cache_dir},
-        # readOnlyRootFilesystem: every library cache must point at a writable volume.
+    # readOnlyRootFilesystem: every library cache must point at a writable volume.
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": f"{spec.storage.cache_dir.rstrip('/')}/huggingface"},
         {"name": "TORCH_EXTENSIONS_DIR", "value": f"{spec.storage.cache_dir.rstrip('/')}/torch_extensions"},

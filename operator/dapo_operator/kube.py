@@ -14,12 +14,13 @@ from typing import Any
 import aiohttp
 import kopf
 
+from dapo.errors import DapoError
 from dapo.spec import API_GROUP, API_VERSION, PLURAL
 
 CORE_PATHS = {"Pod": "pods", "ConfigMap": "configmaps", "Service": "services"}
 
 
-class KubeError(RuntimeError):
+class KubeError(DapoError, RuntimeError):
     """An API call the operator could not complete; the message has the verb, path and answer."""
 
 

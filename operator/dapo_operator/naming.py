@@ -1,15 +1,14 @@
-"""Names, labels and DNS addresses of a DAPORun's children (CONTRACTS.md, fixed)."""
+"""Names, labels and DNS addresses of a DAPORun's children.
+
+Roles, ports and the run-file path are the runtime's contracts (dapo.contracts), re-exported
+here so the builders read as one vocabulary; docs/architecture.md lists them.
+"""
 
 from __future__ import annotations
 
-ROLES = ("learner", "rollout", "reward")
-# A dead pod of these roles restarts every pod of them (they share a process group);
-# a dead reward pod is replaced alone (it is a stateless scoring service).
-GANG_ROLES = ("learner", "rollout")
+from dapo.contracts import DIST_PORT, GANG_ROLES, HTTP_PORT, ROLES, RUN_FILE, RUN_FILE_DIR, WEIGHT_SYNC_PORT
 
-HTTP_PORT = 8000
-DIST_PORT = 29500
-WEIGHT_SYNC_PORT = 29600
+__all__ = ["DIST_PORT", "GANG_ROLES", "HTTP_PORT", "ROLES", "RUN_FILE", "RUN_FILE_DIR", "WEIGHT_SYNC_PORT"]
 
 LABEL_RUN = "dapo.dev/run"
 LABEL_ROLE = "dapo.dev/role"
@@ -22,9 +21,6 @@ KUEUE_GATE = "kueue.x-k8s.io/admission"
 
 # `dapo`'s exit code after a run-file error (dapo.cli): restarting the pod cannot fix it.
 SPEC_ERROR_EXIT_CODE = 2
-
-RUN_FILE_DIR = "/etc/dapo"
-RUN_FILE = f"{RUN_FILE_DIR}/run.yaml"
 
 
 def pod_name(run: str, role: str, index: int) -> str:

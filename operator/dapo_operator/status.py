@@ -7,29 +7,21 @@ clock of its own; the operator feeds it the listed pods and learner-0's /status 
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from dapo.contracts import LEARNER_STATES, PHASES, STATUS_METRIC_FIELDS, LearnerMetrics, finite_or_none
 from dapo.spec import DAPORun
 
 from . import naming as n
 from .builders import desired_pod_names, role_spec, spec_warnings
 
-PENDING, STARTING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Pending", "Starting", "Running", "Suspended", "Succeeded", "Failed"
+PENDING, STARTING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = PHASES
 TERMINAL = (SUCCEEDED, FAILED)
-CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
 
-# verl metric names in learner /status -> status field names
-METRIC_FIELDS = {
-    "critic/score/mean": "score",
-    "train/acc/mean": "acc",
-    "response_length/mean": "responseLength",
-    "val/acc/mean": "valAcc",
-}
+# verl metric names in learner /status -> status field names (both from dapo.contracts)
+METRIC_FIELDS = {LearnerMetrics.model_fields[name].alias: target for name, target in STATUS_METRIC_FIELDS.items()}
 
-
-LEARNER_STATES = ("starting", "running", "succeeded", "failed")
 # The status object lands in etcd (1.5 MiB per object) and is repeated in 5 conditions: a
 # learner message is a human line, so a long one is cut rather than breaking every patch.
 MAX_MESSAGE_CHARS = 1024
@@ -44,10 +36,7 @@ def _count(value: Any) -> int | None:
     return value
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+_finite = finite_or_none
 
 
 def _cut(text: str, limit: int) -> str:
@@ -55,7 +44,7 @@ def _cut(text: str, limit: int) -> str:
 
 
 def sanitize_learner_status(answer: Any) -> dict[str, Any] | None:
-    """Only the CONTRACTS.md /status fields, with their contract types; everything else dropped.
+    """Only the /status fields of dapo.contracts.LearnerStatus, with their contract types; everything else dropped.
 
     The learner's reply is copied into the DAPORun status, which anyone who can read the CR
     sees: an unknown key (e.g. a debug dump of the environment) must never reach it, and a

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dapo.errors import ConfigError, DapoError
 from dapo.spec import SpecError
 
 
@@ -20,7 +21,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
     p.add_argument("--launcher", choices=["inprocess", "processes"], default="inprocess",
                    help="inprocess: every role in this process; processes: each role a local process on loopback")
-    p.set_defaults(func=lambda a: _lazy("dapo.launch", "main_run")(a))
+    p.set_defaults(func=lambda a: _lazy("dapo.entry.inprocess", "main_run")(a))
 
 
 def _add_render(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +57,7 @@ def _add_role(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("role", help="run one role of a distributed run (what the pods execute)")
     p.add_argument("role", choices=["learner", "rollout", "reward"])
     p.add_argument("--config", default=None, help="run file (default: $DAPO_RUN_FILE, the operator's ConfigMap)")
-    p.set_defaults(func=lambda a: _lazy("dapo.roles", "main")(a))
+    p.set_defaults(func=lambda a: _lazy("dapo.entry.roles", "main")(a))
 
 
 def _lazy(module: str, attr: str):
@@ -77,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except SpecError as exc:
+    except (SpecError, ConfigError) as exc:  # a bad run file / setting: the message names it and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DapoError as exc:  # the platform refused at run time and says why: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dapo.metrics import read_metrics
+from dapo.controller.metrics import read_metrics
 
 # (title, [(metric key, label, which records)]) per panel
 PANELS = [

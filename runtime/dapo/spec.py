@@ -22,13 +22,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from dapo.errors import DapoError
+
 API_GROUP = "dapo.dev"
 API_VERSION = "v1alpha1"
 KIND = "DAPORun"
 PLURAL = "daporuns"
 
 
-class SpecError(ValueError):
+class SpecError(DapoError, ValueError):
     """A run file that cannot be used; the message names the field and the fix."""
 
 

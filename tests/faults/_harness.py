@@ -177,7 +177,7 @@ def reference_records(run_file: Path, out: Path) -> list[dict]:
     only, not on how many processes computed the step."""
     from types import SimpleNamespace
 
-    from dapo.launch import build_embedded_run
+    from dapo.entry.inprocess import build_embedded_run
     from dapo.spec import load_run_file
 
     class WrongScorer:  # the tiny model cannot do arithmetic: every answer is wrong anyway

@@ -1,6 +1,6 @@
 """A weight-sync peer dying mid-broadcast: the sender (learner-0) raises WeightSyncError naming
 the dead rank within a bounded time, never hangs. Real processes: two receivers run
-`dapo.weight_sync.WeightReceiver` in their own interpreters; one is SIGKILLed while it is
+`dapo.weightsync.WeightReceiver` in their own interpreters; one is SIGKILLed while it is
 applying the buckets of version 1."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ RECEIVER = textwrap.dedent("""
     import sys, time
     import torch
     torch.set_num_threads(1)
-    from dapo.weight_sync import WeightReceiver, WeightSyncConfig
+    from dapo.weightsync import WeightReceiver, WeightSyncConfig
     rank, port, marker = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     print("ready", flush=True)
     receiver = WeightReceiver(WeightSyncConfig(host="127.0.0.1", port=port, world_size=3, rank=rank,
@@ -51,7 +51,7 @@ def free_port() -> int:
 
 
 def test_weight_sync_peer_killed_mid_broadcast_errors_in_bounded_time(tmp_path):
-    from dapo.weight_sync import WeightSender, WeightSyncConfig, WeightSyncError
+    from dapo.weightsync import WeightSender, WeightSyncConfig, WeightSyncError
 
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1",

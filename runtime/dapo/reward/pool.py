@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from dapo.errors import DapoError
 from dapo.reward.custom import load_function, normalize_ref
 from dapo.reward.registry import get_scorer, scorer_for_data_source
 from dapo.reward.result import INVALID_PRED, RewardResult
@@ -65,7 +66,7 @@ class _Worker:
     started_at: float = field(default_factory=time.monotonic)
 
 
-class ScorerFailedError(RuntimeError):
+class ScorerFailedError(DapoError, RuntimeError):
     """A run-file or remote scorer failed every one of its last responses; names the scorer."""
 
 
@@ -189,7 +190,8 @@ class RewardScorer:
         """The scorer a run file asks for (``spec``: a DAPORunSpec): spec.reward (timeout, workers,
         default scorer, run-file scorers, remote service, failed score) and the overlong shaping
         of spec.algorithm.overlong / spec.rollout.maxResponseLength. ``overrides`` go to the
-        constructor as keyword arguments (tests: ``start_method``, ``memory_limit_mb``)."""
+        constructor as keyword arguments (tests: ``start_method``, ``memory_limit_mb``). The one
+        construction every launch mode uses (dapo.wiring.build_scorer)."""
         reward, overlong = spec.reward, spec.algorithm.overlong
         remote = None
         if reward.remote is not None:
@@ -215,9 +217,11 @@ class RewardScorer:
         self.close()
 
     def __del__(self) -> None:
+        # a scorer nobody closed: stop its workers; at interpreter exit modules may already be
+        # torn down, and an exception from __del__ would only be printed as noise
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 from dapo.reward.math_dapo import score_math_dapo
 from dapo.reward.math_verify_scorer import score_math_verify
+from dapo.errors import DapoError
 
 __all__ = [
     "DATA_SOURCE_RULES",
@@ -55,7 +56,7 @@ DATA_SOURCE_RULES: list[tuple[str, str]] = [
 ]
 
 
-class UnknownScorerError(KeyError):
+class UnknownScorerError(DapoError, KeyError):
     """A scorer name that is not registered; the message lists the registered ones."""
 
     def __str__(self) -> str:  # KeyError would repr() the message

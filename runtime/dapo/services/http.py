@@ -20,10 +20,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from dapo.errors import DapoError
+
 log = logging.getLogger("dapo.services")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(DapoError, RuntimeError):
     """A service request failed for good; the message names the URL(s) and why."""
 
 

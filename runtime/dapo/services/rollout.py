@@ -29,6 +29,7 @@ weights gives the same samples) and retries a failed chunk on another replica.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -39,9 +40,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from dapo.engine import RolloutEngine, Sample
+from dapo.rollout.base import RolloutEngine, Sample
 from dapo.services.http import ReplicaPool, RetryableError, ServiceError, get_json, post_json, split_evenly
-from dapo.weight_sync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
+from dapo.weightsync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
 
 log = logging.getLogger("dapo.services.rollout")
 
@@ -57,7 +58,7 @@ def chunk_seed(seed: int, start: int) -> int:
 
 
 def engine_checksum(engine) -> str | None:
-    """SHA-256 of the engine's named parameters (`dapo.weight_sync.state_checksum`), comparable
+    """SHA-256 of the engine's named parameters (`dapo.weightsync.state_checksum`), comparable
     with the learner's `named_parameters_for_sync()`; None for engines that hold no torch module
     (an engine may offer its own ``state_checksum()``)."""
     own = getattr(engine, "state_checksum", None)
@@ -373,8 +374,10 @@ class RemoteRolloutEngine(RolloutEngine):
                 future.result(timeout=max(0.0, deadline - time.monotonic()))
             except ServiceError as exc:
                 notes.append(f"{url}: {exc}")
-            except Exception:  # noqa: BLE001 - still running or timed out: nothing to add
+            except concurrent.futures.TimeoutError:  # still running: nothing to add yet
                 pass
+            except Exception as exc:  # noqa: BLE001 - any other failure of the announce is worth naming
+                notes.append(f"{url}: {type(exc).__name__}: {exc}")
         return (" Replica answers: " + "; ".join(notes)) if notes else ""
 
     def replica_versions(self) -> dict[str, dict]:

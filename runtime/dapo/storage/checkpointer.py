@@ -1,6 +1,6 @@
 """What a training checkpoint holds, and how a run resumes from it.
 
-Layout of one checkpoint (committed through `dapo.storage.CheckpointStore`: files first,
+Layout of one checkpoint (committed through `dapo.storage.store.CheckpointStore`: files first,
 manifest last, so a half-written checkpoint is never "latest"):
 
     model/                 HF format: config.json, *.safetensors, tokenizer files
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-log = logging.getLogger("dapo.checkpoint")
+log = logging.getLogger("dapo.storage.checkpointer")
 
 MODEL_DIR = "model"
 LEARNER_FILE = "learner.pt"

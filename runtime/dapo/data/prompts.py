@@ -5,7 +5,7 @@ Two halves:
 * ``load_prompts`` reads a prompt set (``.parquet`` or ``.jsonl``, local or ``s3://``) into
   ``PromptRecord`` objects, wraps raw problems in the DAPO instruction template exactly once,
   de-duplicates on the final prompt text, drops prompts whose copies disagree on the answer, and
-  says what it did in a ``LoadReport`` (logged on the ``dapo.data`` logger). The public
+  says what it did in a ``LoadReport`` (logged on the ``dapo.data.prompts`` logger). The public
   DAPO-Math-17k on the hub repeats each prompt ~100 times and a few copies carry different answers;
   training on that silently is a known pain point, so every dropped row is counted by reason.
 
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-logger = logging.getLogger("dapo.data")
+logger = logging.getLogger("dapo.data.prompts")
 
 # --------------------------------------------------------------------------- the DAPO template
 
@@ -312,7 +312,7 @@ def _read_jsonl_rows(path: Path) -> tuple[list[dict[str, Any] | None], list[str]
 
 
 def _local_path(uri: str, cache_dir: str | Path | None) -> Path:
-    """A local file for ``uri``: s3:// is staged through ``dapo.storage``; other schemes refused."""
+    """A local file for ``uri``: s3:// is staged through ``dapo.storage.store``; other schemes refused."""
     if uri.startswith("s3://"):
         from dapo import storage  # lazy: local use must not need boto3 or the storage module
 

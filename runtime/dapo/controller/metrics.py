@@ -52,7 +52,7 @@ class MetricsWriter:
             try:
                 tracker.log(values, step)
             except Exception as exc:  # noqa: BLE001 - see the class docstring
-                logging.getLogger("dapo.metrics").warning(
+                logging.getLogger("dapo.controller.metrics").warning(
                     "tracker %s failed at step %d (%s: %s); it gets no more metrics, metrics.jsonl continues",
                     getattr(tracker, "name", tracker), step, type(exc).__name__, exc)
                 self.trackers.remove(tracker)
@@ -69,7 +69,7 @@ class MetricsWriter:
             try:
                 tracker.close(final_checkpoint=final_checkpoint, succeeded=succeeded)
             except Exception as exc:  # noqa: BLE001 - closing is best effort at the end of a run
-                logging.getLogger("dapo.metrics").warning("closing tracker %s failed: %s",
+                logging.getLogger("dapo.controller.metrics").warning("closing tracker %s failed: %s",
                                                           getattr(tracker, "name", tracker), exc)
 
     def truncate_after(self, step: int) -> int:

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from dapo.contracts import cache_dir as default_cache_dir
+from dapo.errors import DapoError
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -43,7 +46,7 @@ STAGE_MARKER_SUFFIX = ".dapo-staged.json"
 _STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 
 
-class StorageError(RuntimeError):
+class StorageError(DapoError, RuntimeError):
     """A storage operation failed; the message names the URI and what to check."""
 
 
@@ -383,11 +386,6 @@ def download_dir(uri: str, local_dir: str | Path, *, client=None, config=None) -
 # --------------------------------------------------------------------------------------
 # Staging: make a dataset file or model folder local, cached by size + ETag
 # --------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$DAPO_CACHE_DIR`` or ``~/.cache/dapo``."""
-    return Path(os.environ.get("DAPO_CACHE_DIR") or Path.home() / ".cache" / "dapo").expanduser()
 
 
 def _read_json(path: Path) -> dict | None:

@@ -18,28 +18,29 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
-from dapo.engine import RolloutEngine, Sample, encode_prompt
-from dapo.learner import TrainBatch, make_batch, steps_for_epochs
+from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
+from dapo.errors import DapoError
+from dapo.learner.base import Learner
+from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
+from dapo.reward.base import Scorer
+from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 
-log = logging.getLogger("dapo.trainer")
+log = logging.getLogger("dapo.controller.trainer")
 
 # Surplus groups older than this many weight versions are dropped instead of trained on: they
 # were sampled from a policy too far from the current one.
 MAX_SURPLUS_STALENESS = 1
 
 
-class DynamicSamplingError(RuntimeError):
+class DynamicSamplingError(DapoError, RuntimeError):
     """The generation-batch cap was hit before the batch filled; the message says why and what to change."""
 
 
@@ -125,8 +126,8 @@ class Trainer:
         spec,
         *,
         engine: RolloutEngine,
-        learner,
-        scorer,
+        learner: Learner,
+        scorer: Scorer,
         tokenizer,
         train_records: Sequence,
         eval_records: Sequence = (),
@@ -415,26 +416,14 @@ class Trainer:
             random.setstate(_decode_py_random(state["python_random"]))
 
     def status(self) -> dict[str, Any]:
-        """The learner-0 /status document (CONTRACTS.md)."""
-        def num(key, source):
-            value = source.get(key)
-            return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-        return {
-            "state": self.state,
-            "step": self.step,
-            "totalSteps": self.total_steps,
-            "weightVersion": self.weight_version,
-            "metrics": {
-                "critic/score/mean": num("critic/score/mean", self.last_metrics),
-                "train/acc/mean": num("train/acc/mean", self.last_metrics),
-                "response_length/mean": num("response_length/mean", self.last_metrics),
-                "val/acc/mean": num("val/acc/mean", self.last_val),
-            },
-            "lastCheckpoint": self.last_checkpoint,
-            "message": self.message,
-            "updatedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
+        """The learner-0 /status document (dapo.contracts.LearnerStatus)."""
+        latest = {**self.last_metrics, **{k: v for k, v in self.last_val.items() if k == "val/acc/mean"}}
+        metrics = LearnerMetrics.model_validate(
+            {field.alias: finite_or_none(latest.get(field.alias)) for field in LearnerMetrics.model_fields.values()})
+        return LearnerStatus(
+            state=self.state, step=self.step, total_steps=self.total_steps, weight_version=self.weight_version,
+            metrics=metrics, last_checkpoint=self.last_checkpoint, message=self.message,
+        ).document()
 
 
 def _encode_py_random(state) -> list:

@@ -1,7 +1,7 @@
 """`dapo run FILE`: the embedded single-machine training.
 
 Builds the pieces the controller needs (policy, rollout engine, learner, reward scorer, data,
-checkpoint store) from the run file and hands them to `dapo.trainer.Trainer`. The run directory
+checkpoint store) from the run file and hands them to `dapo.controller.trainer.Trainer`. The run directory
 (default runs/NAME) receives run.yaml (the resolved run file), metrics.jsonl, run.log and, unless
 spec.checkpoint.uri says otherwise, checkpoints/.
 """
@@ -9,16 +9,16 @@ spec.checkpoint.uri says otherwise, checkpoints/.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dapo import wiring
 from dapo.spec import DAPORun, SpecError, dump_run, load_run_file
 
-log = logging.getLogger("dapo.launch")
+log = logging.getLogger("dapo.entry.inprocess")
 
 
 @dataclass
@@ -44,60 +44,31 @@ def default_run_dir(run: DAPORun) -> Path:
     return Path("runs") / run.metadata.name
 
 
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _engine_for(spec, model, tokenizer, device: str):
-    from dapo.engine import HFEngine
-
-    engine = spec.rollout.engine
-    if engine == "vllm":
-        raise SpecError("spec.rollout.engine: vllm is not available in the embedded `dapo run` yet; "
-                        "use engine: hf (or auto) here, vllm runs in the rollout pods on a cluster")
-    # bounded rows per decode batch: the KV cache of gen_batch_size x n rows at once can be huge
-    rows = int(os.environ.get("DAPO_ENGINE_MAX_ROWS", "64" if device == "cpu" else "256"))
-    return HFEngine(model, tokenizer, device=device, max_batch_rows=rows)
-
-
-def _torch_learner(model, spec, device):
-    from dapo.learner import TorchLearner
-
-    return TorchLearner.from_spec(model, spec, device=device)
-
-
 def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None, policy=None,
                        engine_factory=None, learner_factory=None) -> EmbeddedRun:
     """Wire a Trainer for one process. ``scorer`` / ``policy`` (model, tokenizer) replace the
     ones the run file names (tests use this to avoid worker processes or model loading).
     ``engine_factory(spec, model, tokenizer, device)`` / ``learner_factory(model, spec, device)``
-    replace the in-process HF engine and TorchLearner (learner-0 of a distributed run passes the
-    remote rollout client and the distributed learner: `dapo.roles`)."""
-    from dapo.checkpoint import Checkpointer
-    from dapo.data import PromptSampler, dataset_fingerprint, load_prompts
-    from dapo.engine import encode_prompt
-    from dapo.metrics import MetricsWriter, ProgressLog
-    from dapo.storage import CheckpointStore
+    replace the in-process engine and learner of dapo.wiring (learner-0 of a distributed run passes
+    the remote rollout client and the distributed learner: `dapo.entry.roles`)."""
+    from dapo.storage.checkpointer import Checkpointer
+    from dapo.data.prompts import PromptSampler, dataset_fingerprint, load_prompts
+    from dapo.rollout.base import encode_prompt
+    from dapo.controller.metrics import MetricsWriter, ProgressLog
+    from dapo.controller.trainer import Trainer
     from dapo.tracking import build_trackers
-    from dapo.trainer import Trainer
 
     spec = run.spec
-    device = pick_device()
-    cache_dir = os.environ.get("DAPO_CACHE_DIR")
+    device = wiring.pick_device()
+    cache_dir = wiring.cache_dir(spec)
     torch.manual_seed(spec.learner.seed)
 
     if scorer is None:  # first: a run-file scorer that does not import fails before the model loads
-        from dapo.reward import RewardScorer
-
-        scorer = RewardScorer.from_spec(spec)
+        scorer = wiring.build_scorer(spec)
 
     t0 = time.perf_counter()
     if policy is None:
-        try:
-            from dapo.models import load_policy
-        except ImportError as exc:  # pragma: no cover - the module ships with the package
-            raise RuntimeError(f"dapo.models is missing from this installation ({exc})") from exc
-        policy = load_policy(spec.model, device=device, cache_dir=cache_dir)
+        policy = wiring.load_policy(spec, device)
     model, tokenizer = policy
     log.info("policy %s loaded in %.1fs: %.1fM parameters on %s", spec.model.path, time.perf_counter() - t0,
              sum(p.numel() for p in model.parameters()) / 1e6, device)
@@ -124,12 +95,14 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     if spec.learner.strategy != "torch" and learner_factory is None:
         log.info("spec.learner.strategy=%s applies to distributed learners; the in-process run trains with "
                  "plain torch in one process", spec.learner.strategy)
-    engine = (engine_factory or _engine_for)(spec, model, tokenizer, device)
-    learner = (learner_factory or _torch_learner)(model, spec, device)
+    if engine_factory is not None:
+        engine = engine_factory(spec, model, tokenizer, device)
+    else:
+        engine = wiring.build_engine(spec, policy=(model, tokenizer), device=device)
+    learner = (learner_factory or wiring.build_learner)(model, spec, device)
     sampler = PromptSampler(len(train_records), seed=spec.learner.seed,
                             fingerprint=dataset_fingerprint(train_records))
-    store = CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
-                            endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
+    store = wiring.build_checkpoint_store(spec, run_dir)
     checkpointer = Checkpointer(store, tokenizer, staging_root=run_dir / ".staging")
     metrics = MetricsWriter(run_dir, trackers=build_trackers(run, run_dir))
     trainer = Trainer(spec, engine=engine, learner=learner, scorer=scorer, tokenizer=tokenizer,
@@ -155,13 +128,13 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
 
 def main_run(args) -> int:
     """Entry point of `dapo run` (see dapo.cli)."""
-    from dapo.metrics import remove_handlers, setup_run_logging
-    from dapo.trainer import DynamicSamplingError
+    from dapo.controller.metrics import remove_handlers, setup_run_logging
+    from dapo.controller.trainer import DynamicSamplingError
 
     run = load_run_file(args.file, list(getattr(args, "overrides", None) or []))
     run_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_run_dir(run)
     if getattr(args, "launcher", "inprocess") == "processes":
-        from dapo.launch_processes import run_processes
+        from dapo.entry.processes import run_processes
 
         return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)))
     run_dir.mkdir(parents=True, exist_ok=True)

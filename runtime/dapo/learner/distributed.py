@@ -1,7 +1,7 @@
 """The learner over N ranks of torch.distributed: rank 0 drives, ranks >= 1 follow.
 
 Every rank constructs a `DistributedLearner` (same model architecture, same spec). Rank 0 is the
-controller: `dapo.trainer.Trainer` calls the `TorchLearner` interface on it
+controller: `dapo.controller.trainer.Trainer` calls the `TorchLearner` interface on it
 (`compute_log_probs`, `update`, `named_parameters_for_sync`, `state_dict`, `load_state_dict`).
 Each such call that needs the other ranks first posts a command; ranks >= 1 sit in `follow()`
 and execute the same command, so every collective is issued in the same order on every rank.
@@ -26,7 +26,7 @@ Strategies: ``torch`` (plain torch, replicated parameters and AdamW state, works
 GPU/NCCL) and ``deepspeed-zero2`` / ``deepspeed-zero3`` (DeepSpeed with torch's AdamW as client
 optimizer; parameters of ZeRO-3 are gathered one at a time for the weight sync).
 
-Checkpoints (`dapo.checkpoint.Checkpointer`, on rank 0): `full_state_dict_for_save` gives rank 0
+Checkpoints (`dapo.storage.checkpointer.Checkpointer`, on rank 0): `full_state_dict_for_save` gives rank 0
 the full weights (ZeRO-3: gathered one parameter at a time, copied to CPU, so rank 0 holds the
 model once on CPU and one gathered parameter on the device), `load_model_weights` puts rank 0's
 full weights into every rank's module (ZeRO-3: each parameter gathered, overwritten on rank 0,
@@ -46,10 +46,11 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from dapo.learner import (TorchLearner, TrainBatch, check_weight_names, mini_batch_normalisers, parameter_aliases,
+from dapo.errors import DapoError
+from dapo.learner.torch_learner import (TorchLearner, TrainBatch, check_weight_names, mini_batch_normalisers, parameter_aliases,
                           persistent_buffers, warmup_factor, weight_for)
 
-log = logging.getLogger("dapo.dist_learner")
+log = logging.getLogger("dapo.learner.distributed")
 
 STRATEGIES = ("torch", "deepspeed-zero2", "deepspeed-zero3")
 _CMD_PREFIX = "dapo-learner/cmd/"
@@ -68,7 +69,7 @@ CMD_LOAD_WEIGHTS = "load_weights"
 CMD_SHUTDOWN = "shutdown"
 
 
-class DistributedLearnerError(RuntimeError):
+class DistributedLearnerError(DapoError, RuntimeError):
     """A rank failed or disappeared; the message names which and what to check."""
 
 

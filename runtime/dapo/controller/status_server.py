@@ -1,4 +1,5 @@
-"""Learner-0's GET /status (the operator polls it; CONTRACTS.md), GET /healthz and GET /metrics.
+"""Learner-0's GET /status (the operator polls it; dapo.contracts.LearnerStatus), GET /healthz and
+GET /metrics.
 
 GET /metrics is the Prometheus text format of the training: every numeric metric of the latest
 metrics.jsonl records as a gauge named ``dapo_`` + the verl name with ``/`` and other symbols made
@@ -21,11 +22,12 @@ import logging
 import os
 import re
 import threading
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-log = logging.getLogger("dapo.services.status")
+from dapo.contracts import LearnerStatus
+
+log = logging.getLogger("dapo.controller.status_server")
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
@@ -34,10 +36,6 @@ _SECRET_PAIR = re.compile(
     r"(?i)((?:aws_)?(?:secret_access_key|access_key_id|session_token|password|passwd|token|api_key|secret)"
     r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)")
 _URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)([^@\s/]+)(@)")
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def redact(value: Any, secrets: list[str] | None = None) -> Any:
@@ -66,10 +64,8 @@ def prometheus_name(key: str) -> str:
 def placeholder_status(state: str, message: str = "", total_steps: int = 0, step: int = 0,
                        weight_version: int = 0) -> dict:
     """A /status document before a Trainer exists (or after it could not be built)."""
-    return {"state": state, "step": step, "totalSteps": total_steps, "weightVersion": weight_version,
-            "metrics": {"critic/score/mean": None, "train/acc/mean": None, "response_length/mean": None,
-                        "val/acc/mean": None},
-            "lastCheckpoint": None, "message": message, "updatedAt": now_rfc3339()}
+    return LearnerStatus(state=state, step=step, total_steps=total_steps, weight_version=weight_version,
+                         message=message).document()
 
 
 class StatusServer:

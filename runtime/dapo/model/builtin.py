@@ -21,7 +21,7 @@ Why these choices (measured on 2 CPU cores, see the quickstart notes in ``exampl
 The build is deterministic (fixed seeds, one torch thread) and cached under
 ``~/.cache/dapo/builtin/<name>-<recipe hash>`` so the second run starts in milliseconds.
 
-The data files of the quickstart come from here too: ``python -m dapo.builtin write-data
+The data files of the quickstart come from here too: ``python -m dapo.model.builtin write-data
 examples/data`` rewrites ``arith-train.jsonl`` and ``arith-eval.jsonl``; the evaluation sums are
 never shown to the warm-up and are disjoint from the training prompts.
 """
@@ -38,10 +38,12 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-log = logging.getLogger("dapo.builtin")
+from dapo.contracts import cache_dir as default_cache_dir
+
+log = logging.getLogger("dapo.model.builtin")
 
 ANSWER_TOKEN = "Answer:"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -121,7 +123,7 @@ def teacher_answer(answer: str, teacher_acc: float, rng: random.Random) -> str:
 
 
 def write_arith_jsonl(path: Path, problems: list[tuple[str, str]]) -> None:
-    """One JSON object per line with the columns ``dapo.data.load_prompts`` reads."""
+    """One JSON object per line with the columns ``dapo.data.prompts.load_prompts`` reads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         for problem, answer in problems:
@@ -323,11 +325,6 @@ def _build_lock(lock_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def default_cache_dir() -> Path:
-    """``$DAPO_CACHE_DIR`` or ``~/.cache/dapo``."""
-    return Path(os.environ.get("DAPO_CACHE_DIR") or Path.home() / ".cache" / "dapo")
-
-
 def builtin_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """The local folder of built-in model ``name`` (e.g. ``arith-tiny``), building it on first use.
 
@@ -352,8 +349,8 @@ def builtin_path(name: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dapo.builtin write-data DIR`` | ``build [--cache-dir DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m dapo.builtin", description=__doc__.split("\n\n")[0])
+    """``python -m dapo.model.builtin write-data DIR`` | ``build [--cache-dir DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m dapo.model.builtin", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("write-data", help="write the arith-*.jsonl and sums-fewshot-*.parquet data files")
     data.add_argument("out_dir", nargs="?", default="examples/data")

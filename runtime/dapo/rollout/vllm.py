@@ -1,13 +1,13 @@
-"""vLLM rollout engine (GPU): `VLLMEngine` implements `dapo.engine.RolloutEngine` on an
+"""vLLM rollout engine (GPU): `VLLMEngine` implements `dapo.rollout.base.RolloutEngine` on an
 in-process ``vllm.LLM``.
 
 vLLM is imported lazily (inside the constructor and the worker methods), so this module imports
 on machines without vLLM; the request/response conversion below is pure and tested there.
 
 Weights: ``WeightSyncWorkerExtension`` is mixed into vLLM's GPU worker
-(``LLM(worker_extension_cls="dapo.engine_vllm.WeightSyncWorkerExtension")``); ``collective_rpc``
+(``LLM(worker_extension_cls="dapo.rollout.vllm.WeightSyncWorkerExtension")``); ``collective_rpc``
 calls its methods inside the worker, which may live in another process (vLLM V1's engine core).
-The worker joins the `dapo.weight_sync` group as a `WeightReceiver` and loads every received
+The worker joins the `dapo.weightsync` group as a `WeightReceiver` and loads every received
 bucket with the model's own ``load_weights`` (which knows vLLM's fused / sharded layouts). After
 every update the prefix cache is reset: cached KV blocks computed with the old weights must not be
 served under the new version.
@@ -27,15 +27,16 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from dapo.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Sample
+from dapo.errors import DapoError
+from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Sample
 
-log = logging.getLogger("dapo.engine_vllm")
+log = logging.getLogger("dapo.rollout.vllm")
 
-WORKER_EXTENSION = "dapo.engine_vllm.WeightSyncWorkerExtension"
+WORKER_EXTENSION = "dapo.rollout.vllm.WeightSyncWorkerExtension"
 _FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
 
 
-class VLLMEngineError(RuntimeError):
+class VLLMEngineError(DapoError, RuntimeError):
     """vLLM is missing, misconfigured or returned something the trainer cannot use."""
 
 
@@ -130,7 +131,7 @@ class WeightSyncWorkerExtension:
     def dapo_join_weight_sync(self, host: str, port: int, world_size: int, rank: int, backend: str = "auto",
                               timeout_s: float = 120.0, bucket_bytes: int = 256 << 20) -> int:
         """Join the learner -> rollout weight-sync group as receiver ``rank``."""
-        from dapo.weight_sync import WeightReceiver, WeightSyncConfig
+        from dapo.weightsync import WeightReceiver, WeightSyncConfig
 
         if backend == "nccl" or (backend == "auto" and torch.cuda.is_available()):
             torch.cuda.set_device(self.device)
@@ -171,7 +172,7 @@ class VLLMEngine(RolloutEngine):
     """`RolloutEngine` on ``vllm.LLM`` (one GPU per engine by default).
 
     ``model_path``: a local HF model folder (the staged base model or a checkpoint's model/).
-    ``eos_ids``: token ids that end a response (see `dapo.engine.eos_token_ids`). Extra keyword
+    ``eos_ids``: token ids that end a response (see `dapo.rollout.base.eos_token_ids`). Extra keyword
     arguments go to ``vllm.LLM`` (e.g. gpu_memory_utilization, max_model_len, dtype)."""
 
     def __init__(self, model_path: str, *, eos_ids: Iterable[int], seed: int = 0, enable_prefix_caching: bool = True,

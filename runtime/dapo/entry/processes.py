@@ -1,7 +1,7 @@
 """`dapo run FILE --launcher processes`: every role of a distributed run as a local process.
 
 The processes run exactly what the pods run (`python -m dapo.cli role ROLE --config RUN_DIR/run.yaml`)
-with the environment of CONTRACTS.md pointed at loopback and free ports:
+with the contract environment (dapo.contracts.role_environment) pointed at loopback and free ports:
 
     reward-0..K-1, rollout-0..M-1    HTTP services (DAPO_HTTP_PORT each)
     learner-0..N-1                   torch.distributed over MASTER_ADDR=127.0.0.1; learner-0 also
@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dapo.contracts import Addresses, EnvVar, cache_dir, role_environment
 from dapo.spec import DAPORun, dump_run
 
-log = logging.getLogger("dapo.launch")
+log = logging.getLogger("dapo.entry.inprocess")
 
 TAIL_LINES = 40
 
@@ -62,7 +63,7 @@ class RoleProcess:
 def process_env(run: DAPORun, run_dir: Path, *, resume: bool, base_env: dict | None = None,
                 ports: dict | None = None) -> dict[str, dict]:
     """The environment of every role process, by name (``learner-0``, ``rollout-1``, ...):
-    CONTRACTS.md's variables with loopback addresses and free ports."""
+    the contract variables with loopback addresses and free ports."""
     spec = run.spec
     counts = {"learner": spec.learner.replicas, "rollout": spec.rollout.replicas, "reward": spec.reward.replicas}
     if ports is None:
@@ -73,32 +74,28 @@ def process_env(run: DAPORun, run_dir: Path, *, resume: bool, base_env: dict | N
     base = dict(os.environ if base_env is None else base_env)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         base.pop(name, None)  # a launcher started under torchrun must not leak its own rank
-    rollout_urls = ",".join(f"http://127.0.0.1:{p}" for p in ports["rollout"])
-    reward_urls = ",".join(f"http://127.0.0.1:{p}" for p in ports["reward"])
     common = {
-        "DAPO_RUN_NAME": run.metadata.name, "DAPO_NAMESPACE": "local", "DAPO_RUN_FILE": str(run_dir / "run.yaml"),
-        "DAPO_GANG_GENERATION": "1" if resume else "0",
-        "DAPO_WEIGHT_SYNC_ADDR": f"127.0.0.1:{ports['weight_sync']}",
-        "DAPO_ROLLOUT_URLS": rollout_urls, "DAPO_REWARD_URLS": reward_urls,
-        "DAPO_CHECKPOINT_URI": spec.checkpoint.uri or str(run_dir / "checkpoints"),
-        "DAPO_RUN_DIR": str(run_dir), "DAPO_HTTP_HOST": "127.0.0.1",
-        "DAPO_STATUS_GRACE_S": base.get("DAPO_STATUS_GRACE_S", "0"),
+        EnvVar.RUN_DIR: str(run_dir), EnvVar.HTTP_HOST: "127.0.0.1",
+        EnvVar.STATUS_GRACE_S: base.get(EnvVar.STATUS_GRACE_S, "0"),
         "PYTHONUNBUFFERED": "1",
     }
     if spec.storage.endpoint_url and not base.get("AWS_ENDPOINT_URL"):
         common["AWS_ENDPOINT_URL"] = spec.storage.endpoint_url
     if spec.storage.region and not base.get("AWS_REGION"):
         common["AWS_REGION"] = spec.storage.region
+    addresses = Addresses(host=lambda role, index: "127.0.0.1",
+                          http_port=lambda role, index: ports["status"] if role == "learner" else ports[role][index],
+                          dist_port=ports["master"], weight_sync_port=ports["weight_sync"])
     envs: dict[str, dict] = {}
     for role in ("reward", "rollout", "learner"):
         for i in range(counts[role]):
-            env = {**base, **common, "DAPO_ROLE": role, "DAPO_REPLICA_INDEX": str(i), "DAPO_REPLICAS": str(counts[role])}
-            if role == "learner":
-                env.update(RANK=str(i), WORLD_SIZE=str(counts[role]), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(ports["master"]), DAPO_HTTP_PORT=str(ports["status"]))
-            else:
-                env["DAPO_HTTP_PORT"] = str(ports[role][i])
-            envs[f"{role}-{i}"] = env
+            contract = role_environment(
+                run_name=run.metadata.name, namespace="local", role=role, index=i, replicas=counts,
+                run_file=str(run_dir / "run.yaml"), gang_generation=1 if resume else 0,
+                checkpoint_uri=spec.checkpoint.uri or str(run_dir / "checkpoints"),
+                cache_dir=str(cache_dir(spec.storage, base)), addresses=addresses)
+            envs[f"{role}-{i}"] = {**base, **common, **contract,
+                                   EnvVar.HTTP_PORT: str(addresses.http_port(role, i))}
     return envs
 
 
@@ -192,14 +189,14 @@ def preflight(run: DAPORun) -> None:
     """Fail before starting any process when the model cannot be found (SpecError naming the
     field). Staging / building it here also means the role processes find it in the cache
     instead of fetching it N times at once."""
-    from dapo.models import resolve_model_dir
+    from dapo.model.loading import resolve_model_dir
 
     resolve_model_dir(run.spec.model, os.environ.get("DAPO_CACHE_DIR") or None)
 
 
 def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
     """Run every role as a local process (see the module docstring); returns the exit code."""
-    from dapo.metrics import remove_handlers, setup_run_logging
+    from dapo.controller.metrics import remove_handlers, setup_run_logging
 
     preflight(run)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""The DAPO controller loop (trainer), its metrics and learner-0's /status server."""

