@@ -19,7 +19,7 @@ from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
 from dapo.controller.metrics import MetricsWriter
 from dapo.spec import SpecError, load_run_file, parse_run
-from dapo.tracking import MlflowTracker, TrackingError, flat_params, numeric_metrics
+from dapo.controller.tracking import MlflowTracker, TrackingError, flat_params, numeric_metrics
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -219,7 +219,7 @@ def test_credentials_never_in_the_run_file():
 
 def test_unreachable_mlflow_store_fails_at_start_naming_the_field(tmp_path):
     pytest.importorskip("mlflow", reason=MISSING)
-    from dapo.tracking import build_trackers
+    from dapo.controller.tracking import build_trackers
 
     run = _run({"mlflow": {"trackingUri": "unknown-scheme://nowhere"}})
     with pytest.raises(TrackingError, match=r"spec.tracking.mlflow.trackingUri 'unknown-scheme://nowhere': cannot start"):

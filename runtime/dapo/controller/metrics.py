@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dapo.tracking import numeric_metrics
+from dapo.controller.tracking import numeric_metrics
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "run.log"
@@ -30,7 +30,7 @@ def _clean(value: Any) -> Any:
 
 class MetricsWriter:
     """Appends metric records to RUN_DIR/metrics.jsonl and hands each one to the experiment
-    trackers (``dapo.tracking``: TensorBoard, MLflow, W&B) at the record's step.
+    trackers (``dapo.controller.tracking``: TensorBoard, MLflow, W&B) at the record's step.
 
     A tracker that raises is logged once and skipped from then on: metrics.jsonl is the record of
     the run, and a tracking server outage must not stop a training."""

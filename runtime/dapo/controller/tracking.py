@@ -28,7 +28,7 @@ from dapo.spec import DAPORun, SpecError
 __all__ = ["MlflowTracker", "TensorBoardTracker", "TrackingError", "WandbTracker", "build_trackers", "flat_params",
            "numeric_metrics"]
 
-log = logging.getLogger("dapo.tracking")
+log = logging.getLogger("dapo.controller.tracking")
 
 INSTALL_HINT = "pip install 'dapo-platform[tracking]'"
 
