@@ -236,10 +236,106 @@ class LearnerSpec(PodPlacement):
     seed: int = Field(1, description="Seed for data order, sampling and initialisation.")
 
 
+# "pkg.mod:fn" or "path/file.py:fn": the CRD checks the shape; whether it imports is checked when
+# the reward scorer is built (dapo.reward.custom.load_function), at `dapo run` / reward pod start.
+SCORER_FUNCTION_PATTERN = r"^[^:\s][^:]*:[A-Za-z_][A-Za-z0-9_]*$"
+SCORER_MOUNT_DIR = "/etc/dapo/scorers"
+
+
+class ScorerRule(_Model):
+    """One run-file scorer: rows whose data_source matches the glob are scored by the function."""
+
+    data_source: str = Field(
+        ..., min_length=1, max_length=256,
+        description="Glob over a row's data_source (case-insensitive; * ? [..]); '*' matches every row. First match wins.",
+    )
+    function: str = Field(
+        ..., pattern=SCORER_FUNCTION_PATTERN, max_length=1024,
+        description=(
+            "The scorer: 'package.module:function' (importable in the image) or 'path/to/file.py:function' "
+            f"(on Kubernetes a file of spec.reward.scorerConfigMap is {SCORER_MOUNT_DIR}/FILE). Called with keyword "
+            "arguments solution_str, ground_truth, data_source, extra_info (a verl compute_score works unchanged); "
+            "returns a float or {score, acc?, pred?}."
+        ),
+    )
+
+
+class RemoteRewardSpec(_Model):
+    """A user's HTTP reward service (judge model, sandbox); JSON contract in docs/rewards.md."""
+
+    url: str = Field(..., pattern=r"^https?://[^\s@]+$", max_length=2048,
+                     description="Endpoint the responses are POSTed to in batches (http:// or https://; no credentials in it).")
+    timeout_seconds: float = Field(60.0, gt=0.0, le=3600.0, description="Time bound of one batch request; a slower answer is a failed attempt.")
+    batch_size: int = Field(64, ge=1, le=100000, description="Responses per POST.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed batch (exponential backoff from 0.5 s) before the run stops.")
+    headers_secret: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+        description=(
+            "Secret whose key 'headers' holds a JSON object of HTTP headers (e.g. Authorization), given to the reward "
+            "pods as DAPO_REWARD_REMOTE_HEADERS; locally, export that variable instead."
+        ),
+    )
+
+
 class RewardSpec(PodPlacement):
     scorer: str = Field("math_dapo", description="Default scorer for data sources with no registered scorer (math_dapo, math_verify).")
     timeout_seconds: float = Field(5.0, gt=0.0, le=600.0, description="Bound on one scorer call; a slower answer scores as wrong.")
     workers: int = Field(2, ge=1, le=256, description="Scoring processes per reward pod.")
+    scorers: list[ScorerRule] = Field(
+        default_factory=list, max_length=64,
+        description="Run-file scorers, tried in order before the remote service, the built-in rules and `scorer`.",
+    )
+    scorer_config_map: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+        description=f"ConfigMap whose files are mounted read-only at {SCORER_MOUNT_DIR} in the reward pods (scorer source files).",
+    )
+    remote: RemoteRewardSpec | None = Field(None, description="A remote reward service scoring every row no `scorers` rule matches.")
+    failed_score: float = Field(
+        -1.0, ge=-1e6, le=1e6,
+        description="Score of a response whose scorer failed (exception, NaN or wrong type, time bound, crash).",
+    )
+
+
+class MlflowSpec(_Model):
+    """MLflow tracking. Credentials (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) come from the
+    environment: spec.tracking.credentialsSecret on Kubernetes."""
+
+    tracking_uri: str = Field(
+        ..., min_length=1, max_length=2048,
+        description="MLflow tracking URI: http(s)://server, sqlite:///path/mlflow.db or file:/path (no password in it).",
+    )
+    experiment: str = Field("dapo", min_length=1, max_length=256, description="Experiment name (created when missing).")
+    run_name: str | None = Field(None, max_length=256, description="MLflow run name; default metadata.name.")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "MlflowSpec":
+        if re.match(r"^[a-z][a-z0-9+.-]*://[^/@\s]+:[^/@\s]*@", self.tracking_uri, re.I):
+            raise ValueError("spec.tracking.mlflow.trackingUri must not carry a password; put MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD in the environment (spec.tracking.credentialsSecret on Kubernetes)")
+        return self
+
+
+class WandbSpec(_Model):
+    """Weights & Biases. The API key (WANDB_API_KEY) comes from the environment, never the run file."""
+
+    project: str = Field(..., min_length=1, max_length=128, description="W&B project.")
+    mode: Literal["online", "offline"] = Field("online", description="offline writes the run folder under RUN_DIR/wandb (sync later with `wandb sync`).")
+    entity: str | None = Field(None, max_length=128, description="W&B entity (team or user); default the key's.")
+    group: str | None = Field(None, max_length=128, description="Group of runs.")
+    tags: list[str] = Field(default_factory=list, max_length=64, description="Run tags.")
+    name: str | None = Field(None, max_length=128, description="Run name; default metadata.name.")
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers fed the metrics.jsonl records (verl's metric names, one point per step)."""
+
+    tensorboard: bool = Field(False, description="Write TensorBoard event files under RUN_DIR/tensorboard.")
+    mlflow: MlflowSpec | None = Field(None, description="Log params (the resolved spec), per-step metrics and the final checkpoint to MLflow.")
+    wandb: WandbSpec | None = Field(None, description="Log the config and per-step metrics to W&B (online or offline).")
+    credentials_secret: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+        description="Secret whose keys become environment variables of the learner pods (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...).",
+    )
 
 
 class EvalSpec(_Model):
@@ -277,6 +373,7 @@ class DAPORunSpec(_Model):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     suspend: bool = Field(False, description="True stops the pods and keeps status and checkpoints; false resumes.")
     backoff_limit: int = Field(3, ge=0, description="Gang restarts allowed before the run is Failed.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DAPORun this long after it finished.")

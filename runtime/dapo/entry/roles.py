@@ -156,7 +156,7 @@ def run_controller(run: DAPORun, world_size: int) -> int:
 
     spec = run.spec
     host, port = http_address()
-    status = StatusServer(host, port).start()
+    status = StatusServer(host, port, labels={"run": run.metadata.name}).start()
     grace = env.float(EnvVar.STATUS_GRACE_S, 60.0)
     embedded = None
     code = 1
@@ -175,7 +175,7 @@ def run_controller(run: DAPORun, world_size: int) -> int:
             run, run_dir, resume=resume, scorer=scorer, engine_factory=remote_engine_factory(rollout_urls, run_dir),
             learner_factory=lambda model, spec_, device: wiring.build_learner(model, spec_, device, world_size))
         trainer = embedded.trainer
-        status.set_source(trainer.status)
+        status.set_source(trainer.status, latest=trainer.metrics.latest_values)
         trainer.train()
         code = 0
         log.info("training finished: %d steps", trainer.step)
