@@ -410,13 +410,17 @@ class Trainer:
             self.step = current
 
     def run_eval(self) -> None:
+        t0 = time.perf_counter()
         if self.pipeline is not None:
             # evaluate the current weights: let the generator finish what it may generate with older
             # ones, then load the current version into the now idle engine (the generator needs it next)
             self.pipeline.drain()
             self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
             self.pipeline.engine_loaded(self.weight_version)
+        drained = time.perf_counter() - t0
         val = self.evaluate()
+        if self.pipeline is not None:
+            val["timing_s/eval_drain"] = drained  # the learner waited for the generator before evaluating
         self.last_val = val
         if self.metrics is not None:
             self.metrics.write(val)
