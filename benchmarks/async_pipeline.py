@@ -1,8 +1,10 @@
 """Asynchronous rollout (spec.rollout.maxStaleness) against the synchronous loop, mirroring
 separate pods on this machine: the quickstart task (examples/quickstart.yaml, builtin:arith-tiny)
-run in process with ONE torch / OpenMP thread per thread of work, so the synchronous loop keeps
-one core busy at a time (rollout, then learner) and the pipeline can keep two busy (the generator
-thread and the learner), like one rollout pod and one learner pod.
+with ONE torch / OpenMP thread per process (DAPO_TORCH_THREADS=1), by default through
+`dapo run --launcher processes` (a learner, a rollout and a reward process: what the pods run), so
+the synchronous loop keeps one core busy at a time (rollout, then learner) and the pipeline can
+keep two busy. ``--launcher inprocess`` runs the generator as a thread of one process instead
+(the tiny model's steps are mostly Python, so the two threads then share one interpreter lock).
 
 For maxStaleness 0, 1, 2 and each seed (runs interleaved, so load drifts hit every setting alike):
 
@@ -69,6 +71,8 @@ def run_one(k: int, seed: int, args) -> dict:
             "spec.data.evalMaxPrompts": args.eval_prompts, "spec.checkpoint.everySteps": 0}
     cmd = [sys.executable, "-m", "dapo.cli", "run", str(REPO / "examples" / "quickstart.yaml"),
            "--output-dir", str(run_dir / "run")]
+    if args.launcher == "processes":
+        cmd += ["--launcher", "processes"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     load_before = common.load_average()
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-prompts", type=int, default=60)
     p.add_argument("--eval-n", type=int, default=2)
+    p.add_argument("--launcher", choices=["processes", "inprocess"], default="processes")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench-results" / "async")
     args = p.parse_args(argv)
     import yaml
@@ -146,6 +151,7 @@ def main(argv=None) -> int:
     results = [run_one(k, seed, args) for seed in args.seeds for k in args.staleness]
     done = [r for r in results if "train_s" in r]
     t_equal = min(r["train_s"] for r in done)
+    print(f"launcher {args.launcher}, {args.steps} steps, {len(args.seeds)} seeds, one torch thread per process")
     headers = ["maxStaleness", "runs", "samples/s median [min-max]", "vs sync", f"acc after {args.steps} steps",
                f"acc at {t_equal:.0f}s", "lag", "learner idle s/step", "rollout idle s/step", "stale dropped"]
     print(common.format_table(headers, table(done, t_equal)))
