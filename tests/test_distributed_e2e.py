@@ -61,18 +61,26 @@ def steps_of(run_dir: Path) -> list[dict]:
             if "actor/pg_loss" in line]
 
 
-def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
-    from safetensors.torch import load_file
-
-    from dapo.weightsync import state_checksum
-
-    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=2, rollouts=2, steps=3,
-                  checkpoint={"everySteps": 0, "keep": 1})
+def run_small(tmp_path: Path, model_dir: Path, *, learners: int, rollouts: int, steps: int, rollout: dict | None = None):
+    """`dapo run --launcher processes` on 12 sum prompts, no checkpoints before the end; must exit 0.
+    Returns (run file, output folder, the completed process)."""
+    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=learners, rollouts=rollouts,
+                  steps=steps, checkpoint={"everySteps": 0, "keep": 1})
+    doc["spec"]["rollout"].update(rollout or {})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
     result = dapo_run(run_file, out, env=role_env())
     assert result.returncode == 0, result.stderr[-4000:]
+    return run_file, out, result
+
+
+def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    from dapo.weightsync import state_checksum
+
+    _, out, result = run_small(tmp_path, model_dir, learners=2, rollouts=2, steps=3)
 
     steps = steps_of(out)
     assert [s["step"] for s in steps] == [1, 2, 3]
@@ -217,15 +225,7 @@ def test_processes_launcher_async_rollout_one_step_stale(tmp_path, model_dir):
     replica; versions 1 and 2 reach it between collections (checksums equal the learner's), the
     batch of step s is trained one version stale from step 2 on, and the trained prompts equal an
     in-process run's with the same run file."""
-    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=1, rollouts=1, steps=4,
-                  checkpoint={"everySteps": 0, "keep": 1})
-    doc["spec"]["rollout"]["maxStaleness"] = 1
-    run_file = tmp_path / "run.yaml"
-    run_file.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "out"
-    result = dapo_run(run_file, out, env=role_env())
-    assert result.returncode == 0, result.stderr[-4000:]
-
+    run_file, out, _ = run_small(tmp_path, model_dir, learners=1, rollouts=1, steps=4, rollout={"maxStaleness": 1})
     steps = steps_of(out)
     assert [s["async/version_lag_mean"] for s in steps] == [0, 1, 1, 1]
     assert [s["async/lag_1_frac"] for s in steps] == [0, 1, 1, 1]
