@@ -224,7 +224,8 @@ def test_status_document_follows_the_contract_without_secrets(monkeypatch):
         assert doc["state"] == "starting" and doc["lastCheckpoint"] is None
         assert set(doc) == {"state", "step", "totalSteps", "weightVersion", "metrics", "lastCheckpoint", "message",
                             "updatedAt"}
-        assert set(doc["metrics"]) == {"critic/score/mean", "train/acc/mean", "response_length/mean", "val/acc/mean"}
+        assert set(doc["metrics"]) == {"critic/score/mean", "train/acc/mean", "response_length/mean", "val/acc/mean",
+                                       "async/version_lag_mean"}
         assert doc["updatedAt"].endswith("Z")
 
         leaked = placeholder_status("failed", "S3 PUT failed with key AKIAIOSFODNN7EXAMPLE and secret "

@@ -102,8 +102,8 @@ def patched(monkeypatch):
     batches: list[list[str]] = []
     original = Trainer.collect_groups
 
-    def recording(self):
-        out = original(self)
+    def recording(self, *args):
+        out = original(self, *args)
         batches.append([g.uid for g in out.groups])
         return out
 

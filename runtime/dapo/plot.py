@@ -30,6 +30,13 @@ PANELS = [
     ("off-policy: lag and rollout vs learner", [("rollout_corr/lag_1_frac", "samples 1 version stale", "train"),
                                                 ("training/rollout_probs_diff_mean", "|p_rollout - p_learner| mean", "train"),
                                                 ("training/rollout_probs_diff_max", "|p_rollout - p_learner| max", "train")]),
+    ("async: version lag of trained samples", [("async/version_lag_mean", "mean lag (versions)", "train"),
+                                                ("async/lag_0_frac", "share lag 0", "train"),
+                                                ("async/lag_1_frac", "share lag 1", "train"),
+                                                ("async/lag_2_frac", "share lag 2", "train")]),
+    ("idle time per step (s)", [("timing_s/learner_idle", "learner waited for rollout", "train"),
+                                ("timing_s/rollout_idle", "rollout waited for learner", "train"),
+                                ("timing_s/step", "step", "train")]),
 ]
 
 
@@ -67,7 +74,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train and not evals:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no records yet: run some training steps first")
     out = Path(out) if out else run_dir / "curves.png"
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    rows = -(-len(PANELS) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4.25 * rows))
     for ax, (title, lines) in zip(axes.flat, PANELS):
         drawn = 0
         for key, label, kind in lines:
@@ -82,6 +90,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     fig.suptitle(f"DAPO run {run_name(run_dir)}: {len(train)} steps, {len(evals)} evaluations")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

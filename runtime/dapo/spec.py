@@ -214,6 +214,13 @@ class RolloutSpec(PodPlacement):
     verify_weight_sync: bool = Field(
         False, description="After every weight sync, check per-tensor CRC-32s and that each replica's weights equal the learner's."
     )
+    max_staleness: int = Field(
+        0, ge=0, le=16,
+        description="Asynchronous rollout: generation runs up to this many steps ahead of the learner, so the batch "
+                    "of step s is sampled with weight version max(0, s - maxStaleness) while the learner trains. "
+                    "0: synchronous (generate, then train). Surplus groups may be one version older; older ones are "
+                    "dropped and counted (async/stale_samples_dropped).",
+    )
 
 
 class LearnerSpec(PodPlacement):
