@@ -78,7 +78,7 @@ def run_small(tmp_path: Path, model_dir: Path, *, learners: int, rollouts: int, 
 def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     from safetensors.torch import load_file
 
-    from dapo.storage.store import CheckpointStore
+    from dapo.storage import CheckpointStore
     from dapo.weightsync import state_checksum
 
     _, out, result = run_small(tmp_path, model_dir, learners=2, rollouts=2, steps=3)
@@ -222,7 +222,7 @@ def reference_states(run_file: Path, out: Path) -> list[dict]:
         embedded.trainer.train()
     finally:
         embedded.close()
-    from dapo.storage.store import CheckpointStore
+    from dapo.storage import CheckpointStore
 
     store = CheckpointStore(str(out / "ck"), keep=STEPS)
     return [json.loads((store.fetch(info) / "trainer_state.json").read_text()) for info in store.list_committed()]

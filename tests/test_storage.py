@@ -1,4 +1,4 @@
-"""dapo.storage.store against a real S3 HTTP endpoint (moto's ThreadedMotoServer on 127.0.0.1).
+"""dapo.storage against a real S3 HTTP endpoint (moto's ThreadedMotoServer on 127.0.0.1).
 
 Faults (500 InternalError, 503 SlowDown, 403 on the manifest) are injected by the HTTP proxy
 of tests/_s3proxy.py in front of moto: real sockets and real HTTP, no mocks of boto3.
@@ -19,8 +19,9 @@ import pytest
 pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e .[test])")
 
 from _s3proxy import FaultProxy  # noqa: E402  (shared with tests/faults/)
-from dapo.storage import store as storage  # noqa: E402
-from dapo.storage.store import (  # noqa: E402
+from dapo import storage  # noqa: E402
+from dapo.storage.s3 import walk_files  # noqa: E402
+from dapo.storage import (  # noqa: E402
     CheckpointExistsError,
     CheckpointInfo,
     CheckpointStore,
@@ -123,7 +124,7 @@ def test_stage_dataset_file_uses_cache_and_redoes_interrupted(bucket, tmp_path, 
     assert local.read_bytes() == src.read_bytes()
     first_mtime = local.stat().st_mtime_ns
 
-    with caplog.at_level(logging.INFO, logger="dapo.storage.store"):
+    with caplog.at_level(logging.INFO, logger="dapo.storage"):
         assert stage(uri, cache) == local
     assert "cache hit" in caplog.text
     assert local.stat().st_mtime_ns == first_mtime, "a complete cached copy must not be downloaded again"
@@ -360,7 +361,7 @@ def test_a_losing_concurrent_writer_can_neither_commit_nor_touch_the_committed_f
     # the upload+manifest step directly, as it would run after that check
     commit = store._commit_s3 if kind == "s3" else store._commit_local
     with pytest.raises(CheckpointExistsError, match="another writer"):
-        commit(4, loser, storage._walk_files(loser), None, storage.new_attempt())
+        commit(4, loser, walk_files(loser), None, storage.new_attempt())
     assert store.latest().manifest == first.manifest
     fetched = store.fetch(store.latest(), tmp_path / "out")  # sha256-verified
     assert (fetched / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
@@ -373,7 +374,7 @@ def test_concurrent_stage_of_one_prefix_downloads_once(bucket, tmp_path, caplog)
     for i in range(6):
         _write(src / f"shard-{i}.bin", os.urandom(20_000))
     upload_dir(src, f"s3://{bucket}/models/m")
-    with caplog.at_level(logging.INFO, logger="dapo.storage.store"), ThreadPoolExecutor(3) as pool:
+    with caplog.at_level(logging.INFO, logger="dapo.storage"), ThreadPoolExecutor(3) as pool:
         paths = list(pool.map(lambda _: stage(f"s3://{bucket}/models/m", tmp_path / "cache"), range(3)))
     assert len(set(paths)) == 1
     assert caplog.text.count("cache hit") == 2, "the lock lets one caller download and the others reuse it"

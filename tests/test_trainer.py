@@ -27,7 +27,7 @@ from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
 from dapo.entry.inprocess import build_embedded_run
 from dapo.spec import SpecError, parse_run
-from dapo.storage.store import CheckpointStore
+from dapo.storage import CheckpointStore
 from dapo.controller.trainer import DynamicSamplingError, Trainer
 
 torch.set_num_threads(2)

@@ -134,7 +134,7 @@ def build_scorer(spec: DAPORunSpec):
 
 def build_checkpoint_store(spec: DAPORunSpec, run_dir: Path):
     """Committed checkpoints: spec.checkpoint.uri, else RUN_DIR/checkpoints."""
-    from dapo.storage.store import CheckpointStore
+    from dapo.storage import CheckpointStore
 
     return CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
                            endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)

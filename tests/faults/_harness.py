@@ -192,7 +192,7 @@ def final_state(checkpoint_uri: str, scratch: Path, *, endpoint_url: str | None 
     import torch
 
     from dapo.storage.checkpointer import LEARNER_FILE, MODEL_DIR, RNG_FILE, TRAINER_FILE, read_model_state
-    from dapo.storage.store import CheckpointStore
+    from dapo.storage import CheckpointStore
 
     store = CheckpointStore(checkpoint_uri, endpoint_url=endpoint_url)
     info = store.latest()

@@ -287,7 +287,7 @@ def test_reward_pod_run_file_error_fails_the_run_with_the_message():
     the DAPORun at once, with the pod's error line in status and the Failed condition."""
     obj = run_obj()
     pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
-    log_tail = ("12:00:01 INFO reward-0 dapo.roles: starting\n"
+    log_tail = ("12:00:01 INFO reward-0 dapo.entry.roles: starting\n"
                 "error: spec.reward.scorers[0].function: cannot import 'acme_rewards' for 'acme_rewards:judge' "
                 "(ModuleNotFoundError: No module named 'acme_rewards'); install the package\n")
     _fail_reward_pod(pods, 2, log_tail)

@@ -51,7 +51,8 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     replace the in-process engine and learner of dapo.wiring (learner-0 of a distributed run passes
     the remote rollout client and the distributed learner: `dapo.entry.roles`)."""
     from dapo.storage.checkpointer import Checkpointer
-    from dapo.data.prompts import PromptSampler, dataset_fingerprint, load_prompts
+    from dapo.data.sampler import PromptSampler
+    from dapo.data.prompts import dataset_fingerprint, load_prompts
     from dapo.rollout.base import encode_prompt
     from dapo.controller.metrics import MetricsWriter, ProgressLog
     from dapo.controller.tracking import build_trackers

@@ -1,6 +1,6 @@
 """What a training checkpoint holds, and how a run resumes from it.
 
-Layout of one checkpoint (committed through `dapo.storage.store.CheckpointStore`: files first, under
+Layout of one checkpoint (committed through `dapo.storage.CheckpointStore`: files first, under
 ``step-XXXXXXXX/attempt-.../``, manifest last, so a half-written checkpoint is never "latest"):
 
     model/                 HF format: config.json, *.safetensors, tokenizer files
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dapo.storage.store import CheckpointCorruptError
+from dapo.storage import CheckpointCorruptError
 
 log = logging.getLogger("dapo.storage.checkpointer")
 
