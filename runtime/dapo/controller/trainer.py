@@ -286,7 +286,7 @@ class Trainer:
         """One training step (1-6 of the module docstring); returns its metrics."""
         t_step = time.perf_counter()
         if self.pipeline is not None:
-            collection = self.pipeline.take(self.step)
+            collection = self.pipeline.take()
         elif self.in_flight:  # an async run's checkpoint resumed synchronously: its batches first
             collection = self.in_flight.pop(0)
         else:
