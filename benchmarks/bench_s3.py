@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from dapo import storage  # noqa: E402
+from dapo.storage import store as storage  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import dapo
+import dapo.storage.store
 from dapo.data.prompts import (
     DAPO_PROMPT_PREFIX,
     DAPO_PROMPT_SUFFIX,
@@ -377,7 +377,7 @@ def test_s3_uris_go_through_the_storage_seam(tmp_path, monkeypatch):
     fake = types.ModuleType("dapo.storage.store")
     fake.stage = fake_stage
     monkeypatch.setitem(sys.modules, "dapo.storage.store", fake)
-    monkeypatch.setattr(dapo, "storage", fake, raising=False)
+    monkeypatch.setattr(dapo.storage.store, "store", fake, raising=False)
     records, report = load_prompts("s3://bucket/sets/train.jsonl", cache_dir=tmp_path / "cache")
     assert calls == [("s3://bucket/sets/train.jsonl", tmp_path / "cache")]
     assert report.path == "s3://bucket/sets/train.jsonl" and records[0].data_source == "train"

@@ -78,6 +78,7 @@ def run_small(tmp_path: Path, model_dir: Path, *, learners: int, rollouts: int, 
 def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     from safetensors.torch import load_file
 
+    from dapo.storage.store import CheckpointStore
     from dapo.weightsync import state_checksum
 
     _, out, result = run_small(tmp_path, model_dir, learners=2, rollouts=2, steps=3)
@@ -96,7 +97,10 @@ def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
 
     # independent check: the final checkpoint's weights are what the replicas served last
-    weights = load_file(str(out / "checkpoints" / "step-00000003" / "model" / "model.safetensors"))
+    store = CheckpointStore(str(out / "checkpoints"))
+    final = store.latest()
+    assert final.step == 3
+    weights = load_file(str(store.fetch(final) / "model" / "model.safetensors"))
     assert state_checksum(weights) == syncs[-1]["learner"]
 
     for name in ("learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"):
@@ -174,8 +178,12 @@ def test_s3_run_killed_after_a_checkpoint_resumes_at_the_same_data_position(tmp_
 
 
 def s3_trainer_state(client, step: int) -> dict:
-    body = client.get_object(Bucket="bucket", Key=f"run/step-{step:08d}/trainer_state.json")["Body"].read()
-    return json.loads(body)
+    """trainer_state.json of committed checkpoint ``step``: in the attempt folder its manifest names."""
+    def read(key: str) -> dict:
+        return json.loads(client.get_object(Bucket="bucket", Key=key)["Body"].read())
+
+    manifest = read(f"run/step-{step:08d}/manifest.json")
+    return read(f"run/step-{step:08d}/{manifest['attempt']}/trainer_state.json")
 
 
 def run_until_checkpoint(run_file: Path, out: Path, env: dict, client) -> bool:
@@ -214,7 +222,10 @@ def reference_states(run_file: Path, out: Path) -> list[dict]:
         embedded.trainer.train()
     finally:
         embedded.close()
-    return [json.loads((out / "ck" / f"step-{step:08d}" / "trainer_state.json").read_text()) for step in ALL_STEPS]
+    from dapo.storage.store import CheckpointStore
+
+    store = CheckpointStore(str(out / "ck"), keep=STEPS)
+    return [json.loads((store.fetch(info) / "trainer_state.json").read_text()) for info in store.list_committed()]
 
 
 # --------------------------------------------------------------------------- async rollout

@@ -1,5 +1,7 @@
 """`dapo plot RUN_DIR`: the training curves of a run as one PNG grid, like the DAPO paper's figures
-(score, accuracy train + validation, entropy, response length, clip fractions, gradient norm)."""
+(score, accuracy train + validation, entropy, response length, clip fractions, gradient norm), plus
+the off-policy panels: rollout-correction importance weights, version lag of the trained samples and
+the rollout-vs-learner probability difference."""
 
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ PANELS = [
                         ("response_length/clip_ratio", "truncated responses", "train")]),
     ("grad norm / generation batches", [("actor/grad_norm", "grad norm", "train"),
                                         ("train/num_gen_batches", "generation batches", "train")]),
+    ("rollout correction (importance weights)", [("rollout_corr/is_weight_mean", "weight mean", "train"),
+                                                 ("rollout_corr/is_weight_max", "weight max", "train"),
+                                                 ("rollout_corr/rejected_frac", "truncated / masked tokens", "train")]),
+    ("off-policy: lag and rollout vs learner", [("rollout_corr/lag_1_frac", "samples 1 version stale", "train"),
+                                                ("training/rollout_probs_diff_mean", "|p_rollout - p_learner| mean", "train"),
+                                                ("training/rollout_probs_diff_max", "|p_rollout - p_learner| max", "train")]),
     ("async: version lag of trained samples", [("async/version_lag_mean", "mean lag (versions)", "train"),
                                                 ("async/lag_0_frac", "share lag 0", "train"),
                                                 ("async/lag_1_frac", "share lag 1", "train"),

@@ -103,9 +103,10 @@ def build_vllm_engine(spec: DAPORunSpec):
 def load_policy(spec: DAPORunSpec, device: str | None = None):
     """(model, tokenizer) of spec.model, seeded with the run's seed (initialisation of any newly
     built weights is then the same in every process)."""
+    from dapo.controller.trainer import seed_all
     from dapo.model.loading import load_policy as load
 
-    torch.manual_seed(spec.learner.seed)
+    seed_all(spec.learner.seed)
     return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
 
 

@@ -5,7 +5,8 @@
     3. score: shaped score + unshaped accuracy          (RewardScorer.score_batch)
     4. dynamic sampling: keep groups whose accuracy varies, repeat 1-3 until the batch holds
        train_batch_size groups; carry surplus groups to the next step; explain the cap
-    5. old log-probs + group advantages + overlong filtering, then the update (learner)
+    5. advantages (spec.algorithm.advantageEstimator) + overlong filtering + the engine's behaviour
+       log-probs and weight versions; proximal log-probs, then the update (learner)
     6. new weights to the engine, version + 1
     7. metrics, evaluation, checkpoint
 
@@ -25,12 +26,14 @@ from typing import Any, Sequence
 
 import torch
 
+from dapo.algo import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter, overlong_filter_mask
 from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
-from dapo.errors import DapoError
-from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
 from dapo.controller.pipeline import RolloutPipeline, collection_from_state, collection_to_state
-from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
+from dapo.errors import DapoError
+from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
+from dapo.reward.base import Scorer
+from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 
 log = logging.getLogger("dapo.controller.trainer")
 
@@ -55,6 +58,11 @@ class Group:
     scores: list[float]  # shaped (correctness + overlong penalty): the advantage input
     accs: list[bool]  # unshaped accuracy: the dynamic-sampling filter input
     weight_version: int  # version of the policy that sampled it
+
+    def sample_versions(self) -> list[int]:
+        """Weight version of each sample (the engine's stamp; the group's for samples restored
+        from checkpoints written before samples carried one)."""
+        return [self.weight_version if s.weight_version is None else int(s.weight_version) for s in self.samples]
 
     def to_state(self) -> dict:
         state = asdict(self)
@@ -85,8 +93,23 @@ class BatchCollection:
     stale_samples_dropped: int = 0  # samples of the dropped surplus groups
     surplus_left: int = 0  # surplus groups carried on after this collection
     epoch: int = 0  # the sampler's epoch after this collection
+    consumed: int = 0  # prompts the sampler had handed out after this collection (epoch accounting)
     rollout_idle_seconds: float = 0.0  # the rollout waited for the learner's weights (async)
     learner_idle_seconds: float = 0.0  # the learner waited for this batch (async)
+
+
+def seed_all(seed: int) -> None:
+    """Seed every process-wide random source from the run's seed (spec.learner.seed): Python's
+    ``random``, numpy's legacy global generator (when numpy is installed) and torch (CPU and every
+    CUDA device), so that nothing in a role process starts from OS randomness."""
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for the runtime
+        pass
+    else:
+        numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def seed_for(base_seed: int, step: int, call: int) -> int:
@@ -131,8 +154,8 @@ class Trainer:
         spec,
         *,
         engine: RolloutEngine,
-        learner,
-        scorer,
+        learner: Learner,
+        scorer: Scorer,
         tokenizer,
         train_records: Sequence,
         eval_records: Sequence = (),
@@ -154,10 +177,22 @@ class Trainer:
         self.checkpointer = checkpointer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ls = spec.learner
+        # totalEpochs = passes over the training prompts (as verl, whose loop ends when its prompt
+        # loader is exhausted): training ends after the step in which the sampler hands out the
+        # last prompt of the last pass. Every trained group used up one prompt, so the step count
+        # is at most ceil(epochs * prompts / trainBatchSize): the bound shown as totalSteps until
+        # the passes are done (fewer steps when dynamic sampling drops groups).
+        self.epoch_limit = None if ls.total_steps else ls.total_epochs
+        self.trained_consumed = 0  # prompts handed out for the batches trained so far
         self.total_steps = ls.total_steps or steps_for_epochs(ls.total_epochs, len(self.train_records), ls.train_batch_size)
         self.step = 0
         self.weight_version = engine.weight_version
         self.surplus: list[Group] = []
+        # The controller's own Python RNG, checkpointed and restored: loop code that needs Python
+        # randomness draws from it. The global `random` is seeded (seed_all) but not checkpointed:
+        # libraries draw from it too (botocore's retry jitter), so its state depends on how many
+        # S3 requests were retried and could never match an uninterrupted run's.
+        self.rng = random.Random(ls.seed)
         self.last_metrics: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
         self.last_checkpoint: dict | None = None
@@ -248,19 +283,32 @@ class Trainer:
             out.groups.extend(groups[:room])
             leftover.extend(groups[room:])
         self.surplus = leftover
-        out.surplus_left, out.epoch = len(leftover), self.sampler.epoch
+        out.surplus_left, out.epoch, out.consumed = len(leftover), self.sampler.epoch, self.sampler.consumed
         return out
 
     # ------------------------------------------------------------------ step 5
 
     def build_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
-        """Padded batch with group advantages on the shaped score and overlong filtering."""
+        """Padded batch with advantages on the shaped score (spec.algorithm.advantageEstimator),
+        overlong filtering, and for every row the engine's behaviour log-probs and the weight
+        version that sampled it (the learner's rollout correction needs both)."""
         samples = [s for g in groups for s in g.samples]
         batch = make_batch([g.prompt_ids for g in groups for _ in g.samples], [s.response_ids for s in samples],
                            self.pad_id)
         scores = torch.tensor([x for g in groups for x in g.scores], dtype=torch.float32)
         group_ids = [k for k, g in enumerate(groups) for _ in g.samples]
-        batch.advantages = group_advantages(scores, group_ids)
+        estimator = ADVANTAGE_ESTIMATORS.resolve(self.spec.algorithm.advantage_estimator)
+        batch.advantages = estimator(scores, group_ids)
+        batch.behaviour_log_probs = torch.zeros_like(batch.response_mask)
+        for row, s in enumerate(samples):
+            if len(s.log_probs) != len(s.response_ids):
+                raise ValueError(f"the rollout engine returned {len(s.log_probs)} log-probs for a response of "
+                                 f"{len(s.response_ids)} tokens: every engine must report one per sampled token")
+            batch.behaviour_log_probs[row, : len(s.log_probs)] = torch.tensor(s.log_probs, dtype=torch.float32)
+        versions = [v for g in groups for v in g.sample_versions()]
+        batch.weight_versions = torch.tensor(versions, dtype=torch.long)
+        batch.policy_version = self.weight_version
+        lags = [self.weight_version - v for v in versions]
         truncated = torch.tensor([s.truncated for s in samples], dtype=torch.bool)
         if self.spec.algorithm.overlong.filtering:
             batch.response_mask = overlong_filter_mask(batch.response_mask, truncated)
@@ -278,6 +326,9 @@ class Trainer:
             "response_length/clip_ratio": float(truncated.float().mean()),
             "prompt_length/mean": float(sum(len(g.prompt_ids) for g in groups) / max(len(groups), 1)),
         }
+        # share of trained samples by version lag (0 = sampled by the weights being trained)
+        for lag in range(max([MAX_SURPLUS_STALENESS, *lags]) + 1):
+            info[f"rollout_corr/lag_{lag}_frac"] = sum(1 for x in lags if x == lag) / max(len(lags), 1)
         return batch, info
 
     # ------------------------------------------------------------------ one step
@@ -291,11 +342,13 @@ class Trainer:
             collection = self.in_flight.pop(0)
         else:
             collection = self.collect_groups()
+        # the generator may be ahead (async): epochs count the prompts of the batches trained so far
+        self.trained_consumed = collection.consumed
         t_collected = time.perf_counter()
         batch, info = self.build_batch(collection.groups)
 
         t0 = time.perf_counter()
-        if self.learner.needs_old_log_probs(batch.num_rows):
+        if self.learner.needs_old_log_probs(batch):
             batch.old_log_probs = self.learner.compute_log_probs(batch)
         t1 = time.perf_counter()
         update_metrics = self.learner.update(batch)
@@ -395,11 +448,16 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         every = self.spec.eval.every_steps
-        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps)
+        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps
+                                                           or self.epochs_done())
 
     def _checkpoint_due(self) -> bool:
         every = self.spec.checkpoint.every_steps
-        return self.step == self.total_steps or (every > 0 and self.step % every == 0)
+        return self.step == self.total_steps or self.epochs_done() or (every > 0 and self.step % every == 0)
+
+    def epochs_done(self) -> bool:
+        """With totalEpochs (no totalSteps): the sampler has handed out every prompt of the last pass."""
+        return self.epoch_limit is not None and self.trained_consumed >= self.epoch_limit * self.sampler.num_items
 
     def _pause_due(self, step: int) -> bool:
         """Will step ``step`` end with an evaluation or a checkpoint (both drain the pipeline)?"""
@@ -436,13 +494,13 @@ class Trainer:
         try:
             if self.step == 0 and self.eval_records and self.spec.eval.before_train:
                 self.run_eval()
-            if self.spec.rollout.max_staleness > 0 and self.step < self.total_steps:
+            if self.spec.rollout.max_staleness > 0 and self.step < self.total_steps and not self.epochs_done():
                 self.pipeline = RolloutPipeline(
                     engine=self.engine, collect=lambda step, version: self.collect_groups(step, version),
                     max_staleness=self.spec.rollout.max_staleness, start_step=self.step,
                     start_version=self.weight_version, total_steps=self.total_steps, in_flight=self.in_flight)
                 self.in_flight = []
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.epochs_done():
                 metrics = self.train_step()
                 self.last_metrics = metrics
                 if self.metrics is not None:
@@ -464,6 +522,10 @@ class Trainer:
             if self.pipeline is not None:
                 self.pipeline.close()
                 self.pipeline = None
+        if self.epochs_done():
+            log.info("finished %d pass(es) over the %d training prompts in %d steps (at most %d were possible)",
+                     self.epoch_limit, len(self.train_records), self.step, self.total_steps)
+            self.total_steps = self.step
         self.state = "succeeded"
         self.message = f"finished {self.step} steps"
         return self.last_metrics
@@ -472,7 +534,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The controller's resumable state (JSON-able): position, surplus, in-flight batches,
-        versions, RNG."""
+        versions, its RNG."""
         in_flight = [collection_to_state(c) for c in self._in_flight()]  # first: drains the pipeline
         return {
             "step": self.step,
@@ -481,8 +543,9 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "surplus": [g.to_state() for g in self.surplus],
             "in_flight": in_flight,
+            "trained_consumed": self.trained_consumed,
             "last_val": self.last_val,
-            "python_random": _encode_py_random(random.getstate()),
+            "python_random": _encode_py_random(self.rng.getstate()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -491,9 +554,10 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.surplus = [Group.from_state(g) for g in state["surplus"]]
         self.in_flight = [collection_from_state(c, BatchCollection, Group) for c in state.get("in_flight", [])]
+        self.trained_consumed = int(state.get("trained_consumed", self.sampler.consumed))
         self.last_val = dict(state.get("last_val") or {})
         if "python_random" in state:
-            random.setstate(_decode_py_random(state["python_random"]))
+            self.rng.setstate(_decode_py_random(state["python_random"]))
 
     def _in_flight(self) -> list[BatchCollection]:
         """Collected, untrained batches; with the pipeline running, after it has drained (so the

@@ -314,7 +314,7 @@ def _read_jsonl_rows(path: Path) -> tuple[list[dict[str, Any] | None], list[str]
 def _local_path(uri: str, cache_dir: str | Path | None) -> Path:
     """A local file for ``uri``: s3:// is staged through ``dapo.storage.store``; other schemes refused."""
     if uri.startswith("s3://"):
-        from dapo import storage  # lazy: local use must not need boto3 or the storage module
+        from dapo.storage import store as storage  # lazy: local use must not need boto3 or the storage module
 
         return Path(storage.stage(uri, cache_dir=cache_dir))
     if uri.startswith("file://"):

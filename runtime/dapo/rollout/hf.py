@@ -266,6 +266,7 @@ class HFEngine(RolloutEngine):
                 response_ids=tokens_cpu[r, : len_cpu[r]].tolist(),
                 log_probs=logp_cpu[r, : len_cpu[r]].tolist(),
                 finish_reason=FINISH_STOP if bool(stop_cpu[r]) else FINISH_LENGTH,
+                weight_version=self._version,
             )
             for r, (idx, _) in enumerate(rows)
         ]

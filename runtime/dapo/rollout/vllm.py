@@ -16,7 +16,10 @@ Log-probs: ``SamplingParams(logprobs=0)`` returns the sampled token's log-prob o
 built with ``logprobs_mode="processed_logprobs"`` so it is taken after temperature scaling, the
 quantity the learner recomputes (log_softmax(logits / T)). With top_p < 1 vLLM's processed
 log-probs are those of the nucleus-renormalised distribution; the trainer only uses top_p < 1 for
-evaluation, where log-probs are not used.
+evaluation, where log-probs are not used. These log-probs are the BEHAVIOUR policy of the
+learner's rollout correction (spec.algorithm.rolloutCorrection): a training run with top_p < 1
+would weigh the learner's full-vocabulary probabilities against nucleus-renormalised ones (the HF
+engine reports full-vocabulary ones), so keep rollout.topP at 1 for training, as DAPO does.
 """
 
 from __future__ import annotations
@@ -100,9 +103,10 @@ def sampled_log_probs(token_ids: Sequence[int], logprobs: Any, *, request_id: st
     return out
 
 
-def samples_from_outputs(request_outputs: Sequence[Any], n: int) -> list[Sample]:
+def samples_from_outputs(request_outputs: Sequence[Any], n: int, weight_version: int | None = None) -> list[Sample]:
     """``LLM.generate`` results (one RequestOutput per prompt, in prompt order, each with n
-    CompletionOutputs) -> ``len(prompts) * n`` Samples, prompt by prompt."""
+    CompletionOutputs) -> ``len(prompts) * n`` Samples, prompt by prompt, stamped with the
+    ``weight_version`` that generated them."""
     samples: list[Sample] = []
     for prompt_index, request in enumerate(request_outputs):
         request_id = str(getattr(request, "request_id", prompt_index))
@@ -116,6 +120,7 @@ def samples_from_outputs(request_outputs: Sequence[Any], n: int) -> list[Sample]
                 response_ids=ids,
                 log_probs=sampled_log_probs(ids, completion.logprobs, request_id=request_id),
                 finish_reason=finish_reason(completion.finish_reason, request_id=request_id),
+                weight_version=weight_version,
             ))
     return samples
 
@@ -212,7 +217,7 @@ class VLLMEngine(RolloutEngine):
                                                    stop_token_ids=self.eos_ids))
                   for i in range(len(prompts))]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return samples_from_outputs(outputs, n)
+        return samples_from_outputs(outputs, n, self._version)
 
     # -- weights
 

@@ -5,12 +5,20 @@ datasets and base models are *staged* (made local, cached), checkpoints are *com
 
 Checkpoint protocol (the same for a local folder and an S3 prefix)::
 
-    {root}/step-00000010/<files...>        data files, written first
-    {root}/step-00000010/manifest.json     written LAST: its presence means "committed"
+    {root}/step-00000010/{attempt}/<files...>   data files, written first, under a folder of
+                                                their own per commit attempt
+    {root}/step-00000010/manifest.json          written LAST and only if absent: its presence
+                                                means "committed"; it names the attempt folder
+                                                and every file's size and sha256
 
 A checkpoint is committed exactly when its ``manifest.json`` exists. Readers list only
 committed checkpoints, so an upload killed half-way leaves a folder that is never loaded.
-Pruning deletes the manifest first, so a half-deleted checkpoint is never seen as committed.
+The manifest is created exclusively (S3: a conditional ``If-None-Match: *`` PUT; local: a hard
+link that fails when the name exists), and every writer puts its data files under its own
+attempt folder, so a second writer of the same step can neither replace the manifest nor touch
+the committed files: it fails with `CheckpointExistsError`. Fetching verifies every file's
+size and sha256 against the manifest by default. Pruning deletes the manifest first, so a
+half-deleted checkpoint is never seen as committed.
 
 Credentials never come from arguments or run files: boto3's standard chain (env vars,
 ``~/.aws`` files, IRSA web identity in pods) supplies them.
@@ -29,6 +37,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +50,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "dapo-checkpoint/1"
+MANIFEST_FORMAT = "dapo-checkpoint/2"  # /2: data files under the attempt folder
 STAGE_MARKER_SUFFIX = ".dapo-staged.json"
 _STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 
@@ -395,8 +404,9 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``."""
+def _write_json_durably(path: Path, payload: dict, publish) -> None:
+    """Write JSON to a temp file in ``path``'s folder, fsync it, ``publish(tmp, path)``, then
+    fsync the folder: readers see either no file or the complete one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -404,11 +414,22 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
             json.dump(payload, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        publish(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # after a rename it is gone; after a link the name is spare
     _fsync_dir(path.parent)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON durably, replacing ``path`` if it exists (rename)."""
+    _write_json_durably(path, payload, os.replace)
+
+
+def _write_json_exclusive(path: Path, payload: dict) -> None:
+    """Create ``path`` holding JSON, complete and durable, only if it does not exist yet: a hard
+    link publishes the temp file (link(2) fails with EEXIST instead of replacing). Raises
+    FileExistsError when ``path`` exists."""
+    _write_json_durably(path, payload, os.link)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -569,12 +590,20 @@ def _hash_files(local_dir: Path, files: list[Path]) -> dict[str, dict]:
         return dict(pool.map(entry, files))
 
 
-def build_manifest(step: int, files: dict[str, dict], meta: dict | None) -> dict:
-    """The manifest body: format tag, step, files (size, sha256), user meta and commit time."""
+def new_attempt() -> str:
+    """A commit attempt's folder name: UTC time (sorts by age) plus 8 random hex digits (two
+    writers never share one)."""
+    return f"attempt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def build_manifest(step: int, files: dict[str, dict], meta: dict | None, attempt: str) -> dict:
+    """The manifest body: format tag, step, the attempt folder holding the files, files (size,
+    sha256, relative to that folder), user meta and commit time."""
     now = time.time()
     return {
         "format": MANIFEST_FORMAT,
         "step": step,
+        "attempt": attempt,
         "files": files,
         "meta": dict(meta or {}),
         "time": now,
@@ -582,25 +611,32 @@ def build_manifest(step: int, files: dict[str, dict], meta: dict | None) -> dict
     }
 
 
-def verify_files(folder: Path, manifest: dict, *, verify: bool = False) -> None:
-    """Check every manifest file exists in ``folder`` with its size (and sha256 if ``verify``)."""
+def verify_files(folder: Path, manifest: dict, *, verify: bool = True, checkpoint: str = "") -> None:
+    """Check every manifest file exists in ``folder`` with its size and (``verify``) sha256.
+
+    Raises `CheckpointCorruptError` naming the checkpoint (``checkpoint``) and the file."""
+    where = checkpoint or str(folder)
     for rel, want in manifest.get("files", {}).items():
         path = folder / rel
         if not path.is_file():
-            raise CheckpointCorruptError(f"checkpoint file {path} listed in the manifest is missing")
+            raise CheckpointCorruptError(f"{where}: file {rel} listed in the manifest is missing ({path})")
         size = path.stat().st_size
         if size != want["size"]:
-            raise CheckpointCorruptError(f"checkpoint file {path}: {size} bytes, manifest says {want['size']}")
-        if verify and sha256_file(path) != want["sha256"]:
-            raise CheckpointCorruptError(f"checkpoint file {path}: sha256 differs from the manifest")
+            raise CheckpointCorruptError(f"{where}: file {rel} has {size} bytes, the manifest says {want['size']}")
+        if verify:
+            got = sha256_file(path)
+            if got != want["sha256"]:
+                raise CheckpointCorruptError(f"{where}: file {rel} has sha256 {got[:16]}..., the manifest says "
+                                             f"{want['sha256'][:16]}... (the file was changed after the commit)")
 
 
 class CheckpointStore:
     """Commit, list, fetch and prune checkpoints under a local folder or an s3:// prefix.
 
-    ``commit`` writes the files, then ``manifest.json`` last (atomic rename locally; a
-    conditional ``If-None-Match: *`` write on S3, so two writers cannot both commit one step),
-    then keeps the last ``keep`` committed checkpoints.
+    ``commit`` writes the files under a fresh attempt folder, then ``manifest.json`` last and
+    only if absent (a hard link locally; a conditional ``If-None-Match: *`` PUT on S3), so two
+    writers cannot both commit one step and neither touches the other's files; then it keeps the
+    last ``keep`` committed checkpoints.
     """
 
     def __init__(self, root_uri: str, keep: int = 3, *, endpoint_url: str | None = None, region: str | None = None):
@@ -628,14 +664,22 @@ class CheckpointStore:
     def step_uri(self, step: int) -> str:
         return join_uri(self.root_uri, step_dir_name(step))
 
+    @staticmethod
+    def files_uri(info: "CheckpointInfo") -> str:
+        """Where a committed checkpoint's files are: its attempt folder (format 1 manifests, which
+        name none, kept the files in the step folder itself)."""
+        attempt = info.manifest.get("attempt")
+        return join_uri(info.uri, attempt) if attempt else info.uri
+
     # -- commit -----------------------------------------------------------------------
 
     def commit(self, step: int, local_dir: Path, meta: dict | None = None, *, overwrite: bool = False) -> CheckpointInfo:
         """Copy/upload every file under ``local_dir`` to ``{root}/step-{step:08d}/``, then
         write ``manifest.json`` last, then prune to the last ``keep`` committed checkpoints.
 
-        Raises ``CheckpointExistsError`` when ``step`` is already committed, unless
-        ``overwrite`` (which un-commits it first by deleting its manifest).
+        Raises ``CheckpointExistsError`` when ``step`` is already committed (also when another
+        writer commits it while this one uploads), unless ``overwrite``: that un-commits it first
+        by deleting its manifest; its files stay untouched in their attempt folder until pruned.
         """
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
@@ -651,10 +695,11 @@ class CheckpointStore:
                 )
             self._delete_manifest(step)
         start = time.perf_counter()
+        attempt = new_attempt()
         if self.is_s3:
-            manifest = self._commit_s3(step, local_dir, files, meta)
+            manifest = self._commit_s3(step, local_dir, files, meta, attempt)
         else:
-            manifest = self._commit_local(step, local_dir, files, meta)
+            manifest = self._commit_local(step, local_dir, files, meta, attempt)
         nbytes = sum(f["size"] for f in manifest["files"].values())
         _log_rate("committed checkpoint", self.step_uri(step), nbytes, time.perf_counter() - start, len(files))
         info = CheckpointInfo(step=step, uri=self.step_uri(step), manifest=manifest)
@@ -667,30 +712,33 @@ class CheckpointStore:
                         "commit): %s", step, exc)
         return info
 
-    def _commit_local(self, step: int, local_dir: Path, files: list[Path], meta: dict | None) -> dict:
-        target = Path(self.step_uri(step))
-        target.mkdir(parents=True, exist_ok=True)
-        same_folder = target.resolve() == local_dir.resolve()
+    def _commit_local(self, step: int, local_dir: Path, files: list[Path], meta: dict | None, attempt: str) -> dict:
+        target = Path(self.step_uri(step)) / attempt
+        target.mkdir(parents=True, exist_ok=False)  # a fresh name: exist_ok=False is a second guard
         for rel in files:
-            if same_folder:
-                break
             dst = target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local_dir / rel, dst)
         for rel in files:  # data must be durable before the manifest says it is there
             with open(target / rel, "rb") as fh:
                 os.fsync(fh.fileno())
-        manifest = build_manifest(step, _hash_files(target, files), meta)
-        _write_json_atomic(target / MANIFEST_NAME, manifest)
+        manifest = build_manifest(step, _hash_files(target, files), meta, attempt)
+        try:
+            _write_json_exclusive(target.parent / MANIFEST_NAME, manifest)
+        except FileExistsError as exc:
+            raise CheckpointExistsError(
+                f"checkpoint step {step} was committed by another writer at {self.step_uri(step)} while this one "
+                "copied its files; is a second trainer running with the same checkpoint.uri?") from exc
         return manifest
 
-    def _commit_s3(self, step: int, local_dir: Path, files: list[Path], meta: dict | None) -> dict:
+    def _commit_s3(self, step: int, local_dir: Path, files: list[Path], meta: dict | None, attempt: str) -> dict:
         from boto3.s3.transfer import create_transfer_manager
         from botocore.exceptions import ClientError
 
         bucket, prefix = split_s3(self.step_uri(step))
         with create_transfer_manager(self.client, transfer_config()) as manager:
-            futures = [(manager.upload(str(local_dir / rel), bucket, f"{prefix}/{rel.as_posix()}"), 0) for rel in files]
+            futures = [(manager.upload(str(local_dir / rel), bucket, f"{prefix}/{attempt}/{rel.as_posix()}"), 0)
+                       for rel in files]
             # hash while the transfer threads upload: the manifest is ready when they finish
             try:
                 hashes = _hash_files(local_dir, files)
@@ -699,7 +747,7 @@ class CheckpointStore:
                     future.cancel()
                 raise
             _run_transfers(manager, futures, self.step_uri(step), "uploading checkpoint to")
-        manifest = build_manifest(step, hashes, meta)
+        manifest = build_manifest(step, hashes, meta, attempt)
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         try:
             self.client.put_object(
@@ -779,18 +827,21 @@ class CheckpointStore:
 
     # -- fetch ------------------------------------------------------------------------
 
-    def fetch(self, info: CheckpointInfo, dest_dir: Path | None = None, *, verify: bool = False) -> Path:
+    def fetch(self, info: CheckpointInfo, dest_dir: Path | None = None, *, verify: bool = True) -> Path:
         """A local folder holding the checkpoint's files, checked against the manifest.
 
-        Local store: the checkpoint folder itself. S3: downloaded into ``dest_dir`` (default
-        ``{cache}/checkpoints/{bucket}/{key}``). Sizes are always checked; sha256 too with
-        ``verify=True``.
+        Local store: the checkpoint's attempt folder itself. S3: downloaded into ``dest_dir``
+        (default ``{cache}/checkpoints/{bucket}/{key}``). Every file's size and sha256 are
+        checked (``verify=False``: sizes only); a mismatch raises `CheckpointCorruptError` naming
+        the checkpoint and the file.
         """
+        where = f"checkpoint step {info.step} ({info.uri})"
+        files_uri = self.files_uri(info)
         if not self.is_s3:
-            folder = Path(info.uri)
-            verify_files(folder, info.manifest, verify=verify)
+            folder = Path(files_uri)
+            verify_files(folder, info.manifest, verify=verify, checkpoint=where)
             return folder
-        bucket, prefix = split_s3(info.uri)
+        bucket, prefix = split_s3(files_uri)
         dest = Path(dest_dir) if dest_dir is not None else default_cache_dir() / "checkpoints" / bucket / prefix
         dest.mkdir(parents=True, exist_ok=True)
         objects = [
@@ -799,8 +850,14 @@ class CheckpointStore:
         start = time.perf_counter()
         total = _download_objects(objects, bucket, prefix + "/", dest, self.client, None, info.uri)
         _log_rate("fetched checkpoint", info.uri, total, time.perf_counter() - start, len(objects))
-        verify_files(dest, info.manifest, verify=verify)
+        verify_files(dest, info.manifest, verify=verify, checkpoint=where)
         return dest
+
+    def uncommit(self, step: int) -> None:
+        """Delete ``step``'s manifest: the checkpoint is no longer listed (its files are pruned
+        later as an abandoned folder), and the step can be committed again."""
+        self._delete_manifest(step)
+        log.warning("checkpoint step %d at %s un-committed", step, self.step_uri(step))
 
     # -- pruning ----------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ diagnosis that names a dead peer (rank, host, address, pid, how far it got)."""
 from __future__ import annotations
 
 import datetime
+import logging
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from dapo.weightsync.config import WeightSyncConfig, WeightSyncError, resolve_backend
+
+log = logging.getLogger("dapo.weightsync")
 
 _STORE_PREFIX = "dapo-weight-sync"
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -224,14 +227,14 @@ class Group:
         finally:
             try:
                 self.store.set_timeout(self.timeout)
-            except Exception:
-                pass
+            except (RuntimeError, OSError) as exc:  # the store is gone: the diagnosis above says so
+                log.debug("could not restore the store timeout: %s", exc)
 
     def _try_get(self, key: str) -> str | None:
         try:
             if self.store.check([key]):
                 return self.store.get(key).decode()
-        except Exception:
+        except (RuntimeError, OSError):  # a dead store has no note to add to the diagnosis
             return None
         return None
 
