@@ -353,7 +353,7 @@ class Trainer:
         t1 = time.perf_counter()
         update_metrics = self.learner.update(batch)
         t2 = time.perf_counter()
-        lags = [self.weight_version - g.weight_version for g in collection.groups for _ in g.samples]
+        lags = [self.weight_version - v for g in collection.groups for v in g.sample_versions()]
         self.weight_version += 1
         if self.pipeline is None:
             self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
