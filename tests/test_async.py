@@ -16,7 +16,7 @@ from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
 from dapo.controller.pipeline import generation_version
 from dapo.controller.trainer import Trainer
-from test_trainer import OverlapScorer, final_weights, read_lines, run_doc, write_run_file
+from test_trainer import OverlapScorer, checkpoint_folder, final_weights, read_lines, run_doc, write_run_file
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_async_resume_with_batches_in_flight_is_bit_identical(tmp_path, recorded
     monkeypatch.setattr(Trainer, "train_step", crash_after_step_2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cli_main(["run", str(run_file), "--output-dir", str(split_dir)])
-    state = json.loads((split_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    state = json.loads((checkpoint_folder(split_dir, 2) / "trainer_state.json").read_text())
     assert [len(c["groups"]) for c in state["in_flight"]] == [2], "step 3's batch was in flight at the checkpoint"
     monkeypatch.setattr(Trainer, "train_step", original_step)
     recorded.clear()
@@ -102,11 +102,11 @@ def test_async_resume_with_batches_in_flight_is_bit_identical(tmp_path, recorded
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
-    la = torch.load(full_dir / "checkpoints" / "step-00000005" / "learner.pt", weights_only=False)
-    lb = torch.load(split_dir / "checkpoints" / "step-00000005" / "learner.pt", weights_only=False)
+    la = torch.load(checkpoint_folder(full_dir, 5) / "learner.pt", weights_only=False)
+    lb = torch.load(checkpoint_folder(split_dir, 5) / "learner.pt", weights_only=False)
     for key, sa in la["optimizer"]["state"].items():
         for name, value in sa.items():
             torch.testing.assert_close(value, lb["optimizer"]["state"][key][name], atol=0, rtol=0)
-    ta, tb = (json.loads((d / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
+    ta, tb = (json.loads((checkpoint_folder(d, 5) / "trainer_state.json").read_text())
               for d in (full_dir, split_dir))
     assert ta["sampler"] == tb["sampler"] and ta["surplus"] == tb["surplus"]

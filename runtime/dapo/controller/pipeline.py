@@ -136,8 +136,8 @@ class RolloutPipeline:
                 raise self.error
         self.learner_idle += time.perf_counter() - t0
 
-    def take(self, step: int):
-        """The collected batch of ``step`` (blocks until the generator has it)."""
+    def take(self):
+        """The next step's collected batch (blocks until the generator has it)."""
         self._wait(lambda: bool(self.ready))
         with self.cond:
             collection = self.ready.popleft()

@@ -337,7 +337,7 @@ class Trainer:
         """One training step (1-6 of the module docstring); returns its metrics."""
         t_step = time.perf_counter()
         if self.pipeline is not None:
-            collection = self.pipeline.take(self.step)
+            collection = self.pipeline.take()
         elif self.in_flight:  # an async run's checkpoint resumed synchronously: its batches first
             collection = self.in_flight.pop(0)
         else:
@@ -353,7 +353,7 @@ class Trainer:
         t1 = time.perf_counter()
         update_metrics = self.learner.update(batch)
         t2 = time.perf_counter()
-        lags = [self.weight_version - g.weight_version for g in collection.groups for _ in g.samples]
+        lags = [self.weight_version - v for g in collection.groups for v in g.sample_versions()]
         self.weight_version += 1
         if self.pipeline is None:
             self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
