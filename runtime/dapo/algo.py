@@ -1,5 +1,10 @@
 """DAPO algorithm core: small pure tensor functions, no distributed plumbing.
 
+Why one module of ~900 lines: it is the whole objective (log-probs, advantages, the policy-loss
+registry, rollout correction, overlong shaping, dynamic sampling) read side by side with the
+papers' formulas; every function is small, pure and tested alone, and `dapo.spec` reads the
+registry names from this file's source (the operator image has no torch).
+
 Formulas follow DAPO (arXiv 2503.14476) and verl's ``core_algos`` semantics; see
 ``DAPO-NOTES.md`` in the design notes. Everything here is device- and dtype-agnostic
 (float32 and float64 give the same formula) and never forces a host/device sync

@@ -1,5 +1,8 @@
 """The `DAPORun` run file: the one typed source of truth for every setting.
 
+(~620 lines: every field with its description and check, plus loading and error formatting;
+one place to look a field up is the point of this module.)
+
 The same model validates `dapo run FILE` on a laptop, generates the CRD the cluster validates
 with (`dapo crd`), and configures every pod the operator starts. Field names in YAML are
 camelCase (Kubernetes convention); Python code uses the snake_case attribute names.

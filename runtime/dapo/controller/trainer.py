@@ -1,4 +1,4 @@
-"""The DAPO controller: one training step as the controller sees it (docs/DESIGN "One step").
+"""The DAPO controller: one training step as the controller sees it (docs/architecture.md).
 
     1. next prompts from the resumable sampler          (PromptSampler)
     2. n responses per prompt                           (RolloutEngine.generate)

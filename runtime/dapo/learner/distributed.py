@@ -1,5 +1,9 @@
 """The learner over N ranks of torch.distributed: rank 0 drives, ranks >= 1 follow.
 
+(~650 lines: the command channel, sharding, the torch all-reduce path and the DeepSpeed ZeRO
+path share one ordered protocol; split apart, the order of collectives, which every rank must
+issue identically, would be spread over files.)
+
 Every rank constructs a `DistributedLearner` (same model architecture, same spec). Rank 0 is the
 controller: `dapo.controller.trainer.Trainer` calls the `TorchLearner` interface on it
 (`compute_log_probs`, `update`, `named_parameters_for_sync`, `state_dict`, `load_state_dict`).

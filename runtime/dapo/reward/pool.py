@@ -1,5 +1,8 @@
 """Batch reward scoring with a hard time bound per response, in killable worker processes.
 
+(~540 lines: the pool's life cycle, dispatch, timeouts and failure accounting are one state
+machine over the same worker table.)
+
 Why processes: the scorers are regex and SymPy code. A catastrophic regex or a power tower
 like ``9^{9^{9^9}}`` spins inside one C call that holds the GIL, so neither threads nor
 ``signal.alarm`` can stop it. Each response is scored in a worker process; when it overruns
