@@ -1,4 +1,4 @@
-"""S3 transfer throughput: dapo.storage.store's TransferConfig vs boto3's defaults, against moto.
+"""S3 transfer throughput: dapo.storage's TransferConfig vs boto3's defaults, against moto.
 
     .venv/bin/python benchmarks/bench_s3.py [--big-mib 200] [--files 64] [--file-mib 4] [--repeats 3]
                                             [--endpoint URL] [--out results.json]

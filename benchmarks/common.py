@@ -36,7 +36,7 @@ def arith_data_paths() -> tuple[Path, Path]:
     with ``dapo.model.builtin.write_arith_data`` when a checkout lacks them)."""
     train, held_out = REPO / "examples/data/arith-train.jsonl", REPO / "examples/data/arith-eval.jsonl"
     if not (train.is_file() and held_out.is_file()):
-        from dapo import builtin
+        from dapo.model import builtin
 
         builtin.write_arith_data(train.parent)
     return train, held_out

@@ -1,4 +1,4 @@
-"""Shared pieces of the multi-process tests (tests/test_distributed_e2e.py, tests/faults/):
+"""Shared pieces of the multi-process tests (tests/test_distributed_e2e.py; tests/faults/ uses role_env):
 a tiny model folder, sum problems, a small run file and the env every role process gets."""
 
 from __future__ import annotations

@@ -538,10 +538,16 @@ def test_dynamic_sampling_filter_groups():
     ids = ["p1", "p2", "p1", "p3", "p2", "p4", "p3"]
     acc = [True, True, False, False, True, True, False]
     res = algo.dynamic_sampling_filter(acc, ids)
-    assert res.keep.tolist() == [True, False, True, False, False, False, False]
-    assert res.kept_groups == ["p1"]
-    assert res.all_correct_groups == ["p2", "p4"]  # p4 is a group of one: never varies
+    assert res.keep.tolist() == [True, False, True, False, False, True, False]
+    assert res.kept_groups == ["p1", "p4"]  # p4 is a group of one: kept, as verl keeps it
+    assert res.all_correct_groups == ["p2"]
     assert res.all_wrong_groups == ["p3"]
+
+
+def test_dynamic_sampling_keeps_groups_of_one_so_an_n1_batch_fills():
+    res = algo.dynamic_sampling_filter([True, False, False], ["a", "b", "c"])
+    assert res.keep.tolist() == [True, True, True] and res.kept_groups == ["a", "b", "c"]
+    assert res.all_correct_groups == [] and res.all_wrong_groups == []
 
 
 def test_dynamic_sampling_uses_accuracy_not_shaped_score():

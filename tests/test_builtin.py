@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dapo import builtin
+from dapo.model import builtin
 from dapo.model.builtin import ArithRecipe, build_arith_tiny, build_tokenizer, builtin_path, split_problems
 
 REPO = Path(__file__).resolve().parents[1]

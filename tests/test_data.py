@@ -21,15 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import dapo
+from dapo.data.sampler import PromptSampler, epoch_permutation
 from dapo.data.prompts import (
     DAPO_PROMPT_PREFIX,
     DAPO_PROMPT_SUFFIX,
     LoadReport,
     PromptRecord,
-    PromptSampler,
     apply_dapo_template,
     dataset_fingerprint,
-    epoch_permutation,
     is_dapo_templated,
     load_prompts,
     normalize_answer_value,
@@ -374,9 +373,9 @@ def test_s3_uris_go_through_the_storage_seam(tmp_path, monkeypatch):
         calls.append((uri, cache_dir))
         return local
 
-    fake = types.ModuleType("dapo.storage.store")
+    fake = types.ModuleType("dapo.storage")
     fake.stage = fake_stage
-    monkeypatch.setitem(sys.modules, "dapo.storage.store", fake)
+    monkeypatch.setitem(sys.modules, "dapo.storage", fake)
     monkeypatch.setattr(dapo, "storage", fake, raising=False)
     records, report = load_prompts("s3://bucket/sets/train.jsonl", cache_dir=tmp_path / "cache")
     assert calls == [("s3://bucket/sets/train.jsonl", tmp_path / "cache")]
@@ -391,7 +390,7 @@ def test_local_loading_never_imports_storage(tmp_path):
     path = write_jsonl(tmp_path / "local.jsonl", [{"problem": "p", "answer": "1"}])
     code = (
         "import sys; from dapo.data.prompts import load_prompts; load_prompts(sys.argv[1]); "
-        "assert 'dapo.storage.store' not in sys.modules and 'boto3' not in sys.modules, sorted(sys.modules)"
+        "assert 'dapo.storage' not in sys.modules and 'boto3' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
 

@@ -61,18 +61,27 @@ def steps_of(run_dir: Path) -> list[dict]:
             if "actor/pg_loss" in line]
 
 
-def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
-    from safetensors.torch import load_file
-
-    from dapo.weightsync import state_checksum
-
-    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=2, rollouts=2, steps=3,
-                  checkpoint={"everySteps": 0, "keep": 1})
+def run_small(tmp_path: Path, model_dir: Path, *, learners: int, rollouts: int, steps: int, rollout: dict | None = None):
+    """`dapo run --launcher processes` on 12 sum prompts, no checkpoints before the end; must exit 0.
+    Returns (run file, output folder, the completed process)."""
+    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=learners, rollouts=rollouts,
+                  steps=steps, checkpoint={"everySteps": 0, "keep": 1})
+    doc["spec"]["rollout"].update(rollout or {})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
     result = dapo_run(run_file, out, env=role_env())
     assert result.returncode == 0, result.stderr[-4000:]
+    return run_file, out, result
+
+
+def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    from dapo.storage import CheckpointStore
+    from dapo.weightsync import state_checksum
+
+    _, out, result = run_small(tmp_path, model_dir, learners=2, rollouts=2, steps=3)
 
     steps = steps_of(out)
     assert [s["step"] for s in steps] == [1, 2, 3]
@@ -88,7 +97,10 @@ def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
 
     # independent check: the final checkpoint's weights are what the replicas served last
-    weights = load_file(str(out / "checkpoints" / "step-00000003" / "model" / "model.safetensors"))
+    store = CheckpointStore(str(out / "checkpoints"))
+    final = store.latest()
+    assert final.step == 3
+    weights = load_file(str(store.fetch(final) / "model" / "model.safetensors"))
     assert state_checksum(weights) == syncs[-1]["learner"]
 
     for name in ("learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"):
@@ -166,8 +178,12 @@ def test_s3_run_killed_after_a_checkpoint_resumes_at_the_same_data_position(tmp_
 
 
 def s3_trainer_state(client, step: int) -> dict:
-    body = client.get_object(Bucket="bucket", Key=f"run/step-{step:08d}/trainer_state.json")["Body"].read()
-    return json.loads(body)
+    """trainer_state.json of committed checkpoint ``step``: in the attempt folder its manifest names."""
+    def read(key: str) -> dict:
+        return json.loads(client.get_object(Bucket="bucket", Key=key)["Body"].read())
+
+    manifest = read(f"run/step-{step:08d}/manifest.json")
+    return read(f"run/step-{step:08d}/{manifest['attempt']}/trainer_state.json")
 
 
 def run_until_checkpoint(run_file: Path, out: Path, env: dict, client) -> bool:
@@ -206,4 +222,41 @@ def reference_states(run_file: Path, out: Path) -> list[dict]:
         embedded.trainer.train()
     finally:
         embedded.close()
-    return [json.loads((out / "ck" / f"step-{step:08d}" / "trainer_state.json").read_text()) for step in ALL_STEPS]
+    from dapo.storage import CheckpointStore
+
+    store = CheckpointStore(str(out / "ck"), keep=STEPS)
+    return [json.loads((store.fetch(info) / "trainer_state.json").read_text()) for info in store.list_committed()]
+
+
+# --------------------------------------------------------------------------- async rollout
+
+
+def test_processes_launcher_async_rollout_one_step_stale(tmp_path, model_dir):
+    """maxStaleness 1 through the rollout service: learner-0's generator thread drives the
+    replica; versions 1 and 2 reach it between collections (checksums equal the learner's), the
+    batch of step s is trained one version stale from step 2 on, and the trained prompts equal an
+    in-process run's with the same run file."""
+    run_file, out, _ = run_small(tmp_path, model_dir, learners=1, rollouts=1, steps=4, rollout={"maxStaleness": 1})
+    steps = steps_of(out)
+    assert [s["async/version_lag_mean"] for s in steps] == [0, 1, 1, 1]
+    assert [s["async/lag_1_frac"] for s in steps] == [0, 1, 1, 1]
+    syncs = [json.loads(line) for line in (out / "weight_sync.jsonl").read_text().splitlines()]
+    assert [s["version"] for s in syncs] == [1, 2]  # versions 3 and 4 generate nothing within 4 steps
+    for sync in syncs:
+        assert set(sync["replicas"].values()) == {sync["learner"]}, sync
+
+    from dapo.entry.inprocess import build_embedded_run
+    from dapo.spec import load_run_file
+
+    from test_trainer import OverlapScorer
+
+    embedded = build_embedded_run(load_run_file(run_file, []), tmp_path / "ref", resume=False,
+                                  scorer=OverlapScorer("wrong"))
+    try:
+        embedded.trainer.train()
+    finally:
+        embedded.close()
+    reference = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+                 if "actor/pg_loss" in line]
+    assert [s["train/prompt_uids_digest"] for s in steps] == [s["train/prompt_uids_digest"] for s in reference]
+    assert [s["async/version_lag_mean"] for s in reference] == [0, 1, 1, 1]

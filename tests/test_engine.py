@@ -135,3 +135,43 @@ def test_engine_owns_its_copy_and_refuses_partial_updates(policy):
     with pytest.raises(KeyError, match="no tensor named"):
         engine.update_weights([("nope.weight", torch.zeros(1))], version=1)
     assert engine.weight_version == 0
+
+
+def test_each_prompt_sample_has_its_own_reproducible_stream(policy):
+    """Sample j of prompt i is the same whatever the chunking (max_batch_rows) and whatever other
+    prompts share the call (equal-length prompts, so padding is the same); samples of one prompt
+    differ (distinct streams, not one stream reused)."""
+    model, tok = policy
+    prompts = [encode_prompt(tok, [{"role": "user", "content": text}]) for text in ("1+2", "3+4", "5+6")]
+    assert len({len(p) for p in prompts}) == 1
+    one_chunk = HFEngine(model, tok, max_batch_rows=64).generate(prompts, 4, 1.0, 1.0, 8, seed=9)
+    small_chunks = HFEngine(model, tok, max_batch_rows=3).generate(prompts, 4, 1.0, 1.0, 8, seed=9)
+    assert [s.response_ids for s in one_chunk] == [s.response_ids for s in small_chunks]
+    alone = HFEngine(model, tok).generate(prompts[:1], 4, 1.0, 1.0, 8, seed=9)
+    assert [s.response_ids for s in alone] == [s.response_ids for s in one_chunk[:4]]
+    assert len({tuple(s.response_ids) for s in one_chunk[:4]}) > 1
+
+
+def test_preallocated_kv_cache_samples_what_the_model_cache_samples(policy):
+    """The preallocated KV cache gives the same tokens and log-probs as the model's own cache."""
+    model, tok = policy
+    ours = HFEngine(model, tok, max_batch_rows=4).generate(_prompts(tok), 3, 1.0, 0.9, 9, seed=4)
+    theirs = HFEngine(model, tok, max_batch_rows=4, preallocate_cache=False).generate(_prompts(tok), 3, 1.0, 0.9, 9,
+                                                                                      seed=4)
+    assert [s.response_ids for s in ours] == [s.response_ids for s in theirs]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(torch.tensor(a.log_probs), torch.tensor(b.log_probs), atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_sampling_never_draws_a_filtered_token_and_matches_frequencies():
+    """sample_next: tokens outside the top-p nucleus are never drawn; the draws' frequencies match
+    the nucleus probabilities."""
+    from dapo.rollout.hf import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
+    uniforms = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens, logp = sample_next(logits, 1.0, 0.7, uniforms)
+    counts = torch.bincount(tokens, minlength=4).double() / len(tokens)
+    assert counts[2] == 0 and counts[3] == 0
+    torch.testing.assert_close(counts[:2], torch.tensor([0.625, 0.375], dtype=torch.float64), atol=0.015, rtol=0)
+    torch.testing.assert_close(logp[tokens == 0], torch.full_like(logp[tokens == 0], float(torch.log(torch.tensor(0.5)))))

@@ -92,8 +92,9 @@ def test_samples_from_outputs_one_request_per_sample_prompt_major():
         SimpleNamespace(request_id="2", outputs=[completion([2], [-0.3], "stop", extra_top=True)]),
         SimpleNamespace(request_id="3", outputs=[completion([6], [-0.4], "length")]),
     ]
-    samples = samples_from_outputs(outputs, n=2)
+    samples = samples_from_outputs(outputs, n=2, weight_version=4)
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
+    assert {s.weight_version for s in samples} == {4}
     assert [s.response_ids for s in samples] == [[7, 8, 9], [4, 2], [2], [6]]
     assert samples[0].log_probs == [-1.0, -2.0, -3.0] and samples[0].truncated
     assert samples[1].finish_reason == FINISH_STOP and samples[2].log_probs == [-0.3]

@@ -42,10 +42,13 @@ EXPECTED_NAMESPACED_PERMISSIONS = {
 VALUE_VARIANTS = {
     "defaults": {},
     "cluster-all-on": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                       "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                       "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "DAPO"}},
                        "networkPolicy": {"enabled": True, "runPods": {"namespaces": ["team-a", "team-b"]}}},
     "namespaced": {"rbac": {"scope": "namespaced", "watchNamespaces": ["team-a", "team-b"]}},
     "namespaced-all-on": {"rbac": {"scope": "namespaced", "watchNamespaces": ["team-a"]},
-                          "serviceMonitor": {"enabled": True},
+                          "serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+                          "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
                           "networkPolicy": {"enabled": True,
                                             "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}},
     "namespaced-default-ns": {"rbac": {"scope": "namespaced"}},
@@ -113,6 +116,9 @@ def test_rendered_objects_match_kubernetes_schemas(chart, variant):
 
 def check_service_monitor(obj: dict) -> None:
     """kubernetes-validate has no Prometheus Operator schemas: check the fields Prometheus uses."""
+    if obj["kind"] == "PodMonitor":
+        check_pod_monitor(obj)
+        return
     assert obj["kind"] == "ServiceMonitor"
     spec = obj["spec"]
     assert spec["selector"]["matchLabels"], "an empty selector would scrape every Service"
@@ -120,6 +126,19 @@ def check_service_monitor(obj: dict) -> None:
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
         assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+
+
+def check_pod_monitor(obj: dict) -> None:
+    """The training PodMonitor: run pods' learners only, port http, /metrics, learner-0 kept."""
+    spec = obj["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel"}
+    assert spec["selector"]["matchLabels"]["dapo.dev/role"] == "learner"
+    assert spec["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "dapo-operator"
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "relabelings"}
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_name"], "regex": ".+-learner-0",
+                                        "action": "keep"}]
 
 
 def test_schema_validator_catches_a_broken_object():

@@ -174,3 +174,31 @@ def test_several_optimizer_steps_require_old_log_probs(policy):
         assert learner.needs_old_log_probs(batch.num_rows)
         with pytest.raises(ValueError, match="old_log_probs"):
             learner.update(batch)
+
+
+def test_proximal_pass_is_skipped_only_on_policy_without_correction(policy):
+    """One optimizer step may use its own forward pass as the proximal policy only when every row
+    was sampled by the current weights AND the correction is off; otherwise the pass is needed."""
+    from dapo.algo import RolloutCorrection
+
+    model, tok = policy
+    batch = _batch(tok)
+    batch.behaviour_log_probs = torch.zeros_like(batch.response_mask)
+    batch.weight_versions, batch.policy_version = torch.full((batch.num_rows,), 3), 3
+    off = _learner(copy.deepcopy(model), rollout_correction=RolloutCorrection(mode="none"))
+    on = _learner(copy.deepcopy(model))  # default: truncate
+    assert not off.needs_old_log_probs(batch) and on.needs_old_log_probs(batch)
+    batch.weight_versions[0] = 2  # one stale row
+    assert off.needs_old_log_probs(batch)
+    with pytest.raises(ValueError, match="proximal log-probs"):
+        off.update(batch)
+    batch.behaviour_log_probs = None  # a batch without behaviour log-probs: the row count decides
+    assert not on.needs_old_log_probs(batch)
+
+
+def test_unknown_policy_loss_fails_when_the_learner_is_built(policy):
+    model, _ = policy
+    with pytest.raises(ValueError, match="spec.algorithm.policyLoss: unknown policy loss 'ppo'"):
+        _learner(copy.deepcopy(model), policy_loss="ppo")
+    with pytest.raises(ValueError, match="policyLossParams"):
+        _learner(copy.deepcopy(model), policy_loss="dapo", policy_loss_params={"eps_low": 0.1})

@@ -23,9 +23,9 @@ import jsonschema
 import pytest
 import yaml
 
-from dapo.spec import SpecError, dump_run, parse_run
+from dapo.spec import SpecError, parse_run
 from dapo_operator import naming as n
-from dapo_operator.builders import build_all
+from dapo_operator.builders import build_all, pod_run_file
 from dapo_operator.crd import status_schema
 from dapo_operator.status import MAX_MESSAGE_CHARS, compute_status
 
@@ -150,7 +150,7 @@ def test_credentials_cannot_be_written_into_the_run_file():
             parse_run(small_run(storage={"credentialsSecret": "s3-creds", field: SECRET}))
     run = parse_run(small_run(storage={"credentialsSecret": "s3-creds"}))
     config_map = build_all(run, "team-a")[0]
-    assert config_map["kind"] == "ConfigMap" and config_map["data"]["run.yaml"] == dump_run(run)
+    assert config_map["kind"] == "ConfigMap" and config_map["data"]["run.yaml"] == pod_run_file(run)
     assert "credentialsSecret: s3-creds" in config_map["data"]["run.yaml"]
 
 

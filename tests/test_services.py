@@ -21,9 +21,10 @@ import torch
 from _dapo_tiny import tiny_policy
 from dapo.rollout.base import RolloutEngine, encode_prompt
 from dapo.rollout.hf import HFEngine
-from dapo.services.http import AppThread, ServiceError, split_evenly
+from dapo.services.http import AppThread, RetryableError, ServiceError, split_evenly
 from dapo.services.reward import RemoteScorer, RewardService
-from dapo.services.rollout import RemoteRolloutEngine, RolloutService, chunk_seed, parse_generate_request
+from dapo.services.rollout import (RemoteRolloutEngine, RolloutService, chunk_seed, parse_generate_request,
+                                  samples_from_wire)
 from dapo.controller.status_server import StatusServer, placeholder_status, redact
 from dapo.weightsync import WeightSyncConfig, state_checksum
 
@@ -92,8 +93,11 @@ def test_remote_generate_equals_the_engine_and_spreads_over_replicas(policy, pro
     servers = [serve(RolloutService(HFEngine(model, tokenizer), sync_config=None, replica=i)) for i in range(2)]
     try:
         one = RemoteRolloutEngine([servers[0].url])
-        assert [s.response_ids for s in one.generate(prompts, seed=7, **GEN)] == \
-            [s.response_ids for s in reference.generate(prompts, seed=7, **GEN)]
+        remote, local = one.generate(prompts, seed=7, **GEN), reference.generate(prompts, seed=7, **GEN)
+        assert [s.response_ids for s in remote] == [s.response_ids for s in local]
+        # the behaviour log-probs cross HTTP bit for bit, stamped with the replica's weight version
+        assert [s.log_probs for s in remote] == [s.log_probs for s in local]
+        assert {s.weight_version for s in remote} == {0} == {s.weight_version for s in local}
         two = RemoteRolloutEngine([s.url for s in servers])
         samples = two.generate(prompts, seed=7, **GEN)
         assert [s.prompt_index for s in samples] == [i for i in range(5) for _ in range(2)]
@@ -220,7 +224,8 @@ def test_status_document_follows_the_contract_without_secrets(monkeypatch):
         assert doc["state"] == "starting" and doc["lastCheckpoint"] is None
         assert set(doc) == {"state", "step", "totalSteps", "weightVersion", "metrics", "lastCheckpoint", "message",
                             "updatedAt"}
-        assert set(doc["metrics"]) == {"critic/score/mean", "train/acc/mean", "response_length/mean", "val/acc/mean"}
+        assert set(doc["metrics"]) == {"critic/score/mean", "train/acc/mean", "response_length/mean", "val/acc/mean",
+                                       "async/version_lag_mean"}
         assert doc["updatedAt"].endswith("Z")
 
         leaked = placeholder_status("failed", "S3 PUT failed with key AKIAIOSFODNN7EXAMPLE and secret "
@@ -325,3 +330,15 @@ def test_controller_that_cannot_start_serves_failed_then_exits_non_zero(tmp_path
     finally:
         thread.join(15)
     assert codes == [1]
+
+
+def test_generate_answer_without_one_log_prob_per_token_is_refused():
+    """The learner's rollout correction needs the engine's log-prob of every token: a replica that
+    sends fewer, NaN or positive ones is retried elsewhere, never trained on."""
+    good = {"weight_version": 3, "prompt_index": [0], "response_ids": [[5, 6]], "log_probs": [[-0.5, -1.25]],
+            "finish_reason": ["stop"]}
+    (sample,) = samples_from_wire(good, index_offset=2)
+    assert sample.prompt_index == 2 and sample.log_probs == [-0.5, -1.25] and sample.weight_version == 3
+    for bad in ([[-0.5]], [[-0.5, float("nan")]], [[-0.5, 0.7]]):
+        with pytest.raises(RetryableError, match="one finite log-probability"):
+            samples_from_wire({**good, "log_probs": bad})

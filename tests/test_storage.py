@@ -1,4 +1,4 @@
-"""dapo.storage.store against a real S3 HTTP endpoint (moto's ThreadedMotoServer on 127.0.0.1).
+"""dapo.storage against a real S3 HTTP endpoint (moto's ThreadedMotoServer on 127.0.0.1).
 
 Faults (500 InternalError, 503 SlowDown, 403 on the manifest) are injected by the HTTP proxy
 of tests/_s3proxy.py in front of moto: real sockets and real HTTP, no mocks of boto3.
@@ -20,7 +20,8 @@ pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pi
 
 from _s3proxy import FaultProxy  # noqa: E402  (shared with tests/faults/)
 from dapo import storage  # noqa: E402
-from dapo.storage.store import (  # noqa: E402
+from dapo.storage.s3 import walk_files  # noqa: E402
+from dapo.storage import (  # noqa: E402
     CheckpointExistsError,
     CheckpointInfo,
     CheckpointStore,
@@ -123,7 +124,7 @@ def test_stage_dataset_file_uses_cache_and_redoes_interrupted(bucket, tmp_path, 
     assert local.read_bytes() == src.read_bytes()
     first_mtime = local.stat().st_mtime_ns
 
-    with caplog.at_level(logging.INFO, logger="dapo.storage.store"):
+    with caplog.at_level(logging.INFO, logger="dapo.storage"):
         assert stage(uri, cache) == local
     assert "cache hit" in caplog.text
     assert local.stat().st_mtime_ns == first_mtime, "a complete cached copy must not be downloaded again"
@@ -249,7 +250,7 @@ def test_commit_that_fails_writing_manifest_raises_and_is_not_committed(tmp_path
     (Path(store.step_uri(2)) / storage.MANIFEST_NAME).mkdir(parents=True)
     with pytest.raises(OSError):
         store.commit(2, _make_ckpt_dir(tmp_path / "w2", 2))
-    assert (Path(store.step_uri(2)) / "model.safetensors").exists()
+    assert list(Path(store.step_uri(2)).glob("attempt-*/model.safetensors"))
     assert [i.step for i in store.list_committed()] == [1] and store.latest().step == 1
 
 
@@ -268,27 +269,36 @@ def test_s3_commit_with_manifest_put_refused_is_not_committed(bucket, moto_endpo
 
 def test_commit_same_step_twice_is_refused_unless_overwrite(store_root, tmp_path):
     store = CheckpointStore(store_root)
-    store.commit(7, _make_ckpt_dir(tmp_path / "a", 7))
+    first = store.commit(7, _make_ckpt_dir(tmp_path / "a", 7))
     with pytest.raises(CheckpointExistsError, match="already committed"):
         store.commit(7, _make_ckpt_dir(tmp_path / "b", 7))
     info = store.commit(7, tmp_path / "b", overwrite=True)
-    fetched = store.fetch(info, tmp_path / "out", verify=True)
+    fetched = store.fetch(info, tmp_path / "out")
     assert (fetched / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    # the replaced commit's files were not written over: each commit has its own attempt folder
+    assert store.files_uri(info) != store.files_uri(first)
+    assert (store.fetch(first, tmp_path / "old") / "model.safetensors").read_bytes() == \
+        (tmp_path / "a" / "model.safetensors").read_bytes()
 
 
-def test_fetch_detects_corruption(tmp_path):
+def _flip_first_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_fetch_verifies_sha256_by_default_and_names_the_file_and_checkpoint(tmp_path):
     store = CheckpointStore(str(tmp_path / "ckpts"))
     info = store.commit(1, _make_ckpt_dir(tmp_path / "w", 1))
-    target = Path(info.uri) / "model.safetensors"
-    data = bytearray(target.read_bytes())
-    data[0] ^= 0xFF
-    target.write_bytes(bytes(data))
-    store.fetch(info)  # sizes still match
-    with pytest.raises(storage.CheckpointCorruptError, match="sha256"):
-        store.fetch(info, verify=True)
-    target.write_bytes(b"short")
-    with pytest.raises(storage.CheckpointCorruptError, match="bytes"):
+    target = Path(store.files_uri(info)) / "model.safetensors"
+    _flip_first_byte(target)  # same size: only the sha256 can tell
+    with pytest.raises(storage.CheckpointCorruptError,
+                       match=r"checkpoint step 1 \(.*step-00000001\): file model.safetensors has sha256 .* the manifest"):
         store.fetch(info)
+    store.fetch(info, verify=False)  # sizes still match: only an explicit opt-out skips the hash
+    target.write_bytes(b"short")
+    with pytest.raises(storage.CheckpointCorruptError, match=r"file model.safetensors has 5 bytes"):
+        store.fetch(info, verify=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,19 +347,24 @@ def test_client_reads_endpoint_and_region_from_env(s3_env, monkeypatch):
     assert client.meta.config.retries["total_max_attempts"] == 8
 
 
-def test_s3_manifest_write_is_conditional(bucket, tmp_path):
-    """Two writers racing on one step: the second manifest PUT gets 412 and is refused."""
-    store = CheckpointStore(f"s3://{bucket}/race")
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_losing_concurrent_writer_can_neither_commit_nor_touch_the_committed_files(kind, tmp_path, request):
+    """Two writers racing on one step: the second reaches its manifest write after the first
+    committed (S3: the conditional PUT gets 412; local: the hard link finds the name taken). It
+    is refused, and the committed checkpoint still verifies with the first writer's bytes."""
+    root = str(tmp_path / "race") if kind == "local" else f"s3://{request.getfixturevalue('bucket')}/race"
+    store = CheckpointStore(root)
     first = store.commit(4, _make_ckpt_dir(tmp_path / "a", 4))
-    # the second writer passed its "already committed?" check before the first finished:
-    # call the upload+manifest step directly, as it would run after that check
+    loser = _make_ckpt_dir(tmp_path / "b", 4)
+    (loser / "model.safetensors").write_bytes(os.urandom((loser / "model.safetensors").stat().st_size))
+    # the second writer passed its "already committed?" check before the first finished: call
+    # the upload+manifest step directly, as it would run after that check
+    commit = store._commit_s3 if kind == "s3" else store._commit_local
     with pytest.raises(CheckpointExistsError, match="another writer"):
-        store._commit_s3(4, _make_ckpt_dir(tmp_path / "b", 4), storage._walk_files(tmp_path / "b"), None)
+        commit(4, loser, walk_files(loser), None, storage.new_attempt())
     assert store.latest().manifest == first.manifest
-    # the loser's data files did land under the same prefix (known limit of one prefix per
-    # step): the sha256 check catches the mix instead of loading it silently
-    with pytest.raises(storage.CheckpointCorruptError, match="sha256"):
-        store.fetch(store.latest(), tmp_path / "out", verify=True)
+    fetched = store.fetch(store.latest(), tmp_path / "out")  # sha256-verified
+    assert (fetched / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
 
 
 def test_concurrent_stage_of_one_prefix_downloads_once(bucket, tmp_path, caplog):
@@ -359,7 +374,7 @@ def test_concurrent_stage_of_one_prefix_downloads_once(bucket, tmp_path, caplog)
     for i in range(6):
         _write(src / f"shard-{i}.bin", os.urandom(20_000))
     upload_dir(src, f"s3://{bucket}/models/m")
-    with caplog.at_level(logging.INFO, logger="dapo.storage.store"), ThreadPoolExecutor(3) as pool:
+    with caplog.at_level(logging.INFO, logger="dapo.storage"), ThreadPoolExecutor(3) as pool:
         paths = list(pool.map(lambda _: stage(f"s3://{bucket}/models/m", tmp_path / "cache"), range(3)))
     assert len(set(paths)) == 1
     assert caplog.text.count("cache hit") == 2, "the lock lets one caller download and the others reuse it"

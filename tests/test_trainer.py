@@ -11,6 +11,8 @@ real RewardScorer (math_dapo) to show the all-wrong cap message.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +27,7 @@ from _dapo_tiny import tiny_policy
 from dapo.cli import main as cli_main
 from dapo.entry.inprocess import build_embedded_run
 from dapo.spec import SpecError, parse_run
+from dapo.storage import CheckpointStore
 from dapo.controller.trainer import DynamicSamplingError, Trainer
 
 torch.set_num_threads(2)
@@ -99,8 +102,8 @@ def patched(monkeypatch):
     batches: list[list[str]] = []
     original = Trainer.collect_groups
 
-    def recording(self):
-        out = original(self)
+    def recording(self, *args):
+        out = original(self, *args)
         batches.append([g.uid for g in out.groups])
         return out
 
@@ -113,8 +116,14 @@ def read_lines(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "actor/pg_loss" in r], [r for r in records if "val/acc/mean" in r]
 
 
+def checkpoint_folder(run_dir: Path, step: int) -> Path:
+    """The (sha256-verified) local folder of committed checkpoint ``step``."""
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    return store.fetch(next(info for info in store.list_committed() if info.step == step))
+
+
 def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "model" / "model.safetensors"))
+    return load_file(str(checkpoint_folder(run_dir, step) / "model" / "model.safetensors"))
 
 
 def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
@@ -139,8 +148,8 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
 
     committed = sorted(p.name for p in (full_dir / "checkpoints").iterdir() if (p / "manifest.json").exists())
     assert committed == ["step-00000002", "step-00000004"]
-    reloaded = AutoModelForCausalLM.from_pretrained(full_dir / "checkpoints" / "step-00000004" / "model")
-    AutoTokenizer.from_pretrained(full_dir / "checkpoints" / "step-00000004" / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint_folder(full_dir, 4) / "model")
+    AutoTokenizer.from_pretrained(checkpoint_folder(full_dir, 4) / "model")
     assert sum(p.numel() for p in reloaded.parameters()) > 0
 
     # the same run interrupted after step 2, then resumed: same prompts, same final weights
@@ -158,6 +167,25 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
     assert not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"])), "training moved no weight"
+
+    # a damaged newest checkpoint (one byte of the weights flipped, same size) is refused, naming
+    # the file; resume falls back to step 2, the newest that verifies, and ends in the same state
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full_dir, damaged)
+    weights = checkpoint_folder(damaged, 4) / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    patched.clear()
+    assert cli_main(["run", str(run_file), "--output-dir", str(damaged), "--resume"]) == 0
+    assert patched == full_batches[2:], "the fallback must redo steps 3 and 4 from checkpoint 2"
+    log_text = (damaged / "run.log").read_text()
+    assert re.search(r"refusing checkpoint step 4: checkpoint step 4 \(.*step-00000004\): file "
+                     r"model/model.safetensors has sha256", log_text), log_text[-3000:]
+    assert "resuming from checkpoint step 2, the newest that verifies (skipped damaged steps [4])" in log_text
+    b = final_weights(damaged, 4)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
 
     # dapo plot RUN_DIR writes a PNG
     assert cli_main(["plot", str(full_dir)]) == 0
@@ -204,6 +232,40 @@ def test_dynamic_sampling_cap_explains_what_to_change(tmp_path, mode, expected):
     for field in ("maxGenBatches", "genBatchSize", "spec.rollout.n", "dynamicSampling.enabled=false"):
         assert field in message
     assert trainer.status()["state"] == "failed" and expected in trainer.status()["message"]
+
+
+def test_dynamic_sampling_with_one_response_per_prompt_fills_the_batch(tmp_path):
+    """n = 1: every group is a group of one, kept as verl keeps it (dropping them, the batch
+    could never fill and the cap would stop the run)."""
+    trainer = _trainer(tmp_path, OverlapScorer("wrong"), eval={"beforeTrain": False, "everySteps": 0},
+                       rollout={"n": 1}, algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
+                       learner={"totalSteps": 1})
+    metrics = trainer.train()
+    assert metrics["train/num_gen_batches"] == 1 and metrics["train/groups_all_wrong"] == 0
+
+
+def test_total_epochs_counts_passes_over_the_prompts_under_dynamic_sampling(tmp_path):
+    """totalEpochs 1 (no totalSteps) on 12 prompts: training stops after the step that draws the
+    12th prompt, however many generation batches dynamic sampling needed per step."""
+    trainer = _trainer(tmp_path, OverlapScorer("overlap"), eval={"beforeTrain": False, "everySteps": 0},
+                       learner={"totalSteps": None, "totalEpochs": 1})
+    bound = trainer.total_steps
+    assert bound == 6  # ceil(12 prompts / trainBatchSize 2): every group kept
+    drawn = []
+    step = trainer.train_step
+
+    def counting():
+        metrics = step()
+        drawn.append(trainer.sampler.consumed)
+        return metrics
+
+    trainer.train_step = counting
+    trainer.train()
+    assert drawn[-1] >= 12 and all(d < 12 for d in drawn[:-1]), drawn
+    assert trainer.step < bound, "dynamic sampling dropped groups: fewer steps than the all-kept bound"
+    assert trainer.step == len(drawn) <= bound
+    assert trainer.status()["totalSteps"] == trainer.step and trainer.status()["state"] == "succeeded"
+    assert trainer.last_checkpoint["step"] == trainer.step  # the end of the passes is checkpointed
 
 
 def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):

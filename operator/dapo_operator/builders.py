@@ -1,7 +1,7 @@
 """Pure builders: a validated DAPORun in, the Kubernetes objects the operator creates out.
 
 No I/O and no clock here, so `dapo render` and the operator print / create the same objects and
-tests check them directly. Object layout follows CONTRACTS.md (names, labels, ports, env).
+tests check them directly. Names, labels, ports and the role environment come from dapo.contracts.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from dapo.contracts import Addresses, role_environment
-from dapo.spec import API_GROUP, API_VERSION, KIND, DAPORun, PodPlacement, dump_run
+from dapo.spec import API_GROUP, API_VERSION, KIND, SCORER_MOUNT_DIR, DAPORun, PodPlacement, dump_run
 
 from . import naming as n
 
@@ -90,13 +92,23 @@ def _meta(run: DAPORun, name: str, namespace: str, component: str, owner: Owner 
     return meta
 
 
+def pod_run_file(run: DAPORun) -> str:
+    """The run file the pods read: apiVersion, kind, the run's name and the resolved spec (every
+    default filled in), nothing else of the DAPORun's metadata. The API server rewrites the rest
+    (resourceVersion on every status write, generation, managedFields, kopf's annotations and
+    finalizers): copied into the ConfigMap, it would change the ConfigMap at every write."""
+    doc = yaml.safe_load(dump_run(run))
+    doc["metadata"] = {"name": run.metadata.name}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def build_config_map(run: DAPORun, namespace: str, owner: Owner | None = None) -> dict[str, Any]:
-    """ConfigMap RUN-spec holding the resolved run file (every default filled in)."""
+    """ConfigMap RUN-spec holding the pods' run file (`pod_run_file`)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(run, n.config_map_name(run.metadata.name), namespace, "config", owner),
-        "data": {"run.yaml": dump_run(run)},
+        "data": {"run.yaml": pod_run_file(run)},
     }
 
 
@@ -160,6 +172,10 @@ def pod_env(run: DAPORun, role: str, index: int, namespace: str, gang_generation
     if spec.storage.credentials_secret:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}})
+    if role == "reward" and spec.reward.remote is not None and spec.reward.remote.headers_secret:
+        # the remote reward service's headers (e.g. Authorization): a Secret, never the run file
+        env.append({"name": "DAPO_REWARD_REMOTE_HEADERS", "valueFrom": {"secretKeyRef": {
+            "name": spec.reward.remote.headers_secret, "key": "headers"}}})
     return env
 
 
@@ -189,6 +205,9 @@ def build_pod(
         "ports": ports,
         "resources": _resources(placement),
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+        # A role that stops on a run-file error prints it last: the tail of the log becomes the
+        # termination message, which the operator copies into the DAPORun's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
@@ -225,6 +244,13 @@ def build_pod(
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
         ],
     }
+    if role == "reward" and run.spec.reward.scorer_config_map:
+        # run-file scorers shipped as files: spec.reward.scorers[i].function = /etc/dapo/scorers/FILE.py:NAME
+        container["volumeMounts"].append({"name": "scorers", "mountPath": SCORER_MOUNT_DIR, "readOnly": True})
+        pod_spec["volumes"].append({"name": "scorers", "configMap": {"name": run.spec.reward.scorer_config_map}})
+    if role == "learner" and run.spec.tracking.credentials_secret:
+        # tracker credentials (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...) for learner-0's trackers
+        container["envFrom"] = [{"secretRef": {"name": run.spec.tracking.credentials_secret}}]
     if placement.node_selector:
         pod_spec["nodeSelector"] = dict(placement.node_selector)
     if placement.affinity:

@@ -19,6 +19,9 @@ KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_TOTAL_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
 KUEUE_GATE = "kueue.x-k8s.io/admission"
 
+# `dapo`'s exit code after a run-file error (dapo.cli): restarting the pod cannot fix it.
+SPEC_ERROR_EXIT_CODE = 2
+
 
 def pod_name(run: str, role: str, index: int) -> str:
     return f"{run}-{role}-{index}"

@@ -18,7 +18,7 @@ from . import naming as n
 from .builders import Owner, build_config_map, build_pod, build_service, desired_pod_names, gang_roles
 from .status import (
     FAILED, SUSPENDED, TERMINAL, Outcome, compute_status, learner_succeeded, parse_time,
-    pod_failure, pod_generation, pod_name_of, pod_phase, pod_terminating, current_pods,
+    pod_failure, pod_generation, pod_name_of, pod_phase, pod_run_file_error, pod_terminating, current_pods,
 )
 
 
@@ -169,6 +169,14 @@ def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None)
 
     gang = gang_roles(run)
     by_name = {pod_name_of(p): p for p in pods}
+    for role, _, pod_name in desired_pod_names(run):
+        pod = by_name.get(pod_name)
+        error = pod_run_file_error(pod) if role == "reward" and pod is not None and pod_phase(pod) == "Failed" else None
+        if error is not None:
+            # e.g. spec.reward.scorers[0].function does not import: every replacement would fail the same way
+            actions += _delete_all(pods, "run-file error in a reward pod")
+            outcome = Outcome(FAILED, "RunFileError", f"{pod_name} stopped on a run-file error: {error}")
+            return _finish(run, obj, previous, work, observed, actions, outcome=outcome)
     dead: list[str] = []
     for role, index, pod_name in desired_pod_names(run):
         if role not in gang:

@@ -116,14 +116,34 @@ def pod_terminating(pod: dict[str, Any]) -> bool:
     return bool(pod.get("metadata", {}).get("deletionTimestamp"))
 
 
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
 def pod_failure(pod: dict[str, Any]) -> str:
     """Why a pod stopped, for messages: container exit code / reason, or the pod's reason."""
     status = pod.get("status") or {}
-    for cs in status.get("containerStatuses") or []:
-        term = (cs.get("state") or {}).get("terminated")
-        if term:
-            return f"exit code {term.get('exitCode')} ({term.get('reason', 'Error')})"
+    term = _terminated(pod)
+    if term:
+        return f"exit code {term.get('exitCode')} ({term.get('reason', 'Error')})"
     return status.get("reason") or status.get("message") or "no reason reported"
+
+
+def pod_run_file_error(pod: dict[str, Any]) -> str | None:
+    """The error line of a pod that stopped on a run-file error (`dapo` exits
+    SPEC_ERROR_EXIT_CODE after printing ``error: ...``), or None. Read from the container's
+    termination message (the log tail: terminationMessagePolicy FallbackToLogsOnError)."""
+    term = _terminated(pod)
+    if not term or term.get("exitCode") != n.SPEC_ERROR_EXIT_CODE:
+        return None
+    text = str(term.get("message") or "")
+    errors = [line.strip() for line in text.splitlines() if line.strip().startswith("error:")]
+    line = errors[-1] if errors else (text.strip().splitlines() or ["(no termination message)"])[-1]
+    return _cut(line.removeprefix("error:").strip(), MAX_MESSAGE_CHARS)
 
 
 def current_pods(run: DAPORun, pods: list[dict[str, Any]], gang_generation: int) -> dict[str, dict[str, Any]]:

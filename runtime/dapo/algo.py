@@ -1,5 +1,10 @@
 """DAPO algorithm core: small pure tensor functions, no distributed plumbing.
 
+Why one module of ~900 lines: it is the whole objective (log-probs, advantages, the policy-loss
+registry, rollout correction, overlong shaping, dynamic sampling) read side by side with the
+papers' formulas; every function is small, pure and tested alone, and `dapo.spec` reads the
+registry names from this file's source (the operator image has no torch).
+
 Formulas follow DAPO (arXiv 2503.14476) and verl's ``core_algos`` semantics; see
 ``DAPO-NOTES.md`` in the design notes. Everything here is device- and dtype-agnostic
 (float32 and float64 give the same formula) and never forces a host/device sync
@@ -16,18 +21,27 @@ caller multiplies the loss by R (or all-reduces with SUM) to undo it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "CORRECTION_LEVELS",
+    "CORRECTION_MODES",
     "LOSS_AGG_MODES",
+    "POLICY_LOSSES",
     "DynamicSamplingResult",
+    "PolicyLossConfig",
+    "Registry",
+    "RolloutCorrection",
     "agg_loss",
+    "compute_policy_loss",
+    "dr_grpo_advantages",
     "dynamic_sampling_filter",
     "entropy_from_logits",
     "group_advantages",
@@ -37,6 +51,11 @@ __all__ = [
     "overlong_filter_mask",
     "overlong_penalty",
     "policy_loss",
+    "register_advantage_estimator",
+    "register_policy_loss",
+    "rloo_advantages",
+    "rollout_correction_metrics",
+    "rollout_correction_weights",
 ]
 
 # Bound on |log pi_new - log pi_old| before exp: exp(20) ~ 4.9e8 stays finite in
@@ -168,6 +187,79 @@ def agg_loss(
     return agg(loss_mat, _as_bool_mask(mask), num_tokens, num_seqs)
 
 
+# --------------------------------------------------------------------- registries
+
+
+class Registry(dict):
+    """Name -> function, filled by a decorator (``@register_policy_loss("gspo")``); the code
+    dispatches through it and the run file's allowed values are its keys (``dapo.spec`` reads
+    the decorator names from this file, so the spec, the CRD enum and ``dapo crd`` never list a
+    name that is not registered here)."""
+
+    def __init__(self, kind: str, spec_field: str):
+        super().__init__()
+        self.kind = kind
+        self.spec_field = spec_field
+        self.meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, **meta: Any) -> Callable[[Callable], Callable]:
+        def decorate(fn: Callable) -> Callable:
+            if name in self:
+                raise ValueError(f"{self.kind} {name!r} is registered twice ({self[name].__name__} and {fn.__name__})")
+            self[name] = fn
+            self.meta[name] = dict(meta)
+            return fn
+
+        return decorate
+
+    def resolve(self, name: str) -> Callable:
+        """The function registered as ``name``; ValueError lists the registered names."""
+        try:
+            return self[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"{self.spec_field}: unknown {self.kind} {name!r}; registered: "
+                             f"{', '.join(sorted(self))}") from None
+
+
+#: Policy losses by name: fn(log_prob, old_log_prob, advantages, mask, config, **params) -> (loss_mat, metrics).
+POLICY_LOSSES = Registry("policy loss", "spec.algorithm.policyLoss")
+#: Advantage estimators by name: fn(scores, group_ids, eps=1e-6) -> 1-D advantages.
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator", "spec.algorithm.advantageEstimator")
+
+
+def register_policy_loss(name: str, *, aggregation: str | None = None) -> Callable[[Callable], Callable]:
+    """Register a policy loss under ``name`` (the value of ``spec.algorithm.policyLoss``).
+
+    How to add a loss -- one function plus this decorator, in this file, nothing else:
+
+        @register_policy_loss("my-loss", aggregation="token-mean")
+        def my_loss(log_prob, old_log_prob, advantages, mask, config, *, my_param: float = 0.5):
+            \"\"\"Cite the paper's formula here.\"\"\"
+            ratio = torch.exp(torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+            loss_mat = -advantages * ratio * my_param
+            return loss_mat, {"ppo_kl": masked_mean(old_log_prob - log_prob, mask).detach()}
+
+    The function returns the PER-TOKEN loss matrix [B, T] (to minimise) and detached metrics
+    (any of ``pg_clipfrac``, ``pg_clipfrac_lower``, ``ppo_kl``; masked means over ``mask``).
+    Everything else is done once for every loss by :func:`compute_policy_loss`: the rollout
+    importance weights are multiplied into the matrix and it is aggregated with the global
+    normalisers (token-mean across micro-batches and ranks). ``advantages`` arrive [B, 1] or
+    [B, T]; ``mask`` is bool; ``config`` is a :class:`PolicyLossConfig`. Keyword-only
+    parameters with defaults are the loss's own hyperparameters, set from the run file with
+    ``spec.algorithm.policyLossParams``. ``aggregation`` fixes the loss's normalisation (one of
+    ``LOSS_AGG_MODES``) when the paper defines it; None uses ``spec.algorithm.lossAggMode``.
+    Then regenerate the CRD (``dapo crd > crds/daporun.yaml``): it lists the new name.
+    """
+    if aggregation is not None and aggregation not in LOSS_AGG_MODES:
+        raise ValueError(f"aggregation {aggregation!r} of policy loss {name!r} is not one of {sorted(LOSS_AGG_MODES)}")
+    return POLICY_LOSSES.register(name, aggregation=aggregation)
+
+
+def register_advantage_estimator(name: str) -> Callable[[Callable], Callable]:
+    """Register ``fn(scores, group_ids, eps=1e-6) -> advantages`` as ``spec.algorithm.advantageEstimator`` ``name``."""
+    return ADVANTAGE_ESTIMATORS.register(name)
+
+
 # ------------------------------------------------------------------ policy loss
 
 
@@ -193,6 +285,204 @@ def _broadcast_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.
     )
 
 
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The run file's settings every policy loss may read (spec.algorithm and spec.rollout).
+
+    ``max_response_length`` is L_max, Dr. GRPO's constant normaliser; ``params`` are the
+    selected loss's own hyperparameters (``spec.algorithm.policyLossParams``)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_ratio_c: float = 10.0
+    loss_agg_mode: str = "token-mean"
+    max_response_length: int | None = None
+    params: dict = field(default_factory=dict)
+
+
+def check_policy_loss(name: str, config: PolicyLossConfig) -> Callable:
+    """The registered loss ``name`` after checking ``config`` against it (clip range, the
+    aggregation mode, its own parameters); ValueError names the run-file field to fix."""
+    fn = POLICY_LOSSES.resolve(name)
+    _check_clip_args(config.eps_low, config.eps_high, config.clip_ratio_c)
+    _check_agg_mode(config.loss_agg_mode)
+    accepted = {p.name: p for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(config.params) - set(accepted))
+    if unknown:
+        raise ValueError(f"spec.algorithm.policyLossParams: policy loss {name!r} has no parameter(s) {unknown}; "
+                         f"it accepts {sorted(accepted) or 'none'}")
+    return fn
+
+
+def compute_policy_loss(
+    name: str,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    config: PolicyLossConfig = PolicyLossConfig(),
+    weights: torch.Tensor | None = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scalar loss of the registered policy loss ``name``, the way every loss is finished:
+
+        L = agg( w_it * l_it )     l = the loss's per-token matrix, w = rollout importance weights
+
+    ``weights`` [B, T] (None = 1) come from :func:`rollout_correction_weights`; they are
+    constants (no gradient). ``agg`` is the loss's registered aggregation, or
+    ``config.loss_agg_mode``, with the global normalisers ``num_tokens`` / ``num_seqs`` of the
+    whole mini-batch (see :func:`agg_loss`), so micro-batch and rank splits sum to the full
+    batch for every loss. ``old_log_prob`` is the proximal policy's (the weights at the start of
+    the training step).
+    """
+    fn = check_policy_loss(name, config)
+    _check_normaliser(num_tokens, "num_tokens")
+    _check_normaliser(num_seqs, "num_seqs")
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be [batch, response_len], got shape {tuple(log_prob.shape)}")
+    for label, tensor in (("old_log_prob", old_log_prob), ("response_mask", response_mask), ("weights", weights)):
+        if tensor is not None and tensor.shape != log_prob.shape:
+            raise ValueError(f"{label} must have log_prob's shape {tuple(log_prob.shape)}, got {tuple(tensor.shape)}")
+    adv = _broadcast_advantages(advantages, log_prob.shape).to(log_prob.dtype)
+    mask = _as_bool_mask(response_mask)
+    loss_mat, metrics = fn(log_prob, old_log_prob.to(log_prob.dtype), adv, mask, config, **config.params)
+    if weights is not None:
+        loss_mat = loss_mat * weights.detach().to(loss_mat.dtype)
+    mode = POLICY_LOSSES.meta[name].get("aggregation") or config.loss_agg_mode
+    return LOSS_AGG_MODES[mode](loss_mat, mask, num_tokens, num_seqs), metrics
+
+
+def _clipped_surrogate(log_prob, old_log_prob, adv, mask, eps_low, eps_high, clip_ratio_c):
+    """PPO clipped surrogate with decoupled clip and dual clip, per token (DAPO eq. 8 + dual clip):
+
+        d = clamp(logp - logp_old, -20, 20), r = exp(d)
+        l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));  l = min(l, -A c) where A < 0
+    """
+    log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
+    loss_dual_bound = -adv * clip_ratio_c
+    negative_adv = adv < 0
+    loss_mat = torch.where(negative_adv, torch.minimum(loss_ppo, loss_dual_bound), loss_ppo)
+    with torch.no_grad():
+        # Counting bool masks (no float copies, no where) keeps the metrics cheap next to the loss.
+        valid_count = torch.count_nonzero(mask).clamp_min(1).to(log_prob.dtype)
+        clipped = torch.count_nonzero((loss_clipped > loss_unclipped) & mask)
+        clipped_lower = torch.count_nonzero((loss_ppo > loss_dual_bound) & negative_adv & mask)
+        metrics = {
+            "pg_clipfrac": clipped.to(log_prob.dtype) / valid_count,
+            "pg_clipfrac_lower": clipped_lower.to(log_prob.dtype) / valid_count,
+            "ppo_kl": -masked_sum(log_ratio, mask) / valid_count,
+        }
+    return loss_mat, metrics
+
+
+@register_policy_loss("dapo")
+def dapo_loss(log_prob, old_log_prob, advantages, mask, config):
+    """DAPO (arXiv 2503.14476, eq. 8): clip-higher PPO surrogate, aggregated token-mean by default.
+
+        l_it = max(-A_i r_it, -A_i clip(r_it, 1 - eps_low, 1 + eps_high)),  r_it = pi/pi_old
+        (plus the dual clip min(l, -A c) for A < 0; eps_low 0.2, eps_high 0.28, c 10)
+        L = sum_{i,t} l_it / sum_i |o_i|                       (spec.algorithm.lossAggMode)
+    """
+    return _clipped_surrogate(log_prob, old_log_prob, advantages, mask, config.eps_low, config.eps_high,
+                              config.clip_ratio_c)
+
+
+@register_policy_loss("grpo", aggregation="seq-mean-token-mean")
+def grpo_loss(log_prob, old_log_prob, advantages, mask, config):
+    """GRPO (DeepSeekMath, arXiv 2402.03300, eq. 3, without the KL term as in DAPO):
+
+        L = 1/G sum_i 1/|o_i| sum_t max(-A_i r_it, -A_i clip(r_it, 1 - eps, 1 + eps))
+
+    The per-sequence mean is the defining difference from DAPO's token-mean. The clip range is
+    the run file's (epsLow / epsHigh / clipRatioC); the paper's symmetric eps = 0.2 is
+    epsHigh: 0.2."""
+    return _clipped_surrogate(log_prob, old_log_prob, advantages, mask, config.eps_low, config.eps_high,
+                              config.clip_ratio_c)
+
+
+@register_policy_loss("dr-grpo", aggregation="seq-mean-token-sum")
+def dr_grpo_loss(log_prob, old_log_prob, advantages, mask, config):
+    """Dr. GRPO (Liu et al., "Understanding R1-Zero-Like Training", arXiv 2503.20783, eq. 3):
+    no 1/|o_i| length normalisation; every token's clipped surrogate is divided by the same
+    constant L_max (spec.rollout.maxResponseLength) and summed:
+
+        L = 1/G sum_i sum_t l_it / L_max
+
+    (with the seq-mean-token-sum aggregation over G = the mini-batch's non-empty responses).
+    Pair it with advantageEstimator dr-grpo (no std normalisation)."""
+    if not config.max_response_length or config.max_response_length < 1:
+        raise ValueError("policy loss dr-grpo needs max_response_length (spec.rollout.maxResponseLength), its "
+                         "constant normaliser L_max")
+    loss_mat, metrics = _clipped_surrogate(log_prob, old_log_prob, advantages, mask, config.eps_low, config.eps_high,
+                                           config.clip_ratio_c)
+    return loss_mat / float(config.max_response_length), metrics
+
+
+@register_policy_loss("gspo", aggregation="seq-mean-token-mean")
+def gspo_loss(log_prob, old_log_prob, advantages, mask, config, *, eps_low: float = 3e-4, eps_high: float = 4e-4):
+    """GSPO-token (Zheng et al., arXiv 2507.18071, eqs. 5-7 and 12-13): one length-normalised
+    SEQUENCE ratio, clipped with GSPO's own small range (paper: 3e-4 / 4e-4):
+
+        s_i   = exp( 1/|o_i| sum_t (log pi(o_it) - log pi_old(o_it)) )
+        s_it  = sg[s_i] * pi(o_it) / sg[pi(o_it)]          (value s_i, gradient of log pi(o_it))
+        L     = 1/G sum_i 1/|o_i| sum_t max(-A_i s_it, -A_i clip(s_it, 1 - eps_low, 1 + eps_high))
+
+    ``eps_low`` / ``eps_high`` are set with spec.algorithm.policyLossParams (the run file's
+    epsLow / epsHigh are token-ratio ranges, three orders of magnitude wider)."""
+    if not (0 < eps_low < 1 and eps_high > 0):
+        raise ValueError(f"spec.algorithm.policyLossParams: gspo needs 0 < eps_low < 1 and eps_high > 0, got "
+                         f"{eps_low!r} / {eps_high!r} (paper: 3e-4 / 4e-4)")
+    token_log_ratio = torch.where(mask, log_prob - old_log_prob, torch.zeros((), dtype=log_prob.dtype,
+                                                                                device=log_prob.device))
+    lengths = mask.sum(dim=-1, keepdim=True).clamp_min(1).to(log_prob.dtype)
+    seq_log_ratio = torch.clamp(token_log_ratio.sum(dim=-1, keepdim=True) / lengths, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # sg[log s_i] + log pi - sg[log pi], summed in this order so that the value stays s_i exactly
+    log_token_ratio = log_prob - log_prob.detach() + seq_log_ratio.detach()
+    ratio = torch.exp(torch.clamp(log_token_ratio, max=LOG_RATIO_CLAMP))
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    with torch.no_grad():
+        valid = torch.count_nonzero(mask).clamp_min(1).to(log_prob.dtype)
+        metrics = {
+            "pg_clipfrac": torch.count_nonzero((loss_clipped > loss_unclipped) & mask).to(log_prob.dtype) / valid,
+            "pg_clipfrac_lower": torch.zeros((), dtype=log_prob.dtype, device=log_prob.device),
+            "ppo_kl": -masked_sum(token_log_ratio, mask) / valid,
+        }
+    return loss_mat, metrics
+
+
+@register_policy_loss("cispo", aggregation="token-mean")
+def cispo_loss(log_prob, old_log_prob, advantages, mask, config):
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eqs. 4-5): clip the importance-sampling WEIGHT under a
+    stop-gradient instead of the surrogate, so every token keeps its gradient:
+
+        r_hat_it = clip(r_it, 1 - eps_low, 1 + eps_high)
+        L = - 1/sum_i |o_i| sum_{i,t} sg[r_hat_it] A_i log pi(o_it)
+
+    (token-mean over all tokens of the batch, as the paper normalises). eps_low / eps_high are
+    the run file's epsLow / epsHigh (the paper leaves the lower bound effectively open: set
+    epsLow close to 1 for that)."""
+    log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio.detach())
+    clipped_ratio = torch.clamp(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high)
+    loss_mat = -clipped_ratio * advantages * log_prob
+    with torch.no_grad():
+        valid = torch.count_nonzero(mask).clamp_min(1).to(log_prob.dtype)
+        metrics = {
+            "pg_clipfrac": torch.count_nonzero((ratio > 1.0 + config.eps_high) & mask).to(log_prob.dtype) / valid,
+            "pg_clipfrac_lower": torch.count_nonzero((ratio < 1.0 - config.eps_low) & mask).to(log_prob.dtype) / valid,
+            "ppo_kl": -masked_sum(log_ratio, mask) / valid,
+        }
+    return loss_mat, metrics
+
+
 def policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -206,7 +496,8 @@ def policy_loss(
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DAPO clipped policy-gradient loss with clip-higher and dual clip.
+    """DAPO clipped policy-gradient loss with clip-higher and dual clip (the ``dapo`` entry of
+    :data:`POLICY_LOSSES`, no importance weights).
 
     Per token, with d = clamp(logp - logp_old, -20, 20), r = exp(d):
 
@@ -228,39 +519,126 @@ def policy_loss(
         response_mask: [batch, response_len], bool or 0/1: which positions are real tokens.
     """
     _check_clip_args(eps_low, eps_high, clip_ratio_c)
-    agg = _check_agg_mode(loss_agg_mode)
-    _check_normaliser(num_tokens, "num_tokens")
-    _check_normaliser(num_seqs, "num_seqs")
-    if log_prob.dim() != 2:
-        raise ValueError(f"log_prob must be [batch, response_len], got shape {tuple(log_prob.shape)}")
-    for name, tensor in (("old_log_prob", old_log_prob), ("response_mask", response_mask)):
-        if tensor.shape != log_prob.shape:
-            raise ValueError(f"{name} must have log_prob's shape {tuple(log_prob.shape)}, got {tuple(tensor.shape)}")
-    adv = _broadcast_advantages(advantages, log_prob.shape).to(log_prob.dtype)
+    _check_agg_mode(loss_agg_mode)
+    config = PolicyLossConfig(eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode)
+    return compute_policy_loss("dapo", log_prob, old_log_prob, advantages, response_mask, config=config,
+                               num_tokens=num_tokens, num_seqs=num_seqs)
+
+
+# ------------------------------------------------------------ rollout correction
+
+#: spec.algorithm.rolloutCorrection.mode / .level values.
+CORRECTION_MODES = ("none", "truncate", "mask")
+CORRECTION_LEVELS = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class RolloutCorrection:
+    """spec.algorithm.rolloutCorrection: how the behaviour policy (the engine that sampled) is
+    corrected towards the proximal policy (the learner's weights at the start of the step)."""
+
+    mode: str = "truncate"
+    level: str = "token"
+    threshold: float = 2.0
+
+    def __post_init__(self):
+        if self.mode not in CORRECTION_MODES:
+            raise ValueError(f"spec.algorithm.rolloutCorrection.mode {self.mode!r}: use one of {CORRECTION_MODES}")
+        if self.level not in CORRECTION_LEVELS:
+            raise ValueError(f"spec.algorithm.rolloutCorrection.level {self.level!r}: use one of {CORRECTION_LEVELS}")
+        if not (math.isfinite(self.threshold) and self.threshold > 1):
+            raise ValueError(f"spec.algorithm.rolloutCorrection.threshold must be a finite number > 1, got "
+                             f"{self.threshold!r} (2.0 is the usual cap)")
+
+
+def _log_importance_ratio(proximal_log_prob, behaviour_log_prob, mask, level):
+    """log rho at ``level`` over valid tokens (0 elsewhere), clamped to [-20, 20]:
+
+        token:    log rho_it = log pi_prox(o_it) - log pi_behav(o_it)
+        sequence: log rho_i  = sum_t log rho_it   (the product of token ratios, kept in log space
+                  so a long response cannot overflow; broadcast to every token of the row)
+    """
+    zero = torch.zeros((), dtype=proximal_log_prob.dtype, device=proximal_log_prob.device)
+    token = torch.where(mask, proximal_log_prob - behaviour_log_prob.to(proximal_log_prob.dtype), zero)
+    if level == "sequence":
+        token = torch.where(mask, token.sum(dim=-1, keepdim=True).expand_as(token), zero)
+    return torch.clamp(token, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+@torch.no_grad()
+def rollout_correction_weights(
+    proximal_log_prob: torch.Tensor,
+    behaviour_log_prob: torch.Tensor,
+    response_mask: torch.Tensor,
+    correction: RolloutCorrection = RolloutCorrection(),
+    stale_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights behaviour -> proximal of the decoupled objective (Hilton et al.,
+    "Batch size-invariance for policy optimization", arXiv 2110.00641, eq. 4; truncated IS as in
+    Yao et al. "Your efficient RL framework secretly brings you off-policy RL training" (TIS)):
+
+        J = E_{o ~ pi_behav} [ w(o) * clipped_surrogate(pi_theta / pi_prox, A) ]
+        rho = pi_prox / pi_behav     per token, or per sequence (prod_t rho_t = exp(sum_t log rho_t))
+        truncate: w = min(rho, C)
+        mask:     w = rho if 1/C <= rho <= C else 0      (the sample/token is rejected)
+        none:     w = 1, EXCEPT rows in ``stale_rows`` (sampled by older weights), which get the
+                  truncated weight: a stale row is never trained as if it were on-policy.
+
+    C = ``correction.threshold``. Both log-prob inputs are constants: the weights carry no
+    gradient. Returns (weights [B, T], 0 at invalid positions; rejected [B, T] bool: valid
+    positions whose weight was truncated (truncate) or zeroed (mask)).
+    """
     mask = _as_bool_mask(response_mask)
+    log_rho = _log_importance_ratio(proximal_log_prob, behaviour_log_prob, mask, correction.level)
+    log_cap = math.log(correction.threshold)
+    zero = torch.zeros((), dtype=log_rho.dtype, device=log_rho.device)
+    truncated_w = torch.exp(torch.clamp(log_rho, max=log_cap))
+    if correction.mode == "mask":
+        keep = (log_rho <= log_cap) & (log_rho >= -log_cap)
+        weights, rejected = torch.where(keep, torch.exp(log_rho), zero), ~keep
+    else:
+        weights, rejected = truncated_w, log_rho > log_cap
+        if correction.mode == "none":
+            stale = (torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device) if stale_rows is None
+                     else _as_bool_mask(stale_rows).to(mask.device))
+            weights = torch.where(stale[:, None], truncated_w, torch.ones_like(truncated_w))
+            rejected = rejected & stale[:, None]
+    return torch.where(mask, weights, zero), rejected & mask
 
-    log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
-    loss_dual_bound = -adv * clip_ratio_c
-    negative_adv = adv < 0
-    loss_mat = torch.where(negative_adv, torch.minimum(loss_ppo, loss_dual_bound), loss_ppo)
 
-    loss = agg(loss_mat, mask, num_tokens, num_seqs)
+@torch.no_grad()
+def rollout_correction_metrics(
+    proximal_log_prob: torch.Tensor,
+    behaviour_log_prob: torch.Tensor,
+    response_mask: torch.Tensor,
+    weights: torch.Tensor,
+    rejected: torch.Tensor,
+) -> dict[str, float]:
+    """Per-step diagnostics over the valid tokens of the whole batch (verl's names where they exist):
 
-    with torch.no_grad():
-        # Counting bool masks (no float copies, no where) keeps the metrics cheap next to the loss.
-        valid_count = torch.count_nonzero(mask).clamp_min(1).to(log_prob.dtype)
-        clipped = torch.count_nonzero((loss_clipped > loss_unclipped) & mask)
-        clipped_lower = torch.count_nonzero((loss_ppo > loss_dual_bound) & negative_adv & mask)
-        metrics = {
-            "pg_clipfrac": clipped.to(log_prob.dtype) / valid_count,
-            "pg_clipfrac_lower": clipped_lower.to(log_prob.dtype) / valid_count,
-            "ppo_kl": -masked_sum(log_ratio, mask) / valid_count,
-        }
-    return loss, metrics
+        training/rollout_probs_diff_{mean,max,std}  |pi_prox(o_t) - pi_behav(o_t)|  (probabilities)
+        rollout_corr/log_ratio_mean                  mean of log pi_prox - log pi_behav
+        rollout_corr/is_weight_{mean,max,min}        the weights actually multiplied in
+        rollout_corr/rejected_frac                   share of tokens truncated (truncate) / zeroed (mask)
+    """
+    mask = _as_bool_mask(response_mask)
+    count = int(mask.sum())
+    if count == 0:
+        return {}
+    prox = proximal_log_prob.double()[mask]
+    behav = behaviour_log_prob.double()[mask]
+    diff = (prox.exp() - behav.exp()).abs()
+    w = weights.double()[mask]
+    return {
+        "training/rollout_probs_diff_mean": float(diff.mean()),
+        "training/rollout_probs_diff_max": float(diff.max()),
+        "training/rollout_probs_diff_std": float(diff.std(unbiased=False)),
+        "rollout_corr/log_ratio_mean": float((prox - behav).mean()),
+        "rollout_corr/is_weight_mean": float(w.mean()),
+        "rollout_corr/is_weight_max": float(w.max()),
+        "rollout_corr/is_weight_min": float(w.min()),
+        "rollout_corr/rejected_frac": float(rejected[mask].double().mean()),
+    }
 
 
 # ------------------------------------------------------------------- advantages
@@ -284,8 +662,34 @@ def _group_index(group_ids: Sequence[Hashable] | torch.Tensor, device: torch.dev
     return torch.tensor(dense, dtype=torch.long, device=device), list(index_of)
 
 
+def _check_advantage_inputs(scores, group_ids, eps):
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores must be a 1-D tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
+    if len(group_ids) != scores.shape[0]:
+        raise ValueError(f"group_ids has {len(group_ids)} entries but scores has {scores.shape[0]}; give one group id per score")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    return scores if scores.is_floating_point() else scores.to(torch.get_default_dtype())
+
+
+def _group_stats(values: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: (dense group index, group size n_g, group sum, group unbiased std with n_g - 1).
+
+    Vectorised with index_add; the variance is two-pass (sum of squared deviations), stable
+    where E[x^2] - E[x]^2 is not. A group of one gets std 0 here (callers decide its convention)."""
+    index, distinct = _group_index(group_ids, values.device)
+    num_groups = len(distinct)
+    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, torch.ones_like(values))
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    deviations = values - (sums / counts)[index]
+    sq_dev = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, deviations * deviations)
+    stds = torch.sqrt(sq_dev / (counts - 1).clamp_min(1))
+    return index, counts[index], sums[index], stds[index]
+
+
+@register_advantage_estimator("grpo")
 def group_advantages(scores: torch.Tensor, group_ids: Sequence[Hashable] | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO outcome advantages: A_i = (R_i - mean_g) / (std_g + eps).
+    """GRPO outcome advantages (DeepSeekMath, arXiv 2402.03300, sec. 4.1.2): A_i = (R_i - mean_g) / (std_g + eps).
 
     mean_g and std_g are over the responses of sample i's group g (same prompt);
     std is unbiased (Bessel, divide by n_g - 1). A group of one gets mean 0 and std 1,
@@ -299,32 +703,41 @@ def group_advantages(scores: torch.Tensor, group_ids: Sequence[Hashable] | torch
     Returns:
         1-D advantages of ``scores``' floating dtype (the default dtype for integer scores).
     """
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-        raise ValueError(f"scores must be a 1-D tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
-    if len(group_ids) != scores.shape[0]:
-        raise ValueError(f"group_ids has {len(group_ids)} entries but scores has {scores.shape[0]}; give one group id per score")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    values = scores if scores.is_floating_point() else scores.to(torch.get_default_dtype())
+    values = _check_advantage_inputs(scores, group_ids, eps)
     if values.numel() == 0:
         return values.clone()
-    index, distinct = _group_index(group_ids, values.device)
-    num_groups = len(distinct)
-
-    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, torch.ones_like(values))
-    means = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, values) / counts
-    # Two-pass variance (sum of squared deviations) is stable where E[x^2] - E[x]^2 is not.
-    deviations = values - means[index]
-    sq_dev = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, index, deviations * deviations)
+    _, counts, sums, stds = _group_stats(values, group_ids)
     singleton = counts == 1
-    stds = torch.sqrt(sq_dev / (counts - 1).clamp_min(1))
-    means = torch.where(singleton, torch.zeros_like(means), means)
+    means = torch.where(singleton, torch.zeros_like(sums), sums / counts)
     stds = torch.where(singleton, torch.ones_like(stds), stds)
-    return (values - means[index]) / (stds[index] + eps)
+    return (values - means) / (stds + eps)
 
 
-#: Advantage estimators by name: fn(scores, group_ids, eps=...) -> 1-D advantages.
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"grpo": group_advantages}
+@register_advantage_estimator("dr-grpo")
+def dr_grpo_advantages(scores: torch.Tensor, group_ids: Sequence[Hashable] | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Dr. GRPO advantages (arXiv 2503.20783, eq. 3): A_i = R_i - mean_g, no division by std_g
+    (the std removes the question-difficulty bias the paper describes). A group of one gets
+    mean 0 (A_i = R_i), as in ``grpo``. ``eps`` is accepted for a common signature and unused."""
+    values = _check_advantage_inputs(scores, group_ids, eps)
+    if values.numel() == 0:
+        return values.clone()
+    _, counts, sums, _ = _group_stats(values, group_ids)
+    return values - torch.where(counts == 1, torch.zeros_like(sums), sums / counts)
+
+
+@register_advantage_estimator("rloo")
+def rloo_advantages(scores: torch.Tensor, group_ids: Sequence[Hashable] | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al., arXiv 2402.14740, eq. 6; Kool et al. 2019):
+
+        A_i = R_i - 1/(n_g - 1) sum_{j in g, j != i} R_j  =  n_g / (n_g - 1) (R_i - mean_g)
+
+    A group of one has no other sample: baseline 0, A_i = R_i. ``eps`` is unused."""
+    values = _check_advantage_inputs(scores, group_ids, eps)
+    if values.numel() == 0:
+        return values.clone()
+    _, counts, sums, _ = _group_stats(values, group_ids)
+    others = (sums - values) / (counts - 1).clamp_min(1)
+    return values - torch.where(counts == 1, torch.zeros_like(others), others)
 
 
 # --------------------------------------------------------------------- overlong
@@ -383,8 +796,10 @@ def overlong_filter_mask(response_mask: torch.Tensor, truncated: torch.Tensor) -
 class DynamicSamplingResult:
     """Outcome of DAPO's dynamic-sampling filter on one generation batch.
 
-    keep: bool tensor, one per sample: True for samples of groups whose accuracy varies.
-    kept_groups / all_correct_groups / all_wrong_groups: group ids in first-seen order.
+    keep: bool tensor, one per sample: True for samples of kept groups (accuracy varies, or a
+    group of one).
+    kept_groups / all_correct_groups / all_wrong_groups: group ids in first-seen order (the
+    last two list only dropped groups).
     """
 
     keep: torch.Tensor
@@ -396,10 +811,12 @@ class DynamicSamplingResult:
 def dynamic_sampling_filter(acc: torch.Tensor | Sequence[bool], group_ids: Sequence[Hashable] | torch.Tensor) -> DynamicSamplingResult:
     """Keep the groups whose (unshaped) accuracy varies: some right and some wrong.
 
-    A group with all acc = 1 or all acc = 0 has zero advantage for every sample and gives
-    no gradient, so DAPO drops it. A group of one never varies and is dropped too (and
-    counted as all-correct or all-wrong). Filter on ``acc``, never on the shaped score:
-    overlong shaping can make scores differ inside a group that is uniformly right or wrong.
+    A group of two or more with all acc = 1 or all acc = 0 has zero advantage for every sample
+    and gives no gradient, so DAPO drops it: keep group g iff std(acc_g) > 0 or |g| = 1. A
+    group of one (rollout.n = 1) is kept, as the reference implementation (verl's DAPO
+    trainer) keeps it: it has no spread to test, and dropping it would make a batch of n = 1
+    groups impossible to fill. Filter on ``acc``, never on the shaped score: overlong shaping
+    can make scores differ inside a group that is uniformly right or wrong.
     """
     acc_tensor = torch.as_tensor(acc)
     if acc_tensor.dim() != 1:
@@ -414,7 +831,7 @@ def dynamic_sampling_filter(acc: torch.Tensor | Sequence[bool], group_ids: Seque
     num_groups = len(distinct)
     correct = torch.zeros(num_groups, dtype=torch.long, device=acc_tensor.device).index_add_(0, index, acc_tensor.long())
     total = torch.zeros(num_groups, dtype=torch.long, device=acc_tensor.device).index_add_(0, index, torch.ones_like(index))
-    varies = (correct > 0) & (correct < total)
+    varies = ((correct > 0) & (correct < total)) | (total == 1)
     all_correct = correct == total
     result = DynamicSamplingResult(keep=varies[index])
     for gid, v, c in zip(distinct, varies.tolist(), all_correct.tolist()):

@@ -73,6 +73,7 @@ class EnvVar:
     RUN_DIR = "DAPO_RUN_DIR"
     STATUS_GRACE_S = "DAPO_STATUS_GRACE_S"
     SERVICE_WAIT_S = "DAPO_SERVICE_WAIT_S"
+    ROLLOUT_REQUEST_TIMEOUT_S = "DAPO_ROLLOUT_REQUEST_TIMEOUT_S"  # one replica's answer to /generate
     WEIGHT_SYNC_TIMEOUT_S = "DAPO_WEIGHT_SYNC_TIMEOUT_S"
     LEARNER_TIMEOUT_S = "DAPO_LEARNER_TIMEOUT_S"
     VERIFY_WEIGHT_SYNC = "DAPO_VERIFY_WEIGHT_SYNC"
@@ -189,6 +190,8 @@ class LearnerMetrics(_Contract):
     acc: float | None = Field(None, alias="train/acc/mean", description="Latest train/acc/mean.")
     response_length: float | None = Field(None, alias="response_length/mean", description="Latest response_length/mean.")
     val_acc: float | None = Field(None, alias="val/acc/mean", description="Latest val/acc/mean (avg@n).")
+    version_lag: float | None = Field(None, alias="async/version_lag_mean",
+                                      description="Latest async/version_lag_mean (weight versions; 0 when synchronous).")
 
 
 class CheckpointRef(_Contract):
@@ -230,7 +233,8 @@ PHASES = ("Pending", "Starting", "Running", "Suspended", "Succeeded", "Failed")
 CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
 
 # LearnerMetrics field -> the DAPORun status field that carries it
-STATUS_METRIC_FIELDS = {"score": "score", "acc": "acc", "response_length": "responseLength", "val_acc": "valAcc"}
+STATUS_METRIC_FIELDS = {"score": "score", "acc": "acc", "response_length": "responseLength", "val_acc": "valAcc",
+                        "version_lag": "versionLag"}
 
 
 class Condition(_Contract):
@@ -257,6 +261,8 @@ class RunStatus(_Contract):
     acc: float | None = Field(None, description="Latest train/acc/mean.")
     response_length: float | None = Field(None, alias="responseLength", description="Latest response_length/mean.")
     val_acc: float | None = Field(None, alias="valAcc", description="Latest val/acc/mean (avg@n).")
+    version_lag: float | None = Field(None, alias="versionLag",
+                                      description="Latest async/version_lag_mean: how stale the trained samples were.")
     learner_state: str | None = Field(None, alias="learnerState", description="state from learner-0's /status.")
     reason: str | None = Field(None, description="CamelCase reason of the current phase.")
     message: str | None = Field(None, description="Latest human line from the learner or operator.")

@@ -1,5 +1,7 @@
 """`dapo plot RUN_DIR`: the training curves of a run as one PNG grid, like the DAPO paper's figures
-(score, accuracy train + validation, entropy, response length, clip fractions, gradient norm)."""
+(score, accuracy train + validation, entropy, response length, clip fractions, gradient norm), plus
+the off-policy panels: rollout-correction importance weights, version lag of the trained samples and
+the rollout-vs-learner probability difference."""
 
 from __future__ import annotations
 
@@ -22,6 +24,19 @@ PANELS = [
                         ("response_length/clip_ratio", "truncated responses", "train")]),
     ("grad norm / generation batches", [("actor/grad_norm", "grad norm", "train"),
                                         ("train/num_gen_batches", "generation batches", "train")]),
+    ("rollout correction (importance weights)", [("rollout_corr/is_weight_mean", "weight mean", "train"),
+                                                 ("rollout_corr/is_weight_max", "weight max", "train"),
+                                                 ("rollout_corr/rejected_frac", "truncated / masked tokens", "train")]),
+    ("off-policy: lag and rollout vs learner", [("rollout_corr/lag_1_frac", "samples 1 version stale", "train"),
+                                                ("training/rollout_probs_diff_mean", "|p_rollout - p_learner| mean", "train"),
+                                                ("training/rollout_probs_diff_max", "|p_rollout - p_learner| max", "train")]),
+    ("async: version lag of trained samples", [("async/version_lag_mean", "mean lag (versions)", "train"),
+                                                ("async/lag_0_frac", "share lag 0", "train"),
+                                                ("async/lag_1_frac", "share lag 1", "train"),
+                                                ("async/lag_2_frac", "share lag 2", "train")]),
+    ("idle time per step (s)", [("timing_s/learner_idle", "learner waited for rollout", "train"),
+                                ("timing_s/rollout_idle", "rollout waited for learner", "train"),
+                                ("timing_s/step", "step", "train")]),
 ]
 
 
@@ -59,7 +74,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train and not evals:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no records yet: run some training steps first")
     out = Path(out) if out else run_dir / "curves.png"
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    rows = -(-len(PANELS) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4.25 * rows))
     for ax, (title, lines) in zip(axes.flat, PANELS):
         drawn = 0
         for key, label, kind in lines:
@@ -74,6 +90,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     fig.suptitle(f"DAPO run {run_name(run_dir)}: {len(train)} steps, {len(evals)} evaluations")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

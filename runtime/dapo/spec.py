@@ -1,5 +1,8 @@
 """The `DAPORun` run file: the one typed source of truth for every setting.
 
+(~620 lines: every field with its description and check, plus loading and error formatting;
+one place to look a field up is the point of this module.)
+
 The same model validates `dapo run FILE` on a laptop, generates the CRD the cluster validates
 with (`dapo crd`), and configures every pod the operator starts. Field names in YAML are
 camelCase (Kubernetes convention); Python code uses the snake_case attribute names.
@@ -13,8 +16,11 @@ CEL expression of the same rule (runs in the API server). They sit next to each 
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.util
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,15 +121,84 @@ class DynamicSamplingSpec(_Model):
     max_gen_batches: int = Field(10, ge=1, description="Give up (with an explanation) after this many generation batches in one step.")
 
 
+@lru_cache(maxsize=None)
+def registered_names(decorator: str) -> tuple[str, ...]:
+    """Names registered in ``dapo/algo.py`` with ``@<decorator>("name")``, in file order.
+
+    The registries in `dapo.algo` are the one source of truth for the allowed policy losses and
+    advantage estimators. The spec (and the CRD generated from it, and the operator that
+    validates run files) must not import torch, so it reads the decorator calls from the
+    module's source instead of importing it; tests/test_spec.py checks that the names read here
+    are exactly the keys of the imported registries."""
+    found = importlib.util.find_spec("dapo.algo")
+    if found is None or not found.origin:
+        raise RuntimeError("dapo.algo is not installed next to dapo.spec: reinstall the dapo package")
+    tree = ast.parse(Path(found.origin).read_text(encoding="utf-8"))
+    names = []
+    for node in tree.body:
+        for deco in getattr(node, "decorator_list", []):
+            if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == decorator
+                    and deco.args and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)):
+                names.append(deco.args[0].value)
+    if not names:
+        raise RuntimeError(f"no @{decorator}(...) found in {found.origin}")
+    return tuple(names)
+
+
+POLICY_LOSS_NAMES = registered_names("register_policy_loss")
+ADVANTAGE_ESTIMATOR_NAMES = registered_names("register_advantage_estimator")
+
+
+class RolloutCorrectionSpec(_Model):
+    """Importance-sampling correction from the policy that SAMPLED a response (the rollout
+    engine's weights and numerics) to the learner's weights at the start of the step."""
+
+    mode: Literal["none", "truncate", "mask"] = Field(
+        "truncate",
+        description=(
+            "truncate (default, like verl's TIS and TRL's vLLM importance-sampling correction): multiply each "
+            "token's loss by min(pi_learner / pi_rollout, threshold); mask: weight pi_learner / pi_rollout inside "
+            "[1/threshold, threshold], 0 outside (rejection); none: no correction for responses sampled by the "
+            "current weights (engine/learner numeric mismatch ignored), while responses sampled by older weights "
+            "(surplus carried over) still get the truncated weight: stale samples are never trained as on-policy."
+        ),
+    )
+    level: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: one ratio per token; sequence: the product of a response's token ratios, one weight per response.",
+    )
+    threshold: float = Field(2.0, gt=1.0, le=1e6, description="The cap C (> 1) of truncate and the band [1/C, C] of mask.")
+
+
 class AlgorithmSpec(_Model):
     eps_low: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip range epsilon_low.")
     eps_high: float = Field(0.28, gt=0.0, lt=10.0, description="Upper clip range epsilon_high (clip-higher).")
     clip_ratio_c: float = Field(10.0, gt=1.0, description="Dual-clip constant c (> 1) bounding the loss of negative-advantage tokens.")
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
-        "token-mean", description="How token losses are averaged; DAPO uses token-mean."
+        "token-mean",
+        description=("How token losses are averaged for policyLoss dapo (DAPO uses token-mean); the other losses use "
+                     "their paper's normalisation (docs/algorithm.md)."),
     )
     overlong: OverlongSpec = Field(default_factory=OverlongSpec)
     dynamic_sampling: DynamicSamplingSpec = Field(default_factory=DynamicSamplingSpec)
+    policy_loss: Literal[POLICY_LOSS_NAMES] = Field(  # type: ignore[valid-type]
+        "dapo",
+        description=(
+            f"Policy-gradient loss, one of the losses registered in dapo.algo ({', '.join(POLICY_LOSS_NAMES)}); "
+            "dapo is the paper's (clip-higher, token-mean). Formulas and defaults: docs/algorithm.md."
+        ),
+    )
+    policy_loss_params: dict[str, float] = Field(
+        default_factory=dict,
+        description=("The selected loss's own hyperparameters by name, e.g. {eps_low: 3e-4, eps_high: 4e-4} for gspo; "
+                     "an unknown name fails at start naming the accepted ones."),
+    )
+    advantage_estimator: Literal[ADVANTAGE_ESTIMATOR_NAMES] = Field(  # type: ignore[valid-type]
+        "grpo",
+        description=(f"Advantage from the group's shaped scores, one of the estimators registered in dapo.algo "
+                     f"({', '.join(ADVANTAGE_ESTIMATOR_NAMES)}); grpo is (R - mean) / std. See docs/algorithm.md."),
+    )
+    rollout_correction: RolloutCorrectionSpec = Field(default_factory=RolloutCorrectionSpec)
 
 
 # --------------------------------------------------------------------------- roles
@@ -155,6 +230,13 @@ class RolloutSpec(PodPlacement):
     verify_weight_sync: bool = Field(
         False, description="After every weight sync, check per-tensor CRC-32s and that each replica's weights equal the learner's."
     )
+    max_staleness: int = Field(
+        0, ge=0, le=16,
+        description="Asynchronous rollout: generation runs up to this many steps ahead of the learner, so the batch "
+                    "of step s is sampled with weight version max(0, s - maxStaleness) while the learner trains. "
+                    "0: synchronous (generate, then train). Surplus groups may be one version older; older ones are "
+                    "dropped and counted (async/stale_samples_dropped).",
+    )
 
 
 class LearnerSpec(PodPlacement):
@@ -170,14 +252,113 @@ class LearnerSpec(PodPlacement):
     weight_decay: float = Field(0.1, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
     total_steps: int | None = Field(None, ge=1, description="Training steps to run; omitted means totalEpochs passes over the data.")
-    total_epochs: int = Field(1, ge=1, description="Passes over the training prompts when totalSteps is omitted.")
+    total_epochs: int = Field(1, ge=1, description=(
+        "Passes over the training prompts when totalSteps is omitted: training ends after the step in which the "
+        "last prompt of the last pass is drawn (with dynamic sampling a step draws several generation batches, "
+        "so there are fewer steps than totalEpochs x prompts / trainBatchSize)."))
     seed: int = Field(1, description="Seed for data order, sampling and initialisation.")
+
+
+# "pkg.mod:fn" or "path/file.py:fn": the CRD checks the shape; whether it imports is checked when
+# the reward scorer is built (dapo.reward.custom.load_function), at `dapo run` / reward pod start.
+SCORER_FUNCTION_PATTERN = r"^[^:\s][^:]*:[A-Za-z_][A-Za-z0-9_]*$"
+SCORER_MOUNT_DIR = "/etc/dapo/scorers"
+
+
+class ScorerRule(_Model):
+    """One run-file scorer: rows whose data_source matches the glob are scored by the function."""
+
+    data_source: str = Field(
+        ..., min_length=1, max_length=256,
+        description="Glob over a row's data_source (case-insensitive; * ? [..]); '*' matches every row. First match wins.",
+    )
+    function: str = Field(
+        ..., pattern=SCORER_FUNCTION_PATTERN, max_length=1024,
+        description=(
+            "The scorer: 'package.module:function' (importable in the image) or 'path/to/file.py:function' "
+            f"(on Kubernetes a file of spec.reward.scorerConfigMap is {SCORER_MOUNT_DIR}/FILE). Called with keyword "
+            "arguments solution_str, ground_truth, data_source, extra_info (a verl compute_score works unchanged); "
+            "returns a float or {score, acc?, pred?}."
+        ),
+    )
+
+
+class RemoteRewardSpec(_Model):
+    """A user's HTTP reward service (judge model, sandbox); JSON contract in docs/rewards.md."""
+
+    url: str = Field(..., pattern=r"^https?://[^\s@]+$", max_length=2048,
+                     description="Endpoint the responses are POSTed to in batches (http:// or https://; no credentials in it).")
+    timeout_seconds: float = Field(60.0, gt=0.0, le=3600.0, description="Time bound of one batch request; a slower answer is a failed attempt.")
+    batch_size: int = Field(64, ge=1, le=100000, description="Responses per POST.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed batch (exponential backoff from 0.5 s) before the run stops.")
+    headers_secret: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+        description=(
+            "Secret whose key 'headers' holds a JSON object of HTTP headers (e.g. Authorization), given to the reward "
+            "pods as DAPO_REWARD_REMOTE_HEADERS; locally, export that variable instead."
+        ),
+    )
 
 
 class RewardSpec(PodPlacement):
     scorer: str = Field("math_dapo", description="Default scorer for data sources with no registered scorer (math_dapo, math_verify).")
     timeout_seconds: float = Field(5.0, gt=0.0, le=600.0, description="Bound on one scorer call; a slower answer scores as wrong.")
     workers: int = Field(2, ge=1, le=256, description="Scoring processes per reward pod.")
+    scorers: list[ScorerRule] = Field(
+        default_factory=list, max_length=64,
+        description="Run-file scorers, tried in order before the remote service, the built-in rules and `scorer`.",
+    )
+    scorer_config_map: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+        description=f"ConfigMap whose files are mounted read-only at {SCORER_MOUNT_DIR} in the reward pods (scorer source files).",
+    )
+    remote: RemoteRewardSpec | None = Field(None, description="A remote reward service scoring every row no `scorers` rule matches.")
+    failed_score: float = Field(
+        -1.0, ge=-1e6, le=1e6,
+        description="Score of a response whose scorer failed (exception, NaN or wrong type, time bound, crash).",
+    )
+
+
+class MlflowSpec(_Model):
+    """MLflow tracking. Credentials (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) come from the
+    environment: spec.tracking.credentialsSecret on Kubernetes."""
+
+    tracking_uri: str = Field(
+        ..., min_length=1, max_length=2048,
+        description="MLflow tracking URI: http(s)://server, sqlite:///path/mlflow.db or file:/path (no password in it).",
+    )
+    experiment: str = Field("dapo", min_length=1, max_length=256, description="Experiment name (created when missing).")
+    run_name: str | None = Field(None, max_length=256, description="MLflow run name; default metadata.name.")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "MlflowSpec":
+        if re.match(r"^[a-z][a-z0-9+.-]*://[^/@\s]+:[^/@\s]*@", self.tracking_uri, re.I):
+            raise ValueError("spec.tracking.mlflow.trackingUri must not carry a password; put MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD in the environment (spec.tracking.credentialsSecret on Kubernetes)")
+        return self
+
+
+class WandbSpec(_Model):
+    """Weights & Biases. The API key (WANDB_API_KEY) comes from the environment, never the run file."""
+
+    project: str = Field(..., min_length=1, max_length=128, description="W&B project.")
+    mode: Literal["online", "offline"] = Field("online", description="offline writes the run folder under RUN_DIR/wandb (sync later with `wandb sync`).")
+    entity: str | None = Field(None, max_length=128, description="W&B entity (team or user); default the key's.")
+    group: str | None = Field(None, max_length=128, description="Group of runs.")
+    tags: list[str] = Field(default_factory=list, max_length=64, description="Run tags.")
+    name: str | None = Field(None, max_length=128, description="Run name; default metadata.name.")
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers fed the metrics.jsonl records (verl's metric names, one point per step)."""
+
+    tensorboard: bool = Field(False, description="Write TensorBoard event files under RUN_DIR/tensorboard.")
+    mlflow: MlflowSpec | None = Field(None, description="Log params (the resolved spec), per-step metrics and the final checkpoint to MLflow.")
+    wandb: WandbSpec | None = Field(None, description="Log the config and per-step metrics to W&B (online or offline).")
+    credentials_secret: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+        description="Secret whose keys become environment variables of the learner pods (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...).",
+    )
 
 
 class EvalSpec(_Model):
@@ -215,6 +396,7 @@ class DAPORunSpec(_Model):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     suspend: bool = Field(False, description="True stops the pods and keeps status and checkpoints; false resumes.")
     backoff_limit: int = Field(3, ge=0, description="Gang restarts allowed before the run is Failed.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DAPORun this long after it finished.")

@@ -133,9 +133,10 @@ def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
 def load_policy(spec: DAPORunSpec, device: str | None = None):
     """(model, tokenizer) of spec.model, seeded with the run's seed (initialisation of any newly
     built weights is then the same in every process)."""
+    from dapo.controller.trainer import seed_all
     from dapo.model.loading import load_policy as load
 
-    torch.manual_seed(spec.learner.seed)
+    seed_all(spec.learner.seed)
     return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
 
 
@@ -163,7 +164,7 @@ def build_scorer(spec: DAPORunSpec):
 
 def build_checkpoint_store(spec: DAPORunSpec, run_dir: Path):
     """Committed checkpoints: spec.checkpoint.uri, else RUN_DIR/checkpoints."""
-    from dapo.storage.store import CheckpointStore
+    from dapo.storage import CheckpointStore
 
     return CheckpointStore(spec.checkpoint.uri or str(run_dir / "checkpoints"), keep=spec.checkpoint.keep,
                            endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)

@@ -1,11 +1,18 @@
-"""Real processes for the fault-injection suite: a tiny model, run files, the processes launcher
-started in the background with its role pids, and the data accounting against an
-uninterrupted run.
+"""Real processes for the fault-injection suite: a small arithmetic model that really learns, run
+files with dynamic sampling on, the processes launcher started in the background with its role
+pids, and the comparison of a run's whole training state against an uninterrupted run.
 
-"Nothing lost" is checked per training step: the digest of the prompt uids trained in that step
-(``train/prompt_uids_digest`` in metrics.jsonl) and the sampler state after it (each
-checkpoint's trainer_state.json, one checkpoint per step) must equal an uninterrupted run's,
-every step exactly once.
+What "recovered exactly" means here: the final checkpoint of the interrupted-and-resumed run holds
+the same model weights, optimizer and lr-scheduler state, sampler position, surplus groups, Python
+and torch RNG states, step and weight version as the final checkpoint of an uninterrupted run of the
+same run file with the same process topology (tensors compared with ``torch.equal``, everything else
+with ``==``), and metrics.jsonl holds every step exactly once, each trained on the same prompts
+(uid digest) as the uninterrupted run's.
+
+Why the model and scorer: the arithmetic task (``dapo.model.builtin``) with a briefly warmed-up tiny model
+samples the right answer ~20 % of the time, so the real ``math_dapo`` scorer gives rewards that
+vary inside groups, advantages are non-zero, the weights move every step, and dynamic sampling drops
+groups and carries surplus ones: every part of the state depends on what happened before.
 """
 
 from __future__ import annotations
@@ -17,26 +24,69 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from _dapo_runs import REPO, make_model, write_data  # noqa: F401 - re-exported for the scenarios
 from _dapo_runs import role_env as shared_role_env
-from _dapo_runs import run_doc as shared_run_doc
 
 STEPS = 4
-PROMPTS = 16  # gen batch 4 x 4 steps: one epoch, every step a new set of prompts
+
+# A ~10k-parameter arithmetic model (sums of one-digit numbers) warmed up for a few seconds: it
+# answers in the "Answer: N" format and is right about a fifth of the time at temperature 1.
+ARITH_RECIPE_FIELDS = dict(operand_max=9, eval_problems=20, hidden_size=32, layers=2, heads=2, kv_heads=1,
+                           intermediate_size=64, max_positions=32, warmup_steps=300, warmup_batch=32,
+                           lr_warmup_steps=10)
+
+
+def arith_recipe():
+    from dapo.model.builtin import ArithRecipe
+
+    return replace(ArithRecipe(), **ARITH_RECIPE_FIELDS)
+
+
+def make_model(folder: Path) -> Path:
+    from dapo.model.builtin import build_arith_tiny
+
+    return build_arith_tiny(folder / "arith", arith_recipe())
+
+
+def write_data(path: Path) -> Path:
+    """The recipe's training sums (80) as a jsonl with data_source "arith" (scored by math_dapo)."""
+    from dapo.model.builtin import split_problems, write_arith_jsonl
+
+    train, _ = split_problems(arith_recipe())
+    write_arith_jsonl(path, train)
+    return path
 
 
 def run_doc(model_dir: Path, train: str, *, learners: int = 1, rollouts: int = 1, rewards: int = 1,
-            checkpoint_uri: str | None = None, steps: int = STEPS) -> dict:
-    """The shared tiny run file with a checkpoint every step (the data accounting needs each one)."""
+            checkpoint_uri: str | None = None, steps: int = STEPS, name: str = "faults") -> dict:
+    """4 groups of 4 responses per step, generation batches of 8 prompts, dynamic sampling on
+    (about a third of the groups are all-wrong and dropped; the rest fill the batch and the
+    surplus carries to the next step), two optimizer steps per training step, a checkpoint
+    every step."""
     checkpoint = {"everySteps": 1, "keep": steps}
     if checkpoint_uri:
         checkpoint["uri"] = checkpoint_uri
-    return shared_run_doc(model_dir, train, name="faults", steps=steps, checkpoint=checkpoint, learners=learners,
-                          rollouts=rollouts, rewards=rewards)
+    return {
+        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": name},
+        "spec": {
+            "model": {"path": str(model_dir)},
+            "data": {"train": train, "promptTemplate": "none"},
+            "algorithm": {"overlong": {"enabled": True, "bufferLength": 2},
+                          "dynamicSampling": {"enabled": True, "maxGenBatches": 8}},
+            "rollout": {"replicas": rollouts, "engine": "hf", "n": 4, "maxPromptLength": 16, "maxResponseLength": 8,
+                        "genBatchSize": 8},
+            "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
+                        "microBatchSize": 4, "lr": 2e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
+                        "weightDecay": 0.0},
+            "reward": {"replicas": rewards, "workers": 1, "timeoutSeconds": 5, "scorer": "math_dapo"},
+            "eval": {"everySteps": 0, "beforeTrain": False},
+            "checkpoint": checkpoint,
+        },
+    }
 
 
 def write_run_file(path: Path, doc: dict) -> Path:
@@ -70,9 +120,9 @@ class Launch:
     def pid(self, role: str, timeout: float = 60) -> int:
         return wait_for(lambda: self.pids().get(role), timeout, f"the launcher to start {role}")
 
-    def kill(self, role: str) -> float:
-        """SIGKILL one role's main process (not its group: as the OOM killer would); its time."""
-        os.kill(self.pid(role), signal.SIGKILL)
+    def kill(self, role: str, sig: int = signal.SIGKILL) -> float:
+        """Signal one role's main process (not its group: as the OOM killer would); its time."""
+        os.kill(self.pid(role), sig)
         return time.monotonic()
 
     def wait(self, timeout: float = 180) -> int:
@@ -132,63 +182,95 @@ def local_manifest(run_dir: Path, step: int) -> bool:
     return (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists()
 
 
-# --------------------------------------------------------------------------- data accounting
+# --------------------------------------------------------------------------- training state
 
 
-def step_record(digest: str, trainer_state: dict) -> dict:
-    return {"uids": digest, "sampler": trainer_state["sampler"], "weight_version": trainer_state["weight_version"]}
+def final_state(checkpoint_uri: str, scratch: Path, *, endpoint_url: str | None = None) -> dict:
+    """The latest committed checkpoint under ``checkpoint_uri``, loaded: model tensors, optimizer
+    + scheduler state (learner.pt), trainer state (step, weight version, sampler, surplus groups,
+    Python RNG) and torch RNG (rng.pt). Fetched with sha256 verification."""
+    import torch
+
+    from dapo.storage.checkpointer import LEARNER_FILE, MODEL_DIR, RNG_FILE, TRAINER_FILE, read_model_state
+    from dapo.storage import CheckpointStore
+
+    store = CheckpointStore(checkpoint_uri, endpoint_url=endpoint_url)
+    info = store.latest()
+    assert info is not None, f"no committed checkpoint under {checkpoint_uri}"
+    folder = store.fetch(info, scratch / f"final-{info.step}")
+    return {"checkpoint step": info.step,
+            "model": read_model_state(folder / MODEL_DIR),
+            "optimizer and scheduler": torch.load(folder / LEARNER_FILE, weights_only=False),
+            "trainer": json.loads((folder / TRAINER_FILE).read_text()),
+            "torch rng": torch.load(folder / RNG_FILE, weights_only=False)}
 
 
-def run_records(run_dir: Path, read_state) -> list[dict]:
-    """Per step of a finished run: uid digest (metrics.jsonl) + sampler state (checkpoints).
-    ``read_state(step)`` returns that step's trainer_state.json as a dict."""
-    return [{"step": int(line["step"]), **step_record(line["train/prompt_uids_digest"], read_state(int(line["step"])))}
-            for line in step_lines(run_dir)]
+def differences(want, got, where: str = "") -> list[str]:
+    """Paths at which ``got`` differs from ``want`` (tensors bit for bit; floats exactly)."""
+    import torch
+
+    if isinstance(want, torch.Tensor) or isinstance(got, torch.Tensor):
+        same = (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.dtype == got.dtype
+                and want.shape == got.shape and torch.equal(want, got))
+        return [] if same else [where or "tensor"]
+    if isinstance(want, dict) and isinstance(got, dict):
+        out = [f"{where}/{k}: only in one" for k in sorted(set(map(str, want)) ^ set(map(str, got)))]
+        for key in want:
+            if key in got:
+                out += differences(want[key], got[key], f"{where}/{key}")
+        return out
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        if len(want) != len(got):
+            return [f"{where}: length {len(got)} != {len(want)}"]
+        return [d for i, (a, b) in enumerate(zip(want, got)) for d in differences(a, b, f"{where}[{i}]")]
+    return [] if want == got else [where or "value"]
 
 
-def local_state_reader(checkpoint_root: Path):
-    return lambda step: json.loads((checkpoint_root / f"step-{step:08d}" / "trainer_state.json").read_text())
+def step_digests(run_dir: Path) -> list[tuple[int, str]]:
+    """(step, prompt uid digest) per training line of metrics.jsonl, in file order."""
+    return [(int(r["step"]), r["train/prompt_uids_digest"]) for r in step_lines(run_dir)]
 
 
-def s3_state_reader(client, bucket: str, prefix: str):
-    def read(step: int) -> dict:
-        key = f"{prefix}/step-{step:08d}/trainer_state.json"
-        return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    return read
+class Reference:
+    """An uninterrupted processes-launcher run of a run file: its final state and step digests."""
+
+    def __init__(self, state: dict, digests: list[tuple[int, str]], lines: list[dict], initial_model: dict):
+        self.state = state
+        self.digests = digests
+        self.lines = lines
+        self.initial_model = initial_model
+
+    def check_really_trains(self) -> None:
+        """The comparison is only meaningful when the state depends on the history: the weights
+        moved, groups were dropped by dynamic sampling and surplus groups were carried."""
+        moved = differences(self.initial_model, self.state["model"])
+        assert moved, "the reference run's weights equal the initial weights: the model did not train"
+        assert sum(r["train/groups_all_wrong"] + r["train/groups_all_correct"] for r in self.lines) > 0, \
+            "dynamic sampling dropped no group in the reference run"
+        assert sum(r["train/surplus_used"] for r in self.lines) > 0, "no surplus group was ever carried"
+        assert len({d for _, d in self.digests}) == len(self.digests), "every step must train other prompts"
 
 
-def data_lost(reference: list[dict], got: list[dict]) -> int:
-    """Steps of the uninterrupted ``reference`` that ``got`` lacks, repeats or trained on other
-    prompts / from another data position, plus steps ``got`` has beyond the reference."""
-    by_step: dict[int, list[dict]] = {}
-    for record in got:
-        by_step.setdefault(record["step"], []).append(record)
-    lost = 0
-    for want in reference:
-        have = by_step.pop(want["step"], [])
-        if len(have) != 1 or {k: v for k, v in have[0].items()} != want:
-            lost += 1
-    return lost + sum(len(v) for v in by_step.values())
+def compare_with_reference(reference: Reference, out: Path, checkpoint_uri: str, *,
+                           endpoint_url: str | None = None) -> list[str]:
+    """Everything in which the run in ``out`` differs from ``reference`` (empty: equal)."""
+    problems = []
+    got = step_digests(out)
+    if got != reference.digests:
+        problems.append(f"metrics.jsonl steps/prompts {got} != uninterrupted {reference.digests}")
+    problems += differences(reference.state, final_state(checkpoint_uri, out.parent, endpoint_url=endpoint_url))
+    return problems
 
 
-def reference_records(run_file: Path, out: Path) -> list[dict]:
-    """An uninterrupted in-process run of ``run_file`` (its own checkpoint folder): per step the
-    uid digest and sampler state. With dynamic sampling off they depend on the data and seeds
-    only, not on how many processes computed the step."""
-    from types import SimpleNamespace
+def run_reference(run_file: Path, out: Path, env: dict, model_dir: Path, *, checkpoint_uri: str | None = None,
+                  endpoint_url: str | None = None) -> Reference:
+    from dapo.storage.checkpointer import read_model_state
 
-    from dapo.entry.inprocess import build_embedded_run
-    from dapo.spec import load_run_file
-
-    class WrongScorer:  # the tiny model cannot do arithmetic: every answer is wrong anyway
-        def score_batch(self, responses, ground_truths, data_sources=None, response_lengths=None, truncated=None):
-            return [SimpleNamespace(score=-1.0, acc=False) for _ in responses]
-
-    run = load_run_file(run_file, ["spec.checkpoint.uri=" + str(out / "checkpoints"), "spec.learner.replicas=1",
-                                   "spec.rollout.replicas=1"])
-    embedded = build_embedded_run(run, out, resume=False, scorer=WrongScorer())
-    try:
-        embedded.trainer.train()
-    finally:
-        embedded.close()
-    return run_records(out, local_state_reader(out / "checkpoints"))
+    run = Launch(run_file, out, env, name="reference")
+    code = run.wait(300)
+    assert code == 0, run.text()[-4000:]
+    assert "resumed" not in run.text()
+    reference = Reference(final_state(checkpoint_uri or str(out / "checkpoints"), out.parent, endpoint_url=endpoint_url),
+                          step_digests(out), step_lines(out), read_model_state(model_dir))
+    reference.check_really_trains()
+    return reference

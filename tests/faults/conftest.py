@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 _TESTS = Path(__file__).resolve().parents[1]
 for folder in (_TESTS, _TESTS / "faults", _TESTS / "operator"):
     if str(folder) not in sys.path:
@@ -20,5 +22,40 @@ def pytest_sessionfinish(session, exitstatus):
     if report.RESULTS:
         json_path, md_path = report.write_report(report.RESULTS, time.monotonic() - _STARTED)
         sys.stderr.write(f"\nfault-injection report: {md_path} ({json_path})\n")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The small arithmetic model (built once per session, a few seconds)."""
+    from _harness import make_model
+
+    return make_model(tmp_path_factory.mktemp("arith-model"))
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory):
+    from _harness import write_data
+
+    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def reference_for(tmp_path_factory, model_dir, train_file):
+    """``reference_for(learners=, rollouts=, steps=)``: the uninterrupted processes-launcher run of
+    that run file (local checkpoints), run once per topology and session."""
+    from _harness import STEPS, role_env, run_doc, run_reference, write_run_file
+
+    cache = {}
+
+    def get(*, learners: int = 1, rollouts: int = 1, steps: int = STEPS):
+        key = (learners, rollouts, steps)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"reference-{learners}l{rollouts}r{steps}s")
+            doc = run_doc(model_dir, str(train_file), learners=learners, rollouts=rollouts, steps=steps)
+            cache[key] = run_reference(write_run_file(folder / "run.yaml", doc), folder / "out", role_env(), model_dir)
+        return cache[key]
+
+    return get
+
 
 from operator_testkit import fake_learner  # noqa: E402,F401  (pytest fixture of the operator scenarios)

@@ -72,9 +72,12 @@ async def test_operator_restarted_mid_run_with_a_failure_while_down(kmock, fake_
     lost += int(status.get("step") != 5)
     record(FaultResult("operator restarted mid-run",
                        "operator stopped and started 3 times while Running; learner-1 failed (137) while it was down",
+                       "kopf operator task cancelled and restarted in-process; pod phase patched in the kmock "
+                       "Kubernetes API emulator (no real pod or process)",
                        "plain restarts changed nothing (no pod created, status kept); after the failure exactly one "
-                       "gang restart (generation 1, restartCount 1) with DAPO_GANG_GENERATION=1", lost, recovered_s,
-                       "operator start -> new gang's pods created", "operator restart"))
+                       "gang restart (generation 1, restartCount 1) with DAPO_GANG_GENERATION=1", None, recovered_s,
+                       "operator start -> new gang's pods created", None,
+                       f"{lost} discrepancies in pods created, gang generation, restart count, step", "operator restart"))
     assert lost == 0
 
 
@@ -122,7 +125,9 @@ async def test_run_edited_suspended_and_resumed_repeatedly(kmock, fake_learner):
             assert not stale, f"cycle {cycle}: the run file ConfigMap still holds the old spec.learner.lr"
     record(FaultResult("DAPORun edited, suspended and resumed repeatedly",
                        "3 cycles: edit spec.learner.lr, suspend, resume",
+                       "PATCHes to the DAPORun in the kmock Kubernetes API emulator; pod phases patched there",
                        "each suspend deleted every pod and kept the status; each resume started exactly one new gang "
-                       "generation (DAPO_GANG_GENERATION = 1, 2, 3) reading the edited run file", lost, max(recover),
-                       "resume -> every pod recreated (slowest cycle)", "edit/suspend/resume"))
+                       "generation (DAPO_GANG_GENERATION = 1, 2, 3) reading the edited run file", None, max(recover),
+                       "resume -> every pod recreated (slowest cycle)", None,
+                       f"{lost} discrepancies in pods, gang generations, status step, run file", "edit/suspend/resume"))
     assert lost == 0

@@ -1,7 +1,8 @@
 """A weight-sync peer dying mid-broadcast: the sender (learner-0) raises WeightSyncError naming
 the dead rank within a bounded time, never hangs. Real processes: two receivers run
 `dapo.weightsync.WeightReceiver` in their own interpreters; one is SIGKILLed while it is
-applying the buckets of version 1."""
+applying the buckets of version 1. What a run does next (learner-0 fails, the gang restarts
+and resumes) is tests/faults/test_runtime_faults.py's weight-sync scenario."""
 
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ def test_weight_sync_peer_killed_mid_broadcast_errors_in_bounded_time(tmp_path):
     assert error_s < 2 * TIMEOUT_S + 5, f"the sender took {error_s:.1f} s to notice"
     record(FaultResult("weight-sync peer dies mid-broadcast",
                        f"SIGKILL receiver rank 2 (of 2) after {buckets_before_kill} of 40 buckets, timeout_s={TIMEOUT_S:g}",
-                       "sender raised WeightSyncError naming rank 2 (host, pid, stopped heart-beating); no hang; "
-                       "in a run that fails learner-0 -> gang restart from the last checkpoint", 0, error_s,
-                       "kill -> error raised", "weight sync peer"))
+                       "real SIGKILL of a receiver process (sender and receivers only, no training run)",
+                       "sender raised WeightSyncError naming rank 2 (host, pid, stopped heart-beating); no hang",
+                       error_s, None, "", None,
+                       "no training state; the gang restart that follows is the scenario "
+                       "'weight-sync peer stops answering (gang restart)'", "weight sync peer"))

@@ -230,3 +230,80 @@ def test_compute_status_conditions_keep_transition_time():
     assert later["warnings"] == []
     no_ckpt = parse_run(good_run(checkpoint={}))
     assert "checkpoint.uri" in compute_status(no_ckpt, 1, [], None, {}, T0)["warnings"][0]
+
+
+# --------------------------------------------------------------------------- run-file scorers, remote reward, trackers
+
+
+def test_scorer_config_map_is_mounted_in_reward_pods_only():
+    """spec.reward.scorerConfigMap: its files appear read-only at /etc/dapo/scorers in every reward
+    pod (where a scorers[i].function '/etc/dapo/scorers/FILE.py:NAME' is loaded), nowhere else."""
+    run = parse_run(good_run(reward={"replicas": 2, "scorerConfigMap": "my-scorers", "scorers": [
+        {"dataSource": "*", "function": "/etc/dapo/scorers/judge.py:compute_score"}]}))
+    objects = build_all(run, "ns1", owner=OWNER)
+    pods = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Pod"}
+    for name, pod in pods.items():
+        container = pod["spec"]["containers"][0]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        if "-reward-" in name:
+            assert mounts["scorers"] == {"name": "scorers", "mountPath": "/etc/dapo/scorers", "readOnly": True}
+            assert volumes["scorers"] == {"name": "scorers", "configMap": {"name": "my-scorers"}}
+        else:
+            assert "scorers" not in mounts and "scorers" not in volumes
+    assert sum("-reward-" in name for name in pods) == 2
+    # The rendered run file the pods read names the mounted file.
+    config = next(o for o in objects if o["kind"] == "ConfigMap")
+    scorers = yaml.safe_load(config["data"]["run.yaml"])["spec"]["reward"]["scorers"]
+    assert scorers == [{"dataSource": "*", "function": "/etc/dapo/scorers/judge.py:compute_score"}]
+
+
+def test_remote_headers_and_tracker_credentials_come_from_secrets():
+    run = parse_run(good_run(
+        reward={"replicas": 1, "remote": {"url": "https://judge.example/score", "headersSecret": "judge-headers"}},
+        tracking={"wandb": {"project": "p"}, "credentialsSecret": "tracker-keys"}))
+    reward = build_pod(run, "reward", 0, "ns1", gang_generation=0)
+    learner = build_pod(run, "learner", 0, "ns1", gang_generation=0)
+    rollout = build_pod(run, "rollout", 0, "ns1", gang_generation=0)
+    assert env_of(reward)["DAPO_REWARD_REMOTE_HEADERS"] == {"secretKeyRef": {"name": "judge-headers", "key": "headers"}}
+    assert "DAPO_REWARD_REMOTE_HEADERS" not in env_of(learner)
+    assert learner["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "tracker-keys"}}]
+    assert "envFrom" not in reward["spec"]["containers"][0] and "envFrom" not in rollout["spec"]["containers"][0]
+    # Nothing secret is in the run file the ConfigMap carries: only the Secrets' names.
+    text = build_all(run, "ns1")[0]["data"]["run.yaml"]
+    assert "judge-headers" in text and "tracker-keys" in text
+
+
+def _fail_reward_pod(pods, exit_code: int, message: str):
+    for p in pods:
+        if p["metadata"]["name"] == "demo-reward-0":
+            p["status"] = {"phase": "Failed", "containerStatuses": [{"name": "reward", "state": {"terminated": {
+                "exitCode": exit_code, "reason": "Error", "message": message}}}]}
+
+
+def test_reward_pod_run_file_error_fails_the_run_with_the_message():
+    """A reward pod that exits with dapo's run-file error code (its scorer does not import) fails
+    the DAPORun at once, with the pod's error line in status and the Failed condition."""
+    obj = run_obj()
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    log_tail = ("12:00:01 INFO reward-0 dapo.entry.roles: starting\n"
+                "error: spec.reward.scorers[0].function: cannot import 'acme_rewards' for 'acme_rewards:judge' "
+                "(ModuleNotFoundError: No module named 'acme_rewards'); install the package\n")
+    _fail_reward_pod(pods, 2, log_tail)
+    plan = reconcile(obj, observe(pods))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "RunFileError"
+    failed = next(c for c in plan.status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "RunFileError"
+    assert failed["message"].startswith("demo-reward-0 stopped on a run-file error: spec.reward.scorers[0].function: "
+                                        "cannot import 'acme_rewards'")
+    assert len(plan.of(DeletePod)) == 5 and plan.of(CreateObject) == []
+    assert any(isinstance(a, EmitEvent) and a.type == "Warning" and "acme_rewards" in a.message for a in plan.actions)
+
+
+def test_reward_pod_crash_without_run_file_error_is_still_replaced_alone():
+    obj = run_obj()
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    _fail_reward_pod(pods, 137, "")
+    plan = reconcile(obj, observe(pods))
+    assert plan.status["phase"] != "Failed" and [a.name for a in plan.of(DeletePod)] == ["demo-reward-0"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from typing import Any
 
 import aiohttp
 import kopf
 import pytest
+import yaml
 
 from dapo_operator.handlers import OperatorConfig, build_registry
 from operator_testkit import NAMESPACE, eventually, good_run, learner_answer
@@ -272,3 +274,52 @@ async def test_ttl_deletes_finished_run(kmock, fake_learner):
             return code == 404
 
         await eventually(gone)
+
+
+def bump_resource_version_on_every_write(kmock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Play the part of the API server that kmock leaves out: every create and every update
+    (spec, metadata or status) of an object stores a new metadata.resourceVersion."""
+    from kmock._internal.enums import action
+
+    versions = itertools.count(100)
+    handle = type(kmock)._handle  # the emulator's class is slotted: patch the class, for this test
+
+    async def bumping(self, request):
+        if request.resource is not None and request.action in (action.CREATE, action.UPDATE) \
+                and isinstance(request.data, dict):
+            request.data.setdefault("metadata", {})["resourceVersion"] = str(next(versions))
+        return await handle(self, request)
+
+    monkeypatch.setattr(type(kmock), "_handle", bumping)
+
+
+async def test_run_file_config_map_holds_name_and_spec_and_is_rewritten_only_on_a_spec_edit(kmock, fake_learner,
+                                                                                            monkeypatch):
+    declare_resources(kmock)
+    bump_resource_version_on_every_write(kmock, monkeypatch)
+    config_map = f"/api/v1/namespaces/{NAMESPACE}/configmaps/demo-spec"
+    async with running_operator(kmock):
+        await start_running_run(kmock, fake_learner, step=3)
+        first_version = (await api(kmock, "GET", f"{RUNS}/demo"))[1]["metadata"]["resourceVersion"]
+        # the learner makes progress: the operator writes the status (a new resourceVersion) each time
+        for step in range(4, 8):
+            fake_learner.answers["demo"] = learner_answer("running", step=step)
+            await eventually(lambda: _status_where(kmock, lambda s, step=step: s.get("step") == step))
+        run = (await api(kmock, "GET", f"{RUNS}/demo"))[1]
+        assert int(run["metadata"]["resourceVersion"]) >= int(first_version) + 4, "the emulator must bump versions"
+        assert sent(kmock, "PATCH", "/configmaps/demo-spec") == [], "ConfigMap rewritten without a spec edit"
+        doc = yaml.safe_load((await api(kmock, "GET", config_map))[1]["data"]["run.yaml"])
+        assert doc["metadata"] == {"name": "demo"}
+        assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+
+        # a real spec edit: exactly one rewrite, with the new value
+        code, _ = await api(kmock, "PATCH", f"{RUNS}/demo", {"spec": {"learner": {"lr": 3e-6}},
+                                                             "metadata": {"generation": 2}})
+        assert code == 200
+        await eventually(lambda: sent(kmock, "PATCH", "/configmaps/demo-spec"))
+        for step in range(8, 11):  # more status writes after the edit
+            fake_learner.answers["demo"] = learner_answer("running", step=step)
+            await eventually(lambda: _status_where(kmock, lambda s, step=step: s.get("step") == step))
+        assert len(sent(kmock, "PATCH", "/configmaps/demo-spec")) == 1
+        doc = yaml.safe_load((await api(kmock, "GET", config_map))[1]["data"]["run.yaml"])
+        assert doc["spec"]["learner"]["lr"] == 3e-6 and doc["metadata"] == {"name": "demo"}

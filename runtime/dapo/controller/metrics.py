@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dapo.controller.tracking import numeric_metrics
+
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "run.log"
 
@@ -27,16 +29,48 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends metric records to RUN_DIR/metrics.jsonl."""
+    """Appends metric records to RUN_DIR/metrics.jsonl and hands each one to the experiment
+    trackers (``dapo.controller.tracking``: TensorBoard, MLflow, W&B) at the record's step.
 
-    def __init__(self, run_dir: str | Path):
+    A tracker that raises is logged once and skipped from then on: metrics.jsonl is the record of
+    the run, and a tracking server outage must not stop a training."""
+
+    def __init__(self, run_dir: str | Path, trackers: list | tuple = ()):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers = list(trackers)
+        self._dropped: list = []  # failed while logging: still closed at the end (best effort)
+        self._latest: dict[str, float] = {}  # the last value of every numeric metric (GET /metrics)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=False)
         with self.path.open("a") as fh:
             fh.write(line + "\n")
+        values, step = numeric_metrics(record), int(record.get("step") or 0)
+        self._latest.update(values)
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(values, step)
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                logging.getLogger("dapo.controller.metrics").warning(
+                    "tracker %s failed at step %d (%s: %s); it gets no more metrics, metrics.jsonl continues",
+                    getattr(tracker, "name", tracker), step, type(exc).__name__, exc)
+                self.trackers.remove(tracker)
+                self._dropped.append(tracker)
+
+    def latest_values(self) -> dict[str, float]:
+        """The latest value of every numeric metric written so far (train and eval records)."""
+        return dict(self._latest)
+
+    def close(self, final_checkpoint: dict | None = None, succeeded: bool = True) -> None:
+        """Finish every tracker (the final checkpoint, if any, goes to them as a reference)."""
+        trackers, self.trackers, self._dropped = self.trackers + self._dropped, [], []
+        for tracker in trackers:
+            try:
+                tracker.close(final_checkpoint=final_checkpoint, succeeded=succeeded)
+            except Exception as exc:  # noqa: BLE001 - closing is best effort at the end of a run
+                logging.getLogger("dapo.controller.metrics").warning("closing tracker %s failed: %s",
+                                                          getattr(tracker, "name", tracker), exc)
 
     def truncate_after(self, step: int) -> int:
         """Drop lines whose step is > ``step`` (a resumed run re-does those steps); returns how many."""

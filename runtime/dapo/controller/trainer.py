@@ -1,11 +1,12 @@
-"""The DAPO controller: one training step as the controller sees it (docs/DESIGN "One step").
+"""The DAPO controller: one training step as the controller sees it (docs/architecture.md).
 
     1. next prompts from the resumable sampler          (PromptSampler)
     2. n responses per prompt                           (RolloutEngine.generate)
     3. score: shaped score + unshaped accuracy          (RewardScorer.score_batch)
     4. dynamic sampling: keep groups whose accuracy varies, repeat 1-3 until the batch holds
        train_batch_size groups; carry surplus groups to the next step; explain the cap
-    5. old log-probs + group advantages + overlong filtering, then the update (learner)
+    5. advantages (spec.algorithm.advantageEstimator) + overlong filtering + the engine's behaviour
+       log-probs and weight versions; proximal log-probs, then the update (learner)
     6. new weights to the engine, version + 1
     7. metrics, evaluation, checkpoint
 
@@ -25,8 +26,9 @@ from typing import Any, Sequence
 
 import torch
 
-from dapo.algo import dynamic_sampling_filter, group_advantages, overlong_filter_mask
+from dapo.algo import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter, overlong_filter_mask
 from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
+from dapo.controller.pipeline import RolloutPipeline, collection_from_state, collection_to_state
 from dapo.errors import DapoError
 from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
@@ -35,8 +37,9 @@ from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 
 log = logging.getLogger("dapo.controller.trainer")
 
-# Surplus groups older than this many weight versions are dropped instead of trained on: they
-# were sampled from a policy too far from the current one.
+# Surplus groups older than this many weight versions (relative to the version generating the
+# step's batch) are dropped instead of trained on: they were sampled from a policy too far from the
+# current one. With spec.rollout.maxStaleness = k a trained sample is at most k + this old.
 MAX_SURPLUS_STALENESS = 1
 
 
@@ -55,6 +58,11 @@ class Group:
     scores: list[float]  # shaped (correctness + overlong penalty): the advantage input
     accs: list[bool]  # unshaped accuracy: the dynamic-sampling filter input
     weight_version: int  # version of the policy that sampled it
+
+    def sample_versions(self) -> list[int]:
+        """Weight version of each sample (the engine's stamp; the group's for samples restored
+        from checkpoints written before samples carried one)."""
+        return [self.weight_version if s.weight_version is None else int(s.weight_version) for s in self.samples]
 
     def to_state(self) -> dict:
         state = asdict(self)
@@ -82,6 +90,26 @@ class BatchCollection:
     gen_seconds: float = 0.0
     reward_seconds: float = 0.0
     gen_tokens: int = 0
+    stale_samples_dropped: int = 0  # samples of the dropped surplus groups
+    surplus_left: int = 0  # surplus groups carried on after this collection
+    epoch: int = 0  # the sampler's epoch after this collection
+    consumed: int = 0  # prompts the sampler had handed out after this collection (epoch accounting)
+    rollout_idle_seconds: float = 0.0  # the rollout waited for the learner's weights (async)
+    learner_idle_seconds: float = 0.0  # the learner waited for this batch (async)
+
+
+def seed_all(seed: int) -> None:
+    """Seed every process-wide random source from the run's seed (spec.learner.seed): Python's
+    ``random``, numpy's legacy global generator (when numpy is installed) and torch (CPU and every
+    CUDA device), so that nothing in a role process starts from OS randomness."""
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for the runtime
+        pass
+    else:
+        numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def seed_for(base_seed: int, step: int, call: int) -> int:
@@ -149,16 +177,32 @@ class Trainer:
         self.checkpointer = checkpointer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ls = spec.learner
+        # totalEpochs = passes over the training prompts (as verl, whose loop ends when its prompt
+        # loader is exhausted): training ends after the step in which the sampler hands out the
+        # last prompt of the last pass. Every trained group used up one prompt, so the step count
+        # is at most ceil(epochs * prompts / trainBatchSize): the bound shown as totalSteps until
+        # the passes are done (fewer steps when dynamic sampling drops groups).
+        self.epoch_limit = None if ls.total_steps else ls.total_epochs
+        self.trained_consumed = 0  # prompts handed out for the batches trained so far
         self.total_steps = ls.total_steps or steps_for_epochs(ls.total_epochs, len(self.train_records), ls.train_batch_size)
         self.step = 0
         self.weight_version = engine.weight_version
         self.surplus: list[Group] = []
+        # The controller's own Python RNG, checkpointed and restored: loop code that needs Python
+        # randomness draws from it. The global `random` is seeded (seed_all) but not checkpointed:
+        # libraries draw from it too (botocore's retry jitter), so its state depends on how many
+        # S3 requests were retried and could never match an uninterrupted run's.
+        self.rng = random.Random(ls.seed)
         self.last_metrics: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
         self.last_checkpoint: dict | None = None
         self.state = "starting"
         self.message = ""
         self._prompt_ids: dict[int, list[int]] = {}
+        # async rollout (spec.rollout.maxStaleness >= 1): the generator thread while train() runs,
+        # and collected-but-untrained batches restored from a checkpoint (controller/pipeline.py)
+        self.pipeline: RolloutPipeline | None = None
+        self.in_flight: list[BatchCollection] = []
 
     # ------------------------------------------------------------------ data helpers
 
@@ -199,15 +243,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ step 1-4
 
-    def collect_groups(self) -> BatchCollection:
-        """Fill the training batch: surplus from the last step first, then generation batches;
-        with dynamic sampling only groups whose accuracy varies count."""
+    def collect_groups(self, step: int | None = None, version: int | None = None) -> BatchCollection:
+        """Fill the training batch of ``step`` (default: the current one) generated with weight
+        ``version`` (default: the current one; the async pipeline passes both): surplus from the
+        last collection first, then generation batches; with dynamic sampling only groups whose
+        accuracy varies count."""
+        step = self.step if step is None else step
+        version = self.weight_version if version is None else version
         need = self.spec.learner.train_batch_size
         ds = self.spec.algorithm.dynamic_sampling
         ro = self.spec.rollout
-        fresh = [g for g in self.surplus if g.weight_version >= self.weight_version - MAX_SURPLUS_STALENESS]
+        fresh = [g for g in self.surplus if g.weight_version >= version - MAX_SURPLUS_STALENESS]
         out = BatchCollection(groups=fresh[:need], surplus_used=min(len(fresh), need),
-                              surplus_dropped=len(self.surplus) - len(fresh))
+                              surplus_dropped=len(self.surplus) - len(fresh),
+                              stale_samples_dropped=sum(len(g.samples) for g in self.surplus) -
+                              sum(len(g.samples) for g in fresh))
         leftover = fresh[need:]
         while len(out.groups) < need:
             if ds.enabled and out.num_gen_batches >= ds.max_gen_batches:
@@ -216,7 +266,7 @@ class Trainer:
                     all_correct=out.all_correct, all_wrong=out.all_wrong, n=ro.n))
             indices = self.sampler.next_indices(ro.gen_batch_size)
             groups = self.generate_groups(self.train_records, indices, n=ro.n, temperature=ro.temperature,
-                                          top_p=ro.top_p, seed=seed_for(self.spec.learner.seed, self.step,
+                                          top_p=ro.top_p, seed=seed_for(self.spec.learner.seed, step,
                                                                         out.num_gen_batches), stats=out)
             out.num_gen_batches += 1
             out.groups_generated += len(groups)
@@ -233,18 +283,32 @@ class Trainer:
             out.groups.extend(groups[:room])
             leftover.extend(groups[room:])
         self.surplus = leftover
+        out.surplus_left, out.epoch, out.consumed = len(leftover), self.sampler.epoch, self.sampler.consumed
         return out
 
     # ------------------------------------------------------------------ step 5
 
     def build_batch(self, groups: list[Group]) -> tuple[TrainBatch, dict[str, float]]:
-        """Padded batch with group advantages on the shaped score and overlong filtering."""
+        """Padded batch with advantages on the shaped score (spec.algorithm.advantageEstimator),
+        overlong filtering, and for every row the engine's behaviour log-probs and the weight
+        version that sampled it (the learner's rollout correction needs both)."""
         samples = [s for g in groups for s in g.samples]
         batch = make_batch([g.prompt_ids for g in groups for _ in g.samples], [s.response_ids for s in samples],
                            self.pad_id)
         scores = torch.tensor([x for g in groups for x in g.scores], dtype=torch.float32)
         group_ids = [k for k, g in enumerate(groups) for _ in g.samples]
-        batch.advantages = group_advantages(scores, group_ids)
+        estimator = ADVANTAGE_ESTIMATORS.resolve(self.spec.algorithm.advantage_estimator)
+        batch.advantages = estimator(scores, group_ids)
+        batch.behaviour_log_probs = torch.zeros_like(batch.response_mask)
+        for row, s in enumerate(samples):
+            if len(s.log_probs) != len(s.response_ids):
+                raise ValueError(f"the rollout engine returned {len(s.log_probs)} log-probs for a response of "
+                                 f"{len(s.response_ids)} tokens: every engine must report one per sampled token")
+            batch.behaviour_log_probs[row, : len(s.log_probs)] = torch.tensor(s.log_probs, dtype=torch.float32)
+        versions = [v for g in groups for v in g.sample_versions()]
+        batch.weight_versions = torch.tensor(versions, dtype=torch.long)
+        batch.policy_version = self.weight_version
+        lags = [self.weight_version - v for v in versions]
         truncated = torch.tensor([s.truncated for s in samples], dtype=torch.bool)
         if self.spec.algorithm.overlong.filtering:
             batch.response_mask = overlong_filter_mask(batch.response_mask, truncated)
@@ -262,6 +326,9 @@ class Trainer:
             "response_length/clip_ratio": float(truncated.float().mean()),
             "prompt_length/mean": float(sum(len(g.prompt_ids) for g in groups) / max(len(groups), 1)),
         }
+        # share of trained samples by version lag (0 = sampled by the weights being trained)
+        for lag in range(max([MAX_SURPLUS_STALENESS, *lags]) + 1):
+            info[f"rollout_corr/lag_{lag}_frac"] = sum(1 for x in lags if x == lag) / max(len(lags), 1)
         return batch, info
 
     # ------------------------------------------------------------------ one step
@@ -269,17 +336,29 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One training step (1-6 of the module docstring); returns its metrics."""
         t_step = time.perf_counter()
-        collection = self.collect_groups()
+        if self.pipeline is not None:
+            collection = self.pipeline.take()
+        elif self.in_flight:  # an async run's checkpoint resumed synchronously: its batches first
+            collection = self.in_flight.pop(0)
+        else:
+            collection = self.collect_groups()
+        # the generator may be ahead (async): epochs count the prompts of the batches trained so far
+        self.trained_consumed = collection.consumed
+        t_collected = time.perf_counter()
         batch, info = self.build_batch(collection.groups)
 
         t0 = time.perf_counter()
-        if self.learner.needs_old_log_probs(batch.num_rows):
+        if self.learner.needs_old_log_probs(batch):
             batch.old_log_probs = self.learner.compute_log_probs(batch)
         t1 = time.perf_counter()
         update_metrics = self.learner.update(batch)
         t2 = time.perf_counter()
+        lags = [self.weight_version - v for g in collection.groups for v in g.sample_versions()]
         self.weight_version += 1
-        self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+        if self.pipeline is None:
+            self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+        elif not self._pause_due(self.step + 1):  # else train() publishes after evaluation / checkpoint
+            self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
         t3 = time.perf_counter()
         self.step += 1
 
@@ -295,8 +374,8 @@ class Trainer:
             "train/groups_all_wrong": collection.all_wrong,
             "train/surplus_used": collection.surplus_used,
             "train/surplus_dropped": collection.surplus_dropped,
-            "train/surplus_groups": len(self.surplus),
-            "train/epoch": self.sampler.epoch,
+            "train/surplus_groups": collection.surplus_left,
+            "train/epoch": collection.epoch,
             "train/prompt_uids_digest": uids_digest([g.uid for g in collection.groups]),
             "train/weight_version": self.weight_version,
             "timing_s/gen": collection.gen_seconds,
@@ -305,11 +384,31 @@ class Trainer:
             "timing_s/update_actor": t2 - t1,
             "timing_s/sync_weights": t3 - t2,
             "timing_s/step": step_seconds,
+            **self._async_metrics(collection, lags, sync_idle=(t_collected - t_step, t3 - t_collected)),
             "perf/throughput": total_tokens / step_seconds if step_seconds > 0 else 0.0,
             "perf/gen_tokens_per_s": (collection.gen_tokens / collection.gen_seconds
                                       if collection.gen_seconds > 0 else 0.0),
         })
         return metrics
+
+    def _async_metrics(self, collection: BatchCollection, lags: list[int], *, sync_idle) -> dict[str, Any]:
+        """Version lag of the trained samples (training version - generating version), samples
+        dropped for staleness, and how long each side waited for the other. Synchronous: the
+        learner waits while the batch is collected, the rollout while the learner trains."""
+        k = self.spec.rollout.max_staleness
+        out: dict[str, Any] = {
+            "async/version_lag_mean": sum(lags) / len(lags) if lags else 0.0,
+            "async/version_lag_max": max(lags, default=0),
+            "async/stale_samples_dropped": collection.stale_samples_dropped,
+        }
+        for lag in range(k + MAX_SURPLUS_STALENESS + 1):
+            out[f"async/lag_{lag}_frac"] = lags.count(lag) / len(lags) if lags else 0.0
+        if self.pipeline is None:
+            out["timing_s/learner_idle"], out["timing_s/rollout_idle"] = sync_idle
+        else:
+            out["timing_s/learner_idle"] = collection.learner_idle_seconds
+            out["timing_s/rollout_idle"] = collection.rollout_idle_seconds
+        return out
 
     # ------------------------------------------------------------------ evaluation
 
@@ -349,14 +448,37 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         every = self.spec.eval.every_steps
-        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps)
+        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps
+                                                           or self.epochs_done())
 
     def _checkpoint_due(self) -> bool:
         every = self.spec.checkpoint.every_steps
-        return self.step == self.total_steps or (every > 0 and self.step % every == 0)
+        return self.step == self.total_steps or self.epochs_done() or (every > 0 and self.step % every == 0)
+
+    def epochs_done(self) -> bool:
+        """With totalEpochs (no totalSteps): the sampler has handed out every prompt of the last pass."""
+        return self.epoch_limit is not None and self.trained_consumed >= self.epoch_limit * self.sampler.num_items
+
+    def _pause_due(self, step: int) -> bool:
+        """Will step ``step`` end with an evaluation or a checkpoint (both drain the pipeline)?"""
+        current, self.step = self.step, step
+        try:
+            return self._eval_due() or (self.checkpointer is not None and self._checkpoint_due())
+        finally:
+            self.step = current
 
     def run_eval(self) -> None:
+        t0 = time.perf_counter()
+        if self.pipeline is not None:
+            # evaluate the current weights: let the generator finish what it may generate with older
+            # ones, then load the current version into the now idle engine (the generator needs it next)
+            self.pipeline.drain()
+            self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+            self.pipeline.engine_loaded(self.weight_version)
+        drained = time.perf_counter() - t0
         val = self.evaluate()
+        if self.pipeline is not None:
+            val["timing_s/eval_drain"] = drained  # the learner waited for the generator before evaluating
         self.last_val = val
         if self.metrics is not None:
             self.metrics.write(val)
@@ -372,7 +494,13 @@ class Trainer:
         try:
             if self.step == 0 and self.eval_records and self.spec.eval.before_train:
                 self.run_eval()
-            while self.step < self.total_steps:
+            if self.spec.rollout.max_staleness > 0 and self.step < self.total_steps and not self.epochs_done():
+                self.pipeline = RolloutPipeline(
+                    engine=self.engine, collect=lambda step, version: self.collect_groups(step, version),
+                    max_staleness=self.spec.rollout.max_staleness, start_step=self.step,
+                    start_version=self.weight_version, total_steps=self.total_steps, in_flight=self.in_flight)
+                self.in_flight = []
+            while self.step < self.total_steps and not self.epochs_done():
                 metrics = self.train_step()
                 self.last_metrics = metrics
                 if self.metrics is not None:
@@ -384,10 +512,20 @@ class Trainer:
                 if self.checkpointer is not None and self._checkpoint_due():
                     info = self.checkpointer.save(self)
                     self.last_checkpoint = {"step": info.step, "uri": info.uri}
+                if self.pipeline is not None and self._pause_due(self.step):
+                    self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
         except Exception as exc:
             self.state = "failed"
             self.message = str(exc)
             raise
+        finally:
+            if self.pipeline is not None:
+                self.pipeline.close()
+                self.pipeline = None
+        if self.epochs_done():
+            log.info("finished %d pass(es) over the %d training prompts in %d steps (at most %d were possible)",
+                     self.epoch_limit, len(self.train_records), self.step, self.total_steps)
+            self.total_steps = self.step
         self.state = "succeeded"
         self.message = f"finished {self.step} steps"
         return self.last_metrics
@@ -395,15 +533,19 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
-        """The controller's resumable state (JSON-able): position, surplus, versions, RNG."""
+        """The controller's resumable state (JSON-able): position, surplus, in-flight batches,
+        versions, its RNG."""
+        in_flight = [collection_to_state(c) for c in self._in_flight()]  # first: drains the pipeline
         return {
             "step": self.step,
             "total_steps": self.total_steps,
             "weight_version": self.weight_version,
             "sampler": self.sampler.state_dict(),
             "surplus": [g.to_state() for g in self.surplus],
+            "in_flight": in_flight,
+            "trained_consumed": self.trained_consumed,
             "last_val": self.last_val,
-            "python_random": _encode_py_random(random.getstate()),
+            "python_random": _encode_py_random(self.rng.getstate()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -411,9 +553,19 @@ class Trainer:
         self.weight_version = int(state["weight_version"])
         self.sampler.load_state_dict(state["sampler"])
         self.surplus = [Group.from_state(g) for g in state["surplus"]]
+        self.in_flight = [collection_from_state(c, BatchCollection, Group) for c in state.get("in_flight", [])]
+        self.trained_consumed = int(state.get("trained_consumed", self.sampler.consumed))
         self.last_val = dict(state.get("last_val") or {})
         if "python_random" in state:
-            random.setstate(_decode_py_random(state["python_random"]))
+            self.rng.setstate(_decode_py_random(state["python_random"]))
+
+    def _in_flight(self) -> list[BatchCollection]:
+        """Collected, untrained batches; with the pipeline running, after it has drained (so the
+        sampler and surplus saved beside them are the generator's, consistent with them)."""
+        if self.pipeline is None:
+            return list(self.in_flight)
+        self.pipeline.drain()
+        return self.pipeline.in_flight()
 
     def status(self) -> dict[str, Any]:
         """The learner-0 /status document (dapo.contracts.LearnerStatus)."""

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from dapo import wiring
 from dapo.spec import DAPORun, SpecError, dump_run, load_run_file
@@ -34,6 +33,10 @@ class EmbeddedRun:
         close = getattr(self.scorer, "close", None)
         if close is not None:
             close()
+        metrics = getattr(self.trainer, "metrics", None)
+        if metrics is not None:  # finish the experiment trackers with the last checkpoint
+            metrics.close(final_checkpoint=getattr(self.trainer, "last_checkpoint", None),
+                          succeeded=getattr(self.trainer, "state", "") == "succeeded")
 
 
 def default_run_dir(run: DAPORun) -> Path:
@@ -48,15 +51,20 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     replace the in-process engine and learner of dapo.wiring (learner-0 of a distributed run passes
     the remote rollout client and the distributed learner: `dapo.entry.roles`)."""
     from dapo.storage.checkpointer import Checkpointer
-    from dapo.data.prompts import PromptSampler, dataset_fingerprint, load_prompts
+    from dapo.data.sampler import PromptSampler
+    from dapo.data.prompts import dataset_fingerprint, load_prompts
     from dapo.rollout.base import encode_prompt
     from dapo.controller.metrics import MetricsWriter, ProgressLog
-    from dapo.controller.trainer import Trainer
+    from dapo.controller.tracking import build_trackers
+    from dapo.controller.trainer import Trainer, seed_all
 
     spec = run.spec
     device = wiring.pick_device()
     cache_dir = wiring.cache_dir(spec)
-    torch.manual_seed(spec.learner.seed)
+    seed_all(spec.learner.seed)
+
+    if scorer is None:  # first: a run-file scorer that does not import fails before the model loads
+        scorer = wiring.build_scorer(spec)
 
     t0 = time.perf_counter()
     if policy is None:
@@ -84,9 +92,6 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
         log.warning("spec.rollout.genBatchSize (%d) is larger than the training set (%d prompts): "
                     "one generation batch repeats prompts", spec.rollout.gen_batch_size, len(train_records))
 
-    if scorer is None:
-        scorer = wiring.build_scorer(spec)
-
     if spec.learner.strategy != "torch" and learner_factory is None:
         log.info("spec.learner.strategy=%s applies to distributed learners; the in-process run trains with "
                  "plain torch in one process", spec.learner.strategy)
@@ -99,7 +104,7 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
                             fingerprint=dataset_fingerprint(train_records))
     store = wiring.build_checkpoint_store(spec, run_dir)
     checkpointer = Checkpointer(store, tokenizer, staging_root=run_dir / ".staging")
-    metrics = MetricsWriter(run_dir)
+    metrics = MetricsWriter(run_dir, trackers=build_trackers(run, run_dir))
     trainer = Trainer(spec, engine=engine, learner=learner, scorer=scorer, tokenizer=tokenizer,
                       train_records=train_records, eval_records=eval_records, sampler=sampler,
                       metrics=metrics, progress=ProgressLog(), checkpointer=checkpointer)
@@ -110,7 +115,7 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
                         f"(latest step {latest.step}) of an earlier run; pass --resume to continue it, or choose "
                         f"another --output-dir / spec.checkpoint.uri for a fresh run")
     if resume:
-        if checkpointer.restore(trainer, latest):
+        if checkpointer.restore(trainer):  # the newest checkpoint that verifies
             dropped = metrics.truncate_after(trainer.step)
             if dropped:
                 log.info("metrics.jsonl: dropped %d lines after step %d (they are re-done now)", dropped, trainer.step)

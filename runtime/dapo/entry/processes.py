@@ -9,8 +9,8 @@ with the contract environment (dapo.contracts.role_environment) pointed at loopb
 
 Each process's output goes to RUN_DIR/logs/ROLE-i.log and to this terminal with a ``[ROLE-i]``
 prefix. The launcher waits for learner-0; when any process exits non-zero first (or learner-0
-fails), it stops everything and returns that exit code after printing the failing role's last
-log lines. Ctrl-C (or SIGTERM) stops every process too.
+fails), it stops everything and exits with that role's status (128 + N for a role killed by
+signal N) after printing the failing role's last log lines. Ctrl-C (or SIGTERM) stops every process too.
 """
 
 from __future__ import annotations
@@ -180,9 +180,29 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def exit_status(code: int) -> int:
+    """The launcher's exit status for a role that ended with Popen return code ``code``: the
+    shell's convention, 128 + N for a role killed by signal N (137 for SIGKILL: what a shell or
+    Kubernetes shows for an OOM kill), the role's own status otherwise, and never 0 for a failure
+    (a negative code passed straight through would come out as 256 - N, e.g. 247)."""
+    if code < 0:
+        return 128 - code
+    return code or 1
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
 def failure_report(role: RoleProcess, code: int) -> str:
     lines = "\n".join(f"    {line}" for line in role.tail)
-    return f"{role.name} exited with code {code}; its last log lines:\n{lines}"
+    return f"{role.name} {describe_exit(code)}; its last log lines:\n{lines}"
 
 
 def preflight(run: DAPORun) -> None:
@@ -214,7 +234,7 @@ def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
         if failed is not None:
             gang.stop()
             log.error("the run failed: %s", failure_report(failed, code))
-            return code or 1
+            return exit_status(code)
         log.info("done; metrics in %s", run_dir / "metrics.jsonl")
         return 0
     except KeyboardInterrupt:

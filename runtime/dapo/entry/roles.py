@@ -123,7 +123,8 @@ def remote_engine_factory(rollout_urls: list[str], run_dir: Path):
     def factory(spec, model, tokenizer, device):
         verify = spec.rollout.verify_weight_sync or env.flag(EnvVar.VERIFY_WEIGHT_SYNC)
         engine = RemoteRolloutEngine(rollout_urls, sync_config=weight_sync_config(0, len(rollout_urls), verify),
-                                     verify=verify, sync_log=run_dir / "weight_sync.jsonl" if verify else None)
+                                     verify=verify, sync_log=run_dir / "weight_sync.jsonl" if verify else None,
+                                     request_timeout_s=env.float(EnvVar.ROLLOUT_REQUEST_TIMEOUT_S, 3600.0))
         engine.wait_ready(env.float(EnvVar.SERVICE_WAIT_S, 1800.0))
         return engine
 
@@ -155,7 +156,7 @@ def run_controller(run: DAPORun, world_size: int) -> int:
 
     spec = run.spec
     host, port = http_address()
-    status = StatusServer(host, port).start()
+    status = StatusServer(host, port, labels={"run": run.metadata.name}).start()
     grace = env.float(EnvVar.STATUS_GRACE_S, 60.0)
     embedded = None
     code = 1
@@ -174,7 +175,7 @@ def run_controller(run: DAPORun, world_size: int) -> int:
             run, run_dir, resume=resume, scorer=scorer, engine_factory=remote_engine_factory(rollout_urls, run_dir),
             learner_factory=lambda model, spec_, device: wiring.build_learner(model, spec_, device, world_size))
         trainer = embedded.trainer
-        status.set_source(trainer.status)
+        status.set_source(trainer.status, latest=trainer.metrics.latest_values)
         trainer.train()
         code = 0
         log.info("training finished: %d steps", trainer.step)

@@ -1,7 +1,7 @@
 """`Learner`: what the controller and the checkpointer need from a learner.
 
 `TorchLearner` (one process) and `DistributedLearner` (several ranks; torch all-reduce or
-DeepSpeed ZeRO) implement it; nothing outside `dapo.learner` reaches past these methods.
+DeepSpeed ZeRO) implement it; nothing outside `dapo.learner.torch_learner` reaches past these methods.
 """
 
 from __future__ import annotations

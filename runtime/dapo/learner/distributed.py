@@ -1,5 +1,9 @@
 """The learner over N ranks of torch.distributed: rank 0 drives, ranks >= 1 follow.
 
+(~650 lines: the command channel, sharding, the torch all-reduce path and the DeepSpeed ZeRO
+path share one ordered protocol; split apart, the order of collectives, which every rank must
+issue identically, would be spread over files.)
+
 Every rank constructs a `DistributedLearner` (same model architecture, same spec). Rank 0 is the
 controller: `dapo.controller.trainer.Trainer` calls the `TorchLearner` interface on it
 (`compute_log_probs`, `update`, `named_parameters_for_sync`, `state_dict`, `load_state_dict`).
@@ -47,15 +51,18 @@ import torch
 import torch.distributed as dist
 
 from dapo.errors import DapoError
-from dapo.learner.torch_learner import (TorchLearner, TrainBatch, check_weight_names, mini_batch_normalisers, parameter_aliases,
-                          persistent_buffers, warmup_factor, weight_for)
+from dapo.learner.torch_learner import (TorchLearner, TrainBatch, check_weight_names, loss_kwargs_from_spec,
+                                        mini_batch_normalisers, parameter_aliases, persistent_buffers, warmup_factor,
+                                        weight_for)
 
 log = logging.getLogger("dapo.learner.distributed")
 
 STRATEGIES = ("torch", "deepspeed-zero2", "deepspeed-zero3")
 _CMD_PREFIX = "dapo-learner/cmd/"
+# every tensor a follower needs to run the same update (the rollout-correction weights are derived
+# on each rank from old_log_probs, behaviour_log_probs and weight_versions of the whole batch)
 _BATCH_FIELDS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask", "advantages",
-                 "old_log_probs")
+                 "old_log_probs", "behaviour_log_probs", "weight_versions")
 _METRIC_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy")
 _GRAD_BUCKET_ELEMENTS = 16 << 20  # gradients are all-reduced in flat buckets of this many elements
 
@@ -124,7 +131,7 @@ def _batch_header(batch: TrainBatch | None) -> dict | None:
         tensor = getattr(batch, name)
         if tensor is not None:
             fields[name] = [str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
-    return {"prompt_width": batch.prompt_width, "fields": fields}
+    return {"prompt_width": batch.prompt_width, "policy_version": batch.policy_version, "fields": fields}
 
 
 def _reduce_weighted(pairs: dict[str, tuple[float, float]], keys, device) -> dict[str, tuple[float, float]]:
@@ -177,13 +184,12 @@ class DistributedLearner(TorchLearner):
         """Build on every rank from a `DAPORunSpec` (spec.learner.strategy picks the backend);
         mini-batch sizes are global (responses = prompts x n across all ranks), the micro-batch
         size is per rank."""
-        ls, alg = spec.learner, spec.algorithm
+        ls = spec.learner
         return cls(
             model, strategy=ls.strategy, timeout_s=timeout_s, lr=ls.lr, weight_decay=ls.weight_decay,
             warmup_steps=ls.warmup_steps, grad_clip=ls.grad_clip, mini_batch_rows=ls.mini_batch_size * spec.rollout.n,
-            micro_batch_rows=ls.micro_batch_size, ppo_epochs=ls.ppo_epochs, eps_low=alg.eps_low,
-            eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c, loss_agg_mode=alg.loss_agg_mode,
-            temperature=spec.rollout.temperature, device=device, **kwargs)
+            micro_batch_rows=ls.micro_batch_size, ppo_epochs=ls.ppo_epochs, device=device,
+            **loss_kwargs_from_spec(spec), **kwargs)
 
     @property
     def is_controller(self) -> bool:
@@ -263,7 +269,8 @@ class DistributedLearner(TorchLearner):
             tensors[name] = tensor.cpu()
         if self.is_controller:
             return batch
-        return TrainBatch(prompt_width=int(header["prompt_width"]), **{n: tensors.get(n) for n in _BATCH_FIELDS})
+        return TrainBatch(prompt_width=int(header["prompt_width"]), policy_version=header.get("policy_version"),
+                          **{n: tensors.get(n) for n in _BATCH_FIELDS})
 
     def _collective(self, fn, *args, what: str, **kwargs):
         """Run one collective; a failure (dead peer, timeout) becomes an error naming this rank."""

@@ -3,7 +3,7 @@
 The controller talks to a learner through four calls, so a distributed learner (DDP, DeepSpeed
 ZeRO) can replace `TorchLearner` without touching the loop:
 
-    compute_log_probs(batch) -> [B, R] tensor      (no grad; the "old" log-probs)
+    compute_log_probs(batch) -> [B, R] tensor      (no grad; the "old" = proximal log-probs)
     update(batch) -> dict of metrics                (one training step: all optimizer steps)
     named_parameters_for_sync() -> iterator         (what the rollout engine loads)
     state_dict() / load_state_dict(state)           (optimizer + lr schedule, for checkpoints)
@@ -12,17 +12,26 @@ ZeRO) can replace `TorchLearner` without touching the loop:
 Batch layout (`TrainBatch`): every row is ``[left-padded prompt | response, right-padded]`` so
 the response always starts at column ``prompt_width``; the logits that predict response token t
 sit at column ``prompt_width - 1 + t``.
+
+Three policies (the decoupled objective, `dapo.algo.rollout_correction_weights`): the BEHAVIOUR
+policy sampled the rows (`TrainBatch.behaviour_log_probs`, the engine's own log-probs, possibly
+from older weights: ``weight_versions``); the PROXIMAL policy is the learner's weights at the
+start of the training step (`TrainBatch.old_log_probs`, recomputed by `compute_log_probs`); the
+PPO ratio is taken against the proximal policy and an importance weight behaviour -> proximal
+(truncated or masked, ``spec.algorithm.rolloutCorrection``) multiplies each token's loss.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from dapo.algo import entropy_from_logits, log_probs_from_logits, policy_loss
+from dapo.algo import (PolicyLossConfig, RolloutCorrection, check_policy_loss, compute_policy_loss,
+                       entropy_from_logits, log_probs_from_logits, rollout_correction_metrics,
+                       rollout_correction_weights)
 
 
 @dataclass
@@ -37,25 +46,31 @@ class TrainBatch:
     response_mask: torch.Tensor  # [B, R] float 0/1: real (and not filtered) response tokens
     prompt_width: int
     advantages: torch.Tensor | None = None  # [B] (one per response; DAPO's A_i is per sequence)
-    old_log_probs: torch.Tensor | None = None  # [B, R]
+    old_log_probs: torch.Tensor | None = None  # [B, R] proximal policy (learner weights at the step's start)
+    behaviour_log_probs: torch.Tensor | None = None  # [B, R] the sampling engine's own log-probs, 0-padded
+    weight_versions: torch.Tensor | None = None  # [B] long: weight version that sampled each row
+    policy_version: int | None = None  # the learner's weight version this step starts from
+    is_weights: torch.Tensor | None = None  # [B, R] rollout-correction weights (set by the learner)
 
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
 
+    def _map_tensors(self, fn) -> "TrainBatch":
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def rows(self, start: int, stop: int) -> "TrainBatch":
-        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
-        return replace(self, input_ids=self.input_ids[start:stop], attention_mask=self.attention_mask[start:stop],
-                       position_ids=self.position_ids[start:stop], responses=self.responses[start:stop],
-                       response_mask=self.response_mask[start:stop], advantages=cut(self.advantages),
-                       old_log_probs=cut(self.old_log_probs))
+        return self._map_tensors(lambda t: t[start:stop])
 
     def to(self, device) -> "TrainBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
-                       position_ids=move(self.position_ids), responses=move(self.responses),
-                       response_mask=move(self.response_mask), advantages=move(self.advantages),
-                       old_log_probs=move(self.old_log_probs))
+        return self._map_tensors(lambda t: t.to(device))
+
+    def stale_rows(self) -> torch.Tensor:
+        """[B] bool: rows sampled by weights older than ``policy_version`` (surplus carried over)."""
+        if self.weight_versions is None or self.policy_version is None:
+            return torch.zeros(self.num_rows, dtype=torch.bool)
+        return self.weight_versions < self.policy_version
 
 
 def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:
@@ -168,6 +183,10 @@ class TorchLearner:
         loss_agg_mode: str = "token-mean",
         temperature: float = 1.0,
         device: str | torch.device = "cpu",
+        policy_loss: str = "dapo",
+        policy_loss_params: Mapping[str, float] | None = None,
+        max_response_length: int | None = None,
+        rollout_correction: RolloutCorrection = RolloutCorrection(),
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).train()
@@ -175,8 +194,12 @@ class TorchLearner:
         self.micro_batch_rows = micro_batch_rows
         self.ppo_epochs = ppo_epochs
         self.grad_clip = grad_clip
-        self.loss_kwargs = dict(eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
-                                loss_agg_mode=loss_agg_mode)
+        self.policy_loss = policy_loss
+        self.loss_config = PolicyLossConfig(eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
+                                            loss_agg_mode=loss_agg_mode, max_response_length=max_response_length,
+                                            params=dict(policy_loss_params or {}))
+        check_policy_loss(policy_loss, self.loss_config)  # an unknown name or parameter fails before any work
+        self.correction = rollout_correction
         self.temperature = temperature
         self.base_lr = lr
         self.warmup_steps = warmup_steps
@@ -188,12 +211,11 @@ class TorchLearner:
     @classmethod
     def from_spec(cls, model, spec, device="cpu") -> "TorchLearner":
         """Build from a `DAPORunSpec`: mini/micro batch sizes in responses (prompts x n)."""
-        ls, alg = spec.learner, spec.algorithm
+        ls = spec.learner
         return cls(
             model, lr=ls.lr, weight_decay=ls.weight_decay, warmup_steps=ls.warmup_steps, grad_clip=ls.grad_clip,
             mini_batch_rows=ls.mini_batch_size * spec.rollout.n, micro_batch_rows=ls.micro_batch_size,
-            ppo_epochs=ls.ppo_epochs, eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
-            loss_agg_mode=alg.loss_agg_mode, temperature=spec.rollout.temperature, device=device,
+            ppo_epochs=ls.ppo_epochs, device=device, **loss_kwargs_from_spec(spec),
         )
 
     # ------------------------------------------------------------------ forward
@@ -220,24 +242,51 @@ class TorchLearner:
 
     # ------------------------------------------------------------------ update
 
-    def needs_old_log_probs(self, num_rows: int) -> bool:
-        """False when the update is a single optimizer step over the whole batch (one mini-batch,
-        one epoch). The behaviour policy is then exactly the current policy, so the ratio is 1 and
-        the update's own forward pass provides the old log-probs: one forward pass saved per step."""
-        return self.ppo_epochs > 1 or num_rows > self.mini_batch_rows
+    def needs_old_log_probs(self, batch: TrainBatch | int) -> bool:
+        """Whether the proximal log-probs (the weights at the start of the step) must be computed
+        before `update`. Always with several optimizer steps (mini-batches or epochs). With
+        behaviour log-probs, also whenever the rollout correction is on or any row is stale: the
+        importance weight pi_prox / pi_behav needs pi_prox. Only a single optimizer step on rows
+        the current weights sampled, with correction mode none, may skip the pass: the update's
+        own forward pass then IS the proximal policy (ratio 1, weight 1). An int is a row count
+        (a batch without behaviour log-probs)."""
+        rows = batch if isinstance(batch, int) else batch.num_rows
+        if self.ppo_epochs > 1 or rows > self.mini_batch_rows:
+            return True
+        if isinstance(batch, int) or batch.behaviour_log_probs is None:
+            return False
+        return self.correction.mode != "none" or bool(batch.stale_rows().any())
 
     def check_update_inputs(self, batch: TrainBatch) -> None:
         if batch.advantages is None:
             raise ValueError("update() needs batch.advantages")
-        if batch.old_log_probs is None and self.needs_old_log_probs(batch.num_rows):
-            raise ValueError("update() needs batch.old_log_probs when it takes several optimizer steps "
-                             "(call compute_log_probs first)")
+        if batch.old_log_probs is None and self.needs_old_log_probs(batch):
+            raise ValueError("update() needs batch.old_log_probs (the proximal log-probs) when it takes several "
+                             "optimizer steps, corrects for the rollout policy or trains stale rows (call "
+                             "compute_log_probs first)")
+        if batch.behaviour_log_probs is not None and batch.behaviour_log_probs.shape != batch.response_mask.shape:
+            raise ValueError(f"batch.behaviour_log_probs has shape {tuple(batch.behaviour_log_probs.shape)}, the "
+                             f"responses {tuple(batch.response_mask.shape)}")
+
+    def correct_for_rollout(self, batch: TrainBatch) -> tuple[TrainBatch, dict[str, float]]:
+        """The batch with its rollout-correction weights (`dapo.algo.rollout_correction_weights`,
+        from the proximal and behaviour log-probs of the WHOLE batch, so sequence-level weights
+        and the metrics see whole rows) and the correction metrics. Without behaviour or
+        proximal log-probs (the skipped pass of `needs_old_log_probs`) the weights stay None = 1."""
+        if batch.behaviour_log_probs is None or batch.old_log_probs is None:
+            return batch, {}
+        weights, rejected = rollout_correction_weights(batch.old_log_probs, batch.behaviour_log_probs,
+                                                       batch.response_mask, self.correction, batch.stale_rows())
+        metrics = rollout_correction_metrics(batch.old_log_probs, batch.behaviour_log_probs, batch.response_mask,
+                                             weights, rejected)
+        return replace(batch, is_weights=weights.float()), metrics
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One training step: ppo_epochs x (B / mini_batch_rows) optimizer steps; then the lr
         schedule advances by one training step. Needs batch.advantages, and batch.old_log_probs
         unless `needs_old_log_probs` says the update's own forward pass stands in for them."""
         self.check_update_inputs(batch)
+        batch, correction_metrics = self.correct_for_rollout(batch)
         lr_now = self.optimizer.param_groups[0]["lr"]
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
@@ -255,6 +304,7 @@ class TorchLearner:
         self.scheduler.step()
         metrics = {key: sums[key] / weights[key] if weights[key] else 0.0 for key in sums}
         metrics["actor/lr"] = lr_now
+        metrics.update(correction_metrics)
         return metrics
 
     def _optimizer_step(self, mini: TrainBatch) -> dict[str, tuple[float, float]]:
@@ -296,8 +346,9 @@ class TorchLearner:
             logits = self._response_logits(mb)
             log_prob = log_probs_from_logits(logits, mb.responses)
             old = log_prob.detach() if mb.old_log_probs is None else mb.old_log_probs.to(log_prob.dtype)
-            loss, m = policy_loss(log_prob, old, mb.advantages, mb.response_mask,
-                                  num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), **self.loss_kwargs)
+            loss, m = compute_policy_loss(self.policy_loss, log_prob, old, mb.advantages, mb.response_mask,
+                                          config=self.loss_config, weights=mb.is_weights,
+                                          num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0))
             self._backward(loss)
             total_loss += float(loss.detach())
             with torch.no_grad():
@@ -351,6 +402,16 @@ class TorchLearner:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+
+def loss_kwargs_from_spec(spec) -> dict:
+    """The learner's loss settings from a `DAPORunSpec` (shared by every learner class)."""
+    alg = spec.algorithm
+    corr = alg.rollout_correction
+    return dict(eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
+                loss_agg_mode=alg.loss_agg_mode, temperature=spec.rollout.temperature, policy_loss=alg.policy_loss,
+                policy_loss_params=dict(alg.policy_loss_params), max_response_length=spec.rollout.max_response_length,
+                rollout_correction=RolloutCorrection(mode=corr.mode, level=corr.level, threshold=corr.threshold))
 
 
 def steps_for_epochs(total_epochs: int, num_prompts: int, train_batch_size: int) -> int:

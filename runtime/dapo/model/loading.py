@@ -34,7 +34,7 @@ def resolve_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> P
     if path.startswith("package:"):
         path = str(_package_folder(path.removeprefix("package:")))
     elif path.startswith("s3://"):
-        from dapo.storage.store import stage
+        from dapo.storage import stage
 
         return stage(path.rstrip("/") + "/", cache_dir=cache_dir)
     folder = Path(path).expanduser()

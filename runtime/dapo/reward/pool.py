@@ -1,5 +1,8 @@
 """Batch reward scoring with a hard time bound per response, in killable worker processes.
 
+(~540 lines: the pool's life cycle, dispatch, timeouts and failure accounting are one state
+machine over the same worker table.)
+
 Why processes: the scorers are regex and SymPy code. A catastrophic regex or a power tower
 like ``9^{9^{9^9}}`` spins inside one C call that holds the GIL, so neither threads nor
 ``signal.alarm`` can stop it. Each response is scored in a worker process; when it overruns
@@ -11,26 +14,45 @@ which may hold torch / OpenMP threads that ``fork`` would corrupt) or ``spawn``.
 
 Shaping (DAPO soft overlong punishment, ``dapo.algo.overlong_penalty``):
 
-    score = correctness + overlong_penalty(length)      (correctness +1 / -1)
-    acc   = correctness > 0                             (unshaped; dynamic sampling uses it)
+    score = correctness + overlong_penalty(length)      (correctness: the scorer's score,
+    acc   = the scorer's acc                             +1 / -1 for the built-in ones)
+
+Routing, per response, on its row's ``data_source`` (case-insensitive globs):
+
+1. the run file's ``spec.reward.scorers`` rules (``dataSource`` glob -> ``function``), first match;
+2. the remote reward service (``spec.reward.remote``) when one is set: it takes every other row;
+3. the built-in rules (:data:`dapo.reward.registry.DATA_SOURCE_RULES`), then ``spec.reward.scorer``.
+
+A response whose scorer fails (exception, non-finite or wrongly typed result, time bound, worker
+crash) scores ``failed_score`` with ``acc`` False and ``error`` set; failures are counted per
+(scorer, data_source) in ``stats`` and logged. A run-file or remote scorer that fails
+``stop_after_failures`` responses in a row raises :class:`ScorerFailedError` naming it: it is
+broken, and training on nothing but failure scores would be silent garbage.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import multiprocessing
 import multiprocessing.connection
 import pickle
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from dapo.errors import DapoError
+from dapo.reward.custom import load_function, normalize_ref
 from dapo.reward.registry import get_scorer, scorer_for_data_source
 from dapo.reward.result import INVALID_PRED, RewardResult
 from dapo.reward.worker import worker_main
 
-__all__ = ["RewardScorer"]
+__all__ = ["RewardScorer", "ScorerFailedError"]
+
+log = logging.getLogger("dapo.reward")
 
 _WORKER_MODULE = "dapo.reward.worker"
 
@@ -47,14 +69,20 @@ class _Worker:
     started_at: float = field(default_factory=time.monotonic)
 
 
+class ScorerFailedError(DapoError, RuntimeError):
+    """A run-file or remote scorer failed every one of its last responses; names the scorer."""
+
+
 @dataclass(frozen=True)
 class _Verdict:
-    """What a worker (or the pool on its behalf) said about one response."""
+    """What a worker (or the pool on its behalf) said about one response. ``score`` is the
+    scorer's score (``None`` when it failed: ``error`` says why)."""
 
     correct: bool
     pred: str
     timed_out: bool = False
     error: str | None = None
+    score: float | None = None
 
 
 class RewardScorer:
@@ -72,6 +100,12 @@ class RewardScorer:
     ``memory_limit_mb``: address-space cap of each worker (``None``: none).
     ``start_method``: ``"forkserver"`` or ``"spawn"`` (``fork`` is refused: see above).
     ``startup_timeout_s``: how long to wait for a worker to come up before raising.
+    ``scorers``: ``(data_source glob, "module:function" or "file.py:function")`` rules tried
+    first (spec.reward.scorers); every function is imported here, so a bad reference fails now
+    (:class:`~dapo.reward.custom.ScorerImportError` naming ``spec.reward.scorers[i].function``).
+    ``remote``: a :class:`~dapo.reward.remote.RemoteReward` for rows no rule matches.
+    ``failed_score``: the score of a response whose scorer failed (spec.reward.failedScore).
+    ``stop_after_failures``: consecutive failures of a run-file / remote scorer that stop the run.
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -92,6 +126,10 @@ class RewardScorer:
         start_method: str = "forkserver",
         startup_timeout_s: float = 60.0,
         warm_modules: Sequence[str] = ("math_verify",),
+        scorers: Sequence[tuple[str, str]] = (),
+        remote=None,
+        failed_score: float = -1.0,
+        stop_after_failures: int = 8,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"reward timeout_s must be > 0 seconds, got {timeout_s!r}")
@@ -115,6 +153,19 @@ class RewardScorer:
                     f"overlong_buffer_length must be in (0, max_response_length={max_response_length}], "
                     f"got {overlong_buffer_length!r}"
                 )
+        # (lower-cased glob, normalised reference, run-file field) of each rule, imports checked now
+        self._rules: list[tuple[str, str, str]] = []
+        for i, (pattern, ref) in enumerate(scorers):
+            where = f"spec.reward.scorers[{i}].function"
+            load_function(ref, where)
+            self._rules.append((str(pattern).strip().lower(), normalize_ref(ref), where))
+        self._user_refs = {ref: where for _, ref, where in self._rules}
+        self.remote = remote
+        self.failed_score = float(failed_score)
+        self.stop_after_failures = int(stop_after_failures)
+        self._streaks: Counter[str] = Counter()
+        self.failures: Counter[tuple[str, str]] = Counter()  # (scorer, data_source) -> failed responses
+        self._remote_thread = ThreadPoolExecutor(1, thread_name_prefix="remote-reward") if remote is not None else None
         self.timeout_s = float(timeout_s)
         self.num_workers = int(workers)
         self.default_scorer = default_scorer
@@ -137,17 +188,30 @@ class RewardScorer:
         self._startup_failures = 0
         self.stats = {"scored": 0, "timed_out": 0, "crashed": 0, "errors": 0, "workers_started": 0}
 
-    # ---- lifecycle -----------------------------------------------------------------------
-
     @classmethod
-    def from_spec(cls, spec) -> "RewardScorer":
-        """The scorer a run file asks for (spec.reward, the overlong shaping of spec.algorithm):
-        the one construction every launch mode uses (dapo.wiring)."""
-        ol = spec.algorithm.overlong
-        return cls(timeout_s=spec.reward.timeout_seconds, workers=spec.reward.workers,
-                   default_scorer=spec.reward.scorer, max_response_length=spec.rollout.max_response_length,
-                   overlong_buffer_length=ol.buffer_length, overlong_penalty_factor=ol.penalty_factor,
-                   overlong_enabled=ol.enabled)
+    def from_spec(cls, spec, **overrides) -> "RewardScorer":
+        """The scorer a run file asks for (``spec``: a DAPORunSpec): spec.reward (timeout, workers,
+        default scorer, run-file scorers, remote service, failed score) and the overlong shaping
+        of spec.algorithm.overlong / spec.rollout.maxResponseLength. ``overrides`` go to the
+        constructor as keyword arguments (tests: ``start_method``, ``memory_limit_mb``). The one
+        construction every launch mode uses (dapo.wiring.build_scorer)."""
+        reward, overlong = spec.reward, spec.algorithm.overlong
+        remote = None
+        if reward.remote is not None:
+            from dapo.reward.remote import RemoteReward
+
+            remote = RemoteReward.from_spec(reward.remote)
+        kwargs = dict(
+            timeout_s=reward.timeout_seconds, workers=reward.workers, default_scorer=reward.scorer,
+            max_response_length=spec.rollout.max_response_length, overlong_buffer_length=overlong.buffer_length,
+            overlong_penalty_factor=overlong.penalty_factor, overlong_enabled=overlong.enabled,
+            scorers=[(rule.data_source, rule.function) for rule in reward.scorers], remote=remote,
+            failed_score=reward.failed_score,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ---- lifecycle -----------------------------------------------------------------------
 
     def __enter__(self) -> "RewardScorer":
         return self
@@ -166,6 +230,8 @@ class RewardScorer:
     def close(self) -> None:
         """Stop every worker (politely, then by SIGKILL after a second). Idempotent."""
         self._closed = True
+        if getattr(self, "_remote_thread", None) is not None:
+            self._remote_thread.shutdown(wait=False, cancel_futures=True)
         workers, self._workers = self._workers, []
         for worker in workers:
             try:
@@ -230,11 +296,23 @@ class RewardScorer:
             if len(values) != count:
                 raise ValueError(f"score_batch: {name} has {len(values)} items, responses has {count}")
         penalties = self._overlong_penalties(response_lengths, count)
-        scorer_names = [scorer_for_data_source(ds, self.default_scorer)[0] for ds in data_sources]
-        verdicts = self._run(responses, ground_truths, scorer_names)
+        scorer_names = [self.route(ds) for ds in data_sources]
+        sources = [None if ds is None else str(ds) for ds in data_sources]
+        remote_rows = [i for i, name in enumerate(scorer_names) if self.remote is not None and name == self.remote.name]
+        remote_answer = None
+        if remote_rows:  # the HTTP round trips overlap with the local workers
+            remote_answer = self._remote_thread.submit(
+                self.remote.score, [responses[i] for i in remote_rows], [ground_truths[i] for i in remote_rows],
+                [sources[i] for i in remote_rows])
+        verdicts = self._run(responses, ground_truths, scorer_names, sources, skip=set(remote_rows))
+        if remote_answer is not None:
+            for i, (score, acc, pred, error) in zip(remote_rows, remote_answer.result()):
+                verdicts[i] = _Verdict(bool(acc) and error is None, pred, error=error, score=score)
+        self._account(verdicts, scorer_names, sources)
         results = []
         for i, verdict in enumerate(verdicts):
-            correctness = 1.0 if verdict.correct else -1.0
+            failed = verdict.error is not None or verdict.score is None
+            correctness = self.failed_score if failed else float(verdict.score)
             results.append(
                 RewardResult(
                     score=correctness + penalties[i],
@@ -249,6 +327,51 @@ class RewardScorer:
                 )
             )
         return results
+
+    def route(self, data_source: str | None) -> str:
+        """The scorer of a row: a run-file rule's function reference, the remote service's name,
+        or a built-in scorer name (see the module docstring)."""
+        key = "" if data_source is None else str(data_source).strip().lower()
+        for pattern, ref, _ in self._rules:
+            if fnmatch.fnmatchcase(key, pattern):
+                return ref
+        if self.remote is not None:
+            return self.remote.name
+        return scorer_for_data_source(data_source, self.default_scorer)[0]
+
+    def _account(self, verdicts: list[_Verdict], scorer_names: list[str], sources: list[str | None]) -> None:
+        """Count and log failed responses per (scorer, data_source); stop on a scorer that
+        failed its last ``stop_after_failures`` responses (run-file and remote scorers)."""
+        failed: Counter[tuple[str, str]] = Counter()
+        seen: Counter[tuple[str, str]] = Counter()
+        first_error: dict[tuple[str, str], str] = {}
+        for verdict, name, source in zip(verdicts, scorer_names, sources):
+            key = (name, source if source is not None else "")
+            seen[key] += 1
+            if verdict.error is not None or verdict.score is None:
+                failed[key] += 1
+                first_error.setdefault(key, str(verdict.error))
+                self._streaks[name] += 1
+            else:
+                self._streaks[name] = 0
+        for key, count in failed.items():
+            self.failures[key] += count
+            log.warning("reward: %d of %d responses of data_source %r failed in scorer %s (scored %g); first: %s",
+                        count, seen[key], key[1], key[0], self.failed_score, first_error[key])
+        for name, streak in self._streaks.items():
+            if streak < self.stop_after_failures:
+                continue
+            if name in self._user_refs:
+                where = self._user_refs[name]
+            elif self.remote is not None and name == self.remote.name:
+                where = "spec.reward.remote"
+            else:
+                continue  # built-in scorers fail on hostile rows by design (time bound): no stop
+            errors = "; ".join(sorted({first_error[k] for k in first_error if k[0] == name}))[:1000]
+            raise ScorerFailedError(
+                f"reward scorer {name} ({where}) failed on each of its last {streak} responses: {errors}. "
+                "Call it by hand on a row of your data to find the bug (it gets keyword arguments solution_str, "
+                "ground_truth, data_source, extra_info and must return a float or {'score': float, ...})")
 
     def _overlong_penalties(self, response_lengths: Sequence[int] | None, count: int) -> list[float]:
         """Per-response soft overlong punishment (zeros when shaping is off)."""
@@ -275,15 +398,20 @@ class RewardScorer:
             return response[-self.max_input_chars :]
         return response
 
-    def _run(self, responses: Sequence[str], ground_truths: Sequence[str], scorer_names: list[str]) -> list[_Verdict]:
-        """Dispatch every response to the workers; collect verdicts in input order."""
+    def _run(self, responses: Sequence[str], ground_truths: Sequence[str], scorer_names: list[str],
+             sources: list[str | None], skip: set[int] = frozenset()) -> list[_Verdict | None]:
+        """Dispatch every response but ``skip`` to the workers; verdicts in input order (``None``
+        at the skipped places)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardScorer is closed; create a new one")
             verdicts: list[_Verdict | None] = [None] * len(responses)
-            pickles = {name: self._scorer_pickle(name) for name in set(scorer_names)}
+            payloads = {scorer_names[i]: self._scorer_payload(scorer_names[i])
+                        for i in range(len(responses)) if i not in skip}
             pending: deque[int] = deque()
             for i, ground_truth in enumerate(ground_truths):
+                if i in skip:
+                    continue
                 if not isinstance(responses[i], str) or not isinstance(ground_truth, str):
                     verdicts[i] = _Verdict(False, INVALID_PRED, error="response and ground truth must be strings")
                 elif len(ground_truth) > self.max_ground_truth_chars:
@@ -294,32 +422,39 @@ class RewardScorer:
                     )
                 else:
                     pending.append(i)
-            self._fill_pool()
+            if pending:  # a batch for the remote service only needs no worker processes
+                self._fill_pool()
             for worker in list(self._workers):
                 if worker.task is not None:  # left busy by an interrupted call: its answer is stale
                     self._discard(worker)
             while pending or any(w.task is not None for w in self._workers):
-                self._dispatch(pending, responses, ground_truths, scorer_names, pickles)
+                self._dispatch(pending, responses, ground_truths, scorer_names, sources, payloads)
                 self._collect(verdicts)
             for verdict in verdicts:
+                if verdict is None:
+                    continue
                 if verdict.timed_out:
                     self.stats["timed_out"] += 1
                 elif verdict.error:
                     self.stats["errors"] += 1
-            self.stats["scored"] += len(verdicts)
-            return verdicts  # type: ignore[return-value]
+            self.stats["scored"] += len(verdicts) - len(skip)
+            return verdicts
 
-    def _scorer_pickle(self, name: str) -> bytes:
+    def _scorer_payload(self, name: str) -> tuple[str, object]:
+        """How a worker finds the scorer: a run-file reference it imports itself, or a pickled
+        (by reference) registered function."""
+        if name in self._user_refs:
+            return ("ref", name)
         fn = get_scorer(name)
         try:
-            return pickle.dumps(fn)
+            return ("pickle", pickle.dumps(fn))
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
             raise TypeError(
                 f"reward scorer {name!r} ({fn!r}) cannot be sent to worker processes: define it as a "
                 f"module-level function of an importable module ({exc})"
             ) from exc
 
-    def _dispatch(self, pending, responses, ground_truths, scorer_names, pickles) -> None:
+    def _dispatch(self, pending, responses, ground_truths, scorer_names, sources, payloads) -> None:
         for worker in self._workers:
             if worker.task is None and worker.ready and not worker.process.is_alive():
                 self._discard(worker)  # died while idle (e.g. killed from outside)
@@ -329,7 +464,8 @@ class RewardScorer:
             if worker.ready and worker.task is None:
                 i = pending.popleft()
                 try:
-                    worker.conn.send((i, pickles[scorer_names[i]], self._cap_input(responses[i]), ground_truths[i]))
+                    worker.conn.send((i, payloads[scorer_names[i]], self._cap_input(responses[i]), ground_truths[i],
+                                      sources[i]))
                 except (OSError, ValueError):
                     pending.appendleft(i)  # the worker died while idle: replace it, retry the task
                     self._discard(worker)
@@ -381,7 +517,7 @@ class RewardScorer:
             self._startup_failures = 0
         elif message[1] == worker.task:  # one task in flight per worker; anything else is stale
             if kind == "ok":
-                verdicts[worker.task] = _Verdict(bool(message[3]), message[4])
+                verdicts[worker.task] = _Verdict(bool(message[3]), message[4], score=float(message[2]))
             else:
                 verdicts[worker.task] = _Verdict(False, INVALID_PRED, error=f"scorer raised {message[2]}")
             worker.task = None

@@ -2,8 +2,12 @@
 
 Protocol over one duplex pipe, parent <-> worker:
   worker -> ("ready", pid)                           once, after warm-up imports
-  parent -> (task_id, scorer_pickle, solution, ground_truth)
+  parent -> (task_id, scorer, solution, ground_truth, data_source)
+             scorer: ("pickle", bytes) a registered fn(solution, ground_truth), or
+                     ("ref", "pkg.mod:fn" | "/abs/file.py:fn") a run-file scorer called with verl's
+                     keyword arguments (dapo.reward.custom)
   worker -> ("ok", task_id, score, acc, pred) | ("error", task_id, message)
+A result that is not a finite score (dapo.reward.custom.read_score) is an "error" like an exception.
   parent -> None                                     clean shutdown
 The parent enforces the time bound by killing the whole process, so nothing here tries to
 interrupt a scorer.
@@ -34,12 +38,17 @@ def _limit_memory(memory_limit_mb: int | None) -> None:
         pass  # not supported on this platform: the time bound still holds
 
 
-def _score_one(scorer_pickle: bytes, solution: str, ground_truth: str) -> tuple:
+def _score_one(scorer: tuple[str, object], solution: str, ground_truth: str, data_source: str | None) -> tuple:
     """Run one scorer; ("ok", score, acc, pred) or ("error", message)."""
+    from dapo.reward.custom import call_user_scorer, read_score
+
     try:
-        scorer = pickle.loads(scorer_pickle)
-        result = scorer(solution, ground_truth)
-        return ("ok", float(result["score"]), bool(result["acc"]), str(result["pred"]))
+        kind, payload = scorer
+        if kind == "ref":
+            score, acc, pred = call_user_scorer(payload, solution, ground_truth, data_source)
+        else:
+            score, acc, pred = read_score(pickle.loads(payload)(solution, ground_truth))
+        return ("ok", score, acc, pred)
     except BaseException as exc:  # noqa: BLE001 - a scorer bug must not take the worker down
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -62,8 +71,8 @@ def worker_main(conn, warm_modules: tuple[str, ...] = (), memory_limit_mb: int |
             return  # parent gone
         if message is None:
             return
-        task_id, scorer_pickle, solution, ground_truth = message
-        outcome = _score_one(scorer_pickle, solution, ground_truth)
+        task_id, scorer, solution, ground_truth, data_source = message
+        outcome = _score_one(scorer, solution, ground_truth, data_source)
         try:
             conn.send((outcome[0], task_id, *outcome[1:]))
         except (BrokenPipeError, OSError):

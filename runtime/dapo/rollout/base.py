@@ -24,14 +24,18 @@ class Sample:
     """One sampled response.
 
     ``log_probs[t]`` is log pi(response_ids[t] | prefix) under the temperature-scaled distribution
-    (see `RolloutEngine.generate`). ``finish_reason`` is "stop" (an EOS token was sampled; it is the
-    last entry of ``response_ids``) or "length" (max_new_tokens reached: truncated).
+    (see `RolloutEngine.generate`): the BEHAVIOUR policy's log-probs, which the learner's rollout
+    correction weighs against its own (``spec.algorithm.rolloutCorrection``). ``finish_reason`` is
+    "stop" (an EOS token was sampled; it is the last entry of ``response_ids``) or "length"
+    (max_new_tokens reached: truncated). ``weight_version`` is the version of the weights that
+    sampled it (None only for samples restored from checkpoints written before it existed).
     """
 
     prompt_index: int
     response_ids: list[int]
     log_probs: list[float]
     finish_reason: str
+    weight_version: int | None = None
 
     @property
     def truncated(self) -> bool:

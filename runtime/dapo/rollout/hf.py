@@ -3,11 +3,20 @@ hand-written sampling loop over the model's KV cache (CPU or one GPU).
 
 The engine samples from its own copy of the policy in eval mode (unless it is a rollout pod's only
 model); the learner's weights reach it through `update_weights`.
+
+KV cache: `PreallocatedCache` writes each decode step's keys / values into buffers allocated once
+for the whole chunk (prompt width + max_new_tokens) instead of growing them with `torch.cat`
+(which copies the whole cache every token); attention reads views of the filled prefix.
+
+Random streams: sample j of prompt i in a call with seed S draws from its own stream, seeded by
+`row_seed(S, i, j)`, one uniform per position (inverse-CDF sampling). Its tokens therefore do not
+depend on the other prompts of the call, on ``max_batch_rows`` chunking, or on when other rows stop.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -37,16 +46,85 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """Draw one token per row. Returns (tokens [B], log-probs [B] of those tokens under
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor):
+    """Draw one token per row by inversion: token = min{v : CDF(v) > u * CDF(V-1)} for the row's
+    uniform u in [0, 1) (float64 cumulative sums; a token of probability 0 has an empty interval
+    and is never drawn). Returns (tokens [B], log-probs [B] of those tokens under
     log_softmax(logits / temperature))."""
     scaled = logits.float() / temperature
     log_probs = torch.log_softmax(scaled, dim=-1)
     probs = log_probs.exp() if top_p >= 1.0 else torch.softmax(top_p_filter(scaled, top_p), dim=-1)
-    # the seeded generator lives on the CPU: draw there so a seed means the same thing on any device
-    tokens = torch.multinomial(probs.cpu() if generator is not None else probs, 1,
-                               generator=generator).squeeze(-1).to(logits.device)
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.to(device=cdf.device, dtype=torch.float64)[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Seed of the random stream of sample ``sample_index`` of prompt ``prompt_index`` in a
+    generate() call with ``seed``: the first 8 bytes of BLAKE2b over the three numbers, below 2^63
+    (distinct triples get independent streams; no arithmetic that two triples could share)."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(prompt_index)}:{int(sample_index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def row_uniforms(seed: int, rows, length: int) -> torch.Tensor:
+    """[len(rows), length] float64 uniforms: row r = (prompt index, sample index) gets the first
+    ``length`` draws of its own stream (`row_seed`)."""
+    out = torch.empty((len(rows), length), dtype=torch.float64)
+    for r, (prompt_index, sample_index) in enumerate(rows):
+        gen = torch.Generator(device="cpu").manual_seed(row_seed(seed, prompt_index, sample_index))
+        out[r] = torch.rand(length, generator=gen, dtype=torch.float64)
+    return out
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def preallocated_cache(model, capacity: int):
+    """A transformers Cache whose layers preallocate ``capacity`` positions (None when the
+    installed transformers has no per-layer cache API, or the model has sliding-window / non
+    full-attention layers: the model's own cache is used then)."""
+    try:
+        from transformers.cache_utils import Cache, DynamicLayer
+    except ImportError:
+        return None
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if config is None or any(t != "full_attention" for t in layer_types):
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        """A DynamicLayer (same mask and length rules) whose keys / values are views of buffers
+        allocated on the first update: a decode step copies only its own new position."""
+
+        def __init__(self):
+            super().__init__()
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            batch, heads, _, _ = key_states.shape
+            self.device = key_states.device
+            self._keys = key_states.new_empty((batch, heads, capacity, key_states.shape[-1]))
+            self._values = value_states.new_empty((batch, value_states.shape[1], capacity, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > capacity:
+                raise RuntimeError(f"KV cache overflow: {end} positions in a cache preallocated for {capacity}")
+            self._keys[:, :, self.length:end].copy_(key_states)
+            self._values[:, :, self.length:end].copy_(value_states)
+            self.length = end
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    return Cache(layers=[PreallocatedLayer() for _ in range(config.num_hidden_layers)])
 
 
 # --------------------------------------------------------------------------- HF engine
@@ -70,7 +148,7 @@ class HFEngine(RolloutEngine):
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", max_batch_rows: int = 64,
-                 copy_model: bool = True):
+                 copy_model: bool = True, preallocate_cache: bool = True):
         self.device = torch.device(device)
         self.model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
         for p in self.model.parameters():
@@ -79,6 +157,7 @@ class HFEngine(RolloutEngine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(tokenizer, self.model)
         self.max_batch_rows = max_batch_rows
+        self.preallocate_cache = preallocate_cache  # False: the model's own (torch.cat-grown) cache
         self._cache_kwarg = _cache_kwarg(self.model)
         self._version = 0
         self.last_stats = GenerationStats()
@@ -118,18 +197,19 @@ class HFEngine(RolloutEngine):
         if n < 1 or max_new_tokens < 1:
             raise ValueError(f"n ({n}) and max_new_tokens ({max_new_tokens}) must be >= 1")
         rows = [(i, list(p)) for i, p in enumerate(prompts) for _ in range(n)]
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        streams = [(i, j) for i in range(len(prompts)) for j in range(n)]
         samples: list[Sample] = []
         stats = GenerationStats()
         t0 = time.perf_counter()
         for start in range(0, len(rows), self.max_batch_rows):
             chunk = rows[start:start + self.max_batch_rows]
-            samples.extend(self._generate_chunk(chunk, temperature, top_p, max_new_tokens, generator, stats))
+            uniforms = row_uniforms(seed, streams[start:start + self.max_batch_rows], max_new_tokens)
+            samples.extend(self._generate_chunk(chunk, temperature, top_p, max_new_tokens, uniforms, stats))
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return samples
 
-    def _generate_chunk(self, rows, temperature, top_p, max_new_tokens, generator, stats) -> list[Sample]:
+    def _generate_chunk(self, rows, temperature, top_p, max_new_tokens, uniforms, stats) -> list[Sample]:
         batch = len(rows)
         width = max(len(p) for _, p in rows)
         if width == 0:
@@ -151,14 +231,15 @@ class HFEngine(RolloutEngine):
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
 
+        cache = preallocated_cache(self.model, width + max_new_tokens) if self.preallocate_cache else None
         out = self.model(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=1, **({self._cache_kwarg: cache} if cache is not None else {}))
         stats.forward_passes += 1
         cache = _cache_of(out)
         logits = out.logits[:, -1, :]
         next_pos = positions[:, -1:] + 1
         for t in range(max_new_tokens):
-            tokens, logp = sample_next(logits, temperature, top_p, generator)
+            tokens, logp = sample_next(logits, temperature, top_p, uniforms[:, t])
             active = ~finished
             out_tokens[:, t] = torch.where(active, tokens, out_tokens[:, t])
             out_logp[:, t] = torch.where(active, logp, out_logp[:, t])
@@ -185,6 +266,7 @@ class HFEngine(RolloutEngine):
                 response_ids=tokens_cpu[r, : len_cpu[r]].tolist(),
                 log_probs=logp_cpu[r, : len_cpu[r]].tolist(),
                 finish_reason=FINISH_STOP if bool(stop_cpu[r]) else FINISH_LENGTH,
+                weight_version=self._version,
             )
             for r, (idx, _) in enumerate(rows)
         ]

@@ -28,6 +28,10 @@ quantity the learner recomputes (log_softmax(logits / T)) and `Sample.log_probs`
 rollout/learner mismatch metrics. With top_p < 1 vLLM's processed log-probs are those of the
 nucleus-renormalised distribution; the trainer only uses top_p < 1 for evaluation, where log-probs
 are not used.
+These log-probs are the BEHAVIOUR policy of the
+learner's rollout correction (spec.algorithm.rolloutCorrection): a training run with top_p < 1
+would weigh the learner's full-vocabulary probabilities against nucleus-renormalised ones (the HF
+engine reports full-vocabulary ones), so keep rollout.topP at 1 for training, as DAPO does.
 
 Seeds: one vLLM request per (prompt, sample), each with its own seed (`sample_seed`). vLLM gives
 sample j of an n>1 request the seed ``seed + j``, so per-prompt seeds would make prompt i+1's
@@ -132,9 +136,10 @@ def sampled_log_probs(token_ids: Sequence[int], logprobs: Any, *, request_id: st
     return out
 
 
-def samples_from_outputs(request_outputs: Sequence[Any], n: int) -> list[Sample]:
+def samples_from_outputs(request_outputs: Sequence[Any], n: int, weight_version: int | None = None) -> list[Sample]:
     """``LLM.generate`` results for one request per (prompt, sample), prompt-major (request
-    ``i * n + j`` is sample j of prompt i, one CompletionOutput each) -> Samples in that order."""
+    ``i * n + j`` is sample j of prompt i, one CompletionOutput each) -> Samples in that order,
+    stamped with the ``weight_version`` that generated them."""
     if len(request_outputs) % n:
         raise VLLMEngineError(f"vLLM returned {len(request_outputs)} request outputs, not a multiple of n={n}")
     samples: list[Sample] = []
@@ -150,6 +155,7 @@ def samples_from_outputs(request_outputs: Sequence[Any], n: int) -> list[Sample]
             response_ids=ids,
             log_probs=sampled_log_probs(ids, completion.logprobs, request_id=request_id),
             finish_reason=finish_reason(completion.finish_reason, request_id=request_id),
+            weight_version=weight_version,
         ))
     return samples
 
@@ -302,7 +308,7 @@ class VLLMEngine(RolloutEngine):
                     n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                     seed=sample_seed(seed, i, j), stop_token_ids=self.eos_ids)))
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return samples_from_outputs(outputs, n)
+        return samples_from_outputs(outputs, n, self._version)
 
     # -- weights
 

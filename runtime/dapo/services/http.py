@@ -8,6 +8,7 @@ and one request per replica at a time is all it issues, so an async client would
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import signal
@@ -44,13 +45,14 @@ def parse_urls(text: str | None, variable: str) -> list[str]:
     return urls
 
 
-def post_json(url: str, payload: Any, timeout_s: float) -> Any:
-    """POST ``payload`` as JSON, return the decoded JSON answer.
+def post_json(url: str, payload: Any, timeout_s: float, headers: dict[str, str] | None = None) -> Any:
+    """POST ``payload`` as JSON (plus ``headers``), return the decoded JSON answer.
 
     Raises RetryableError for connection failures, timeouts and 5xx answers, ServiceError for
     4xx answers (the request itself is wrong: another replica would refuse it too)."""
     body = json.dumps(payload, separators=(",", ":")).encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={**(headers or {}), "Content-Type": "application/json"})
     return _send(request, url, timeout_s)
 
 
@@ -69,8 +71,10 @@ def _send(request: urllib.request.Request, url: str, timeout_s: float) -> Any:
     except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RetryableError(f"{url} did not answer: {reason}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RetryableError(f"{url} answered with invalid JSON ({exc})") from None
+    except http.client.HTTPException as exc:  # e.g. a peer that closes mid-answer or speaks no HTTP
+        raise RetryableError(f"{url} broke the HTTP exchange ({type(exc).__name__}: {exc})") from None
 
 
 def _error_text(exc: urllib.error.HTTPError, limit: int = 2000) -> str:

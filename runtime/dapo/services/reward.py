@@ -20,6 +20,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from dapo.reward.pool import ScorerFailedError
+from dapo.reward.remote import RemoteRewardError
 from dapo.reward.result import RewardResult
 from dapo.services.http import ReplicaPool, RetryableError, ServiceError, post_json, split_evenly
 
@@ -71,6 +73,11 @@ class RewardService:
                 answer = await asyncio.get_running_loop().run_in_executor(self._pool, self.score, parsed)
             except ValueError as exc:  # the scorer refused the batch (e.g. lengths missing for shaping)
                 return web.json_response({"error": str(exc)}, status=400)
+            except (ScorerFailedError, RemoteRewardError) as exc:
+                # the user's scorer / service is broken: another replica would fail the same way, so
+                # a 4xx (not retried) carries the message naming it to the controller, which stops
+                log.error("%s", exc)
+                return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=422)
             except Exception as exc:  # noqa: BLE001 - the client retries on another replica
                 log.exception("scoring failed")
                 return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -84,12 +85,22 @@ def samples_to_wire(samples: Sequence[Sample], version: int) -> dict:
 
 
 def samples_from_wire(doc: dict, index_offset: int = 0) -> list[Sample]:
+    """The samples of a /generate answer, each stamped with the answer's ``weight_version``.
+    The behaviour log-probs are the learner's rollout-correction input: one per response token,
+    finite and <= 0, or the answer is refused (retried on another replica)."""
     columns = ("prompt_index", "response_ids", "log_probs", "finish_reason")
     lengths = {len(doc[c]) for c in columns}
     if len(lengths) != 1:
         raise RetryableError(f"generate answer has columns of different lengths {sorted(lengths)}")
-    return [Sample(prompt_index=int(i) + index_offset, response_ids=list(r), log_probs=list(lp), finish_reason=str(f))
-            for i, r, lp, f in zip(*(doc[c] for c in columns))]
+    version = doc.get("weight_version")
+    samples = []
+    for i, r, lp, f in zip(*(doc[c] for c in columns)):
+        if len(lp) != len(r) or not all(isinstance(x, (int, float)) and -math.inf < x <= 1e-4 for x in lp):
+            raise RetryableError(f"generate answer: sample {i} has {len(r)} tokens but log-probs {str(lp)[:80]} "
+                                 "(one finite log-probability <= 0 per token is needed)")
+        samples.append(Sample(prompt_index=int(i) + index_offset, response_ids=list(r), log_probs=[float(x) for x in lp],
+                              finish_reason=str(f), weight_version=None if version is None else int(version)))
+    return samples
 
 
 def parse_generate_request(doc) -> dict:

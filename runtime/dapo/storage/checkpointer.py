@@ -1,16 +1,20 @@
 """What a training checkpoint holds, and how a run resumes from it.
 
-Layout of one checkpoint (committed through `dapo.storage.store.CheckpointStore`: files first,
-manifest last, so a half-written checkpoint is never "latest"):
+Layout of one checkpoint (committed through `dapo.storage.CheckpointStore`: files first, under
+``step-XXXXXXXX/attempt-.../``, manifest last, so a half-written checkpoint is never "latest"):
 
     model/                 HF format: config.json, *.safetensors, tokenizer files
                            (`AutoModelForCausalLM.from_pretrained(folder)` loads it)
     learner.pt             optimizer + lr-scheduler state (torch.save)
-    trainer_state.json     step, weight version, sampler position, surplus groups, python RNG
+    trainer_state.json     step, weight version, sampler position, surplus groups, the trainer's
+                           Python RNG (`Trainer.rng`)
     rng.pt                 torch CPU (and CUDA) RNG states
 
 Resuming restores every one of these, so step s+1 after a resume samples the same prompts with
-the same seeds and applies the same update as the uninterrupted run.
+the same seeds and applies the same update as the uninterrupted run. Every file is checked
+against the manifest's sha256 before anything is loaded; a checkpoint that fails is refused
+(the error names the file and the checkpoint) and resume falls back to the newest one that
+verifies, un-committing the damaged newer ones so that training commits those steps again.
 
 The learner, not this module, knows how its weights are laid out: `learner.full_state_dict_for_save()`
 gives the full weights on the controller (a ZeRO-3 learner gathers them from every rank) and
@@ -28,6 +32,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from dapo.storage import CheckpointCorruptError
 
 log = logging.getLogger("dapo.storage.checkpointer")
 
@@ -114,18 +120,47 @@ class Checkpointer:
                                     trainer_state=trainer.state_dict())
             del model_state
             meta = {"weight_version": trainer.weight_version, "total_steps": trainer.total_steps}
-            info = self.store.commit(trainer.step, folder, meta=meta, overwrite=True)
+            # never overwrite: a committed step belongs to whoever committed it first (a second
+            # trainer on the same checkpoint.uri fails here with CheckpointExistsError)
+            info = self.store.commit(trainer.step, folder, meta=meta)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         log.info("checkpoint step %d committed at %s", info.step, info.uri)
         return info
 
     def restore(self, trainer, info=None) -> bool:
-        """Restore the latest committed checkpoint (or ``info``) into ``trainer``; False when none."""
-        info = info or self.store.latest()
-        if info is None:
-            return False
-        folder = Path(self.store.fetch(info))
+        """Restore ``info``, or else the newest committed checkpoint that verifies, into
+        ``trainer``; False when there is none. A checkpoint whose files do not match its manifest
+        is never loaded: an explicit ``info`` raises `CheckpointCorruptError`; otherwise resume
+        falls back to the previous committed one, logs which it skipped and why, and
+        un-commits the skipped ones (their steps are trained and committed again)."""
+        candidates = [info] if info is not None else list(reversed(self.store.list_committed()))
+        skipped = []
+        for candidate in candidates:
+            try:
+                folder = Path(self.store.fetch(candidate))
+            except CheckpointCorruptError as exc:
+                if info is not None:
+                    raise
+                log.error("refusing checkpoint step %d: %s; falling back to the previous committed checkpoint",
+                          candidate.step, exc)
+                skipped.append(candidate)
+                continue
+            if skipped:
+                log.warning("resuming from checkpoint step %d, the newest that verifies (skipped damaged steps %s)",
+                            candidate.step, [c.step for c in skipped])
+                for bad in skipped:
+                    self.store.uncommit(bad.step)
+            self._load(trainer, candidate, folder)
+            return True
+        if skipped:
+            raise CheckpointCorruptError(
+                f"no committed checkpoint under {self.store.root_uri} verifies (steps {[c.step for c in skipped]} "
+                "all differ from their manifests, see the errors above); restore the files from a backup, or start "
+                "a fresh run with another spec.checkpoint.uri")
+        return False
+
+    def _load(self, trainer, info, folder: Path) -> None:
         restore_model_weights(trainer.learner, folder / MODEL_DIR)
         trainer.learner.load_state_dict(torch.load(folder / LEARNER_FILE, weights_only=False))
         trainer.load_state_dict(json.loads((folder / TRAINER_FILE).read_text()))
@@ -136,4 +171,3 @@ class Checkpointer:
         log.info("resumed from checkpoint step %d (%s): weight version %d, sampler epoch %d position %d, "
                  "%d surplus groups", info.step, info.uri, trainer.weight_version, trainer.sampler.epoch,
                  trainer.sampler.position, len(trainer.surplus))
-        return True
