@@ -48,7 +48,7 @@ def off_policy_stats(result: dict, args) -> None:
     if result["rc"] != 0 or not metrics.is_file():
         return
     steps, _ = read_metrics(metrics)
-    for key in ("rollout_corr/lag_1_frac", "rollout_corr/is_weight_mean", "rollout_corr/rejected_frac",
+    for key in ("async/lag_1_frac", "rollout_corr/is_weight_mean", "rollout_corr/rejected_frac",
                 "training/rollout_probs_diff_max"):
         values = [s[key] for s in steps if isinstance(s.get(key), (int, float))]
         result[key] = statistics.fmean(values) if values else None
@@ -67,7 +67,7 @@ def aggregate(results: list[dict]) -> list[dict]:
             "median": common.median(finals), "min": common.spread(finals)[0], "max": common.spread(finals)[1],
             "mean": statistics.fmean(finals) if finals else float("nan"),
             "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "stale_share": mean_of("rollout_corr/lag_1_frac"), "is_weight_mean": mean_of("rollout_corr/is_weight_mean"),
+            "stale_share": mean_of("async/lag_1_frac"), "is_weight_mean": mean_of("rollout_corr/is_weight_mean"),
             "rejected_frac": mean_of("rollout_corr/rejected_frac"),
             "probs_diff_max": mean_of("training/rollout_probs_diff_max"),
         })

@@ -73,7 +73,7 @@ def test_stale_surplus_is_trained_with_the_engines_log_probs(tmp_path, mode):
     n = trainer.spec.rollout.n
     stale = batch.stale_rows()
     assert batch.policy_version == 1 and stale.tolist() == [True] * n + [False] * n
-    assert metrics["rollout_corr/lag_0_frac"] == 0.5 and metrics["rollout_corr/lag_1_frac"] == 0.5
+    assert metrics["async/lag_0_frac"] == 0.5 and metrics["async/lag_1_frac"] == 0.5
     mask = batch.response_mask.bool()
     # every row's behaviour log-probs are the sampling engine's own numbers, bit for bit
     engine_rows = [s.log_probs for s in carried.samples] + [s.log_probs for s in generated[-3 * n:][:n]]

@@ -27,7 +27,7 @@ PANELS = [
     ("rollout correction (importance weights)", [("rollout_corr/is_weight_mean", "weight mean", "train"),
                                                  ("rollout_corr/is_weight_max", "weight max", "train"),
                                                  ("rollout_corr/rejected_frac", "truncated / masked tokens", "train")]),
-    ("off-policy: lag and rollout vs learner", [("rollout_corr/lag_1_frac", "samples 1 version stale", "train"),
+    ("off-policy: lag and rollout vs learner", [("async/lag_1_frac", "samples 1 version stale", "train"),
                                                 ("training/rollout_probs_diff_mean", "|p_rollout - p_learner| mean", "train"),
                                                 ("training/rollout_probs_diff_max", "|p_rollout - p_learner| max", "train")]),
     ("async: version lag of trained samples", [("async/version_lag_mean", "mean lag (versions)", "train"),

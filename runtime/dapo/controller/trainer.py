@@ -308,7 +308,6 @@ class Trainer:
         versions = [v for g in groups for v in g.sample_versions()]
         batch.weight_versions = torch.tensor(versions, dtype=torch.long)
         batch.policy_version = self.weight_version
-        lags = [self.weight_version - v for v in versions]
         truncated = torch.tensor([s.truncated for s in samples], dtype=torch.bool)
         if self.spec.algorithm.overlong.filtering:
             batch.response_mask = overlong_filter_mask(batch.response_mask, truncated)
@@ -326,9 +325,7 @@ class Trainer:
             "response_length/clip_ratio": float(truncated.float().mean()),
             "prompt_length/mean": float(sum(len(g.prompt_ids) for g in groups) / max(len(groups), 1)),
         }
-        # share of trained samples by version lag (0 = sampled by the weights being trained)
-        for lag in range(max([MAX_SURPLUS_STALENESS, *lags]) + 1):
-            info[f"rollout_corr/lag_{lag}_frac"] = sum(1 for x in lags if x == lag) / max(len(lags), 1)
+        # the share of trained samples by version lag is reported once, by _async_metrics
         return batch, info
 
     # ------------------------------------------------------------------ one step
