@@ -41,6 +41,7 @@ def make_model(folder: Path) -> Path:
 def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
     from safetensors.torch import load_file
 
+    from dapo.storage import CheckpointStore
     from dapo.weightsync import state_checksum
 
     model_dir = make_model(tmp_path / "model")
@@ -65,5 +66,8 @@ def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
     for sync in syncs:
         assert list(sync["replicas"].values()) == [sync["learner"]], sync
     assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
-    weights = load_file(str(out / "checkpoints" / "step-00000003" / "model" / "model.safetensors"))
+    store = CheckpointStore(str(out / "checkpoints"))
+    final = store.latest()
+    assert final.step == 3
+    weights = load_file(str(store.fetch(final) / "model" / "model.safetensors"))
     assert state_checksum(weights) == syncs[-1]["learner"]
