@@ -62,3 +62,16 @@ def role_env(extra: dict | None = None, *, weight_sync_timeout_s: int = 60, lear
                 "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), env.get("PYTHONPATH", "")])})
     env.update(extra or {})
     return env
+
+
+def final_checkpoint_weights(run_dir: Path, step: int) -> dict:
+    """The model weights of the newest committed checkpoint under RUN_DIR/checkpoints (read
+    through the manifest: data files sit in per-attempt folders), which must be ``step``."""
+    from safetensors.torch import load_file
+
+    from dapo.storage import CheckpointStore
+
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    final = store.latest()
+    assert final is not None and final.step == step, final
+    return load_file(str(store.fetch(final) / "model" / "model.safetensors"))

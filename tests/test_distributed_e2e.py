@@ -18,7 +18,6 @@ dynamic sampling is off (the data position advances the same way).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _dapo_runs import make_model, write_data
+from _dapo_runs import final_checkpoint_weights, make_model, write_data
 from _dapo_runs import role_env as shared_role_env
 from _dapo_runs import run_doc as shared_run_doc
 
@@ -76,9 +75,6 @@ def run_small(tmp_path: Path, model_dir: Path, *, learners: int, rollouts: int, 
 
 
 def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
-    from safetensors.torch import load_file
-
-    from dapo.storage import CheckpointStore
     from dapo.weightsync import state_checksum
 
     _, out, result = run_small(tmp_path, model_dir, learners=2, rollouts=2, steps=3)
@@ -97,10 +93,7 @@ def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
     assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
 
     # independent check: the final checkpoint's weights are what the replicas served last
-    store = CheckpointStore(str(out / "checkpoints"))
-    final = store.latest()
-    assert final.step == 3
-    weights = load_file(str(store.fetch(final) / "model" / "model.safetensors"))
+    weights = final_checkpoint_weights(out, 3)
     assert state_checksum(weights) == syncs[-1]["learner"]
 
     for name in ("learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"):

