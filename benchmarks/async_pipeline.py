@@ -88,6 +88,13 @@ def run_one(k: int, seed: int, args) -> dict:
     return result
 
 
+def paired_ratios(results: list[dict], k: int) -> list[float]:
+    """samples/s at maxStaleness k over the synchronous run of the same seed, per seed."""
+    sync = {r["seed"]: r["samples_per_s"] for r in results if r["k"] == 0 and "samples_per_s" in r}
+    return [r["samples_per_s"] / sync[r["seed"]] for r in results
+            if r["k"] == k and "samples_per_s" in r and r["seed"] in sync]
+
+
 def table(results: list[dict], t_equal: float) -> list[list]:
     rows = []
     base = common.median(r["samples_per_s"] for r in results if r["k"] == 0 and "samples_per_s" in r)
@@ -99,6 +106,7 @@ def table(results: list[dict], t_equal: float) -> list[list]:
         rows.append([
             k, len(ok), f"{common.median(rates):.1f} [{min(rates):.1f}-{max(rates):.1f}]",
             f"{common.median(rates) / base:.2f}x",
+            " ".join(f"{r:.2f}x" for r in paired_ratios(results, k)),
             " ".join(f"{a:.3f}" for a in finals), " ".join(f"{a:.3f}" if a is not None else "-" for a in at_t),
             f"{statistics.fmean(r['lag_mean'] for r in ok):.2f}",
             f"{statistics.fmean(r['learner_idle_per_step'] for r in ok):.2f}",
@@ -148,11 +156,14 @@ def main(argv=None) -> int:
 
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())["spec"]
     args.samples_per_step = spec["learner"]["trainBatchSize"] * spec["rollout"]["n"]
-    results = [run_one(k, seed, args) for seed in args.seeds for k in args.staleness]
+    # the settings' order rotates per seed, so a load drift during the invocation does not always
+    # favour the setting that runs last
+    results = [run_one(k, seed, args) for i, seed in enumerate(args.seeds)
+               for k in args.staleness[i % len(args.staleness):] + args.staleness[:i % len(args.staleness)]]
     done = [r for r in results if "train_s" in r]
     t_equal = min(r["train_s"] for r in done)
     print(f"launcher {args.launcher}, {args.steps} steps, {len(args.seeds)} seeds, one torch thread per process")
-    headers = ["maxStaleness", "runs", "samples/s median [min-max]", "vs sync", f"acc after {args.steps} steps",
+    headers = ["maxStaleness", "runs", "samples/s median [min-max]", "vs sync", "paired per seed", f"acc after {args.steps} steps",
                f"acc at {t_equal:.0f}s", "lag", "learner idle s/step", "rollout idle s/step", "stale dropped"]
     print(common.format_table(headers, table(done, t_equal)))
     failed = [(r["k"], r["seed"]) for r in results if r["rc"] != 0]
