@@ -67,10 +67,12 @@ def off_policy_stats(result: dict, args) -> None:
     if result["rc"] != 0 or not metrics.is_file():
         return
     steps, _ = read_metrics(metrics)
-    for key in ("async/lag_1_frac", "rollout_corr/is_weight_mean", "rollout_corr/rejected_frac",
-                "training/rollout_probs_diff_max"):
+    for key in ("async/lag_0_frac", "async/version_lag_mean", "rollout_corr/is_weight_mean",
+                "rollout_corr/rejected_frac", "training/rollout_probs_diff_max"):
         values = [s[key] for s in steps if isinstance(s.get(key), (int, float))]
         result[key] = statistics.fmean(values) if values else None
+    # stale = sampled by older weights than the step's (surplus carried over, or generated ahead)
+    result["stale_share"] = None if result["async/lag_0_frac"] is None else 1.0 - result["async/lag_0_frac"]
 
 
 def aggregate(results: list[dict], configs: list[tuple]) -> list[dict]:
@@ -86,7 +88,8 @@ def aggregate(results: list[dict], configs: list[tuple]) -> list[dict]:
             "median": common.median(finals), "min": common.spread(finals)[0], "max": common.spread(finals)[1],
             "mean": statistics.fmean(finals) if finals else float("nan"),
             "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "stale_share": mean_of("async/lag_1_frac"), "is_weight_mean": mean_of("rollout_corr/is_weight_mean"),
+            "stale_share": mean_of("stale_share"), "lag_mean": mean_of("async/version_lag_mean"),
+            "is_weight_mean": mean_of("rollout_corr/is_weight_mean"),
             "rejected_frac": mean_of("rollout_corr/rejected_frac"),
             "probs_diff_max": mean_of("training/rollout_probs_diff_max"),
         })
@@ -154,9 +157,9 @@ def main(argv=None) -> int:
                                                      "configs": configs, "table": table, "runs": results})
     print(common.format_table(
         ["configuration", "seeds ok", "acc before", "final acc median", "min", "max", "mean", "std", "stale share",
-         "IS weight mean", "truncated/masked", "|dp| max"],
+         "mean lag", "IS weight mean", "truncated/masked", "|dp| max"],
         [[t["label"], t["seeds"], t["initial"], t["median"], t["min"], t["max"], t["mean"], t["std"], t["stale_share"],
-          t["is_weight_mean"], t["rejected_frac"], t["probs_diff_max"]] for t in table]))
+          t["lag_mean"], t["is_weight_mean"], t["rejected_frac"], t["probs_diff_max"]] for t in table]))
     failed = [(r["label"], r["seed"], r["log"]) for r in results if r["rc"] != 0]
     for label, seed, log in failed:
         print(f"FAILED: {label} seed {seed}: see {log}")
