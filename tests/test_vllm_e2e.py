@@ -71,6 +71,7 @@ def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
 def test_sigterm_stops_an_in_process_vllm_run_and_its_engine_processes(tmp_path):
     """`dapo run` in-process with engine vllm: once a step is done, SIGTERM makes it exit 130 and no
     process it started (vLLM's engine core and workers, the reward workers) is left running."""
+    import contextlib
     import signal
     import time
 
@@ -83,23 +84,29 @@ def test_sigterm_stops_an_in_process_vllm_run_and_its_engine_processes(tmp_path)
     doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out)],
-                            env=role_env({}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, log = tmp_path / "out", tmp_path / "dapo-run.log"
+    # output to a file, not a pipe: an orphaned engine process would hold a pipe open forever
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out)],
+                                env=role_env({}), stdout=sink, stderr=subprocess.STDOUT)
+    started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 600
         while not (out / "metrics.jsonl").is_file() or "actor/pg_loss" not in (out / "metrics.jsonl").read_text():
-            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "no training step within 600 s"
             time.sleep(1)
         started = psutil.Process(proc.pid).children(recursive=True)
         assert any("VLLM" in p.name() or "EngineCore" in " ".join(p.cmdline()) for p in started), \
             [p.name() for p in started]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 130, proc.stdout.read()[-4000:]
-    finally:
+        assert proc.wait(timeout=120) == 130, log.read_text()[-4000:]
+        _, alive = psutil.wait_procs(started, timeout=30)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:  # whatever failed, leave no process behind for the rest of the suite
         if proc.poll() is None:
             proc.kill()
-    _, alive = psutil.wait_procs(started, timeout=30)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [(p.pid, p.name()) for p in alive]
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
