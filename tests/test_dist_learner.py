@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from _dapo_tiny import tiny_policy
 from dapo.algo import RolloutCorrection
-from dapo.storage.checkpointer import MODEL_DIR, Checkpointer
+from dapo.storage.checkpointer import MODEL_DIR, CheckpointContents, Checkpointer
 from dapo.learner.distributed import DistributedLearner, DistributedLearnerError, micro_batch_count, shard_bounds
 from dapo.rollout.base import encode_prompt
 from dapo.learner.torch_learner import TorchLearner, make_batch
@@ -83,20 +83,30 @@ class _SyncRecorder:
 
 
 class _TrainerState:
-    """The parts of `dapo.controller.trainer.Trainer` that `Checkpointer` reads and restores."""
+    """`dapo.storage.checkpointer.Checkpointable` over a learner, as `dapo.controller.trainer.Trainer`
+    implements it (a step, a weight version, the restored weights synced to an engine)."""
 
     def __init__(self, learner, step: int):
-        self.learner, self.step, self.weight_version, self.total_steps = learner, step, step, 10
+        self.learner, self.step, self.weight_version = learner, step, step
         self.engine = _SyncRecorder()
-        self.sampler = type("Sampler", (), {"epoch": 0, "position": 0})()
-        self.surplus: list = []
-        self.last_checkpoint = None
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "weight_version": self.weight_version}
+    def checkpoint_contents(self) -> CheckpointContents:
+        model_state = self.learner.full_state_dict_for_save()
+        return CheckpointContents(model=self.learner.model, model_state=model_state,
+                                  learner_state=self.learner.state_dict(),
+                                  trainer_state={"step": self.step, "weight_version": self.weight_version},
+                                  meta={"weight_version": self.weight_version, "total_steps": 10})
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.weight_version = state["step"], state["weight_version"]
+    def load_model_weights(self, state) -> None:
+        self.learner.load_model_weights(state)
+
+    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict) -> None:
+        self.learner.load_state_dict(learner_state)
+        self.step, self.weight_version = trainer_state["step"], trainer_state["weight_version"]
+
+    def after_restore(self, step: int, uri: str) -> str:
+        self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+        return f"weight version {self.weight_version}"
 
 
 def _checkpointer(out: str) -> Checkpointer:
