@@ -1,5 +1,8 @@
 """The learner over N ranks of torch.distributed: rank 0 drives, ranks >= 1 follow.
 
+(~570 lines: the three pieces below share one ordered protocol, the sequence of collectives
+every rank must issue identically; split over files, that order would be hard to check.)
+
 Three pieces, composed:
 
 - `RankGroup`: this process's rank in the default process group, collectives that fail with an

@@ -5,7 +5,8 @@
 `full_state_dict_for_save` / `load_model_weights`). It holds the DAPO update itself and runs the
 model through a `LearnerBackend`: `TorchBackend` here (one process, torch's AdamW), or a
 data-parallel one (`dapo.learner.distributed`, `dapo.learner.deepspeed_backend`), which
-`DistributedLearner` drives on every rank.
+`DistributedLearner` drives on every rank. (~520 lines: the batch layout, the weight-name
+helpers every backend uses, the one-process backend and the update belong together.)
 
 Batch layout (`TrainBatch`): every row is ``[left-padded prompt | response, right-padded]`` so
 the response always starts at column ``prompt_width``; the logits that predict response token t
