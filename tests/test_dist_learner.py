@@ -20,9 +20,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _checkpointable import LearnerCheckpointable
 from _dapo_tiny import tiny_policy
 from dapo.algo import RolloutCorrection
-from dapo.storage.checkpointer import MODEL_DIR, CheckpointContents, Checkpointer
+from dapo.storage.checkpointer import MODEL_DIR, Checkpointer
 from dapo.learner.distributed import DistributedLearner, DistributedLearnerError, micro_batch_count, shard_bounds
 from dapo.rollout.base import encode_prompt
 from dapo.learner.torch_learner import TorchLearner, make_batch
@@ -70,43 +71,6 @@ def _policy(dtype, seed: int = 0):
 
 
 ZERO3_PARTITION_MATRICES = {"zero_optimization": {"stage3_param_persistence_threshold": 100}}
-
-
-class _SyncRecorder:
-    """Stands in for the rollout engine: keeps what the learner synced."""
-
-    def __init__(self):
-        self.synced: dict[str, torch.Tensor] = {}
-
-    def update_weights(self, named, version):
-        self.synced = {n: t.detach().to("cpu", copy=True) for n, t in named}
-
-
-class _TrainerState:
-    """`dapo.storage.checkpointer.Checkpointable` over a learner, as `dapo.controller.trainer.Trainer`
-    implements it (a step, a weight version, the restored weights synced to an engine)."""
-
-    def __init__(self, learner, step: int):
-        self.learner, self.step, self.weight_version = learner, step, step
-        self.engine = _SyncRecorder()
-
-    def checkpoint_contents(self) -> CheckpointContents:
-        model_state = self.learner.full_state_dict_for_save()
-        return CheckpointContents(model=self.learner.model, model_state=model_state,
-                                  learner_state=self.learner.state_dict(),
-                                  trainer_state={"step": self.step, "weight_version": self.weight_version},
-                                  meta={"weight_version": self.weight_version, "total_steps": 10})
-
-    def load_model_weights(self, state) -> None:
-        self.learner.load_model_weights(state)
-
-    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict) -> None:
-        self.learner.load_state_dict(learner_state)
-        self.step, self.weight_version = trainer_state["step"], trainer_state["weight_version"]
-
-    def after_restore(self, step: int, uri: str) -> str:
-        self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
-        return f"weight version {self.weight_version}"
 
 
 def _checkpointer(out: str) -> Checkpointer:
@@ -185,11 +149,11 @@ def _save_or_resume(learner, tok, batch, out: str, scenario: str, result: dict) 
         torch.save(batch.old_log_probs, old_path)
         result["metrics"] = [learner.update(batch)]
         result["placeholders"] = sum(p.numel() == 0 for p in learner.model.parameters())
-        checkpointer.save(_TrainerState(learner, step=1))
+        checkpointer.save(LearnerCheckpointable(learner, step=1))
         result["saved_params"] = {n: t.clone() for n, t in learner.named_parameters_for_sync()}
     else:
         batch.old_log_probs = torch.load(old_path)
-        trainer = _TrainerState(learner, step=0)
+        trainer = LearnerCheckpointable(learner, step=0)
         result["restored"] = checkpointer.restore(trainer)
         result["step"], result["synced"] = trainer.step, trainer.engine.synced
         result["metrics"] = []
