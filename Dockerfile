@@ -19,7 +19,7 @@ RUN groupadd --gid 10001 dapo \
 WORKDIR /opt/dapo
 
 # ----------------------------------------------------------------------------- operator (slim)
-# `dapo operator` and `dapo crd` import only dapo.spec, dapo.cli and dapo_operator: pydantic,
+# `dapo-operator run` and `dapo crd` import only dapo.spec, dapo.crd, dapo.cli and dapo_operator: pydantic,
 # pyyaml, kopf, kubernetes, aiohttp, prometheus-client. `--no-deps` keeps torch and transformers
 # (hard dependencies of the package for the runtime roles) out of this image.
 FROM slim-base AS operator
@@ -30,11 +30,11 @@ RUN pip install \
         "kopf>=1.37" "kubernetes>=29" "pydantic>=2.7,<3" "pyyaml>=6" \
         "prometheus-client>=0.20" "aiohttp>=3.9" \
     && pip install --no-deps . \
-    && python -c "import sys, dapo.cli, dapo_operator.crd, dapo_operator.main; assert 'torch' not in sys.modules, 'the operator path imports torch'"
+    && python -c "import sys, dapo.cli, dapo.crd, dapo_operator.cli, dapo_operator.main; assert 'torch' not in sys.modules, 'the operator path imports torch'"
 USER 10001:10001
 EXPOSE 8080 8081
-ENTRYPOINT ["dapo"]
-CMD ["operator"]
+ENTRYPOINT ["dapo-operator"]
+CMD ["run"]
 
 # ----------------------------------------------------------------------------- runtime, CPU only
 # Torch's CPU wheels keep this image around 1 GB instead of the CUDA build's ~10 GB.

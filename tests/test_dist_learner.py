@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _checkpointable import LearnerCheckpointable
 from _dapo_tiny import tiny_policy
 from dapo.algo import RolloutCorrection
 from dapo.storage.checkpointer import MODEL_DIR, Checkpointer
@@ -70,33 +71,6 @@ def _policy(dtype, seed: int = 0):
 
 
 ZERO3_PARTITION_MATRICES = {"zero_optimization": {"stage3_param_persistence_threshold": 100}}
-
-
-class _SyncRecorder:
-    """Stands in for the rollout engine: keeps what the learner synced."""
-
-    def __init__(self):
-        self.synced: dict[str, torch.Tensor] = {}
-
-    def update_weights(self, named, version):
-        self.synced = {n: t.detach().to("cpu", copy=True) for n, t in named}
-
-
-class _TrainerState:
-    """The parts of `dapo.controller.trainer.Trainer` that `Checkpointer` reads and restores."""
-
-    def __init__(self, learner, step: int):
-        self.learner, self.step, self.weight_version, self.total_steps = learner, step, step, 10
-        self.engine = _SyncRecorder()
-        self.sampler = type("Sampler", (), {"epoch": 0, "position": 0})()
-        self.surplus: list = []
-        self.last_checkpoint = None
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "weight_version": self.weight_version}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.weight_version = state["step"], state["weight_version"]
 
 
 def _checkpointer(out: str) -> Checkpointer:
@@ -175,11 +149,11 @@ def _save_or_resume(learner, tok, batch, out: str, scenario: str, result: dict) 
         torch.save(batch.old_log_probs, old_path)
         result["metrics"] = [learner.update(batch)]
         result["placeholders"] = sum(p.numel() == 0 for p in learner.model.parameters())
-        checkpointer.save(_TrainerState(learner, step=1))
+        checkpointer.save(LearnerCheckpointable(learner, step=1))
         result["saved_params"] = {n: t.clone() for n, t in learner.named_parameters_for_sync()}
     else:
         batch.old_log_probs = torch.load(old_path)
-        trainer = _TrainerState(learner, step=0)
+        trainer = LearnerCheckpointable(learner, step=0)
         result["restored"] = checkpointer.restore(trainer)
         result["step"], result["synced"] = trainer.step, trainer.engine.synced
         result["metrics"] = []

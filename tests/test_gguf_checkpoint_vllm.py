@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from _checkpointable import LearnerCheckpointable
 from dapo.spec import parse_run
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -167,16 +168,14 @@ def loaded(gguf_model):
 @pytest.fixture(scope="module")
 def checkpoint(loaded, tmp_path_factory):
     """The model/ folder of a checkpoint committed by the platform's Checkpointer (a real
-    TorchLearner on the loaded policy; the trainer's own state is a stand-in dict)."""
+    TorchLearner on the loaded policy; the trainer's own state is a stand-in)."""
     from dapo import wiring
     from dapo.storage.checkpointer import MODEL_DIR, Checkpointer
 
     root = tmp_path_factory.mktemp("run")
     store = wiring.build_checkpoint_store(loaded.spec, root)
     learner = wiring.build_learner(loaded.model, loaded.spec, "cpu")
-    trainer = SimpleNamespace(step=1, weight_version=1, total_steps=1, learner=learner,
-                              state_dict=lambda: {"step": 1})
-    info = Checkpointer(store, loaded.tokenizer, root / "staging").save(trainer)
+    info = Checkpointer(store, loaded.tokenizer, root / "staging").save(LearnerCheckpointable(learner, step=1, total_steps=1))
     return Path(store.fetch(info)) / MODEL_DIR
 
 

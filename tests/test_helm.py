@@ -250,7 +250,7 @@ def test_deployment_is_one_hardened_operator(chart):
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     (container,) = pod["containers"]
     assert container["image"] == "registry.example/dapo-operator:0.1.0"  # tag defaults to appVersion
-    assert container["command"] == ["dapo", "operator"]
+    assert container["command"] == ["dapo-operator", "run"]
     sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]
@@ -343,12 +343,12 @@ def test_chart_crd_is_the_generated_crd(chart):
 
 def test_operator_command_imports_no_heavy_stack():
     """The slim operator image installs the package with --no-deps: its code path must not need torch."""
-    probe = ("import sys, dapo.cli, dapo_operator.crd, dapo_operator.main\n"
+    probe = ("import sys, dapo.cli, dapo.crd, dapo_operator.cli, dapo_operator.main\n"
              "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'deepspeed', 'pyarrow', 'boto3', 'matplotlib') if m in sys.modules)\n"
              "print(','.join(heavy))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "", f"`dapo operator` imports {done.stdout.strip()}, absent from the slim image"
+    assert done.stdout.strip() == "", f"`dapo-operator run` imports {done.stdout.strip()}, absent from the slim image"
 
 
 def dockerfile_stages() -> dict[str, list[str]]:

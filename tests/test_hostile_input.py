@@ -255,14 +255,14 @@ def test_load_run_file_hostile_files(hostile_dir, name):
 
 
 def test_cli_render_exits_2_without_traceback(hostile_dir):
-    """`dapo render` (no torch) on hostile files: exit code 2, the field on stderr, no traceback."""
+    """`dapo-operator render` (no torch) on hostile files: exit code 2, the field on stderr, no traceback."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("binary.yaml", "alias-bomb.yaml", "deep.yaml", "unknown-field.yaml", "bad-range.yaml"):
-        proc = subprocess.run([sys.executable, "-m", "dapo.cli", "render", str(hostile_dir / name)],
+        proc = subprocess.run([sys.executable, "-m", "dapo_operator", "render", str(hostile_dir / name)],
                               capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and HOSTILE_FILES[name][1] in proc.stderr, (name, proc.stderr[-2000:])
-    folder = subprocess.run([sys.executable, "-m", "dapo.cli", "render", str(hostile_dir)],
+    folder = subprocess.run([sys.executable, "-m", "dapo_operator", "render", str(hostile_dir)],
                             capture_output=True, text=True, timeout=60, env=env)
     assert folder.returncode == 2 and "Traceback" not in folder.stderr and "cannot read the run file" in folder.stderr
 
@@ -284,7 +284,7 @@ def _spec_leaves(schema: dict[str, Any], prefix: tuple = ()) -> list[tuple[tuple
 
 
 def _crd_spec_schema() -> dict[str, Any]:
-    from dapo_operator.crd import build_crd
+    from dapo.crd import build_crd
 
     return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
 

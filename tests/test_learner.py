@@ -39,7 +39,7 @@ def _learner(model, **kw):
 
 def _loss(learner, batch):
     with torch.no_grad():
-        logits = learner._response_logits(batch)
+        logits = learner.response_logits(batch)
         lp = log_probs_from_logits(logits, batch.responses)
         return float(policy_loss(lp, batch.old_log_probs, batch.advantages, batch.response_mask)[0])
 

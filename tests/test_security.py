@@ -26,7 +26,7 @@ import yaml
 from dapo.spec import SpecError, parse_run
 from dapo_operator import naming as n
 from dapo_operator.builders import build_all, pod_run_file
-from dapo_operator.crd import status_schema
+from dapo.crd import status_schema
 from dapo_operator.status import MAX_MESSAGE_CHARS, compute_status
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,6 +28,7 @@ from dapo.cli import main as cli_main
 from dapo.entry.inprocess import build_embedded_run
 from dapo.spec import SpecError, parse_run
 from dapo.storage import CheckpointStore
+from dapo.storage.checkpointer import Checkpointable, Checkpointer
 from dapo.controller.trainer import DynamicSamplingError, Trainer
 
 torch.set_num_threads(2)
@@ -217,6 +218,43 @@ def test_surplus_groups_carry_to_the_next_step(tmp_path):
     # the surplus is part of the checkpointed state
     state = json.loads(json.dumps(trainer.state_dict()))
     assert [g["uid"] for g in state["surplus"]] == surplus_uids[2:]
+
+
+class _OnlyCheckpointable:
+    """A trainer seen through `Checkpointable` alone: any other attribute raises."""
+
+    MEMBERS = {name for name in vars(Checkpointable) if not name.startswith("_")} | set(Checkpointable.__annotations__)
+
+    def __init__(self, trainer):
+        self._trainer = trainer
+
+    def __getattr__(self, name):
+        if name not in self.MEMBERS:
+            raise AttributeError(f"the checkpointer reached trainer.{name}, outside Checkpointable")
+        return getattr(self._trainer, name)
+
+
+def test_checkpointer_saves_and_restores_through_checkpointable_alone(tmp_path):
+    """Save a trained step and restore it into a fresh trainer, each seen only through the
+    `Checkpointable` members: the restored trainer has the step, the version, the weights, and
+    its engine serves those weights under that version."""
+    assert _OnlyCheckpointable.MEMBERS == {"step", "checkpoint_contents", "load_model_weights",
+                                           "load_checkpoint_state", "after_restore"}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    quiet = dict(eval={"beforeTrain": False, "everySteps": 0})
+    source = _trainer(tmp_path / "a", OverlapScorer("alternate"), **quiet)
+    source.train_step()
+    info = source.checkpointer.save(_OnlyCheckpointable(source))
+    target = _trainer(tmp_path / "b", OverlapScorer("alternate"), **quiet)
+    restorer = Checkpointer(source.checkpointer.store, target.tokenizer, staging_root=tmp_path / "staging")
+    assert restorer.restore(_OnlyCheckpointable(target))
+    assert (target.step, target.weight_version, target.engine.weight_version) == (1, 1, 1)
+    assert target.last_checkpoint == {"step": info.step, "uri": info.uri}
+    assert [g.uid for g in target.surplus] == [g.uid for g in source.surplus]
+    engine_weights = dict(target.engine.model.named_parameters())
+    for name, param in source.learner.model.named_parameters():
+        torch.testing.assert_close(dict(target.learner.model.named_parameters())[name], param, atol=0, rtol=0)
+        torch.testing.assert_close(engine_weights[name], param, atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("mode,expected", [("right", "ALL-CORRECT"), ("wrong", "ALL-WRONG")])

@@ -1,6 +1,6 @@
 """Pure builders: a validated DAPORun in, the Kubernetes objects the operator creates out.
 
-No I/O and no clock here, so `dapo render` and the operator print / create the same objects and
+No I/O and no clock here, so `dapo-operator render` and the operator print / create the same objects and
 tests check them directly. Names, labels, ports and the role environment come from dapo.contracts.
 """
 

@@ -1,4 +1,4 @@
-"""`dapo operator`: kopf in standalone mode, Prometheus metrics, a liveness endpoint, JSON logs."""
+"""`dapo-operator run`: kopf in standalone mode, Prometheus metrics, a liveness endpoint, JSON logs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the operator (served by `dapo operator` on --metrics-port)."""
+"""Prometheus metrics of the operator (served by `dapo-operator run` on --metrics-port)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dapo render FILE`: the objects the operator would create for a run file, as YAML.
+"""`dapo-operator render FILE`: the objects the operator would create for a run file, as YAML.
 
 Uses the same pure builders as the operator. ownerReferences are left out: the owner's uid
 exists only once the API server stored the DAPORun.

@@ -1,6 +1,8 @@
-"""`dapo`: one command for the laptop run, the pods and the operator.
+"""`dapo`: the runtime's command: the laptop run, the pods' roles, the CRD, the curves.
 
-Each subcommand imports its module lazily so `dapo crd` does not pay for torch.
+Each subcommand imports its module lazily so `dapo crd` does not pay for torch. The operator's
+commands (`dapo-operator run`, `dapo-operator render FILE`) are the operator package's own
+(`dapo_operator.cli`): the runtime image and its pods never need the operator.
 """
 
 from __future__ import annotations
@@ -24,26 +26,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("dapo.entry.inprocess", "main_run")(a))
 
 
-def _add_render(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("render", help="print the Kubernetes objects the operator would create for a run file")
-    p.add_argument("file")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--image", default=None, help="runtime image (default: the operator's default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
-    p.set_defaults(func=lambda a: _lazy("dapo_operator.render", "main")(a))
-
-
 def _add_crd(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("crd", help="print the DAPORun CustomResourceDefinition generated from the spec model")
-    p.set_defaults(func=lambda a: _lazy("dapo_operator.crd", "main")(a))
-
-
-def _add_operator(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("operator", help="run the Kubernetes operator")
-    p.add_argument("--namespace", action="append", default=[], help="watch only these namespaces (repeatable); default all")
-    p.add_argument("--metrics-port", type=int, default=8080)
-    p.add_argument("--health-port", type=int, default=8081)
-    p.set_defaults(func=lambda a: _lazy("dapo_operator.main", "main")(a))
+    p.set_defaults(func=lambda a: _lazy("dapo.crd", "main")(a))
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
@@ -69,13 +54,18 @@ def _lazy(module: str, attr: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo", description="DAPO reinforcement learning, on one machine or on Kubernetes")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_render, _add_crd, _add_operator, _add_plot, _add_role):
+    for add in (_add_run, _add_crd, _add_plot, _add_role):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand (``args.func``); the platform's refusals become one line on
+    stderr and an exit code (the operator's command shares this)."""
     try:
         return int(args.func(args) or 0)
     except (SpecError, ConfigError) as exc:  # a bad run file / setting: the message names it and the fix

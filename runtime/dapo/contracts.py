@@ -11,7 +11,7 @@ name, a port or a status field exists once. docs/architecture.md explains them f
 - Learner-0's ``GET /status`` document (:class:`LearnerStatus`): written by the trainer, served
   by the status server, read (and sanitised) by the operator.
 - The DAPORun status the operator writes (:class:`RunStatus`): the CRD's status schema is
-  generated from it (dapo_operator.crd), as the spec schema is generated from dapo.spec.
+  generated from it (dapo.crd), as the spec schema is generated from dapo.spec.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dapo.spec import CROSS_FIELD_RULES, IMMUTABLE_FIELDS, SpecError, parse_run
-from dapo_operator.crd import apply_defaults, build_crd, render_crd
+from dapo.crd import apply_defaults, build_crd, render_crd
 from operator_testkit import good_run
 
 ROOT = Path(__file__).resolve().parents[2]

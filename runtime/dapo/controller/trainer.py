@@ -34,6 +34,7 @@ from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
+from dapo.storage.checkpointer import CheckpointContents
 
 log = logging.getLogger("dapo.controller.trainer")
 
@@ -563,6 +564,32 @@ class Trainer:
             return list(self.in_flight)
         self.pipeline.drain()
         return self.pipeline.in_flight()
+
+    # ------------------------------------------------------------------ checkpoints
+    # the `dapo.storage.checkpointer.Checkpointable` surface: the checkpointer uses only these
+
+    def checkpoint_contents(self) -> CheckpointContents:
+        """Everything a checkpoint holds; the weights first (a ZeRO-3 learner gathers them with
+        collectives, and no other learner call may come between its gathers)."""
+        model_state = self.learner.full_state_dict_for_save()
+        return CheckpointContents(model=self.learner.model, model_state=model_state,
+                                  learner_state=self.learner.state_dict(), trainer_state=self.state_dict(),
+                                  meta={"weight_version": self.weight_version, "total_steps": self.total_steps})
+
+    def load_model_weights(self, state) -> None:
+        self.learner.load_model_weights(state)
+
+    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict) -> None:
+        self.learner.load_state_dict(learner_state)
+        self.load_state_dict(trainer_state)
+
+    def after_restore(self, step: int, uri: str) -> str:
+        """The engine serves the restored weights under the restored version; the checkpoint is
+        the last one; returns where the run stands."""
+        self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+        self.last_checkpoint = {"step": step, "uri": uri}
+        return (f"weight version {self.weight_version}, sampler epoch {self.sampler.epoch} position "
+                f"{self.sampler.position}, {len(self.surplus)} surplus groups")
 
     def status(self) -> dict[str, Any]:
         """The learner-0 /status document (dapo.contracts.LearnerStatus)."""

@@ -1,13 +1,12 @@
 """The learner: recompute log-probs and run DAPO policy-gradient updates with torch.
 
-The controller talks to a learner through four calls, so a distributed learner (DDP, DeepSpeed
-ZeRO) can replace `TorchLearner` without touching the loop:
-
-    compute_log_probs(batch) -> [B, R] tensor      (no grad; the "old" = proximal log-probs)
-    update(batch) -> dict of metrics                (one training step: all optimizer steps)
-    named_parameters_for_sync() -> iterator         (what the rollout engine loads)
-    state_dict() / load_state_dict(state)           (optimizer + lr schedule, for checkpoints)
-    full_state_dict_for_save() / load_model_weights(state)   (full model weights, for checkpoints)
+`TorchLearner` implements the `dapo.learner.base.Learner` calls the controller makes
+(`compute_log_probs`, `update`, `named_parameters_for_sync`, `state_dict` / `load_state_dict`,
+`full_state_dict_for_save` / `load_model_weights`). It holds the DAPO update itself and runs the
+model through a `LearnerBackend`: `TorchBackend` here (one process, torch's AdamW), or a
+data-parallel one (`dapo.learner.distributed`, `dapo.learner.deepspeed_backend`), which
+`DistributedLearner` drives on every rank. (~520 lines: the batch layout, the weight-name
+helpers every backend uses, the one-process backend and the update belong together.)
 
 Batch layout (`TrainBatch`): every row is ``[left-padded prompt | response, right-padded]`` so
 the response always starts at column ``prompt_width``; the logits that predict response token t
@@ -25,13 +24,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from dapo.algo import (PolicyLossConfig, RolloutCorrection, check_policy_loss, compute_policy_loss,
                        entropy_from_logits, log_probs_from_logits, rollout_correction_metrics,
                        rollout_correction_weights)
+from dapo.learner.base import LearnerBackend, WeightedStats
+
+# the token-weighted per-micro-batch metrics (the loss and the grad norm are per mini-batch)
+METRIC_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy")
 
 
 @dataclass
@@ -160,10 +163,125 @@ def weight_for(name: str, state: Mapping[str, torch.Tensor], aliases: dict[str, 
     raise KeyError(f"no tensor for parameter {name} (nor for the names tied to it)")
 
 
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW with linear warm-up (`warmup_factor`) and global-norm gradient clipping."""
+
+    lr: float
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+def split_rows(rows: TrainBatch, micro_batch_rows: int) -> list[TrainBatch]:
+    """Consecutive slices of at most ``micro_batch_rows`` rows (none for an empty batch)."""
+    return [rows.rows(start, start + micro_batch_rows) for start in range(0, rows.num_rows, micro_batch_rows)]
+
+
+class TorchBackend:
+    """`LearnerBackend` of one process: the module itself, torch's AdamW and LambdaLR."""
+
+    partitioned_weights = False
+    partitioned_optimizer = False
+
+    def __init__(self, model, settings: OptimizerSettings, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).train()
+        self.settings = settings
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas,
+                                           weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_factor(step, settings.warmup_steps))
+
+    # -- rows: one process computes all of them
+    def shard(self, rows: TrainBatch) -> TrainBatch:
+        return rows
+
+    def micro_batches(self, rows: TrainBatch, shard: TrainBatch, micro_batch_rows: int, *,
+                      training: bool) -> list[TrainBatch]:
+        return split_rows(shard, micro_batch_rows)
+
+    def global_normalisers(self, rows: TrainBatch, shard: TrainBatch) -> tuple[float, float]:
+        return mini_batch_normalisers(rows.response_mask)
+
+    def reduce_metrics(self, stats, loss: float):
+        return stats, loss
+
+    def gather_rows(self, local: torch.Tensor, num_rows: int) -> torch.Tensor:
+        return local
+
+    # -- compute
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.model(**inputs).logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        return float(self.clip_and_step())
+
+    def clip_and_step(self) -> torch.Tensor:
+        """Clip the global gradient norm and step AdamW; a non-finite norm skips the step.
+        Returns the norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # a NaN/inf gradient would poison AdamW's moments for the rest of the run
+            self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def advance_schedule(self) -> None:
+        self.scheduler.step()
+
+    # -- weights and state
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's own tensors, no copy."""
+        return self.model.state_dict()
+
+    def load_model_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy full weights into the module in place (the optimizer keeps holding the same
+        parameters). ValueError names missing / unexpected tensors."""
+        check_weight_names(self.model, state.keys())
+        aliases = parameter_aliases(self.model)
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(weight_for(name, state, aliases))
+            for name, buffer in persistent_buffers(self.model):
+                buffer.copy_(state[name])
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+BackendFactory = Callable[[torch.nn.Module, OptimizerSettings, torch.device], LearnerBackend]
+
+
 class TorchLearner:
-    """Single-process learner: AdamW, linear warm-up, grad clipping, micro-batching with the
-    mini-batch's GLOBAL token count as the token-mean normaliser (DAPO's objective; the loss and
-    gradient do not depend on micro_batch_rows)."""
+    """The DAPO update over a `LearnerBackend`: mini-batches, micro-batches with the mini-batch's
+    GLOBAL token count as the token-mean normaliser (DAPO's objective; the loss and gradient do
+    not depend on micro_batch_rows nor on how many ranks share the rows), the policy loss through
+    the `dapo.algo` registry, rollout correction, metrics.
+
+    ``backend`` builds the backend from (model, `OptimizerSettings`, device); the default,
+    `TorchBackend`, trains in this process. With a data-parallel backend every rank runs the same
+    calls (`DistributedLearner` sees to that) and each computes its shard of the rows."""
 
     def __init__(
         self,
@@ -187,13 +305,11 @@ class TorchLearner:
         policy_loss_params: Mapping[str, float] | None = None,
         max_response_length: int | None = None,
         rollout_correction: RolloutCorrection = RolloutCorrection(),
+        backend: BackendFactory = TorchBackend,
     ):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).train()
         self.mini_batch_rows = mini_batch_rows
         self.micro_batch_rows = micro_batch_rows
         self.ppo_epochs = ppo_epochs
-        self.grad_clip = grad_clip
         self.policy_loss = policy_loss
         self.loss_config = PolicyLossConfig(eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
                                             loss_agg_mode=loss_agg_mode, max_response_length=max_response_length,
@@ -201,44 +317,57 @@ class TorchLearner:
         check_policy_loss(policy_loss, self.loss_config)  # an unknown name or parameter fails before any work
         self.correction = rollout_correction
         self.temperature = temperature
-        self.base_lr = lr
-        self.warmup_steps = warmup_steps
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_factor(step, warmup_steps))
+        settings = OptimizerSettings(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                                     grad_clip=grad_clip)
+        self.backend: LearnerBackend = backend(model, settings, torch.device(device))
 
     @classmethod
-    def from_spec(cls, model, spec, device="cpu") -> "TorchLearner":
-        """Build from a `DAPORunSpec`: mini/micro batch sizes in responses (prompts x n)."""
-        ls = spec.learner
-        return cls(
-            model, lr=ls.lr, weight_decay=ls.weight_decay, warmup_steps=ls.warmup_steps, grad_clip=ls.grad_clip,
-            mini_batch_rows=ls.mini_batch_size * spec.rollout.n, micro_batch_rows=ls.micro_batch_size,
-            ppo_epochs=ls.ppo_epochs, device=device, **loss_kwargs_from_spec(spec),
-        )
+    def from_spec(cls, model, spec, device="cpu", **kwargs) -> "TorchLearner":
+        """Build from a `DAPORunSpec`: mini/micro batch sizes in responses (prompts x n); the
+        mini-batch is global (all ranks), the micro-batch per process."""
+        return cls(model, device=device, **learner_kwargs_from_spec(spec), **kwargs)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backend.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def optimizer(self):
+        return self.backend.optimizer
+
+    @property
+    def lr(self) -> float:
+        return self.backend.lr
 
     # ------------------------------------------------------------------ forward
 
-    def _response_logits(self, mb: TrainBatch) -> torch.Tensor:
+    def response_logits(self, mb: TrainBatch) -> torch.Tensor:
         """Temperature-scaled logits predicting each response token: [b, R, V]."""
         width_r = mb.responses.shape[1]
-        out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                         use_cache=False, logits_to_keep=width_r + 1)
+        logits = self.backend.forward(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                      position_ids=mb.position_ids, use_cache=False, logits_to_keep=width_r + 1)
         # the last width_r + 1 positions are P - 1 .. P + R - 1; the final one predicts past the end
-        return out.logits[:, :-1, :] / self.temperature
+        return logits[:, :-1, :] / self.temperature
 
     @torch.no_grad()
     def compute_log_probs(self, batch: TrainBatch) -> torch.Tensor:
-        """log pi(response tokens) under the current weights, [B, R], micro-batch by micro-batch."""
+        """log pi(response tokens) under the current weights, [B, R], micro-batch by micro-batch
+        (each rank its shard of the rows, gathered into the whole batch)."""
+        shard = self.backend.shard(batch)
         was_training = self.model.training
         self.model.eval()  # no dropout in the behaviour-policy log-probs
         pieces = []
-        for start in range(0, batch.num_rows, self.micro_batch_rows):
-            mb = batch.rows(start, start + self.micro_batch_rows).to(self.device)
-            pieces.append(log_probs_from_logits(self._response_logits(mb), mb.responses).float().cpu())
+        for mb in self.backend.micro_batches(batch, shard, self.micro_batch_rows, training=False):
+            mb = mb.to(self.device)
+            pieces.append(log_probs_from_logits(self.response_logits(mb), mb.responses).float().cpu())
         self.model.train(was_training)
-        return torch.cat(pieces) * batch.response_mask
+        local = (torch.cat(pieces)[: shard.num_rows] if pieces
+                 else torch.zeros((0, batch.responses.shape[1])))  # a rank with no rows of a tiny batch
+        return self.backend.gather_rows(local * shard.response_mask, batch.num_rows)
 
     # ------------------------------------------------------------------ update
 
@@ -287,7 +416,7 @@ class TorchLearner:
         unless `needs_old_log_probs` says the update's own forward pass stands in for them."""
         self.check_update_inputs(batch)
         batch, correction_metrics = self.correct_for_rollout(batch)
-        lr_now = self.optimizer.param_groups[0]["lr"]
+        lr_now = self.backend.lr
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
 
@@ -298,43 +427,40 @@ class TorchLearner:
         for _ in range(self.ppo_epochs):
             for start in range(0, batch.num_rows, self.mini_batch_rows):
                 mini = batch.rows(start, start + self.mini_batch_rows)
-                stats = self._optimizer_step(mini)
+                stats = self.optimizer_step(mini)
                 for key, (value, weight) in stats.items():
                     add(key, value, weight)
-        self.scheduler.step()
+        self.backend.advance_schedule()
         metrics = {key: sums[key] / weights[key] if weights[key] else 0.0 for key in sums}
         metrics["actor/lr"] = lr_now
         metrics.update(correction_metrics)
         return metrics
 
-    def _optimizer_step(self, mini: TrainBatch) -> dict[str, tuple[float, float]]:
-        """Accumulate gradients over micro-batches of one mini-batch and take one AdamW step.
+    def optimizer_step(self, mini: TrainBatch) -> WeightedStats:
+        """Accumulate gradients over this rank's micro-batches of one mini-batch and take one
+        optimizer step; returns the mini-batch's metrics as (value, weight) pairs.
 
-        The token-mean normaliser is the whole mini-batch's valid token count, so each micro loss
-        is a partial sum and the accumulated gradient equals the full-batch gradient."""
-        num_tokens, num_seqs = mini_batch_normalisers(mini.response_mask)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss, stats = self._accumulate_gradients(self._micro_batches(mini), num_tokens, num_seqs)
-        grad_norm = self._clip_and_step()
+        The token-mean normaliser is the whole mini-batch's valid token count (all ranks), so each
+        micro loss is a partial sum and the accumulated (rank-summed) gradient equals the
+        full-batch gradient."""
+        shard = self.backend.shard(mini)
+        num_tokens, num_seqs = self.backend.global_normalisers(mini, shard)
+        micros = self.backend.micro_batches(mini, shard, self.micro_batch_rows, training=True)
+        self.backend.zero_grad()
+        total_loss, stats = self._accumulate_gradients(micros, num_tokens, num_seqs)
+        grad_norm = self.backend.step()
+        stats, total_loss = self.backend.reduce_metrics(stats, total_loss)
         stats["actor/pg_loss"] = (total_loss, 1.0)
-        stats["actor/grad_norm"] = (float(grad_norm), 1.0)
+        stats["actor/grad_norm"] = (grad_norm, 1.0)
         return stats
 
-    def _micro_batches(self, rows: TrainBatch) -> list[TrainBatch]:
-        """Consecutive slices of at most micro_batch_rows rows."""
-        return [rows.rows(start, start + self.micro_batch_rows) for start in range(0, rows.num_rows, self.micro_batch_rows)]
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        """Seam for distributed backends (DeepSpeed owns the backward pass)."""
-        loss.backward()
-
     def _accumulate_gradients(self, micro_batches: list[TrainBatch], num_tokens: float,
-                              num_seqs: float) -> tuple[float, dict[str, tuple[float, float]]]:
+                              num_seqs: float) -> tuple[float, WeightedStats]:
         """Forward/backward every micro-batch with the given (global) normalisers; returns the
         summed loss (a partial sum of the mini-batch loss) and token-weighted metric means as
         (value, weight) pairs. A micro-batch with no valid tokens adds 0 to loss and gradient."""
         total_loss = 0.0
-        stats: dict[str, tuple[float, float]] = {}
+        stats: WeightedStats = {}
 
         def acc(key: str, value: float, weight: float) -> None:
             old_v, old_w = stats.get(key, (0.0, 0.0))
@@ -343,13 +469,13 @@ class TorchLearner:
         for micro in micro_batches:
             mb = micro.to(self.device)
             mb_tokens = float(mb.response_mask.sum())
-            logits = self._response_logits(mb)
+            logits = self.response_logits(mb)
             log_prob = log_probs_from_logits(logits, mb.responses)
             old = log_prob.detach() if mb.old_log_probs is None else mb.old_log_probs.to(log_prob.dtype)
             loss, m = compute_policy_loss(self.policy_loss, log_prob, old, mb.advantages, mb.response_mask,
                                           config=self.loss_config, weights=mb.is_weights,
                                           num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0))
-            self._backward(loss)
+            self.backend.backward(loss)
             total_loss += float(loss.detach())
             with torch.no_grad():
                 entropy = entropy_from_logits(logits.detach())
@@ -359,56 +485,36 @@ class TorchLearner:
             acc("actor/entropy", ent, mb_tokens)
         return total_loss, stats
 
-    def _clip_and_step(self) -> torch.Tensor:
-        """Clip the global gradient norm and step AdamW; a non-finite norm skips the step.
-        Returns the norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-        else:  # a NaN/inf gradient would poison AdamW's moments for the rest of the run
-            self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
     # ------------------------------------------------------------------ sync / state
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs the rollout engine loads with update_weights."""
-        for name, param in self.model.named_parameters():
-            yield name, param.detach()
+        return self.backend.named_parameters_for_sync()
 
     def full_state_dict_for_save(self) -> dict[str, torch.Tensor]:
-        """The model's full weights by name (what ``save_pretrained(state_dict=...)`` writes);
-        here the module's own tensors, no copy."""
-        return self.model.state_dict()
+        """The model's full weights by name (what ``save_pretrained(state_dict=...)`` writes)."""
+        return self.backend.full_state_dict()
 
-    def load_model_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_model_weights(self, state: Mapping[str, torch.Tensor] | None) -> None:
         """Copy full weights (a checkpoint's safetensors) into the model in place: the optimizer
         keeps holding the same parameters. ValueError names missing / unexpected tensors."""
-        check_weight_names(self.model, state.keys())
-        aliases = parameter_aliases(self.model)
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                param.copy_(weight_for(name, state, aliases))
-            for name, buffer in persistent_buffers(self.model):
-                buffer.copy_(state[name])
+        self.backend.load_model_weights(state)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return self.backend.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def load_state_dict(self, state: dict | None) -> None:
+        self.backend.load_state_dict(state)
 
 
-def loss_kwargs_from_spec(spec) -> dict:
-    """The learner's loss settings from a `DAPORunSpec` (shared by every learner class)."""
-    alg = spec.algorithm
+def learner_kwargs_from_spec(spec) -> dict:
+    """`TorchLearner`'s keyword arguments from a `DAPORunSpec` (every learner class takes them):
+    the mini-batch in responses (prompts x n), the loss and the optimizer settings."""
+    ls, alg = spec.learner, spec.algorithm
     corr = alg.rollout_correction
-    return dict(eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
+    return dict(lr=ls.lr, weight_decay=ls.weight_decay, warmup_steps=ls.warmup_steps, grad_clip=ls.grad_clip,
+                mini_batch_rows=ls.mini_batch_size * spec.rollout.n, micro_batch_rows=ls.micro_batch_size,
+                ppo_epochs=ls.ppo_epochs, eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
                 loss_agg_mode=alg.loss_agg_mode, temperature=spec.rollout.temperature, policy_loss=alg.policy_loss,
                 policy_loss_params=dict(alg.policy_loss_params), max_response_length=spec.rollout.max_response_length,
                 rollout_correction=RolloutCorrection(mode=corr.mode, level=corr.level, threshold=corr.threshold))

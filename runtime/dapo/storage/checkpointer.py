@@ -16,10 +16,12 @@ against the manifest's sha256 before anything is loaded; a checkpoint that fails
 (the error names the file and the checkpoint) and resume falls back to the newest one that
 verifies, un-committing the damaged newer ones so that training commits those steps again.
 
-The learner, not this module, knows how its weights are laid out: `learner.full_state_dict_for_save()`
-gives the full weights on the controller (a ZeRO-3 learner gathers them from every rank) and
-`learner.load_model_weights(state)` puts them back on every rank, so one code path serves the
-single-process learner and every distributed strategy.
+The checkpointer sees the trainer only through `Checkpointable` (below; the trainer's side is
+`dapo.controller.trainer.Trainer`'s "checkpoints" section): what to save (`CheckpointContents`),
+how to load each part back, and `after_restore`. The learner, not this module, knows how its
+weights are laid out: the full weights come gathered on the controller (a ZeRO-3 learner gathers
+them from every rank) and go back onto every rank, so one code path serves the single-process
+learner and every distributed strategy.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file
@@ -88,38 +92,70 @@ def read_model_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def restore_model_weights(learner, model_dir: Path) -> None:
-    """Read a checkpoint's model/ folder and hand the weights to ``learner`` (every rank of a
-    distributed learner receives them); a name mismatch says which spec field to check."""
+def restore_model_weights(target, model_dir: Path) -> None:
+    """Read a checkpoint's model/ folder and hand the weights to ``target`` (a learner or a
+    `Checkpointable`: every rank of a distributed learner receives them); a name mismatch says
+    which spec field to check."""
     state = read_model_state(model_dir)
     try:
-        learner.load_model_weights(state)
+        target.load_model_weights(state)
     except ValueError as exc:
         raise RuntimeError(f"checkpoint {model_dir} does not match the model: {exc} "
                            "(was the run file's spec.model changed?)") from exc
 
 
+@dataclass
+class CheckpointContents:
+    """Everything one checkpoint holds besides the RNG states (which are this process's)."""
+
+    model: torch.nn.Module  # supplies the config and the class only (its parameters may be partitioned)
+    model_state: dict[str, torch.Tensor]  # the full weights by name
+    learner_state: dict  # optimizer + lr schedule (torch.save)
+    trainer_state: dict  # JSON-able: position, surplus, versions, the trainer's RNG
+    meta: dict  # recorded in the manifest: weight_version, total_steps
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """What `Checkpointer` saves and restores (`dapo.controller.trainer.Trainer`)."""
+
+    step: int  # the training step a checkpoint taken now is committed as
+
+    def checkpoint_contents(self) -> CheckpointContents:
+        """What to save, the full weights gathered first (a ZeRO-3 learner gathers them with
+        collectives, and no other learner call may come between its gathers)."""
+
+    def load_model_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """A checkpoint's full weights into the model, in place; ValueError names mismatched tensors."""
+
+    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict) -> None:
+        """The learner's and the trainer's saved state (after the weights)."""
+
+    def after_restore(self, step: int, uri: str) -> str:
+        """Continue from the restored state: the rollout engine serves the restored weights under
+        the restored weight version, the checkpoint is recorded as the last one. Returns a
+        one-line description of the restored position for the log."""
+
+
 class Checkpointer:
-    """Saves and restores a `Trainer` through a `CheckpointStore`."""
+    """Saves and restores a `Checkpointable` (the trainer) through a `CheckpointStore`."""
 
     def __init__(self, store, tokenizer, staging_root: str | Path):
         self.store = store
         self.tokenizer = tokenizer
         self.staging_root = Path(staging_root)
 
-    def save(self, trainer):
+    def save(self, trainer: Checkpointable):
         """Write the trainer's full state and commit it as checkpoint ``trainer.step``."""
         self.staging_root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"step-{trainer.step:08d}-", dir=self.staging_root))
         try:
-            # the weights first: a ZeRO-3 learner gathers them with collectives, and no other
-            # learner call may come between its gathers
-            model_state = trainer.learner.full_state_dict_for_save()
-            write_checkpoint_folder(folder, model=trainer.learner.model, model_state=model_state,
-                                    tokenizer=self.tokenizer, learner_state=trainer.learner.state_dict(),
-                                    trainer_state=trainer.state_dict())
-            del model_state
-            meta = {"weight_version": trainer.weight_version, "total_steps": trainer.total_steps}
+            contents = trainer.checkpoint_contents()
+            write_checkpoint_folder(folder, model=contents.model, model_state=contents.model_state,
+                                    tokenizer=self.tokenizer, learner_state=contents.learner_state,
+                                    trainer_state=contents.trainer_state)
+            meta = contents.meta
+            del contents  # the full weights: gone before the upload
             # never overwrite: a committed step belongs to whoever committed it first (a second
             # trainer on the same checkpoint.uri fails here with CheckpointExistsError)
             info = self.store.commit(trainer.step, folder, meta=meta)
@@ -128,7 +164,7 @@ class Checkpointer:
         log.info("checkpoint step %d committed at %s", info.step, info.uri)
         return info
 
-    def restore(self, trainer, info=None) -> bool:
+    def restore(self, trainer: Checkpointable, info=None) -> bool:
         """Restore ``info``, or else the newest committed checkpoint that verifies, into
         ``trainer``; False when there is none. A checkpoint whose files do not match its manifest
         is never loaded: an explicit ``info`` raises `CheckpointCorruptError`; otherwise resume
@@ -160,14 +196,10 @@ class Checkpointer:
                 "a fresh run with another spec.checkpoint.uri")
         return False
 
-    def _load(self, trainer, info, folder: Path) -> None:
-        restore_model_weights(trainer.learner, folder / MODEL_DIR)
-        trainer.learner.load_state_dict(torch.load(folder / LEARNER_FILE, weights_only=False))
-        trainer.load_state_dict(json.loads((folder / TRAINER_FILE).read_text()))
+    def _load(self, trainer: Checkpointable, info, folder: Path) -> None:
+        restore_model_weights(trainer, folder / MODEL_DIR)
+        trainer.load_checkpoint_state(torch.load(folder / LEARNER_FILE, weights_only=False),
+                                      json.loads((folder / TRAINER_FILE).read_text()))
         restore_torch_rng(torch.load(folder / RNG_FILE, weights_only=False))
-        # the engine must serve the restored weights under the restored version
-        trainer.engine.update_weights(trainer.learner.named_parameters_for_sync(), trainer.weight_version)
-        trainer.last_checkpoint = {"step": info.step, "uri": info.uri}
-        log.info("resumed from checkpoint step %d (%s): weight version %d, sampler epoch %d position %d, "
-                 "%d surplus groups", info.step, info.uri, trainer.weight_version, trainer.sampler.epoch,
-                 trainer.sampler.position, len(trainer.surplus))
+        position = trainer.after_restore(info.step, info.uri)
+        log.info("resumed from checkpoint step %d (%s): %s", info.step, info.uri, position)

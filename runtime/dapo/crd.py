@@ -1,6 +1,8 @@
 """The DAPORun CustomResourceDefinition, generated from the pydantic spec model.
 
-`dapo crd` prints it; `crds/daporun.yaml` is this output committed (a test fails on drift).
+`dapo crd` prints it; `crds/daporun.yaml` is this output committed (a test fails on drift). It
+lives beside the spec, in the runtime, because it is a pure function of `dapo.spec` and
+`dapo.contracts`: the operator imports it from here, the runtime never imports the operator.
 
 Kubernetes wants a *structural* OpenAPI v3.0 schema, while pydantic emits JSON Schema 2020-12.
 The translation below does the minimum to bridge the two:
