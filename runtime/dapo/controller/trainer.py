@@ -13,6 +13,11 @@
 Everything the loop needs comes in through the constructor (engine, learner, scorer, data,
 checkpoint store), so the same controller drives the in-process run, the local multi-process run
 and the learner-0 pod; only the objects behind those interfaces change.
+
+Over 500 lines because the step is one story read top to bottom (the numbered list above), with
+the two surfaces others call beside it: the state a checkpoint saves and restores
+(`Checkpointable`) and the status learner-0 serves. The asynchronous generator lives apart in
+controller/pipeline.py.
 """
 
 from __future__ import annotations
