@@ -398,3 +398,72 @@ def test_weight_sync_over_gloo_with_versions_checksums_and_loud_failures(engine,
         child.join(10)
     # the engine still generates after the failed syncs
     assert len(engine.generate(PROMPTS[:1], **kw)) == 2
+
+
+@requires_vllm
+def test_cpu_sync_reloads_while_receiving_and_a_sync_failing_mid_load_blocks_generation(engine, model_dir):
+    """On CPU the worker reloads from the buckets as they arrive (many 16 KiB buckets: layers
+    straddle them, so each bucket must stay valid until its layer is complete): the synced
+    weights are the ones vLLM samples from, and the engine reports the phases it timed. A sync
+    that fails after its first bucket was loaded leaves a partially loaded model: generate
+    refuses, naming it, until the next good sync."""
+    if torch.cuda.is_available():
+        pytest.skip("the streamed reload is the CPU worker's path; a GPU worker loads bucket by bucket")
+    tokenizer = tiny_tokenizer()
+    port = free_port()
+    config = dict(host="127.0.0.1", port=port, world_size=2, backend="gloo", timeout_s=20.0, bucket_bytes=16 << 10)
+    result: dict = {}
+
+    def receive_in_background(join: bool) -> threading.Thread:
+        def run():
+            try:
+                if join:
+                    engine.join_weight_sync("127.0.0.1", port, 2, 1, "gloo", config["timeout_s"],
+                                            config["bucket_bytes"])
+                result["version"] = engine.receive_weights()
+            except Exception as exc:  # noqa: BLE001 - handed to the test thread
+                result["error"] = exc
+        result.clear()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=4)
+    thread = receive_in_background(join=True)
+    sender = WeightSender(WeightSyncConfig(rank=0, **config))
+    try:
+        start = engine.weight_version
+        learner = learner_for(model_dir, temperature=1.0, seed=17)
+        stats = sender.send(learner.named_parameters_for_sync(), version=start + 1)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        assert stats.buckets > 10 and engine.weight_version == start + 1
+        samples = engine.generate(PROMPTS, **kw)
+        assert max_mismatch(samples, learner_log_probs(learner, PROMPTS, samples, tokenizer.pad_token_id)) < LOGPROB_TOL
+        assert {"receive_s", "reload_s", "gemm_dispatch_s", "prefix_cache_reset_s", "total_s"} <= set(engine.sync_timings)
+
+        # the learner's iterator fails after a few buckets went out: the worker had started loading
+        def failing():
+            for k, item in enumerate(learner_for(model_dir, temperature=1.0, seed=18).named_parameters_for_sync()):
+                if k == 12:
+                    raise RuntimeError("learner failed mid-sync")
+                yield item
+
+        thread = receive_in_background(join=False)
+        with pytest.raises(RuntimeError, match="learner failed mid-sync"):
+            sender.send(failing(), version=start + 2)
+        thread.join(60)
+        assert "aborted" in str(result.get("error")), result
+        assert engine.weight_version == start + 1
+        with pytest.raises(VLLMEngineError, match="partially loaded"):
+            engine.generate(PROMPTS, **kw)
+
+        thread = receive_in_background(join=False)
+        sender.send(learner.named_parameters_for_sync(), version=start + 3)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        samples = engine.generate(PROMPTS, **kw)
+        assert max_mismatch(samples, learner_log_probs(learner, PROMPTS, samples, tokenizer.pad_token_id)) < LOGPROB_TOL
+    finally:
+        engine.leave_weight_sync()
+        sender.close()

@@ -255,10 +255,11 @@ class WeightSyncWorkerExtension:
         timings: dict[str, float] = {}
         received: list[tuple[str, torch.Tensor]] = []
         start = time.perf_counter()
-        if self.device.type == "cpu" or receiver.config.verify_checksums:
-            # the CPU reload needs the whole state at once, a checksum needs every tensor: the
-            # receiver keeps every bucket in its own persistent buffer (retain), so the views
-            # stay valid until the next sync without a copy
+        if self.device.type == "cpu":
+            version = self._dapo_receive_while_reloading(receiver, received, timings)
+        elif receiver.config.verify_checksums:
+            # a checksum needs every tensor: the receiver keeps every bucket in its own
+            # persistent buffer (retain), valid until the next sync without a copy
             version = receiver.receive(received.extend, retain=True)
             timings["receive_s"] = time.perf_counter() - start
             self.dapo_load(received, timings)
@@ -274,6 +275,54 @@ class WeightSyncWorkerExtension:
         timings["worker_s"] = time.perf_counter() - start
         return version, checksum, timings
 
+    def _dapo_receive_while_reloading(self, receiver, received: list, timings: dict) -> int:
+        """CPU: vLLM's reload takes every weight in one call but processes (and repacks) each
+        layer as soon as all of its weights came in, so it consumes the buckets while the next
+        ones are still in transit: the receive runs in a thread into retained buffers (valid
+        until the next sync), the reload here reads them in arrival order. A sync that fails
+        before its first bucket leaves the model untouched; one that fails later leaves it
+        partially loaded (``dapo_partial_load`` says so, the engine then refuses to generate
+        until a sync succeeds)."""
+        import queue
+        import threading
+
+        arrived: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def receive() -> None:
+            began = time.perf_counter()
+            try:
+                outcome["version"] = receiver.receive(arrived.put, retain=True)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the rpc thread below
+                outcome["error"] = exc
+            finally:
+                timings["receive_s"] = time.perf_counter() - began
+                arrived.put(None)  # every wait in receive() is bounded, so this always comes
+
+        thread = threading.Thread(target=receive, name="dapo-weight-receive", daemon=True)
+        thread.start()
+        first = arrived.get()
+        if first is not None:
+            def in_arrival_order():
+                batch = first
+                while batch is not None:
+                    received.extend(batch)
+                    yield from batch
+                    batch = arrived.get()
+
+            self._dapo_partial = True
+            self.dapo_load(in_arrival_order(), timings)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        self._dapo_partial = False
+        return outcome["version"]
+
+    def dapo_partial_load(self) -> bool:
+        """Whether the last sync failed after the reload had started (the model is then a mix
+        of the old weights, the new ones and unfinished layers until the next good sync)."""
+        return bool(getattr(self, "_dapo_partial", False))
+
     def dapo_load_weights(self, blob: bytes) -> dict[str, float]:
         """Load a `pack_tensors` blob handed over by the driver (in-process update_weights);
         returns the seconds of each phase (`SYNC_PHASES`)."""
@@ -281,6 +330,7 @@ class WeightSyncWorkerExtension:
         named = unpack_tensors(blob)
         timings = {"unpack_s": time.perf_counter() - start}
         self.dapo_load([(n, t.to(self.device)) for n, t in named], timings)
+        self._dapo_partial = False  # a whole state was loaded
         timings["worker_s"] = time.perf_counter() - start
         return timings
 
@@ -334,6 +384,7 @@ class VLLMEngine(RolloutEngine):
         self._joined = False
         self._checksum: str | None = None
         self._timings: dict[str, float] = {}
+        self._unusable: str | None = None  # why generate() must refuse (a partially loaded model)
 
     @property
     def weight_version(self) -> int:
@@ -349,6 +400,8 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self._unusable:
+            raise VLLMEngineError(f"vLLM engine cannot generate: {self._unusable}")
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -380,7 +433,11 @@ class VLLMEngine(RolloutEngine):
         if not self._joined:
             raise VLLMEngineError("receive_weights() before join_weight_sync()")
         start = time.perf_counter()
-        answers = self.llm.collective_rpc("dapo_receive_weights")
+        try:
+            answers = self.llm.collective_rpc("dapo_receive_weights")
+        except Exception as exc:
+            self._note_failed_sync(exc)
+            raise
         rpc_s = time.perf_counter() - start
         states = {(int(a[0]), a[1]) for a in answers}
         if len(states) != 1:
@@ -399,6 +456,18 @@ class VLLMEngine(RolloutEngine):
         self._checksum = None
         self._after_update(int(version), _slowest(answers), rpc_s, start)
 
+    def _note_failed_sync(self, exc: Exception) -> None:
+        """After a failed sync, ask the workers whether their reload had started: a partially
+        loaded model must not serve samples under any version."""
+        try:
+            partial = any(self.llm.collective_rpc("dapo_partial_load"))
+        except Exception:  # noqa: BLE001 - a worker that cannot answer cannot be trusted either
+            partial = True
+        if partial:
+            self._unusable = (f"the weight sync after version {self._version} failed after the vLLM worker had "
+                              f"started loading it ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the "
+                              "model is partially loaded until the next successful sync")
+
     @property
     def sync_timings(self) -> dict[str, float]:
         """Seconds of each phase of the last weight update (`SYNC_PHASES`; the slowest worker's
@@ -412,6 +481,7 @@ class VLLMEngine(RolloutEngine):
             raise VLLMEngineError(f"vLLM refused to reset its prefix cache after loading weight version {version}; "
                                   "requests still running would mix two policies")
         now = time.perf_counter()
+        self._unusable = None
         self._timings = dict(timings, prefix_cache_reset_s=now - began, rpc_s=rpc_s, total_s=now - start)
         self._version = version
         log.info("vLLM engine serves weight version %d", version)
