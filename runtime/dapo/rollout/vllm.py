@@ -16,9 +16,11 @@ How the worker loads (by device, `WeightSyncWorkerExtension.dapo_load`):
 - GPU: the model's own ``load_weights`` (it knows vLLM's fused / sharded layouts), bucket by bucket.
 - CPU: vLLM's CPU backend repacks linear weights for oneDNN after loading (the parameters lose
   their ``weight_loader``), so the worker's ``reload_weights(is_checkpoint_format=True)`` reloads
-  the whole received state at once and repacks; layers that keep their weight next to a packed
-  copy (embeddings, a tied ``lm_head``) get their GEMM dispatch redone, else a tied ``lm_head``
-  keeps computing logits with the old packed matrix.
+  the whole received state in one call and repacks; it processes each layer once all of its
+  weights came in, so the worker feeds it the buckets as they arrive (receive in a thread, into
+  buffers retained until the next sync). A tied ``lm_head`` (its weight is the embedding's) is not
+  re-processed by the reload: its GEMM dispatch is redone, else it keeps computing logits with
+  the old packed matrix.
 After every update the prefix cache is reset: KV blocks computed with the old weights must not be
 served under the new version.
 
@@ -211,7 +213,7 @@ class WeightSyncWorkerExtension:
                                                              verify_checksums=verify_checksums))
         return rank
 
-    def dapo_load(self, named_tensors: list[tuple[str, torch.Tensor]], timings: dict | None = None) -> None:
+    def dapo_load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], timings: dict | None = None) -> None:
         """Load HF-named tensors into the vLLM model on the path that works on this device;
         adds the seconds of each phase to ``timings`` (``load_s`` on GPU; ``reload_s`` and
         ``gemm_dispatch_s`` on CPU)."""
@@ -301,18 +303,20 @@ class WeightSyncWorkerExtension:
 
         thread = threading.Thread(target=receive, name="dapo-weight-receive", daemon=True)
         thread.start()
-        first = arrived.get()
-        if first is not None:
-            def in_arrival_order():
-                batch = first
-                while batch is not None:
-                    received.extend(batch)
-                    yield from batch
-                    batch = arrived.get()
+        try:
+            first = arrived.get()
+            if first is not None:
+                def in_arrival_order():
+                    batch = first
+                    while batch is not None:
+                        received.extend(batch)
+                        yield from batch
+                        batch = arrived.get()
 
-            self._dapo_partial = True
-            self.dapo_load(in_arrival_order(), timings)
-        thread.join()
+                self._dapo_partial = True
+                self.dapo_load(in_arrival_order(), timings)
+        finally:
+            thread.join()  # even after a failed reload: the group must be idle before the next sync
         if "error" in outcome:
             raise outcome["error"]
         self._dapo_partial = False
@@ -352,7 +356,6 @@ def _slowest(per_worker: Iterable[dict[str, float]]) -> dict[str, float]:
         for key, value in (timings or {}).items():
             out[key] = max(out.get(key, 0.0), float(value))
     return out
-
 
 
 class VLLMEngine(RolloutEngine):
