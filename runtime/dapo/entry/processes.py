@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dapo.contracts import Addresses, EnvVar, cache_dir, role_environment
+from dapo.entry.inprocess import interrupt
 from dapo.spec import DAPORun, dump_run
 
 log = logging.getLogger("dapo.entry.inprocess")
@@ -224,7 +225,7 @@ def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
     gang = None
     try:
         (run_dir / "run.yaml").write_text(dump_run(run))
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = signal.signal(signal.SIGTERM, interrupt)
         gang = ProcessGang(process_env(run, run_dir, resume=resume), run_dir)
         log.info("run %s -> %s: %d learner, %d rollout, %d reward processes (logs in %s)", run.metadata.name,
                  run_dir.resolve(), run.spec.learner.replicas, run.spec.rollout.replicas, run.spec.reward.replicas,
@@ -246,6 +247,3 @@ def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
             signal.signal(signal.SIGTERM, previous)
         remove_handlers(handlers)
 
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")

@@ -498,4 +498,10 @@ class VLLMEngine(RolloutEngine):
             self._joined = False
 
     def close(self) -> None:
+        """Leave the weight-sync group and stop vLLM's engine-core process. ``vllm.LLM`` has no
+        shutdown of its own: its engine core (model, KV cache, threads) otherwise lives until the
+        interpreter exits, even after the engine is dropped. Idempotent; the engine is unusable after."""
         self.leave_weight_sync()
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
