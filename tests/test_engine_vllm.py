@@ -293,6 +293,40 @@ def test_update_weights_in_process_reaches_the_tied_lm_head_and_resets_the_prefi
     assert [s.response_ids for s in restored] == [s.response_ids for s in before]
 
 
+def group_config(**overrides) -> dict:
+    """A 2-rank gloo weight-sync group on a free loopback port (learner rank 0, the engine rank 1)."""
+    return dict(dict(host="127.0.0.1", port=free_port(), world_size=2, backend="gloo", timeout_s=20.0), **overrides)
+
+
+def background_receive(engine, config: dict, result: dict, join: bool) -> threading.Thread:
+    """``engine.receive_weights()`` in a thread (after joining the group of ``config`` as rank 1
+    when ``join``); the version or the exception lands in ``result``."""
+    def run():
+        try:
+            if join:
+                engine.join_weight_sync(config["host"], config["port"], 2, 1, "gloo", config["timeout_s"],
+                                        config["bucket_bytes"], verify_checksums=config.get("verify_checksums", False))
+            result["version"] = engine.receive_weights()
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread
+            result["error"] = exc
+    result.clear()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def join_and_sync(engine, model_dir, config: dict, result: dict, seed: int):
+    """The engine joins the group of ``config`` as rank 1 and receives a learner with fresh
+    weights (``seed``) as its next version; returns (sender, learner, send stats)."""
+    thread = background_receive(engine, config, result, join=True)
+    sender = WeightSender(WeightSyncConfig(rank=0, **config))
+    learner = learner_for(model_dir, temperature=1.0, seed=seed)
+    stats = sender.send(learner.named_parameters_for_sync(), version=engine.weight_version + 1)
+    thread.join(60)
+    assert "error" not in result, result.get("error")
+    return sender, learner, stats
+
+
 def _sender_that_dies(port: int, ready) -> None:
     """Learner side of the dead-peer test: joins the group, then its process dies before sending."""
     ready.put("imported")  # a spawned child takes seconds to import torch on a busy machine
@@ -311,34 +345,12 @@ def test_weight_sync_over_gloo_with_versions_checksums_and_loud_failures(engine,
     from it; a corrupted bucket fails both sides naming the checksum and leaves the version;
     the next good sync recovers; a learner that dies mid-group fails the receive within its bound."""
     tokenizer = tiny_tokenizer()
-    port = free_port()
-    config = dict(host="127.0.0.1", port=port, world_size=2, backend="gloo", timeout_s=20.0,
-                  bucket_bytes=64 << 10, verify_checksums=True)
+    config = group_config(bucket_bytes=64 << 10, verify_checksums=True)
     result: dict = {}
-
-    def receive_in_background(join: bool):
-        def run():
-            try:
-                if join:
-                    engine.join_weight_sync(config["host"], port, 2, 1, "gloo", config["timeout_s"],
-                                            config["bucket_bytes"], verify_checksums=True)
-                result["version"] = engine.receive_weights()
-            except Exception as exc:  # noqa: BLE001 - handed to the test thread
-                result["error"] = exc
-        result.clear()
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
-
     kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
-    thread = receive_in_background(join=True)
-    sender = WeightSender(WeightSyncConfig(rank=0, **config))
+    start = engine.weight_version
+    sender, learner, stats = join_and_sync(engine, model_dir, config, result, seed=7)
     try:
-        start = engine.weight_version
-        learner = learner_for(model_dir, temperature=1.0, seed=7)
-        stats = sender.send(learner.named_parameters_for_sync(), version=start + 1)
-        thread.join(60)
-        assert "error" not in result, result.get("error")
         assert result["version"] == start + 1 == engine.weight_version and stats.tensors > 0
         assert engine.state_checksum() == state_checksum(learner.named_parameters_for_sync())
         samples = engine.generate(PROMPTS, **kw)
@@ -355,7 +367,7 @@ def test_weight_sync_over_gloo_with_versions_checksums_and_loud_failures(engine,
 
         monkeypatch.setattr(sender, "_finish_manifest", corrupt)
         bad = learner_for(model_dir, temperature=1.0, seed=8)
-        thread = receive_in_background(join=False)
+        thread = background_receive(engine, config, result, join=False)
         with pytest.raises(WeightSyncError, match="checksum mismatch"):
             sender.send(bad.named_parameters_for_sync(), version=start + 2)
         thread.join(60)
@@ -364,7 +376,7 @@ def test_weight_sync_over_gloo_with_versions_checksums_and_loud_failures(engine,
 
         # the next good sync recovers
         monkeypatch.setattr(sender, "_finish_manifest", finish_manifest)
-        thread = receive_in_background(join=False)
+        thread = background_receive(engine, config, result, join=False)
         sender.send(bad.named_parameters_for_sync(), version=start + 3)
         thread.join(60)
         assert "error" not in result, result.get("error")
@@ -398,3 +410,51 @@ def test_weight_sync_over_gloo_with_versions_checksums_and_loud_failures(engine,
         child.join(10)
     # the engine still generates after the failed syncs
     assert len(engine.generate(PROMPTS[:1], **kw)) == 2
+
+
+@requires_vllm
+def test_cpu_sync_reloads_while_receiving_and_a_sync_failing_mid_load_blocks_generation(engine, model_dir):
+    """On CPU the worker reloads from the buckets as they arrive (many 16 KiB buckets: layers
+    straddle them, so each bucket must stay valid until its layer is complete): the synced
+    weights are the ones vLLM samples from, and the engine reports the phases it timed. A sync
+    that fails after its first bucket was loaded leaves a partially loaded model: generate
+    refuses, naming it, until the next good sync."""
+    if torch.cuda.is_available():
+        pytest.skip("the streamed reload is the CPU worker's path; a GPU worker loads bucket by bucket")
+    tokenizer = tiny_tokenizer()
+    config = group_config(bucket_bytes=16 << 10)
+    result: dict = {}
+    kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=4)
+    start = engine.weight_version
+    sender, learner, stats = join_and_sync(engine, model_dir, config, result, seed=17)
+    try:
+        assert stats.buckets > 10 and engine.weight_version == start + 1
+        samples = engine.generate(PROMPTS, **kw)
+        assert max_mismatch(samples, learner_log_probs(learner, PROMPTS, samples, tokenizer.pad_token_id)) < LOGPROB_TOL
+        assert {"receive_s", "reload_s", "gemm_dispatch_s", "prefix_cache_reset_s", "total_s"} <= set(engine.sync_timings)
+
+        # the learner's iterator fails after a few buckets went out: the worker had started loading
+        def failing():
+            for k, item in enumerate(learner_for(model_dir, temperature=1.0, seed=18).named_parameters_for_sync()):
+                if k == 12:
+                    raise RuntimeError("learner failed mid-sync")
+                yield item
+
+        thread = background_receive(engine, config, result, join=False)
+        with pytest.raises(RuntimeError, match="learner failed mid-sync"):
+            sender.send(failing(), version=start + 2)
+        thread.join(60)
+        assert "aborted" in str(result.get("error")), result
+        assert engine.weight_version == start + 1
+        with pytest.raises(VLLMEngineError, match="partially loaded"):
+            engine.generate(PROMPTS, **kw)
+
+        thread = background_receive(engine, config, result, join=False)
+        sender.send(learner.named_parameters_for_sync(), version=start + 3)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        samples = engine.generate(PROMPTS, **kw)
+        assert max_mismatch(samples, learner_log_probs(learner, PROMPTS, samples, tokenizer.pad_token_id)) < LOGPROB_TOL
+    finally:
+        engine.leave_weight_sync()
+        sender.close()

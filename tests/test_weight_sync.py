@@ -74,6 +74,11 @@ def receiver_worker(rank: int, commands, results) -> None:
                 version = receiver.receive(load_into_module(model))
                 outcome = {"version": version, "reported": receiver.version,
                            "checksum": state_checksum(model)}
+            elif command == "receive_retained":
+                kept = []
+                version = receiver.receive(kept.extend, retain=True)
+                outcome = {"version": version, "checksum": state_checksum(kept),
+                           "addresses": sorted(tensor.data_ptr() for _, tensor in kept)}
             elif command == "checksum":
                 outcome = state_checksum(model)
             elif command == "close":
@@ -214,6 +219,33 @@ def test_two_receivers_match_sender_over_two_versions(receivers, bucket_bytes):
 
         with pytest.raises(ValueError, match="must be greater"):
             sender.send(model.state_dict().items(), 2)
+    finally:
+        close_group(sender, receivers)
+
+
+def test_retained_receive_keeps_every_bucket_valid_until_the_next_sync(receivers):
+    """receive(retain=True): the views handed to load_fn are still the sender's bytes after
+    receive returns, with more buckets than the two alternating receive buffers (the CPU vLLM
+    worker reloads from them without copying), and the next sync lands in the same buffers."""
+    model = tiny_qwen2(seed=0)
+    sender = open_group(receivers, bucket_bytes=4 << 10)
+    try:
+        receivers.post("receive_retained")
+        stats = sender.send(model.state_dict().items(), 1)
+        first = receivers.collect()
+        assert stats.buckets > 2
+        for result in first.values():
+            assert result["ok"], result
+            assert result["value"]["version"] == 1
+            assert result["value"]["checksum"] == state_checksum(model)
+
+        perturb(model)
+        receivers.post("receive_retained")
+        sender.send(model.state_dict().items(), 2)
+        for rank, result in receivers.collect().items():
+            assert result["ok"], result
+            assert result["value"]["checksum"] == state_checksum(model)
+            assert result["value"]["addresses"] == first[rank]["value"]["addresses"]
     finally:
         close_group(sender, receivers)
 

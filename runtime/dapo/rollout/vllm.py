@@ -16,9 +16,11 @@ How the worker loads (by device, `WeightSyncWorkerExtension.dapo_load`):
 - GPU: the model's own ``load_weights`` (it knows vLLM's fused / sharded layouts), bucket by bucket.
 - CPU: vLLM's CPU backend repacks linear weights for oneDNN after loading (the parameters lose
   their ``weight_loader``), so the worker's ``reload_weights(is_checkpoint_format=True)`` reloads
-  the whole received state at once and repacks; layers that keep their weight next to a packed
-  copy (embeddings, a tied ``lm_head``) get their GEMM dispatch redone, else a tied ``lm_head``
-  keeps computing logits with the old packed matrix.
+  the whole received state in one call and repacks; it processes each layer once all of its
+  weights came in, so the worker feeds it the buckets as they arrive (receive in a thread, into
+  buffers retained until the next sync). A tied ``lm_head`` (its weight is the embedding's) is not
+  re-processed by the reload: its GEMM dispatch is redone, else it keeps computing logits with
+  the old packed matrix.
 After every update the prefix cache is reset: KV blocks computed with the old weights must not be
 served under the new version.
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -162,6 +165,20 @@ def samples_from_outputs(request_outputs: Sequence[Any], n: int, weight_version:
 
 # --------------------------------------------------------------------------- worker side
 
+#: phases of one weight update that `VLLMEngine.sync_timings` reports, in seconds (those that
+#: ran): in the worker ``receive_s`` (the group's broadcasts, wire checks and acknowledgement),
+#: ``unpack_s`` (the in-process blob), ``load_s`` (GPU ``load_weights``), ``reload_s`` (CPU
+#: ``reload_weights``: loader + oneDNN repacking), ``gemm_dispatch_s`` (CPU: the tied lm_head's
+#: packed copy redone), ``checksum_s``, ``worker_s`` (all of the worker's part); in the driver
+#: ``prefix_cache_reset_s``, ``rpc_s`` (collective_rpc round trip, worker included) and
+#: ``total_s`` (receive_weights / update_weights end to end).
+SYNC_PHASES = ("receive_s", "unpack_s", "load_s", "reload_s", "gemm_dispatch_s", "checksum_s",
+               "worker_s", "prefix_cache_reset_s", "rpc_s", "total_s")
+
+
+def _add_time(timings: dict, key: str, start: float) -> None:
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
 
 def pack_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
     """Named tensors -> one safetensors blob: bytes pass through vLLM's msgpack RPC unchanged."""
@@ -196,51 +213,130 @@ class WeightSyncWorkerExtension:
                                                              verify_checksums=verify_checksums))
         return rank
 
-    def dapo_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors into the vLLM model on the path that works on this device."""
+    def dapo_load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], timings: dict | None = None) -> None:
+        """Load HF-named tensors into the vLLM model on the path that works on this device;
+        adds the seconds of each phase to ``timings`` (``load_s`` on GPU; ``reload_s`` and
+        ``gemm_dispatch_s`` on CPU)."""
+        timings = {} if timings is None else timings
+        start = time.perf_counter()
         if self.device.type != "cpu":
             self.model_runner.model.load_weights(weights=named_tensors)
+            _add_time(timings, "load_s", start)
             return
         # CPU: the linear weights were repacked for oneDNN at start-up; reload re-runs the
         # loader and the repacking for the whole model (it needs every weight at once)
+        model = self.model_runner.model
+        dispatch_before = {name: getattr(module, "cpu_linear", None) for name, module in model.named_modules()}
         self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
-        self._dapo_redo_cpu_gemm_dispatch()
+        _add_time(timings, "reload_s", start)
+        start = time.perf_counter()
+        self._dapo_redo_cpu_gemm_dispatch(dispatch_before)
+        _add_time(timings, "gemm_dispatch_s", start)
 
-    def _dapo_redo_cpu_gemm_dispatch(self) -> None:
-        """Layers that keep their weight beside a packed GEMM copy (embeddings; ``lm_head``,
-        which a tied model shares with them) are not re-processed by the reload when their
-        weight is an alias: redo their dispatch so the packed copy is the new weight."""
-        for module in self.model_runner.model.modules():
+    def _dapo_redo_cpu_gemm_dispatch(self, dispatch_before: dict) -> None:
+        """A layer that keeps its weight beside a packed GEMM copy and whose weight is an alias
+        of another layer's (a tied ``lm_head``, sharing the embedding's) is not re-processed by
+        the reload: it still holds the dispatch it had before (``dispatch_before``: module name
+        -> its ``cpu_linear``), packed from the old weight. Redo exactly those (a layer the
+        reload did process got a new dispatch; repacking it again would cost as much again)."""
+        for name, module in self.model_runner.model.named_modules():
             weight = getattr(module, "weight", None)
             method = getattr(module, "quant_method", None)
-            if (hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0
-                    and method is not None):
+            dispatch = getattr(module, "cpu_linear", None)
+            if (dispatch is not None and dispatch is dispatch_before.get(name) and isinstance(weight, torch.Tensor)
+                    and weight.numel() > 0 and method is not None):
                 method.process_weights_after_loading(module)
 
-    def dapo_receive_weights(self) -> tuple[int, str | None]:
-        """Receive one sync (blocks until the learner sends) and load it; returns its version and,
-        when the group verifies checksums, the SHA-256 of the state received (`state_checksum`)."""
+    def dapo_receive_weights(self) -> tuple[int, str | None, dict[str, float]]:
+        """Receive one sync (blocks until the learner sends) and load it; returns its version,
+        when the group verifies checksums the SHA-256 of the state received (`state_checksum`),
+        and the seconds of each phase (`SYNC_PHASES`)."""
         from dapo.weightsync import state_checksum
 
         receiver = self.dapo_receiver
+        timings: dict[str, float] = {}
         received: list[tuple[str, torch.Tensor]] = []
-        if self.device.type == "cpu" or receiver.config.verify_checksums:
-            # the CPU reload needs the whole state at once, a checksum needs every tensor; the
-            # received views are valid only during the callback: keep copies
-            version = receiver.receive(lambda batch: received.extend((n, t.clone()) for n, t in batch))
-            self.dapo_load(received)
+        start = time.perf_counter()
+        if self.device.type == "cpu":
+            version = self._dapo_receive_while_reloading(receiver, received, timings)
+        elif receiver.config.verify_checksums:
+            # a checksum needs every tensor: the receiver keeps every bucket in its own
+            # persistent buffer (retain), valid until the next sync without a copy
+            version = receiver.receive(received.extend, retain=True)
+            timings["receive_s"] = time.perf_counter() - start
+            self.dapo_load(received, timings)
         else:
-            version = receiver.receive(self.dapo_load)  # load_weights copies each bucket
+            version = receiver.receive(lambda batch: self.dapo_load(batch, timings))  # load_weights copies each bucket
+            timings["receive_s"] = time.perf_counter() - start - timings.get("load_s", 0.0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        began = time.perf_counter()
         checksum = state_checksum(received) if receiver.config.verify_checksums else None
-        return version, checksum
+        if checksum is not None:
+            _add_time(timings, "checksum_s", began)
+        timings["worker_s"] = time.perf_counter() - start
+        return version, checksum, timings
 
-    def dapo_load_weights(self, blob: bytes) -> int:
-        """Load a `pack_tensors` blob handed over by the driver (in-process update_weights)."""
+    def _dapo_receive_while_reloading(self, receiver, received: list, timings: dict) -> int:
+        """CPU: vLLM's reload takes every weight in one call but processes (and repacks) each
+        layer as soon as all of its weights came in, so it consumes the buckets while the next
+        ones are still in transit: the receive runs in a thread into retained buffers (valid
+        until the next sync), the reload here reads them in arrival order. A sync that fails
+        before its first bucket leaves the model untouched; one that fails later leaves it
+        partially loaded (``dapo_partial_load`` says so, the engine then refuses to generate
+        until a sync succeeds)."""
+        import queue
+        import threading
+
+        arrived: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def receive() -> None:
+            began = time.perf_counter()
+            try:
+                outcome["version"] = receiver.receive(arrived.put, retain=True)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the rpc thread below
+                outcome["error"] = exc
+            finally:
+                timings["receive_s"] = time.perf_counter() - began
+                arrived.put(None)  # every wait in receive() is bounded, so this always comes
+
+        thread = threading.Thread(target=receive, name="dapo-weight-receive", daemon=True)
+        thread.start()
+        try:
+            first = arrived.get()
+            if first is not None:
+                def in_arrival_order():
+                    batch = first
+                    while batch is not None:
+                        received.extend(batch)
+                        yield from batch
+                        batch = arrived.get()
+
+                self._dapo_partial = True
+                self.dapo_load(in_arrival_order(), timings)
+        finally:
+            thread.join()  # even after a failed reload: the group must be idle before the next sync
+        if "error" in outcome:
+            raise outcome["error"]
+        self._dapo_partial = False
+        return outcome["version"]
+
+    def dapo_partial_load(self) -> bool:
+        """Whether the last sync failed after the reload had started (the model is then a mix
+        of the old weights, the new ones and unfinished layers until the next good sync)."""
+        return bool(getattr(self, "_dapo_partial", False))
+
+    def dapo_load_weights(self, blob: bytes) -> dict[str, float]:
+        """Load a `pack_tensors` blob handed over by the driver (in-process update_weights);
+        returns the seconds of each phase (`SYNC_PHASES`)."""
+        start = time.perf_counter()
         named = unpack_tensors(blob)
-        self.dapo_load([(n, t.to(self.device)) for n, t in named])
-        return len(named)
+        timings = {"unpack_s": time.perf_counter() - start}
+        self.dapo_load([(n, t.to(self.device)) for n, t in named], timings)
+        self._dapo_partial = False  # a whole state was loaded
+        timings["worker_s"] = time.perf_counter() - start
+        return timings
 
     def dapo_leave_weight_sync(self) -> None:
         receiver = getattr(self, "dapo_receiver", None)
@@ -250,6 +346,16 @@ class WeightSyncWorkerExtension:
 
 
 # --------------------------------------------------------------------------- the engine
+
+
+def _slowest(per_worker: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Phase timings of several workers -> the largest figure per phase (the sync waits for
+    the slowest worker)."""
+    out: dict[str, float] = {}
+    for timings in per_worker:
+        for key, value in (timings or {}).items():
+            out[key] = max(out.get(key, 0.0), float(value))
+    return out
 
 
 class VLLMEngine(RolloutEngine):
@@ -280,6 +386,8 @@ class VLLMEngine(RolloutEngine):
         self._version = 0
         self._joined = False
         self._checksum: str | None = None
+        self._timings: dict[str, float] = {}
+        self._unusable: str | None = None  # why generate() must refuse (a partially loaded model)
 
     @property
     def weight_version(self) -> int:
@@ -295,6 +403,8 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self._unusable:
+            raise VLLMEngineError(f"vLLM engine cannot generate: {self._unusable}")
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -325,28 +435,61 @@ class VLLMEngine(RolloutEngine):
         """Block until the learner sends the next version, load it, reset the prefix cache."""
         if not self._joined:
             raise VLLMEngineError("receive_weights() before join_weight_sync()")
-        answers = {tuple(a) for a in self.llm.collective_rpc("dapo_receive_weights")}
-        if len(answers) != 1:
-            raise VLLMEngineError(f"vLLM workers applied different weight versions / states {sorted(answers)}")
-        version, checksum = answers.pop()
-        self._after_update(int(version))
+        start = time.perf_counter()
+        try:
+            answers = self.llm.collective_rpc("dapo_receive_weights")
+        except Exception as exc:
+            self._note_failed_sync(exc)
+            raise
+        rpc_s = time.perf_counter() - start
+        states = {(int(a[0]), a[1]) for a in answers}
+        if len(states) != 1:
+            raise VLLMEngineError(f"vLLM workers applied different weight versions / states {sorted(states)}")
+        version, checksum = states.pop()
+        self._after_update(version, _slowest(a[2] for a in answers), rpc_s, start)
         self._checksum = checksum
         return self._version
 
     def update_weights(self, named_tensors, version: int) -> None:
         """In-process update (`dapo run` in one process): the tensors go to the worker as one
         safetensors blob (collective_rpc cannot carry tensors, see the module docstring)."""
-        self.llm.collective_rpc("dapo_load_weights", args=(pack_tensors(named_tensors),))
+        start = time.perf_counter()
+        answers = self.llm.collective_rpc("dapo_load_weights", args=(pack_tensors(named_tensors),))
+        rpc_s = time.perf_counter() - start
         self._checksum = None
-        self._after_update(int(version))
+        self._after_update(int(version), _slowest(answers), rpc_s, start)
 
-    def _after_update(self, version: int) -> None:
+    def _note_failed_sync(self, exc: Exception) -> None:
+        """After a failed sync, ask the workers whether their reload had started: a partially
+        loaded model must not serve samples under any version."""
+        try:
+            partial = any(self.llm.collective_rpc("dapo_partial_load"))
+        except Exception:  # noqa: BLE001 - a worker that cannot answer cannot be trusted either
+            partial = True
+        if partial:
+            self._unusable = (f"the weight sync after version {self._version} failed after the vLLM worker had "
+                              f"started loading it ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the "
+                              "model is partially loaded until the next successful sync")
+
+    @property
+    def sync_timings(self) -> dict[str, float]:
+        """Seconds of each phase of the last weight update (`SYNC_PHASES`; the slowest worker's
+        figure per phase); empty before the first."""
+        return dict(self._timings)
+
+    def _after_update(self, version: int, timings: dict[str, float], rpc_s: float, start: float) -> None:
         # KV blocks cached under the old weights would otherwise be reused for new requests
+        began = time.perf_counter()
         if self.llm.reset_prefix_cache() is False:
             raise VLLMEngineError(f"vLLM refused to reset its prefix cache after loading weight version {version}; "
                                   "requests still running would mix two policies")
+        now = time.perf_counter()
+        self._unusable = None
+        self._timings = dict(timings, prefix_cache_reset_s=now - began, rpc_s=rpc_s, total_s=now - start)
         self._version = version
         log.info("vLLM engine serves weight version %d", version)
+        log.debug("weight version %d phases (s): %s", version,
+                  ", ".join(f"{k} {v:.3f}" for k, v in self._timings.items()))
 
     def leave_weight_sync(self) -> None:
         """Leave the weight-sync group (after a failed sync the group is unusable: leave, re-join)."""

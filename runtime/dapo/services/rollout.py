@@ -194,7 +194,9 @@ class RolloutService:
         if got != version:
             raise WeightSyncError(f"the controller announced weight version {version} but the sender sent {got}")
         self.checksum = engine_checksum(self.engine)
-        log.info("weight version %d applied inside the engine in %.2fs", got, time.perf_counter() - t0)
+        phases = getattr(self.engine, "sync_timings", {})
+        log.info("weight version %d applied inside the engine in %.2fs (%s)", got, time.perf_counter() - t0,
+                 ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) or "no phase timings")
         return {"version": got, "checksum": self.checksum, "replica": self.replica}
 
     def close(self) -> None:

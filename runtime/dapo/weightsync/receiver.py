@@ -24,6 +24,7 @@ class WeightReceiver:
         self._group = Group(config)
         self._buffers: list[torch.Tensor | None] = [None, None]
         self._direct: dict[str, torch.Tensor] = {}
+        self._kept: dict[int, torch.Tensor] = {}
         #: last weight version applied completely; None before the first sync
         self.version: int | None = None
 
@@ -46,11 +47,28 @@ class WeightReceiver:
             self._direct[name] = buf
         return buf
 
-    def receive(self, load_fn: Callable[[list[tuple[str, torch.Tensor]]], None]) -> int:
-        """Receive one sync: calls ``load_fn`` once per bucket with ``(name, tensor)`` views
-        that are valid only during the call (copy them, e.g. ``param.copy_``); returns the new
-        version. Call it when the controller has ordered a sync: the wait for the first header
-        is bounded by ``timeout_s`` like every other wait."""
+    def _kept_buffer(self, index: int, nbytes: int) -> torch.Tensor:
+        """Persistent byte buffer of the ``index``-th bucket of a sync, for
+        ``receive(retain=True)``: every sync of a model has the same bucket layout, so after
+        the first sync nothing is allocated."""
+        buf = self._kept.get(index)
+        if buf is None or buf.numel() != nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self._group.device)
+            self._kept[index] = buf
+        return buf
+
+    def receive(self, load_fn: Callable[[list[tuple[str, torch.Tensor]]], None], *,
+                retain: bool = False) -> int:
+        """Receive one sync: calls ``load_fn`` once per bucket with ``(name, tensor)`` views;
+        returns the new version. Call it when the controller has ordered a sync: the wait for
+        the first header is bounded by ``timeout_s`` like every other wait.
+
+        ``retain=False``: two receive buffers alternate, so the views are valid only during
+        the call (copy them, e.g. ``param.copy_``). ``retain=True``: every bucket lands in its
+        own persistent buffer, so the views stay valid until the next ``receive``: a caller
+        that needs the whole state at once (vLLM-CPU's reload, a checksum) keeps them instead
+        of cloning each bucket (one state-sized copy and its page faults per sync saved; the
+        buffers hold one state's bytes between syncs)."""
         group = self._group
         group.check_usable()
         sync = _ReceiveState()
@@ -64,6 +82,9 @@ class WeightReceiver:
             nbytes = int(manifest["nbytes"])
             if manifest.get("direct"):
                 data = self._direct_buffer(str(manifest["tensors"][0][0]), nbytes)
+            elif retain:
+                data = self._kept_buffer(buffered, nbytes)
+                buffered += 1
             else:
                 data = self._buffer(buffered % 2, nbytes)[:nbytes]
                 buffered += 1
@@ -144,7 +165,7 @@ class WeightReceiver:
 
     def close(self) -> None:
         """Shut the group down and release the receive buffers."""
-        self._buffers, self._direct = [None, None], {}
+        self._buffers, self._direct, self._kept = [None, None], {}, {}
         self._group.close()
 
 
