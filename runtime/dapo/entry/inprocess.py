@@ -33,10 +33,10 @@ class EmbeddedRun:
 
     def close(self) -> None:
         # vLLM's engine core is a separate process that outlives this one unless it is shut down
-        for part in (getattr(self.trainer, "engine", None), self.scorer):
-            close = getattr(part, "close", None)
-            if close is not None:
-                close()
+        self.trainer.engine.close()
+        close = getattr(self.scorer, "close", None)
+        if close is not None:
+            close()
         metrics = getattr(self.trainer, "metrics", None)
         if metrics is not None:  # finish the experiment trackers with the last checkpoint
             metrics.close(final_checkpoint=getattr(self.trainer, "last_checkpoint", None),

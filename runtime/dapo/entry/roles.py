@@ -196,7 +196,7 @@ def run_controller(run: DAPORun, world_size: int) -> int:
 def _release(embedded) -> None:
     """Free the other learner ranks and the weight-sync group (best effort: the run is over)."""
     learner = embedded.trainer.learner
-    for action in (getattr(learner, "shutdown", None), getattr(embedded.trainer.engine, "close", None), embedded.close):
+    for action in (getattr(learner, "shutdown", None), embedded.close):  # embedded.close closes the engine too
         if action is None:
             continue
         try:

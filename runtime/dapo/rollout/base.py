@@ -78,6 +78,10 @@ class RolloutEngine(abc.ABC):
     def weight_version(self) -> int:
         """Version of the weights generate() uses now (0 = the base model)."""
 
+    def close(self) -> None:
+        """Stop what the engine started outside this object (vLLM: its engine-core process).
+        Nothing to stop for an engine that lives in this process's memory only."""
+
 
 # --------------------------------------------------------------------------- prompt encoding
 
