@@ -175,3 +175,26 @@ def test_inverse_cdf_sampling_never_draws_a_filtered_token_and_matches_frequenci
     assert counts[2] == 0 and counts[3] == 0
     torch.testing.assert_close(counts[:2], torch.tensor([0.625, 0.375], dtype=torch.float64), atol=0.015, rtol=0)
     torch.testing.assert_close(logp[tokens == 0], torch.full_like(logp[tokens == 0], float(torch.log(torch.tensor(0.5)))))
+
+
+def test_decode_chunks_grow_to_the_kv_budget_and_keep_the_samples(policy):
+    """With a KV budget, a chunk holds as many rows as the budget's KV cache does (never fewer
+    than max_batch_rows): the whole 9-row batch decodes in one chunk (fewer forward passes than
+    three chunks of 4) and gives the same samples; without a budget the row count stays."""
+    from dapo.rollout.hf import kv_bytes_per_row
+
+    model, tok = policy
+    per_row = kv_bytes_per_row(model.config, 100, 4)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert per_row == config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 100 * 4
+    fixed = HFEngine(model, tok, max_batch_rows=4)
+    budget = HFEngine(model, tok, max_batch_rows=4, kv_budget_bytes=9 * per_row)
+    assert fixed.chunk_rows(100) == 4
+    assert budget.chunk_rows(100) == 9
+    assert HFEngine(model, tok, max_batch_rows=4, kv_budget_bytes=per_row).chunk_rows(100) == 4
+    prompts = _prompts(tok)
+    chunked = fixed.generate(prompts, n=3, temperature=1.0, top_p=1.0, max_new_tokens=7, seed=2)
+    whole = budget.generate(prompts, n=3, temperature=1.0, top_p=1.0, max_new_tokens=7, seed=2)
+    assert [s.response_ids for s in whole] == [s.response_ids for s in chunked]
+    assert budget.last_stats.forward_passes < fixed.last_stats.forward_passes

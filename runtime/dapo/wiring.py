@@ -56,10 +56,21 @@ def engine_kind(spec: DAPORunSpec) -> str:
     return pick_engine(spec.rollout.engine, torch.cuda.is_available(), vllm_available())
 
 
-def max_engine_rows(device: str) -> int:
-    """Rows (prompts x samples) per HF decode batch: the KV cache of genBatchSize x n rows at once
-    can be huge, so generation goes in chunks of this many."""
-    return Env().int(EnvVar.ENGINE_MAX_ROWS, 64 if device == "cpu" else 256)
+#: KV cache the CPU HF engine may fill in one decode chunk before it splits a batch further
+CPU_KV_BUDGET_BYTES = 1 << 30
+
+
+def engine_chunking(device: str) -> dict:
+    """How the HF engine splits genBatchSize x n rows into decode chunks (the KV cache of all rows
+    at once can be huge): ``DAPO_ENGINE_MAX_ROWS`` rows when set; otherwise 256 rows on a GPU, and
+    on CPU 64 rows or as many as 1 GiB of KV cache holds, if more (a tiny model decodes the whole
+    batch at once: fewer forward passes)."""
+    env = Env()
+    if env.str(EnvVar.ENGINE_MAX_ROWS):
+        return {"max_batch_rows": env.int(EnvVar.ENGINE_MAX_ROWS, 64)}
+    if device == "cpu":
+        return {"max_batch_rows": 64, "kv_budget_bytes": CPU_KV_BUDGET_BYTES}
+    return {"max_batch_rows": 256}
 
 
 def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, share_policy: bool = False):
@@ -77,7 +88,7 @@ def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, s
     if policy is None:
         policy = load_policy(spec, device)
     model, tokenizer = policy
-    return HFEngine(model, tokenizer, device=device, max_batch_rows=max_engine_rows(device), copy_model=not share_policy)
+    return HFEngine(model, tokenizer, device=device, copy_model=not share_policy, **engine_chunking(device))
 
 
 def vllm_engine_kwargs(spec: DAPORunSpec, device: str) -> dict:

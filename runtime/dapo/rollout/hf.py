@@ -140,15 +140,30 @@ class GenerationStats:
     extra: dict = field(default_factory=dict)
 
 
+def kv_bytes_per_row(config, positions: int, element_size: int) -> int | None:
+    """Bytes of keys + values one row holds for ``positions`` tokens:
+    layers x 2 x kv_heads x head_dim x positions x element size (None when the config does not
+    say; the caller then keeps its fixed row count)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return int(layers) * 2 * int(kv_heads) * int(head_dim) * int(positions) * int(element_size)
+
+
 class HFEngine(RolloutEngine):
     """Batched sampling with transformers models: left-padded prompts, KV cache, per-row EOS stop.
 
-    ``max_batch_rows`` bounds the rows (prompts x n) decoded together; larger requests are split
-    into chunks that run one after another.
+    Rows (prompts x n) are decoded in chunks that run one after another. A chunk holds
+    ``max_batch_rows`` rows, or more when ``kv_budget_bytes`` is set and the KV cache of more rows
+    (at this call's prompt width + max_new_tokens) fits in it: small models then decode a whole
+    batch at once (fewer forward passes), large ones keep the fixed row count.
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", max_batch_rows: int = 64,
-                 copy_model: bool = True, preallocate_cache: bool = True):
+                 kv_budget_bytes: int = 0, copy_model: bool = True, preallocate_cache: bool = True):
         self.device = torch.device(device)
         self.model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
         for p in self.model.parameters():
@@ -157,6 +172,7 @@ class HFEngine(RolloutEngine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(tokenizer, self.model)
         self.max_batch_rows = max_batch_rows
+        self.kv_budget_bytes = kv_budget_bytes
         self.preallocate_cache = preallocate_cache  # False: the model's own (torch.cat-grown) cache
         self._cache_kwarg = _cache_kwarg(self.model)
         self._version = 0
@@ -201,13 +217,22 @@ class HFEngine(RolloutEngine):
         samples: list[Sample] = []
         stats = GenerationStats()
         t0 = time.perf_counter()
-        for start in range(0, len(rows), self.max_batch_rows):
-            chunk = rows[start:start + self.max_batch_rows]
-            uniforms = row_uniforms(seed, streams[start:start + self.max_batch_rows], max_new_tokens)
+        size = self.chunk_rows(max(len(p) for _, p in rows) + max_new_tokens) if rows else 1
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            uniforms = row_uniforms(seed, streams[start:start + size], max_new_tokens)
             samples.extend(self._generate_chunk(chunk, temperature, top_p, max_new_tokens, uniforms, stats))
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return samples
+
+    def chunk_rows(self, positions: int) -> int:
+        """Rows decoded together when each holds ``positions`` tokens (prompt width + new tokens):
+        ``max_batch_rows``, or as many as ``kv_budget_bytes`` of KV cache hold, if more."""
+        per_row = kv_bytes_per_row(self.model.config, positions, next(self.model.parameters()).element_size())
+        if not self.kv_budget_bytes or not per_row:
+            return self.max_batch_rows
+        return max(self.max_batch_rows, self.kv_budget_bytes // per_row)
 
     def _generate_chunk(self, rows, temperature, top_p, max_new_tokens, uniforms, stats) -> list[Sample]:
         batch = len(rows)
