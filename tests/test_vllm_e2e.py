@@ -39,16 +39,21 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
-def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
-    from dapo.weightsync import state_checksum
-
-    model_dir = make_model(tmp_path / "model")
-    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), name="vllm-e2e", steps=3,
-                  checkpoint={"everySteps": 0, "keep": 1})
+def vllm_run_file(tmp_path: Path, *, name: str, steps: int) -> Path:
+    """A run file for the tiny model with the vLLM engine (float32, a small KV cache), no checkpoints."""
+    doc = run_doc(make_model(tmp_path / "model"), str(write_data(tmp_path / "train.jsonl", 12)), name=name,
+                  steps=steps, checkpoint={"everySteps": 0, "keep": 1})
     doc["spec"]["model"]["dtype"] = "float32"
     doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
+    return run_file
+
+
+def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
+    from dapo.weightsync import state_checksum
+
+    run_file = vllm_run_file(tmp_path, name="vllm-e2e", steps=3)
     out = tmp_path / "out"
     env = role_env({"DAPO_VERIFY_WEIGHT_SYNC": "1", "DAPO_SERVICE_WAIT_S": "600"})
     result = subprocess.run([sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out),
@@ -77,13 +82,7 @@ def test_sigterm_stops_an_in_process_vllm_run_and_its_engine_processes(tmp_path)
 
     import psutil
 
-    model_dir = make_model(tmp_path / "model")
-    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), name="vllm-sigterm", steps=200,
-                  checkpoint={"everySteps": 0, "keep": 1})
-    doc["spec"]["model"]["dtype"] = "float32"
-    doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25})
-    run_file = tmp_path / "run.yaml"
-    run_file.write_text(yaml.safe_dump(doc))
+    run_file = vllm_run_file(tmp_path, name="vllm-sigterm", steps=200)
     out, log = tmp_path / "out", tmp_path / "dapo-run.log"
     # output to a file, not a pipe: an orphaned engine process would hold a pipe open forever
     with log.open("w") as sink:
