@@ -150,13 +150,13 @@ def test_steps_for_epochs():
     assert steps_for_epochs(2, 10, 4) == 5
 
 
-def test_single_step_update_needs_no_old_log_probs(policy):
+def test_single_step_update_runs_no_proximal_pass(policy):
     """One optimizer step on the whole batch: the update's own forward pass gives the old
     log-probs, and the result equals the update with recomputed old log-probs."""
     model, tok = policy
     with_old, without_old = _learner(copy.deepcopy(model)), _learner(copy.deepcopy(model))
     batch = _batch(tok)
-    assert not with_old.needs_old_log_probs(batch.num_rows)
+    assert without_old.proximal_pass_rows(batch) == 0
     recomputed = copy.deepcopy(batch)
     recomputed.old_log_probs = with_old.compute_log_probs(recomputed)
     m1 = with_old.update(recomputed)
@@ -167,33 +167,78 @@ def test_single_step_update_needs_no_old_log_probs(policy):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-def test_several_optimizer_steps_require_old_log_probs(policy):
+def _no_grad_rows(model) -> list[int]:
+    """Rows of every forward pass ``model`` runs without autograd (the proximal pass), in order."""
+    rows: list[int] = []
+    model.register_forward_hook(lambda module, args, kwargs, out: None if torch.is_grad_enabled()
+                                else rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("mode,level", [("truncate", "token"), ("mask", "sequence"), ("none", "token")])
+def test_update_takes_the_first_mini_batchs_proximal_log_probs_from_its_own_forward(policy, mode, level):
+    """Without old_log_probs the update runs the no-grad proximal pass only over the rows after
+    the first mini-batch, and the step equals one given the fully recomputed proximal log-probs:
+    same weights, same loss, clip and rollout-correction metrics (float64 model; behaviour
+    log-probs that differ from the policy, two stale rows, 2 mini-batches x 2 epochs)."""
+    from dapo.algo import RolloutCorrection
+
     model, tok = policy
-    batch = _batch(tok)
-    for learner in (_learner(copy.deepcopy(model), mini_batch_rows=3), _learner(copy.deepcopy(model), ppo_epochs=2)):
-        assert learner.needs_old_log_probs(batch.num_rows)
-        with pytest.raises(ValueError, match="old_log_probs"):
-            learner.update(batch)
+    model = copy.deepcopy(model).double()
+    batch = _batch(tok, rows=9)
+    correction = RolloutCorrection(mode=mode, level=level, threshold=1.5)
+    kw = dict(mini_batch_rows=6, micro_batch_rows=4, ppo_epochs=2, rollout_correction=correction)
+    given, taken = _learner(copy.deepcopy(model), **kw), _learner(copy.deepcopy(model), **kw)
+    current = given.compute_log_probs(batch)
+    noise = 0.4 * torch.randn(current.shape, generator=torch.Generator().manual_seed(3))
+    batch.behaviour_log_probs = (current + noise) * batch.response_mask
+    batch.weight_versions, batch.policy_version = torch.tensor([4, 3, 4, 4, 4, 4, 4, 3, 4]), 4
+    recomputed = copy.deepcopy(batch)
+    recomputed.old_log_probs = given.compute_log_probs(batch)
+
+    passes = _no_grad_rows(taken.model)
+    assert taken.proximal_pass_rows(batch) == 3
+    m_given, m_taken = given.update(recomputed), taken.update(batch)
+    assert passes == [3]  # one micro-batch: rows 6..8; rows 0..5 came from the first step's forward
+    # compute_log_probs hands out float32 proximal log-probs, the first step's forward keeps
+    # float64; AdamW's first steps are ~lr * sign(grad), so where a gradient is ~0 that rounding
+    # moves a weight by up to ~1e-5 (lr 1e-2); the metrics below carry the exact comparison
+    for (name, a), (_, b) in zip(given.model.named_parameters(), taken.model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
+    assert m_given.keys() == m_taken.keys()
+    assert "rollout_corr/is_weight_mean" in m_taken
+    for key in m_given:
+        if not key.startswith("timing_s/"):
+            assert m_taken[key] == pytest.approx(m_given[key], rel=1e-5, abs=1e-8), key
 
 
-def test_proximal_pass_is_skipped_only_on_policy_without_correction(policy):
-    """One optimizer step may use its own forward pass as the proximal policy only when every row
-    was sampled by the current weights AND the correction is off; otherwise the pass is needed."""
+def test_proximal_pass_covers_the_rows_after_the_first_mini_batch(policy):
+    """Rows of the no-grad proximal pass: none for one optimizer step (correction or stale rows
+    included: the step's own forward gives the proximal log-probs), the rows after the first
+    mini-batch for several mini-batches, and every row for several epochs or mini-batches of a
+    model with dropout, whose training forward samples another network."""
     from dapo.algo import RolloutCorrection
 
     model, tok = policy
     batch = _batch(tok)
     batch.behaviour_log_probs = torch.zeros_like(batch.response_mask)
-    batch.weight_versions, batch.policy_version = torch.full((batch.num_rows,), 3), 3
-    off = _learner(copy.deepcopy(model), rollout_correction=RolloutCorrection(mode="none"))
-    on = _learner(copy.deepcopy(model))  # default: truncate
-    assert not off.needs_old_log_probs(batch) and on.needs_old_log_probs(batch)
-    batch.weight_versions[0] = 2  # one stale row
-    assert off.needs_old_log_probs(batch)
-    with pytest.raises(ValueError, match="proximal log-probs"):
-        off.update(batch)
-    batch.behaviour_log_probs = None  # a batch without behaviour log-probs: the row count decides
-    assert not on.needs_old_log_probs(batch)
+    batch.weight_versions, batch.policy_version = torch.tensor([3, 2, 3, 3, 3, 3]), 3
+    for mode in ("none", "truncate"):
+        assert _learner(copy.deepcopy(model), rollout_correction=RolloutCorrection(mode=mode)).proximal_pass_rows(batch) == 0
+    assert _learner(copy.deepcopy(model), mini_batch_rows=2).proximal_pass_rows(batch) == 4
+    assert _learner(copy.deepcopy(model), ppo_epochs=2).proximal_pass_rows(batch) == 0
+    given = copy.deepcopy(batch)
+    given.old_log_probs = torch.zeros_like(batch.response_mask)
+    assert _learner(copy.deepcopy(model), mini_batch_rows=2).proximal_pass_rows(given) == 0
+
+    dropout = copy.deepcopy(model)
+    dropout.config.attention_dropout = 0.1
+    assert _learner(copy.deepcopy(dropout), mini_batch_rows=2).proximal_pass_rows(batch) == 6
+    assert _learner(copy.deepcopy(dropout), ppo_epochs=2).proximal_pass_rows(batch) == 6
+    assert _learner(copy.deepcopy(dropout)).proximal_pass_rows(batch) == 6  # stale rows: weights need pi_prox
+    fresh = copy.deepcopy(batch)
+    fresh.weight_versions[:] = 3
+    assert _learner(copy.deepcopy(dropout), rollout_correction=RolloutCorrection(mode="none")).proximal_pass_rows(fresh) == 0
 
 
 def test_unknown_policy_loss_fails_when_the_learner_is_built(policy):

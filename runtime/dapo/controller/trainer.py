@@ -350,12 +350,10 @@ class Trainer:
         t_collected = time.perf_counter()
         batch, info = self.build_batch(collection.groups)
 
-        t0 = time.perf_counter()
-        if self.learner.needs_old_log_probs(batch):
-            batch.old_log_probs = self.learner.compute_log_probs(batch)
         t1 = time.perf_counter()
-        update_metrics = self.learner.update(batch)
+        update_metrics = self.learner.update(batch)  # takes the proximal log-probs itself
         t2 = time.perf_counter()
+        proximal_seconds = self.learner.proximal_seconds
         lags = [self.weight_version - v for g in collection.groups for v in g.sample_versions()]
         self.weight_version += 1
         if self.pipeline is None:
@@ -383,8 +381,8 @@ class Trainer:
             "train/weight_version": self.weight_version,
             "timing_s/gen": collection.gen_seconds,
             "timing_s/reward": collection.reward_seconds,
-            "timing_s/old_log_prob": t1 - t0,
-            "timing_s/update_actor": t2 - t1,
+            "timing_s/old_log_prob": proximal_seconds,
+            "timing_s/update_actor": t2 - t1 - proximal_seconds,
             "timing_s/sync_weights": t3 - t2,
             "timing_s/step": step_seconds,
             **self._async_metrics(collection, lags, sync_idle=(t_collected - t_step, t3 - t_collected)),

@@ -29,16 +29,15 @@ WeightedStats = dict[str, tuple[float, float]]
 @runtime_checkable
 class Learner(Protocol):
     model: torch.nn.Module  # the policy (on rank 0 of a ZeRO-3 learner: partitioned parameters)
-
-    def needs_old_log_probs(self, num_rows: int) -> bool:
-        """Whether the update needs the old-policy log-probs computed first (several optimizer
-        steps per batch make the policy move within the step)."""
+    proximal_seconds: float  # the last update's extra forward pass for proximal log-probs
 
     def compute_log_probs(self, batch) -> torch.Tensor:
         """log pi(response tokens) under the current weights, ``[B, R]``."""
 
     def update(self, batch) -> dict[str, float]:
-        """Mini-batch updates over the training batch; returns the step's actor metrics."""
+        """Mini-batch updates over the training batch; returns the step's actor metrics. Without
+        ``batch.old_log_probs`` the update computes the proximal log-probs it needs itself (the
+        seconds of their extra forward pass: ``proximal_seconds``)."""
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights for the rollout engines, by parameter name."""

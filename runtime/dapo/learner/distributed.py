@@ -466,6 +466,10 @@ class DistributedLearner:
         return self.learner.model
 
     @property
+    def proximal_seconds(self) -> float:
+        return self.learner.proximal_seconds
+
+    @property
     def backend(self) -> LearnerBackend:
         return self.learner.backend
 
@@ -486,9 +490,6 @@ class DistributedLearner:
             raise DistributedLearnerError(f"{call} runs on learner rank 0")
 
     # ------------------------------------------------------------------ rank 0: the Learner calls
-
-    def needs_old_log_probs(self, batch) -> bool:
-        return self.learner.needs_old_log_probs(batch)
 
     @torch.no_grad()
     def compute_log_probs(self, batch: TrainBatch) -> torch.Tensor:

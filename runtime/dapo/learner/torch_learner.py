@@ -23,6 +23,7 @@ PPO ratio is taken against the proximal policy and an importance weight behaviou
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -103,6 +104,18 @@ def mini_batch_normalisers(response_mask: torch.Tensor) -> tuple[float, float]:
     """(valid tokens, non-empty responses) of a mini-batch: DAPO's token-mean and seq-mean
     denominators N_tokens = sum_{i,t} m_it and N_seqs = #{i : sum_t m_it > 0}."""
     return float(response_mask.sum()), float((response_mask.sum(-1) > 0).sum())
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether the model drops activations in training mode: an ``nn.Dropout`` module with p > 0,
+    or a config rate > 0 that transformers applies functionally (``attention_dropout``,
+    ``hidden_dropout``, GPT-2's ``attn_pdrop``...)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = vars(config).items() if config is not None and hasattr(config, "__dict__") else ()
+    return any(("dropout" in key or key.endswith("pdrop")) and isinstance(value, (int, float))
+               and not isinstance(value, bool) and value > 0 for key, value in rates)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -320,6 +333,7 @@ class TorchLearner:
         settings = OptimizerSettings(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                                      grad_clip=grad_clip)
         self.backend: LearnerBackend = backend(model, settings, torch.device(device))
+        self.proximal_seconds = 0.0  # the last update's no-grad proximal pass (`proximal_pass_rows`)
 
     @classmethod
     def from_spec(cls, model, spec, device="cpu", **kwargs) -> "TorchLearner":
@@ -371,37 +385,44 @@ class TorchLearner:
 
     # ------------------------------------------------------------------ update
 
-    def needs_old_log_probs(self, batch: TrainBatch | int) -> bool:
-        """Whether the proximal log-probs (the weights at the start of the step) must be computed
-        before `update`. Always with several optimizer steps (mini-batches or epochs). With
-        behaviour log-probs, also whenever the rollout correction is on or any row is stale: the
-        importance weight pi_prox / pi_behav needs pi_prox. Only a single optimizer step on rows
-        the current weights sampled, with correction mode none, may skip the pass: the update's
-        own forward pass then IS the proximal policy (ratio 1, weight 1). An int is a row count
-        (a batch without behaviour log-probs)."""
-        rows = batch if isinstance(batch, int) else batch.num_rows
-        if self.ppo_epochs > 1 or rows > self.mini_batch_rows:
-            return True
-        if isinstance(batch, int) or batch.behaviour_log_probs is None:
-            return False
-        return self.correction.mode != "none" or bool(batch.stale_rows().any())
+    def proximal_pass_rows(self, batch: TrainBatch) -> int:
+        """How many rows `update` runs through a separate no-grad forward pass for their proximal
+        log-probs (the weights at the start of the step) when ``batch.old_log_probs`` is None.
+
+        The first optimizer step runs at exactly those weights, so its own forward pass gives
+        the proximal log-probs (and the rollout-correction weights) of the first mini-batch; only
+        the rows after it need the extra pass. A single optimizer step (one mini-batch, one epoch)
+        needs no pass at all. Exception: a model with active dropout samples a different network
+        in its training forward, so then every row goes through the eval-mode pass, as the
+        rollout engine's forward does."""
+        if batch.old_log_probs is not None:
+            return 0
+        if has_dropout(self.model):
+            return batch.num_rows if (self.ppo_epochs > 1 or batch.num_rows > self.mini_batch_rows
+                                      or self._corrects(batch)) else 0
+        return max(0, batch.num_rows - self.mini_batch_rows)
+
+    def _corrects(self, batch: TrainBatch) -> bool:
+        """Whether importance weights behaviour -> proximal enter the loss (behaviour log-probs
+        with the correction on, or any stale row: stale rows are never trained as on-policy)."""
+        return batch.behaviour_log_probs is not None and (self.correction.mode != "none"
+                                                          or bool(batch.stale_rows().any()))
 
     def check_update_inputs(self, batch: TrainBatch) -> None:
         if batch.advantages is None:
             raise ValueError("update() needs batch.advantages")
-        if batch.old_log_probs is None and self.needs_old_log_probs(batch):
-            raise ValueError("update() needs batch.old_log_probs (the proximal log-probs) when it takes several "
-                             "optimizer steps, corrects for the rollout policy or trains stale rows (call "
-                             "compute_log_probs first)")
         if batch.behaviour_log_probs is not None and batch.behaviour_log_probs.shape != batch.response_mask.shape:
             raise ValueError(f"batch.behaviour_log_probs has shape {tuple(batch.behaviour_log_probs.shape)}, the "
+                             f"responses {tuple(batch.response_mask.shape)}")
+        if batch.old_log_probs is not None and batch.old_log_probs.shape != batch.response_mask.shape:
+            raise ValueError(f"batch.old_log_probs has shape {tuple(batch.old_log_probs.shape)}, the "
                              f"responses {tuple(batch.response_mask.shape)}")
 
     def correct_for_rollout(self, batch: TrainBatch) -> tuple[TrainBatch, dict[str, float]]:
         """The batch with its rollout-correction weights (`dapo.algo.rollout_correction_weights`,
         from the proximal and behaviour log-probs of the WHOLE batch, so sequence-level weights
-        and the metrics see whole rows) and the correction metrics. Without behaviour or
-        proximal log-probs (the skipped pass of `needs_old_log_probs`) the weights stay None = 1."""
+        and the metrics see whole rows) and the correction metrics. Without behaviour log-probs
+        the weights stay None = 1."""
         if batch.behaviour_log_probs is None or batch.old_log_probs is None:
             return batch, {}
         weights, rejected = rollout_correction_weights(batch.old_log_probs, batch.behaviour_log_probs,
@@ -410,12 +431,37 @@ class TorchLearner:
                                              weights, rejected)
         return replace(batch, is_weights=weights.float()), metrics
 
+    def with_proximal_log_probs(self, batch: TrainBatch) -> tuple[TrainBatch, int]:
+        """``batch`` with the proximal log-probs of every row `update` cannot take from its first
+        optimizer step's forward pass (`proximal_pass_rows`), and how many leading rows that step
+        still has to supply (their entries in ``old_log_probs`` are 0 until it does)."""
+        if batch.old_log_probs is not None:
+            return batch, 0
+        pass_rows = self.proximal_pass_rows(batch)
+        if pass_rows == batch.num_rows:
+            return replace(batch, old_log_probs=self.compute_log_probs(batch)), 0
+        head = batch.num_rows - pass_rows
+        if pass_rows == 0 and not self._corrects(batch):
+            return batch, 0  # one optimizer step, nothing to weigh: its forward is the proximal policy
+        tail = self.compute_log_probs(batch.rows(head, batch.num_rows)) if pass_rows else None
+        old = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+        if tail is not None:
+            old[head:] = tail
+        return replace(batch, old_log_probs=old), head
+
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One training step: ppo_epochs x (B / mini_batch_rows) optimizer steps; then the lr
-        schedule advances by one training step. Needs batch.advantages, and batch.old_log_probs
-        unless `needs_old_log_probs` says the update's own forward pass stands in for them."""
+        schedule advances by one training step. Needs batch.advantages. Without
+        batch.old_log_probs the update takes the proximal log-probs itself (`proximal_pass_rows`:
+        the first mini-batch's from its own forward pass, the other rows' from a no-grad pass
+        first, its seconds left in ``proximal_seconds``)."""
         self.check_update_inputs(batch)
-        batch, correction_metrics = self.correct_for_rollout(batch)
+        t0 = time.perf_counter()
+        batch, head = self.with_proximal_log_probs(batch)
+        self.proximal_seconds = time.perf_counter() - t0
+        correction_metrics: dict[str, float] = {}
+        if not head:
+            batch, correction_metrics = self.correct_for_rollout(batch)
         lr_now = self.backend.lr
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
@@ -427,7 +473,14 @@ class TorchLearner:
         for _ in range(self.ppo_epochs):
             for start in range(0, batch.num_rows, self.mini_batch_rows):
                 mini = batch.rows(start, start + self.mini_batch_rows)
-                stats = self.optimizer_step(mini)
+                if head:  # the first optimizer step: its forward pass is the proximal policy of these rows
+                    stats, proximal = self.optimizer_step(mini, proximal_from_forward=True)
+                    old = batch.old_log_probs.clone()
+                    old[:head] = proximal
+                    batch, correction_metrics = self.correct_for_rollout(replace(batch, old_log_probs=old))
+                    head = 0
+                else:
+                    stats, _ = self.optimizer_step(mini)
                 for key, (value, weight) in stats.items():
                     add(key, value, weight)
         self.backend.advance_schedule()
@@ -436,9 +489,13 @@ class TorchLearner:
         metrics.update(correction_metrics)
         return metrics
 
-    def optimizer_step(self, mini: TrainBatch) -> WeightedStats:
+    def optimizer_step(self, mini: TrainBatch, *,
+                       proximal_from_forward: bool = False) -> tuple[WeightedStats, torch.Tensor | None]:
         """Accumulate gradients over this rank's micro-batches of one mini-batch and take one
-        optimizer step; returns the mini-batch's metrics as (value, weight) pairs.
+        optimizer step; returns the mini-batch's metrics as (value, weight) pairs and, with
+        ``proximal_from_forward``, the mini-batch's proximal log-probs [rows, R] taken from the
+        forward pass itself (the weights have not moved yet), whose rollout-correction weights
+        this step applies.
 
         The token-mean normaliser is the whole mini-batch's valid token count (all ranks), so each
         micro loss is a partial sum and the accumulated (rank-summed) gradient equals the
@@ -446,21 +503,30 @@ class TorchLearner:
         shard = self.backend.shard(mini)
         num_tokens, num_seqs = self.backend.global_normalisers(mini, shard)
         micros = self.backend.micro_batches(mini, shard, self.micro_batch_rows, training=True)
+        if proximal_from_forward:
+            micros = [replace(m, old_log_probs=None, is_weights=None) for m in micros]
         self.backend.zero_grad()
-        total_loss, stats = self._accumulate_gradients(micros, num_tokens, num_seqs)
+        total_loss, stats, pieces = self._accumulate_gradients(micros, num_tokens, num_seqs)
         grad_norm = self.backend.step()
         stats, total_loss = self.backend.reduce_metrics(stats, total_loss)
         stats["actor/pg_loss"] = (total_loss, 1.0)
         stats["actor/grad_norm"] = (grad_norm, 1.0)
-        return stats
+        if not proximal_from_forward:
+            return stats, None
+        local = torch.cat(pieces)[: shard.num_rows]  # fillers of a padded rank drop off the end
+        return stats, self.backend.gather_rows(local, mini.num_rows)
 
     def _accumulate_gradients(self, micro_batches: list[TrainBatch], num_tokens: float,
-                              num_seqs: float) -> tuple[float, WeightedStats]:
+                              num_seqs: float) -> tuple[float, WeightedStats, list[torch.Tensor]]:
         """Forward/backward every micro-batch with the given (global) normalisers; returns the
-        summed loss (a partial sum of the mini-batch loss) and token-weighted metric means as
-        (value, weight) pairs. A micro-batch with no valid tokens adds 0 to loss and gradient."""
+        summed loss (a partial sum of the mini-batch loss), token-weighted metric means as
+        (value, weight) pairs, and each micro-batch's detached log-probs, 0 at padding (the
+        proximal log-probs of micro-batches without ``old_log_probs``, which then also get
+        their rollout-correction weights here). A micro-batch with no valid tokens adds 0 to loss
+        and gradient."""
         total_loss = 0.0
         stats: WeightedStats = {}
+        pieces: list[torch.Tensor] = []
 
         def acc(key: str, value: float, weight: float) -> None:
             old_v, old_w = stats.get(key, (0.0, 0.0))
@@ -471,9 +537,17 @@ class TorchLearner:
             mb_tokens = float(mb.response_mask.sum())
             logits = self.response_logits(mb)
             log_prob = log_probs_from_logits(logits, mb.responses)
-            old = log_prob.detach() if mb.old_log_probs is None else mb.old_log_probs.to(log_prob.dtype)
+            weights = mb.is_weights
+            if mb.old_log_probs is None:  # this forward runs at the step's starting weights: the proximal policy
+                old = log_prob.detach()
+                pieces.append((old.float() * mb.response_mask).cpu())
+                if self._corrects(mb):
+                    weights, _ = rollout_correction_weights(old.float(), mb.behaviour_log_probs.to(old.device),
+                                                            mb.response_mask, self.correction, mb.stale_rows())
+            else:
+                old = mb.old_log_probs.to(log_prob.dtype)
             loss, m = compute_policy_loss(self.policy_loss, log_prob, old, mb.advantages, mb.response_mask,
-                                          config=self.loss_config, weights=mb.is_weights,
+                                          config=self.loss_config, weights=weights,
                                           num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0))
             self.backend.backward(loss)
             total_loss += float(loss.detach())
@@ -483,7 +557,7 @@ class TorchLearner:
             for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
                 acc(f"actor/{key}", float(m[key]), mb_tokens)
             acc("actor/entropy", ent, mb_tokens)
-        return total_loss, stats
+        return total_loss, stats, pieces
 
     # ------------------------------------------------------------------ sync / state
 
