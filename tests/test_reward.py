@@ -375,6 +375,30 @@ def test_pool_recovers_from_worker_crash_and_scorer_errors(pool):
     assert all(r.acc for r in pool.score_batch(["Answer: 5"] * 4, ["5"] * 4))
 
 
+def test_pool_one_worker_sends_many_responses_per_message_and_fails_only_the_bad_ones():
+    """One worker, a batch larger than one message holds: a crash and a timeout in the middle
+    fail only their own response; every other response is scored, in input order; the time
+    bound is per response (three 0.6 s responses in one message under a 1 s bound all pass)."""
+    with RewardScorer(timeout_s=TIMEOUT_S, workers=1, overlong_enabled=False) as scorer:
+        scorer.score_batch(["Answer: 1"], ["1"])
+        count = 70
+        responses = [f"0|Answer: {i}" for i in range(count)]
+        sources = ["test_sleepy"] * count
+        responses[5], sources[5] = "x", "test_exit"
+        responses[40] = f"{TIMEOUT_S + 5}|Answer: 40"
+        started = scorer.stats["workers_started"]
+        results, elapsed = _timed_batch(scorer, responses, [str(i) for i in range(count)], sources)
+        assert "died" in results[5].error and results[40].timed_out
+        assert [r.pred for i, r in enumerate(results) if i not in (5, 40)] == [str(i) for i in range(count) if i not in (5, 40)]
+        assert all(r.acc and r.error is None for i, r in enumerate(results) if i not in (5, 40))
+        assert scorer.stats["workers_started"] == started + 2
+        assert elapsed < TIMEOUT_S + 2 * SLACK_S, elapsed
+
+        slow = [f"{0.6 * TIMEOUT_S}|Answer: {i}" for i in range(3)]
+        results = scorer.score_batch(slow, ["0", "1", "2"], ["test_sleepy"] * 3)
+        assert not any(r.timed_out for r in results) and all(r.acc for r in results)
+
+
 def test_pool_overlong_shaping():
     # L_max = 100, L_cache = 20: no penalty up to 80 tokens, a linear ramp to -1 at 100, -1 beyond.
     lengths = [50, 80, 90, 100, 150, 90]

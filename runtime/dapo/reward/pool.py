@@ -12,6 +12,13 @@ MemoryError escape) fails its response the same way and is replaced. Workers com
 ``forkserver`` context (a fork of a clean, torch-free server process, not of the caller,
 which may hold torch / OpenMP threads that ``fork`` would corrupt) or ``spawn``.
 
+Dispatch: a worker gets up to ``_TASKS_PER_MESSAGE`` responses in one message and answers each as
+it finishes, so a batch costs a few pipe round trips instead of one per response (a 256-response
+batch of short answers: ~44 ms one at a time, mostly pipe latency, against ~13 ms of scoring).
+The time bound stays per response: each response's clock starts when the previous answer of its
+worker arrives; when one overruns or kills its worker, only it fails and the worker's unanswered
+rest goes back to the queue for the replacement.
+
 Shaping (DAPO soft overlong punishment, ``dapo.algo.overlong_penalty``):
 
     score = correctness + overlong_penalty(length)      (correctness: the scorer's score,
@@ -55,18 +62,25 @@ __all__ = ["RewardScorer", "ScorerFailedError"]
 log = logging.getLogger("dapo.reward")
 
 _WORKER_MODULE = "dapo.reward.worker"
+_TASKS_PER_MESSAGE = 32
 
 
 @dataclass(eq=False)
 class _Worker:
-    """A worker process, its pipe, and the task it is running (``None`` when idle)."""
+    """A worker process, its pipe, and the tasks sent to it and not yet answered, in order (the
+    first is running; ``deadline`` is its time bound)."""
 
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
     ready: bool = False
-    task: int | None = None
+    tasks: deque = field(default_factory=deque)
     deadline: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def task(self) -> int | None:
+        """The task the worker is running (``None`` when idle)."""
+        return self.tasks[0] if self.tasks else None
 
 
 class ScorerFailedError(DapoError, RuntimeError):
@@ -268,6 +282,11 @@ class RewardScorer:
         index = self._workers.index(worker)
         self._workers[index] = self._start_worker()
 
+    def _requeue(self, worker: _Worker) -> None:
+        """Put the tasks a failed worker never started back at the front of the queue."""
+        self._pending.extendleft(reversed(worker.tasks))
+        worker.tasks.clear()
+
     def _fill_pool(self) -> None:
         while len(self._workers) < self.num_workers:
             self._workers.append(self._start_worker())
@@ -409,6 +428,7 @@ class RewardScorer:
             payloads = {scorer_names[i]: self._scorer_payload(scorer_names[i])
                         for i in range(len(responses)) if i not in skip}
             pending: deque[int] = deque()
+            self._pending = pending  # a failed worker's unanswered tasks go back here
             for i, ground_truth in enumerate(ground_truths):
                 if i in skip:
                     continue
@@ -425,7 +445,8 @@ class RewardScorer:
             if pending:  # a batch for the remote service only needs no worker processes
                 self._fill_pool()
             for worker in list(self._workers):
-                if worker.task is not None:  # left busy by an interrupted call: its answer is stale
+                if worker.tasks:  # left busy by an interrupted call: its answers are stale
+                    worker.tasks.clear()
                     self._discard(worker)
             while pending or any(w.task is not None for w in self._workers):
                 self._dispatch(pending, responses, ground_truths, scorer_names, sources, payloads)
@@ -462,15 +483,17 @@ class RewardScorer:
             if not pending:
                 return
             if worker.ready and worker.task is None:
-                i = pending.popleft()
+                # an equal share of the queue per worker, at most _TASKS_PER_MESSAGE at a time
+                share = -(-len(pending) // len(self._workers))
+                ids = [pending.popleft() for _ in range(max(1, min(_TASKS_PER_MESSAGE, share)))]
                 try:
-                    worker.conn.send((i, payloads[scorer_names[i]], self._cap_input(responses[i]), ground_truths[i],
-                                      sources[i]))
+                    worker.conn.send([(i, payloads[scorer_names[i]], self._cap_input(responses[i]), ground_truths[i],
+                                       sources[i]) for i in ids])
                 except (OSError, ValueError):
-                    pending.appendleft(i)  # the worker died while idle: replace it, retry the task
+                    pending.extendleft(reversed(ids))  # the worker died while idle: replace it, retry the tasks
                     self._discard(worker)
                     continue
-                worker.task = i
+                worker.tasks.extend(ids)
                 worker.deadline = time.monotonic() + self.timeout_s
 
     def _collect(self, verdicts: list[_Verdict | None]) -> None:
@@ -496,43 +519,49 @@ class RewardScorer:
         now = time.monotonic()
         for worker in list(self._workers):
             if worker.task is not None and now >= worker.deadline:
-                verdicts[worker.task] = _Verdict(
+                verdicts[worker.tasks.popleft()] = _Verdict(
                     False, INVALID_PRED, timed_out=True,
                     error=f"scorer exceeded the {self.timeout_s:g} s time bound; worker killed",
                 )
+                self._requeue(worker)
                 self._discard(worker)
 
     def _on_event(self, worker: _Worker, verdicts: list[_Verdict | None]) -> None:
-        """A worker's pipe is readable or its process ended: read its message or bury it."""
-        try:
-            message = worker.conn.recv() if worker.conn.poll() else None
-        except (EOFError, OSError):
-            message = None
-        if message is None:  # end of pipe or process gone: the worker is dead
-            self._bury(worker, verdicts)
-            return
-        kind = message[0]
-        if kind == "ready":
-            worker.ready = True
-            self._startup_failures = 0
-        elif message[1] == worker.task:  # one task in flight per worker; anything else is stale
-            if kind == "ok":
-                verdicts[worker.task] = _Verdict(bool(message[3]), message[4], score=float(message[2]))
-            else:
-                verdicts[worker.task] = _Verdict(False, INVALID_PRED, error=f"scorer raised {message[2]}")
-            worker.task = None
-        if not worker.process.is_alive():  # answered, then exited: replace before reuse
+        """A worker's pipe is readable or its process ended: read every message it has sent,
+        or bury it."""
+        received = False
+        while True:
+            try:
+                message = worker.conn.recv() if worker.conn.poll() else None
+            except (EOFError, OSError):
+                message = None
+            if message is None:
+                break
+            received = True
+            kind = message[0]
+            if kind == "ready":
+                worker.ready = True
+                self._startup_failures = 0
+            elif message[1] == worker.task:  # answers come in the order sent; anything else is stale
+                task = worker.tasks.popleft()
+                if kind == "ok":
+                    verdicts[task] = _Verdict(bool(message[3]), message[4], score=float(message[2]))
+                else:
+                    verdicts[task] = _Verdict(False, INVALID_PRED, error=f"scorer raised {message[2]}")
+                worker.deadline = time.monotonic() + self.timeout_s  # the next task's clock starts now
+        if not received or not worker.process.is_alive():  # end of pipe or process gone: the worker is dead
             self._bury(worker, verdicts)
 
     def _bury(self, worker: _Worker, verdicts: list[_Verdict | None]) -> None:
         """A dead worker: fail its task (if any) and start a replacement."""
         worker.process.join(1.0)
         if worker.task is not None:
-            verdicts[worker.task] = _Verdict(
+            verdicts[worker.tasks.popleft()] = _Verdict(
                 False, INVALID_PRED,
                 error=f"reward worker died (exit code {worker.process.exitcode}) while scoring; replaced",
             )
             self.stats["crashed"] += 1
+            self._requeue(worker)
         if not worker.ready:
             self._startup_failures += 1
             if self._startup_failures >= 3:

@@ -2,11 +2,11 @@
 
 Protocol over one duplex pipe, parent <-> worker:
   worker -> ("ready", pid)                           once, after warm-up imports
-  parent -> (task_id, scorer, solution, ground_truth, data_source)
+  parent -> [(task_id, scorer, solution, ground_truth, data_source), ...]   tasks, run in order
              scorer: ("pickle", bytes) a registered fn(solution, ground_truth), or
                      ("ref", "pkg.mod:fn" | "/abs/file.py:fn") a run-file scorer called with verl's
                      keyword arguments (dapo.reward.custom)
-  worker -> ("ok", task_id, score, acc, pred) | ("error", task_id, message)
+  worker -> ("ok", task_id, score, acc, pred) | ("error", task_id, message)   one per task, as it ends
 A result that is not a finite score (dapo.reward.custom.read_score) is an "error" like an exception.
   parent -> None                                     clean shutdown
 The parent enforces the time bound by killing the whole process, so nothing here tries to
@@ -71,9 +71,9 @@ def worker_main(conn, warm_modules: tuple[str, ...] = (), memory_limit_mb: int |
             return  # parent gone
         if message is None:
             return
-        task_id, scorer, solution, ground_truth, data_source = message
-        outcome = _score_one(scorer, solution, ground_truth, data_source)
-        try:
-            conn.send((outcome[0], task_id, *outcome[1:]))
-        except (BrokenPipeError, OSError):
-            return
+        for task_id, scorer, solution, ground_truth, data_source in message:
+            outcome = _score_one(scorer, solution, ground_truth, data_source)
+            try:
+                conn.send((outcome[0], task_id, *outcome[1:]))
+            except (BrokenPipeError, OSError):
+                return
