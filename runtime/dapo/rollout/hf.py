@@ -284,13 +284,15 @@ class HFEngine(RolloutEngine):
             next_pos = next_pos + 1
 
         stats.new_tokens += int(lengths.sum())
-        tokens_cpu, logp_cpu, len_cpu, stop_cpu = out_tokens.cpu(), out_logp.cpu(), lengths.cpu(), stopped.cpu()
+        # one tolist() per tensor: per-row tensor slicing cost more than the decode's sampling math
+        tokens, logps = out_tokens.cpu().tolist(), out_logp.cpu().tolist()
+        lens, stops = lengths.cpu().tolist(), stopped.cpu().tolist()
         return [
             Sample(
                 prompt_index=idx,
-                response_ids=tokens_cpu[r, : len_cpu[r]].tolist(),
-                log_probs=logp_cpu[r, : len_cpu[r]].tolist(),
-                finish_reason=FINISH_STOP if bool(stop_cpu[r]) else FINISH_LENGTH,
+                response_ids=tokens[r][: lens[r]],
+                log_probs=logps[r][: lens[r]],
+                finish_reason=FINISH_STOP if stops[r] else FINISH_LENGTH,
                 weight_version=self._version,
             )
             for r, (idx, _) in enumerate(rows)
