@@ -152,6 +152,31 @@ def test_each_prompt_sample_has_its_own_reproducible_stream(policy):
     assert len({tuple(s.response_ids) for s in one_chunk[:4]}) > 1
 
 
+def test_row_uniforms_are_splitmix64_streams_and_uniform():
+    """row_uniforms equals SplitMix64 written with Python integers (mod 2^64, logical shifts),
+    stream by stream; its draws look uniform (mean, variance, no value outside [0, 1)), and
+    neighbouring rows are uncorrelated."""
+    from dapo.rollout.hf import row_seed, row_uniforms
+
+    mask = (1 << 64) - 1
+
+    def reference(state: int) -> float:
+        z = (state + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return ((z ^ (z >> 31)) >> 11) / 2.0 ** 53
+
+    rows = [(0, 0), (0, 1), (7, 3), (123456, 999)]
+    got = row_uniforms(42, rows, 6)
+    for r, (p, j) in enumerate(rows):
+        start = row_seed(42, p, j)
+        assert got[r].tolist() == [reference((start + t * 0x9E3779B97F4A7C15) & mask) for t in range(6)]
+    many = row_uniforms(3, [(i, j) for i in range(200) for j in range(8)], 64)
+    assert float(many.min()) >= 0.0 and float(many.max()) < 1.0
+    assert abs(float(many.mean()) - 0.5) < 0.005 and abs(float(many.var()) - 1 / 12) < 0.002
+    assert abs(float(torch.corrcoef(torch.stack([many[:-1].flatten(), many[1:].flatten()]))[0, 1])) < 0.01
+
+
 def test_preallocated_kv_cache_samples_what_the_model_cache_samples(policy):
     """The preallocated KV cache gives the same tokens and log-probs as the model's own cache."""
     model, tok = policy

@@ -8,8 +8,8 @@ KV cache: `PreallocatedCache` writes each decode step's keys / values into buffe
 for the whole chunk (prompt width + max_new_tokens) instead of growing them with `torch.cat`
 (which copies the whole cache every token); attention reads views of the filled prefix.
 
-Random streams: sample j of prompt i in a call with seed S draws from its own stream, seeded by
-`row_seed(S, i, j)`, one uniform per position (inverse-CDF sampling). Its tokens therefore do not
+Random streams: sample j of prompt i in a call with seed S draws from its own stream (SplitMix64
+started at `row_seed(S, i, j)`), one uniform per position (inverse-CDF sampling). Its tokens therefore do not
 depend on the other prompts of the call, on ``max_batch_rows`` chunking, or on when other rows stop.
 """
 
@@ -68,14 +68,38 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio, odd)
+_MIX_1, _MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> on int64 is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output for state ``x`` (Steele, Lea and Flood, "Fast splittable pseudorandom
+    number generators", OOPSLA 2014): z = x + gamma; z = (z ^ z>>30) * m1; z = (z ^ z>>27) * m2;
+    z ^ z>>31, on int64 tensors holding the unsigned bits (torch's int64 multiply wraps mod 2^64)."""
+    z = x + _int64(_GOLDEN_GAMMA)
+    z = (z ^ _shift_right(z, 30)) * _int64(_MIX_1)
+    z = (z ^ _shift_right(z, 27)) * _int64(_MIX_2)
+    return z ^ _shift_right(z, 31)
+
+
 def row_uniforms(seed: int, rows, length: int) -> torch.Tensor:
-    """[len(rows), length] float64 uniforms: row r = (prompt index, sample index) gets the first
-    ``length`` draws of its own stream (`row_seed`)."""
-    out = torch.empty((len(rows), length), dtype=torch.float64)
-    for r, (prompt_index, sample_index) in enumerate(rows):
-        gen = torch.Generator(device="cpu").manual_seed(row_seed(seed, prompt_index, sample_index))
-        out[r] = torch.rand(length, generator=gen, dtype=torch.float64)
-    return out
+    """[len(rows), length] float64 uniforms in [0, 1): row r = (prompt index, sample index) gets
+    the first ``length`` outputs of its own SplitMix64 stream started at `row_seed`
+    (u_t = top 53 bits of splitmix64(row_seed + t * gamma) / 2^53), all rows and positions in
+    one vectorised pass."""
+    base = torch.tensor([_int64(row_seed(seed, p, s)) for p, s in rows], dtype=torch.int64).reshape(-1, 1)
+    states = base + torch.arange(length, dtype=torch.int64).reshape(1, -1) * _int64(_GOLDEN_GAMMA)
+    return _shift_right(splitmix64(states), 11).double() * 2.0 ** -53
 
 
 # --------------------------------------------------------------------------- KV cache
