@@ -241,6 +241,44 @@ def test_proximal_pass_covers_the_rows_after_the_first_mini_batch(policy):
     assert _learner(copy.deepcopy(dropout), rollout_correction=RolloutCorrection(mode="none")).proximal_pass_rows(fresh) == 0
 
 
+def test_shuffle_trains_the_same_rows_in_an_order_fixed_by_seed_and_version(policy):
+    """With shuffle_seed, update() trains exactly what an unshuffled learner trains on the
+    `shuffled` rows; the order is a permutation of the rows (each keeps its advantage), fixed by
+    (seed, policy_version)."""
+    model, tok = policy
+    batch = _batch(tok, rows=12)
+    batch.policy_version = 3
+    shuffling = _learner(copy.deepcopy(model), mini_batch_rows=6, micro_batch_rows=4, shuffle_seed=5)
+    plain = _learner(copy.deepcopy(model), mini_batch_rows=6, micro_batch_rows=4)
+    order = shuffling.shuffled(batch)
+    m_shuffled, m_plain = shuffling.update(batch), plain.update(order)
+    for (name, a), (_, b) in zip(shuffling.model.named_parameters(), plain.model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert m_shuffled["actor/pg_loss"] == m_plain["actor/pg_loss"]
+
+    rows = lambda b: sorted(map(tuple, b.input_ids.tolist()))  # noqa: E731
+    assert rows(order) == rows(batch) and order.input_ids.tolist() != batch.input_ids.tolist()
+    assert shuffling.shuffled(batch).input_ids.tolist() == order.input_ids.tolist()
+    later = copy.deepcopy(batch)
+    later.policy_version = 4
+    assert shuffling.shuffled(later).input_ids.tolist() != order.input_ids.tolist()
+    # every row keeps its own advantage and mask: (tokens, advantage) pairs are the same set
+    pairs = lambda b: sorted((tuple(r), a) for r, a in zip(b.input_ids.tolist(), b.advantages.tolist()))  # noqa: E731
+    assert pairs(order) == pairs(batch)
+    assert plain.shuffled(batch) is batch
+
+
+def test_shuffle_follows_the_run_file():
+    from dapo.learner.torch_learner import learner_kwargs_from_spec
+    from dapo.spec import parse_run
+
+    doc = {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "s"},
+           "spec": {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "learner": {"seed": 7}}}
+    assert learner_kwargs_from_spec(parse_run(doc).spec)["shuffle_seed"] == 7
+    doc["spec"]["learner"]["shuffle"] = False
+    assert learner_kwargs_from_spec(parse_run(doc).spec)["shuffle_seed"] is None
+
+
 def test_unknown_policy_loss_fails_when_the_learner_is_built(policy):
     model, _ = policy
     with pytest.raises(ValueError, match="spec.algorithm.policyLoss: unknown policy loss 'ppo'"):

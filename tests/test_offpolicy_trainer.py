@@ -56,7 +56,8 @@ def _log_probs(model, batch):
 def test_stale_surplus_is_trained_with_the_engines_log_probs(tmp_path, mode):
     trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 3},
                        eval={"beforeTrain": False, "everySteps": 0},
-                       algorithm={"rolloutCorrection": {"mode": mode, "level": "token", "threshold": 2.0}})
+                       algorithm={"rolloutCorrection": {"mode": mode, "level": "token", "threshold": 2.0}},
+                       learner={"shuffle": False})  # keep the stale rows first: the checks below index them
     generated, corrected = _record(trainer)
     version0 = copy.deepcopy(trainer.learner.model)
     trainer.train_step()

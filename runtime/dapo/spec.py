@@ -256,6 +256,10 @@ class LearnerSpec(PodPlacement):
         "Passes over the training prompts when totalSteps is omitted: training ends after the step in which the "
         "last prompt of the last pass is drawn (with dynamic sampling a step draws several generation batches, "
         "so there are fewer steps than totalEpochs x prompts / trainBatchSize)."))
+    shuffle: bool = Field(True, description=(
+        "Shuffle each training batch's responses before splitting it into mini-batches, so every optimizer step sees "
+        "a random part of every group (as TRL and OpenRLHF do); false: mini-batches of whole groups in collection "
+        "order. Seeded by seed and the step: resumes repeat it."))
     seed: int = Field(1, description="Seed for data order, sampling and initialisation.")
 
 

@@ -67,6 +67,10 @@ class TrainBatch:
     def rows(self, start: int, stop: int) -> "TrainBatch":
         return self._map_tensors(lambda t: t[start:stop])
 
+    def permuted(self, order: torch.Tensor) -> "TrainBatch":
+        """The rows in ``order`` (a permutation of 0..B-1)."""
+        return self._map_tensors(lambda t: t[order])
+
     def to(self, device) -> "TrainBatch":
         return self._map_tensors(lambda t: t.to(device))
 
@@ -318,6 +322,7 @@ class TorchLearner:
         policy_loss_params: Mapping[str, float] | None = None,
         max_response_length: int | None = None,
         rollout_correction: RolloutCorrection = RolloutCorrection(),
+        shuffle_seed: int | None = None,
         backend: BackendFactory = TorchBackend,
     ):
         self.mini_batch_rows = mini_batch_rows
@@ -329,6 +334,7 @@ class TorchLearner:
                                             params=dict(policy_loss_params or {}))
         check_policy_loss(policy_loss, self.loss_config)  # an unknown name or parameter fails before any work
         self.correction = rollout_correction
+        self.shuffle_seed = shuffle_seed  # None: mini-batches of whole groups in the batch's order
         self.temperature = temperature
         settings = OptimizerSettings(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                                      grad_clip=grad_clip)
@@ -431,6 +437,17 @@ class TorchLearner:
                                              weights, rejected)
         return replace(batch, is_weights=weights.float()), metrics
 
+    def shuffled(self, batch: TrainBatch) -> TrainBatch:
+        """The batch's rows in a random order, so each mini-batch holds a random part of every
+        group (``spec.learner.shuffle``). The permutation depends only on ``shuffle_seed`` and
+        ``batch.policy_version`` (0 when unset): every rank draws the same one, and a resumed run
+        repeats it."""
+        if self.shuffle_seed is None or batch.num_rows < 2:
+            return batch
+        generator = torch.Generator().manual_seed(
+            (int(self.shuffle_seed) * 1_000_003 + int(batch.policy_version or 0)) % (1 << 63))
+        return batch.permuted(torch.randperm(batch.num_rows, generator=generator))
+
     def with_proximal_log_probs(self, batch: TrainBatch) -> tuple[TrainBatch, int]:
         """``batch`` with the proximal log-probs of every row `update` cannot take from its first
         optimizer step's forward pass (`proximal_pass_rows`), and how many leading rows that step
@@ -450,12 +467,14 @@ class TorchLearner:
         return replace(batch, old_log_probs=old), head
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """One training step: ppo_epochs x (B / mini_batch_rows) optimizer steps; then the lr
-        schedule advances by one training step. Needs batch.advantages. Without
+        """One training step: the rows `shuffled` (when ``shuffle_seed`` is set), then ppo_epochs x
+        (B / mini_batch_rows) optimizer steps; then the lr schedule advances by one training
+        step. Needs batch.advantages. Without
         batch.old_log_probs the update takes the proximal log-probs itself (`proximal_pass_rows`:
         the first mini-batch's from its own forward pass, the other rows' from a no-grad pass
         first, its seconds left in ``proximal_seconds``)."""
         self.check_update_inputs(batch)
+        batch = self.shuffled(batch)
         t0 = time.perf_counter()
         batch, head = self.with_proximal_log_probs(batch)
         self.proximal_seconds = time.perf_counter() - t0
@@ -591,7 +610,8 @@ def learner_kwargs_from_spec(spec) -> dict:
                 ppo_epochs=ls.ppo_epochs, eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
                 loss_agg_mode=alg.loss_agg_mode, temperature=spec.rollout.temperature, policy_loss=alg.policy_loss,
                 policy_loss_params=dict(alg.policy_loss_params), max_response_length=spec.rollout.max_response_length,
-                rollout_correction=RolloutCorrection(mode=corr.mode, level=corr.level, threshold=corr.threshold))
+                rollout_correction=RolloutCorrection(mode=corr.mode, level=corr.level, threshold=corr.threshold),
+                shuffle_seed=ls.seed if ls.shuffle else None)
 
 
 def steps_for_epochs(total_epochs: int, num_prompts: int, train_batch_size: int) -> int:
