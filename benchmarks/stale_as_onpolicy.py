@@ -2,8 +2,8 @@
 kept only as the baseline of the off-policy ablation (`benchmarks/losses.py --suite offpolicy`).
 
 The platform itself cannot be configured this way (stale rows always get the truncated
-importance weight, whatever `rolloutCorrection.mode` says): here the learner's correction step is
-replaced so every row, stale or not, keeps importance weight 1 and its PPO ratio is taken against
+importance weight, whatever `rolloutCorrection.mode` says): here the learner's correction steps
+are replaced so every row, stale or not, keeps importance weight 1 and its PPO ratio is taken against
 the proximal log-probs recomputed with the current weights, the clip range centred on the current
 policy instead of the one that sampled the row. In-process launcher only (the patch lives in this
 process).
@@ -30,4 +30,6 @@ if __name__ == "__main__":
     if "--launcher" in sys.argv:
         raise SystemExit("stale_as_onpolicy.py patches this process's learner: use the in-process launcher")
     TorchLearner.correct_for_rollout = train_as_on_policy
+    # the first optimizer step weighs its own rows from its forward pass: no weights there either
+    TorchLearner.needs_importance_weights = lambda self, batch: False
     sys.exit(main(sys.argv[1:]))

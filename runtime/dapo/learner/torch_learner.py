@@ -405,10 +405,10 @@ class TorchLearner:
             return 0
         if has_dropout(self.model):
             return batch.num_rows if (self.ppo_epochs > 1 or batch.num_rows > self.mini_batch_rows
-                                      or self._corrects(batch)) else 0
+                                      or self.needs_importance_weights(batch)) else 0
         return max(0, batch.num_rows - self.mini_batch_rows)
 
-    def _corrects(self, batch: TrainBatch) -> bool:
+    def needs_importance_weights(self, batch: TrainBatch) -> bool:
         """Whether importance weights behaviour -> proximal enter the loss (behaviour log-probs
         with the correction on, or any stale row: stale rows are never trained as on-policy)."""
         return batch.behaviour_log_probs is not None and (self.correction.mode != "none"
@@ -458,7 +458,7 @@ class TorchLearner:
         if pass_rows == batch.num_rows:
             return replace(batch, old_log_probs=self.compute_log_probs(batch)), 0
         head = batch.num_rows - pass_rows
-        if pass_rows == 0 and not self._corrects(batch):
+        if pass_rows == 0 and not self.needs_importance_weights(batch):
             return batch, 0  # one optimizer step, nothing to weigh: its forward is the proximal policy
         tail = self.compute_log_probs(batch.rows(head, batch.num_rows)) if pass_rows else None
         old = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
@@ -560,7 +560,7 @@ class TorchLearner:
             if mb.old_log_probs is None:  # this forward runs at the step's starting weights: the proximal policy
                 old = log_prob.detach()
                 pieces.append((old.float() * mb.response_mask).cpu())
-                if self._corrects(mb):
+                if self.needs_importance_weights(mb):
                     weights, _ = rollout_correction_weights(old.float(), mb.behaviour_log_probs.to(old.device),
                                                             mb.response_mask, self.correction, mb.stale_rows())
             else:
