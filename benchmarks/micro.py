@@ -13,10 +13,19 @@
    generated = all-correct + all-wrong + kept groups, efficiency = used / generated, and how
    many surplus groups were carried to the next step instead of being thrown away.
 
+3. ``learner-padding``: one learner update (forward/backward of every micro-batch, AdamW) on
+   a batch whose response lengths have a long tail, as reasoning traces do: micro-batches of
+   rows grouped by length and trimmed to their own longest row (the learner today) against
+   consecutive rows padded to the whole batch's widths (the learner before; the script patches
+   `dapo.learner.torch_learner.by_length` and `TrainBatch.trimmed` back to that). Timed in
+   rotation on copies of one model; also prints the share of forward token positions that are
+   padding in each.
+
 policy_loss / advantages and scorer throughput have their own scripts
 (benchmarks/bench_algo.py, benchmarks/bench_reward.py); run_all.sh runs all four.
 
     .venv/bin/python benchmarks/micro.py engine [--rows 64 --new-tokens 64 --repeats 5]
+    .venv/bin/python benchmarks/micro.py learner-padding [--rows 32 --micro-rows 8 --repeats 5]
     .venv/bin/python benchmarks/micro.py dynamic-sampling [--metrics RUN/metrics.jsonl ...] [--steps 8]
 """
 
@@ -123,6 +132,93 @@ def engine_overhead(args) -> dict:
     return result
 
 
+def long_tailed_batch(args):
+    """Rows of n responses per prompt: prompt lengths uniform in [8, 32], response lengths
+    log-normal (median ``--median-len``) capped at ``--max-len``; advantages of both signs."""
+    import torch
+
+    from dapo.learner.torch_learner import make_batch
+
+    g = torch.Generator().manual_seed(0)
+    prompts, responses = [], []
+    for i in range(args.rows):
+        if i % args.n == 0:
+            prompt = torch.randint(2, args.vocab, (int(torch.randint(8, 33, (1,), generator=g)),), generator=g).tolist()
+        length = int(min(args.max_len, max(1, args.median_len * torch.exp(torch.randn(1, generator=g)))))
+        prompts.append(prompt)
+        responses.append(torch.randint(2, args.vocab, (length,), generator=g).tolist())
+    batch = make_batch(prompts, responses, pad_id=0)
+    batch.advantages = torch.randn(args.rows, generator=g)
+    return batch
+
+
+def learner_padding(args) -> dict:
+    import copy
+    from unittest import mock
+
+    import torch
+
+    from dapo.learner import torch_learner
+    from dapo.learner.torch_learner import TorchLearner
+
+    torch.set_num_threads(args.threads)
+    model = random_qwen2(args.hidden, args.layers, args.vocab).train()
+    batch = long_tailed_batch(args)
+    positions = {"grouped": 0, "padded": 0}
+
+    def counting(learner, name):
+        forward = learner.backend.forward
+
+        def counted(**inputs):
+            positions[name] += inputs["input_ids"].numel()
+            return forward(**inputs)
+        learner.backend.forward = counted
+        return learner
+
+    def build(name):
+        return counting(TorchLearner(copy.deepcopy(model), lr=1e-5, weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
+                                     mini_batch_rows=args.rows, micro_batch_rows=args.micro_rows), name)
+
+    learners = {"grouped": build("grouped"), "padded": build("padded")}
+    unpadded = mock.patch.multiple(torch_learner, by_length=lambda rows: (rows, torch.arange(rows.num_rows)))
+    untrimmed = mock.patch.object(torch_learner.TrainBatch, "trimmed", lambda self: self)
+
+    def run(name):
+        t0 = time.perf_counter()
+        if name == "padded":
+            with unpadded, untrimmed:
+                learners[name].update(batch)
+        else:
+            learners[name].update(batch)
+        return time.perf_counter() - t0
+
+    names = list(learners)
+    for name in names:  # warm-up
+        run(name)
+    times = {name: [] for name in names}
+    for rep in range(args.repeats):
+        for name in names[rep % 2:] + names[:rep % 2]:
+            times[name].append(run(name))
+    calls = args.repeats + 1
+    real = int(batch.attention_mask.sum())
+    result = {
+        "rows": args.rows, "micro_rows": args.micro_rows, "padded_width": batch.input_ids.shape[1],
+        "real_tokens": real, "seconds": {k: common.median(v) for k, v in times.items()}, "raw_times": times,
+        "padding_share": {k: 1 - real * calls / v for k, v in positions.items()},
+        "load_avg_after": common.load_average(),
+    }
+    result["speedup"] = result["seconds"]["padded"] / result["seconds"]["grouped"]
+    print(common.format_table(
+        ["learner", "update s (median)", "padding share of forward positions"],
+        [["rows grouped by length, micro-batches trimmed (today)", result["seconds"]["grouped"],
+          result["padding_share"]["grouped"]],
+         ["consecutive rows at the batch's widths (before)", result["seconds"]["padded"],
+          result["padding_share"]["padded"]]]))
+    print(f"update time before / today: {result['speedup']:.2f}x ({args.rows} rows, micro-batches of "
+          f"{args.micro_rows}, widest row {batch.input_ids.shape[1]} tokens)")
+    return result
+
+
 def profile_both(run_engine, run_generate, row_limit: int) -> dict[str, str]:
     """torch.profiler tables (self CPU time per op, one call each): where a decode step's time
     goes in our sampling loop versus in model.generate's."""
@@ -202,14 +298,25 @@ def main(argv=None) -> int:
     e.add_argument("--new-tokens", type=int, default=64)
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--profile-rows", type=int, default=12, help="rows of the profiler tables (0 = no profiling)")
+    lp = sub.add_parser("learner-padding")
+    lp.add_argument("--hidden", type=int, default=128)
+    lp.add_argument("--layers", type=int, default=2)
+    lp.add_argument("--vocab", type=int, default=1024)
+    lp.add_argument("--rows", type=int, default=32)
+    lp.add_argument("--n", type=int, default=8, help="responses per prompt")
+    lp.add_argument("--micro-rows", type=int, default=8)
+    lp.add_argument("--median-len", type=float, default=40.0)
+    lp.add_argument("--max-len", type=int, default=256)
+    lp.add_argument("--repeats", type=int, default=5)
     d = sub.add_parser("dynamic-sampling")
     d.add_argument("--metrics", nargs="*", help="metrics.jsonl files of finished runs (default: run the quickstart)")
     d.add_argument("--steps", type=int, default=8)
-    for sp in (e, d):
+    for sp, name in ((e, "engine"), (lp, "learner-padding"), (d, "ds")):
         sp.add_argument("--threads", type=int, default=2)
-        sp.add_argument("--out", type=Path, default=Path(f"bench-results/micro-{'engine' if sp is e else 'ds'}.json"))
+        sp.add_argument("--out", type=Path, default=Path(f"bench-results/micro-{name}.json"))
     args = p.parse_args(argv)
-    result = engine_overhead(args) if args.what == "engine" else dynamic_sampling(args)
+    run = {"engine": engine_overhead, "learner-padding": learner_padding, "dynamic-sampling": dynamic_sampling}
+    result = run[args.what](args)
     common.write_json(args.out, {"machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
                                  "result": result})
     print(f"wrote {args.out}")

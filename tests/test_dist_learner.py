@@ -226,7 +226,8 @@ def test_without_environment_the_error_names_the_variables(monkeypatch):
 # --------------------------------------------------------------------------- two ranks == one rank
 
 
-def _assert_same_update(dist_result: dict, ref: dict, ref_old, ref_metrics, atol: float):
+def _assert_same_update(dist_result: dict, ref: dict, ref_old, ref_metrics, atol: float,
+                        param_atol: float | None = None):
     torch.testing.assert_close(dist_result["log_probs"], ref_old.float(), atol=atol, rtol=0)
     for name, grad in ref["grads"].items():
         torch.testing.assert_close(dist_result["grads"][name], grad, atol=atol, rtol=1e-5, msg=name)
@@ -234,8 +235,8 @@ def _assert_same_update(dist_result: dict, ref: dict, ref_old, ref_metrics, atol
         # rounding picks the sign, so parameters are compared where the gradient is real
         real = grad.abs() > 1e-6
         assert real.float().mean() > 0.5 or name.endswith("k_proj.bias"), name
-        torch.testing.assert_close(dist_result["params"][name][real], ref["params"][name][real], atol=atol,
-                                   rtol=1e-5, msg=name)
+        torch.testing.assert_close(dist_result["params"][name][real], ref["params"][name][real],
+                                   atol=param_atol or atol, rtol=1e-5, msg=name)
     assert 0 < ref_metrics[0]["rollout_corr/rejected_frac"] < 0.5  # stale rows' truncation is exercised
     for key, value in ref_metrics[0].items():
         assert dist_result["metrics"][0][key] == pytest.approx(value, abs=max(atol, 1e-6)), key
@@ -286,7 +287,10 @@ def test_three_ranks_float32_and_checkpoint_round_trip(tmp_path):
     trip through the command channel replays the next update exactly."""
     results = run_ranks(tmp_path, world=3, scenario="checkpoint", dtype="float32")
     ref, old, metrics = reference(torch.float32, steps=2)
-    _assert_same_update(results[0], ref, old, metrics, atol=2e-6)
+    # the parameters have taken two AdamW steps (two mini-batches): lr * m / (sqrt(v) + eps) turns a
+    # float32 rounding of a gradient near 0 in the first step (ranks sum their trimmed
+    # micro-batches in another order) into ~1e-6 of weight; 1e-5 is still 1/1000 of a step (lr 1e-2)
+    _assert_same_update(results[0], ref, old, metrics, atol=2e-6, param_atol=1e-5)
     second, replayed = results[0]["metrics"][1], results[0]["metrics"][2]
     for key in second:
         assert replayed[key] == pytest.approx(second[key], abs=1e-6), key
@@ -314,9 +318,9 @@ def test_deepspeed_on_cpu_two_ranks_match_one_rank(tmp_path, strategy):
     seconds = time.perf_counter() - t0
     ref, old, metrics = reference(torch.float32, stale=False)
     torch.testing.assert_close(results[0]["log_probs"], old, atol=2e-6, rtol=0)
-    for name, grad in ref["grads"].items():
+    for name, grad in ref["grads"].items():  # params after two AdamW steps: 1e-5 as in the float32 test above
         real = grad.abs() > 1e-6
-        torch.testing.assert_close(results[0]["params"][name][real], ref["params"][name][real], atol=2e-6, rtol=1e-5,
+        torch.testing.assert_close(results[0]["params"][name][real], ref["params"][name][real], atol=1e-5, rtol=1e-5,
                                    msg=name)
     for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/entropy", "actor/grad_norm", "actor/lr"):
         assert results[0]["metrics"][0][key] == pytest.approx(metrics[0][key], abs=1e-5), key

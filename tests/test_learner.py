@@ -145,6 +145,53 @@ def test_learner_log_probs_match_engine_sampling_log_probs(policy):
         assert float(recomputed[row, len(s.log_probs):].abs().sum()) == 0.0
 
 
+def test_trimmed_drops_only_the_pad_columns_no_row_uses():
+    batch = make_batch([[1, 2, 3], [4], [5, 6]], [[7, 8], [9, 10, 11], [12]], pad_id=0)
+    tail = batch.rows(1, 3).trimmed()  # prompts of 1-2 tokens, responses of 1-3
+    assert tail.prompt_width == 2
+    assert tail.input_ids.tolist() == [[0, 4, 9, 10, 11], [5, 6, 12, 0, 0]]
+    assert tail.position_ids.tolist() == batch.position_ids[1:3, 1:].tolist()
+    assert tail.responses.tolist() == [[9, 10, 11], [12, 0, 0]]
+    short = batch.rows(2, 3).trimmed()
+    assert short.input_ids.tolist() == [[5, 6, 12]] and short.response_mask.tolist() == [[1.0]]
+
+
+def _forward_widths(model) -> list[tuple[int, int]]:
+    """(rows, columns) of every forward pass ``model`` runs, in order."""
+    shapes: list[tuple[int, int]] = []
+    model.register_forward_hook(lambda module, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                with_kwargs=True)
+    return shapes
+
+
+def test_micro_batches_group_rows_by_length_and_run_at_their_own_widths(policy):
+    """Rows are grouped by length into micro-batches, and each micro-batch's forward pass sees
+    only the columns its own rows use (not the whole batch's padding); the log-probs (float64,
+    back in row order) and the update equal one pass over the full width."""
+    model, tok = policy
+    model64 = copy.deepcopy(model).double()
+    short, long = encode_prompt(tok, "q"), encode_prompt(tok, "q" * 9)
+    kinds = ["short", "long", "long", "short", "long", "long"]  # split in order, every pair holds a long row
+    batch = make_batch([short if k == "short" else long for k in kinds],
+                       [[5, 6] if k == "short" else list(range(5, 16)) for k in kinds], tok.pad_token_id)
+    batch.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0])
+    trimmed, full = _learner(copy.deepcopy(model64), micro_batch_rows=2), _learner(copy.deepcopy(model64))
+    widths = _forward_widths(trimmed.model)
+    own = [len(short) + 2, len(long) + 11, len(long) + 11]
+    logp = trimmed.compute_log_probs(batch)
+    assert widths == [(2, own[0]), (2, own[1]), (2, own[2])] and own[0] < batch.input_ids.shape[1]
+    with torch.no_grad():
+        reference = log_probs_from_logits(full.response_logits(batch), batch.responses) * batch.response_mask
+    torch.testing.assert_close(logp, reference.float(), atol=1e-12, rtol=0)
+    batch.old_log_probs = logp.double() + 0.2 * torch.sin(torch.arange(logp.numel()).reshape(logp.shape))
+    widths.clear()
+    trimmed.update(batch)
+    full.update(batch)
+    assert [w for _, w in widths] == own
+    for (name, a), (_, b) in zip(trimmed.model.named_parameters(), full.model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=name)
+
+
 def test_steps_for_epochs():
     assert steps_for_epochs(1, 10, 4) == 3
     assert steps_for_epochs(2, 10, 4) == 5

@@ -74,6 +74,29 @@ class TrainBatch:
     def to(self, device) -> "TrainBatch":
         return self._map_tensors(lambda t: t.to(device))
 
+    def trimmed(self) -> "TrainBatch":
+        """The same rows without the pad columns none of them uses: prompt columns left of the
+        longest prompt, response columns right of the longest response (at least one). A slice
+        of a bigger batch is padded to that batch's widths; its forward pass need not be. The
+        log-probs of the kept columns are those of the untrimmed rows (padding is masked out of
+        attention and positions are unchanged)."""
+        width_p = self.prompt_width
+        width_r = self.responses.shape[1]
+        used_p = int(self.attention_mask[:, :width_p].sum(-1).max()) if self.num_rows else width_p
+        used_r = max(1, int(self.attention_mask[:, width_p:].sum(-1).max())) if self.num_rows else width_r
+        if used_p == width_p and used_r == width_r:
+            return self
+        cut_left = width_p - used_p
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() < 2:
+                return t
+            if t.shape[1] == width_p + width_r:
+                return t[:, cut_left:width_p + used_r]
+            return t[:, :used_r]  # [B, R] response columns
+
+        return replace(self._map_tensors(cut), prompt_width=used_p)
+
     def stale_rows(self) -> torch.Tensor:
         """[B] bool: rows sampled by weights older than ``policy_version`` (surplus carried over)."""
         if self.weight_versions is None or self.policy_version is None:
@@ -102,6 +125,29 @@ def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[in
             resp_mask[i, : len(r)] = 1.0
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     return TrainBatch(input_ids, attention, positions, resp, resp_mask, width_p)
+
+
+def by_length(rows: TrainBatch) -> tuple[TrainBatch, torch.Tensor]:
+    """``rows`` ordered by their token count (prompt + response, a stable sort) and the order
+    used (``sorted = rows.permuted(order)``). Consecutive micro-batches of sorted rows have
+    similar lengths, so `TrainBatch.trimmed` drops most of their padding (verl's dynamic batch
+    size groups rows by length for the same reason). The loss is a sum over rows, so the
+    order changes nothing but the rounding."""
+    order = torch.sort(rows.attention_mask.sum(-1), stable=True).indices
+    return rows.permuted(order), order
+
+
+def in_row_order(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Undo `by_length`: ``values[k]`` belongs to row ``order[k]``."""
+    restored = torch.empty_like(values)
+    restored[order] = values
+    return restored
+
+
+def padded_columns(values: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, r] per-token values of a `TrainBatch.trimmed` slice back at the untrimmed response
+    width (0 beyond the slice's longest response)."""
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
 
 
 def mini_batch_normalisers(response_mask: torch.Tensor) -> tuple[float, float]:
@@ -378,15 +424,18 @@ class TorchLearner:
         """log pi(response tokens) under the current weights, [B, R], micro-batch by micro-batch
         (each rank its shard of the rows, gathered into the whole batch)."""
         shard = self.backend.shard(batch)
+        ordered, order = by_length(shard)
         was_training = self.model.training
         self.model.eval()  # no dropout in the behaviour-policy log-probs
         pieces = []
-        for mb in self.backend.micro_batches(batch, shard, self.micro_batch_rows, training=False):
-            mb = mb.to(self.device)
-            pieces.append(log_probs_from_logits(self.response_logits(mb), mb.responses).float().cpu())
+        for mb in self.backend.micro_batches(batch, ordered, self.micro_batch_rows, training=False):
+            mb = mb.trimmed().to(self.device)
+            log_prob = log_probs_from_logits(self.response_logits(mb), mb.responses).float().cpu()
+            pieces.append(padded_columns(log_prob, batch.responses.shape[1]))
         self.model.train(was_training)
-        local = (torch.cat(pieces)[: shard.num_rows] if pieces
-                 else torch.zeros((0, batch.responses.shape[1])))  # a rank with no rows of a tiny batch
+        if not pieces:  # a rank with no rows of a tiny batch
+            return self.backend.gather_rows(torch.zeros((0, batch.responses.shape[1])), batch.num_rows)
+        local = in_row_order(torch.cat(pieces)[: shard.num_rows], order)  # fillers of a padded rank drop off
         return self.backend.gather_rows(local * shard.response_mask, batch.num_rows)
 
     # ------------------------------------------------------------------ update
@@ -521,7 +570,8 @@ class TorchLearner:
         full-batch gradient."""
         shard = self.backend.shard(mini)
         num_tokens, num_seqs = self.backend.global_normalisers(mini, shard)
-        micros = self.backend.micro_batches(mini, shard, self.micro_batch_rows, training=True)
+        ordered, order = by_length(shard)
+        micros = self.backend.micro_batches(mini, ordered, self.micro_batch_rows, training=True)
         if proximal_from_forward:
             micros = [replace(m, old_log_probs=None, is_weights=None) for m in micros]
         self.backend.zero_grad()
@@ -532,7 +582,7 @@ class TorchLearner:
         stats["actor/grad_norm"] = (grad_norm, 1.0)
         if not proximal_from_forward:
             return stats, None
-        local = torch.cat(pieces)[: shard.num_rows]  # fillers of a padded rank drop off the end
+        local = in_row_order(torch.cat(pieces)[: shard.num_rows], order)  # fillers of a padded rank drop off the end
         return stats, self.backend.gather_rows(local, mini.num_rows)
 
     def _accumulate_gradients(self, micro_batches: list[TrainBatch], num_tokens: float,
@@ -552,14 +602,14 @@ class TorchLearner:
             stats[key] = ((old_v * old_w + value * weight) / (old_w + weight) if old_w + weight else 0.0, old_w + weight)
 
         for micro in micro_batches:
-            mb = micro.to(self.device)
+            mb = micro.trimmed().to(self.device)
             mb_tokens = float(mb.response_mask.sum())
             logits = self.response_logits(mb)
             log_prob = log_probs_from_logits(logits, mb.responses)
             weights = mb.is_weights
             if mb.old_log_probs is None:  # this forward runs at the step's starting weights: the proximal policy
                 old = log_prob.detach()
-                pieces.append((old.float() * mb.response_mask).cpu())
+                pieces.append(padded_columns((old.float() * mb.response_mask).cpu(), micro.responses.shape[1]))
                 if self.needs_importance_weights(mb):
                     weights, _ = rollout_correction_weights(old.float(), mb.behaviour_log_probs.to(old.device),
                                                             mb.response_mask, self.correction, mb.stale_rows())
