@@ -144,7 +144,7 @@ def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
 def load_policy(spec: DAPORunSpec, device: str | None = None):
     """(model, tokenizer) of spec.model, seeded with the run's seed (initialisation of any newly
     built weights is then the same in every process)."""
-    from dapo.controller.trainer import seed_all
+    from dapo.seeding import seed_all
     from dapo.model.loading import load_policy as load
 
     seed_all(spec.learner.seed)

@@ -39,6 +39,7 @@ from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
+from dapo.seeding import EVALUATION, GENERATION, seed_for
 from dapo.storage.checkpointer import CheckpointContents
 
 log = logging.getLogger("dapo.controller.trainer")
@@ -102,26 +103,6 @@ class BatchCollection:
     consumed: int = 0  # prompts the sampler had handed out after this collection (epoch accounting)
     rollout_idle_seconds: float = 0.0  # the rollout waited for the learner's weights (async)
     learner_idle_seconds: float = 0.0  # the learner waited for this batch (async)
-
-
-def seed_all(seed: int) -> None:
-    """Seed every process-wide random source from the run's seed (spec.learner.seed): Python's
-    ``random``, numpy's legacy global generator (when numpy is installed) and torch (CPU and every
-    CUDA device), so that nothing in a role process starts from OS randomness."""
-    random.seed(seed)
-    try:
-        import numpy
-    except ImportError:  # numpy is optional for the runtime
-        pass
-    else:
-        numpy.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def seed_for(base_seed: int, step: int, call: int) -> int:
-    """A distinct, reproducible sampling seed per (step, generation call): resume at step s samples
-    exactly what the uninterrupted run sampled, with no generator state to carry."""
-    return (base_seed * 1_000_003 + step * 10_007 + call) % (2**63 - 1)
 
 
 def uids_digest(uids: Sequence[str]) -> str:
@@ -272,7 +253,7 @@ class Trainer:
                     all_correct=out.all_correct, all_wrong=out.all_wrong, n=ro.n))
             indices = self.sampler.next_indices(ro.gen_batch_size)
             groups = self.generate_groups(self.train_records, indices, n=ro.n, temperature=ro.temperature,
-                                          top_p=ro.top_p, seed=seed_for(self.spec.learner.seed, step,
+                                          top_p=ro.top_p, seed=seed_for(self.spec.learner.seed + GENERATION, step,
                                                                         out.num_gen_batches), stats=out)
             out.num_gen_batches += 1
             out.groups_generated += len(groups)
@@ -350,9 +331,9 @@ class Trainer:
         t_collected = time.perf_counter()
         batch, info = self.build_batch(collection.groups)
 
-        t1 = time.perf_counter()
+        t_update = time.perf_counter()
         update_metrics = self.learner.update(batch)  # takes the proximal log-probs itself
-        t2 = time.perf_counter()
+        t_updated = time.perf_counter()
         proximal_seconds = self.learner.proximal_seconds
         lags = [self.weight_version - v for g in collection.groups for v in g.sample_versions()]
         self.weight_version += 1
@@ -360,7 +341,7 @@ class Trainer:
             self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
         elif not self._pause_due(self.step + 1):  # else train() publishes after evaluation / checkpoint
             self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
-        t3 = time.perf_counter()
+        t_synced = time.perf_counter()
         self.step += 1
 
         step_seconds = time.perf_counter() - t_step
@@ -382,10 +363,10 @@ class Trainer:
             "timing_s/gen": collection.gen_seconds,
             "timing_s/reward": collection.reward_seconds,
             "timing_s/old_log_prob": proximal_seconds,
-            "timing_s/update_actor": t2 - t1 - proximal_seconds,
-            "timing_s/sync_weights": t3 - t2,
+            "timing_s/update_actor": t_updated - t_update - proximal_seconds,
+            "timing_s/sync_weights": t_synced - t_updated,
             "timing_s/step": step_seconds,
-            **self._async_metrics(collection, lags, sync_idle=(t_collected - t_step, t3 - t_collected)),
+            **self._async_metrics(collection, lags, sync_idle=(t_collected - t_step, t_synced - t_collected)),
             "perf/throughput": total_tokens / step_seconds if step_seconds > 0 else 0.0,
             "perf/gen_tokens_per_s": (collection.gen_tokens / collection.gen_seconds
                                       if collection.gen_seconds > 0 else 0.0),
@@ -425,7 +406,7 @@ class Trainer:
         for call, start in enumerate(range(0, len(self.eval_records), chunk)):
             indices = list(range(start, min(start + chunk, len(self.eval_records))))
             groups = self.generate_groups(self.eval_records, indices, n=ev.n, temperature=ev.temperature,
-                                          top_p=ev.top_p, seed=seed_for(self.spec.learner.seed + 7919, self.step, call))
+                                          top_p=ev.top_p, seed=seed_for(self.spec.learner.seed + EVALUATION, self.step, call))
             for g in groups:
                 accs.extend(g.accs)
                 scores.extend(g.scores)

@@ -60,7 +60,8 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     from dapo.rollout.base import encode_prompt
     from dapo.controller.metrics import MetricsWriter, ProgressLog
     from dapo.controller.tracking import build_trackers
-    from dapo.controller.trainer import Trainer, seed_all
+    from dapo.controller.trainer import Trainer
+    from dapo.seeding import seed_all
 
     spec = run.spec
     device = wiring.pick_device()

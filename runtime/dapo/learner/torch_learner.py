@@ -33,6 +33,7 @@ from dapo.algo import (PolicyLossConfig, RolloutCorrection, check_policy_loss, c
                        entropy_from_logits, log_probs_from_logits, rollout_correction_metrics,
                        rollout_correction_weights)
 from dapo.learner.base import LearnerBackend, WeightedStats
+from dapo.seeding import MINI_BATCH_ORDER, seed_for
 
 # the token-weighted per-micro-batch metrics (the loss and the grad norm are per mini-batch)
 METRIC_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy")
@@ -473,6 +474,15 @@ class TorchLearner:
             raise ValueError(f"batch.old_log_probs has shape {tuple(batch.old_log_probs.shape)}, the "
                              f"responses {tuple(batch.response_mask.shape)}")
 
+    def importance_weights(self, proximal: torch.Tensor, rows: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rollout-correction weights behaviour -> proximal of ``rows`` and the positions they
+        truncated or rejected (`dapo.algo.rollout_correction_weights` with the run's correction;
+        stale rows always weighted). The one place the learner computes them: for the whole
+        batch in `correct_for_rollout`, for the first mini-batch inside its optimizer step."""
+        return rollout_correction_weights(proximal.float(), rows.behaviour_log_probs.to(proximal.device),
+                                          rows.response_mask.to(proximal.device), self.correction,
+                                          rows.stale_rows())
+
     def correct_for_rollout(self, batch: TrainBatch) -> tuple[TrainBatch, dict[str, float]]:
         """The batch with its rollout-correction weights (`dapo.algo.rollout_correction_weights`,
         from the proximal and behaviour log-probs of the WHOLE batch, so sequence-level weights
@@ -480,8 +490,7 @@ class TorchLearner:
         the weights stay None = 1."""
         if batch.behaviour_log_probs is None or batch.old_log_probs is None:
             return batch, {}
-        weights, rejected = rollout_correction_weights(batch.old_log_probs, batch.behaviour_log_probs,
-                                                       batch.response_mask, self.correction, batch.stale_rows())
+        weights, rejected = self.importance_weights(batch.old_log_probs, batch)
         metrics = rollout_correction_metrics(batch.old_log_probs, batch.behaviour_log_probs, batch.response_mask,
                                              weights, rejected)
         return replace(batch, is_weights=weights.float()), metrics
@@ -494,7 +503,7 @@ class TorchLearner:
         if self.shuffle_seed is None or batch.num_rows < 2:
             return batch
         generator = torch.Generator().manual_seed(
-            (int(self.shuffle_seed) * 1_000_003 + int(batch.policy_version or 0)) % (1 << 63))
+            seed_for(int(self.shuffle_seed) + MINI_BATCH_ORDER, int(batch.policy_version or 0)))
         return batch.permuted(torch.randperm(batch.num_rows, generator=generator))
 
     def with_proximal_log_probs(self, batch: TrainBatch) -> tuple[TrainBatch, int]:
@@ -611,8 +620,7 @@ class TorchLearner:
                 old = log_prob.detach()
                 pieces.append(padded_columns((old.float() * mb.response_mask).cpu(), micro.responses.shape[1]))
                 if self.needs_importance_weights(mb):
-                    weights, _ = rollout_correction_weights(old.float(), mb.behaviour_log_probs.to(old.device),
-                                                            mb.response_mask, self.correction, mb.stale_rows())
+                    weights, _ = self.importance_weights(old, mb)
             else:
                 old = mb.old_log_probs.to(log_prob.dtype)
             loss, m = compute_policy_loss(self.policy_loss, log_prob, old, mb.advantages, mb.response_mask,
