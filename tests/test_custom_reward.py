@@ -82,6 +82,13 @@ def test_function_gets_verls_keyword_arguments():
     assert (result.score, result.acc, result.pred) == (0.5, True, "my-source|None|4")
 
 
+def test_function_gets_each_rows_extra_info_through_the_worker_pool():
+    infos = [{"split": "train", "index": 3}, None]
+    with scorer_for(scorers=[{"dataSource": "*", "function": "_custom_scorers:echo_kwargs"}]) as scorer:
+        results = scorer.score_batch(["abcd", "ab"], ["x", "y"], ["s1", "s2"], extra_infos=infos)
+    assert [r.pred for r in results] == ["s1|{'split': 'train', 'index': 3}|4", "s2|None|2"]
+
+
 def test_relative_file_reference_resolves_against_the_start_directory(tmp_path, scorer_file, monkeypatch):
     monkeypatch.chdir(scorer_file.parent)
     with scorer_for(scorers=[{"dataSource": "*", "function": "my_reward.py:compute_score"}]) as scorer:

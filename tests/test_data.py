@@ -319,6 +319,8 @@ def test_raw_and_prewrapped_copies_are_one_prompt_in_dapo_parquet(tmp_path):
     assert [r.text for r in records] == [apply_dapo_template(raw), apply_dapo_template("Compute $3+3$.")]
     assert report.templated == 2 and report.already_templated == 1 and report.duplicates_dropped == 1
     assert records[0].data_source == "toy" and records[0].extra["ability"] == "math"
+    # what scorers get: the verl extra_info keys at the top level, the other columns, the row index
+    assert records[0].extra_info == {"ability": "math", "index": 0, "row_index": 0}
 
 
 def test_no_usable_rows_error_names_file_and_column(tmp_path):

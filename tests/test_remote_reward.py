@@ -99,6 +99,9 @@ def test_batches_follow_the_contract_with_headers_from_the_environment(judge_fac
     assert sorted(len(b["requests"]) for b in judge.bodies) == [1, 2, 2]  # batchSize 2
     first = next(b for b in judge.bodies if b["requests"][0]["solution_str"] == "a")
     assert first["requests"][0] == {"solution_str": "a", "ground_truth": "a", "data_source": "s1", "extra_info": None}
+    judge.bodies.clear()
+    remote.score(["a", "b"], ["a", "b"], ["s1", "s2"], [{"tests": [1, 2]}, {"tests": []}])
+    assert [r["extra_info"] for r in judge.bodies[0]["requests"]] == [{"tests": [1, 2]}, {"tests": []}]
     assert all(h["Authorization"] == "Bearer s3cret" for h in judge.headers)
 
 

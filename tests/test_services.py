@@ -21,7 +21,7 @@ import torch
 from _dapo_tiny import tiny_policy
 from dapo.rollout.base import RolloutEngine, encode_prompt
 from dapo.rollout.hf import HFEngine
-from dapo.services.http import AppThread, RetryableError, ServiceError, split_evenly
+from dapo.services.http import AppThread, RetryableError, ServiceError, post_json, split_evenly
 from dapo.services.reward import RemoteScorer, RewardService
 from dapo.services.rollout import (RemoteRolloutEngine, RolloutService, chunk_seed, parse_generate_request,
                                   samples_from_wire)
@@ -204,6 +204,9 @@ def test_reward_service_scores_and_keeps_the_time_bound():
         assert elapsed < 1.0 + 4.0, elapsed  # one time bound plus a worker restart on a loaded machine
         with pytest.raises(ServiceError, match="HTTP 400.*response_lengths"):
             remote.score_batch(["a"], ["b"])  # overlong shaping needs the lengths
+        with pytest.raises(ServiceError, match="HTTP 400.*extra_infos"):
+            post_json(servers[0].url + "/score", {"responses": ["a"], "ground_truths": ["b"], "extra_infos": [{}, {}]},
+                      5.0)
     finally:
         for server in servers:
             server.stop()

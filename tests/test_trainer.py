@@ -50,7 +50,9 @@ class OverlapScorer:
         self.mode = mode
         self.closed = False
 
-    def score_batch(self, responses, ground_truths, data_sources=None, response_lengths=None, truncated=None):
+    def score_batch(self, responses, ground_truths, data_sources=None, response_lengths=None, truncated=None,
+                    extra_infos=None):
+        self.extra_infos = extra_infos
         out = []
         for i, (text, truth, cut) in enumerate(zip(responses, ground_truths, truncated or [False] * len(responses))):
             acc = {"overlap": bool(set(text) & set(truth)), "alternate": i % 2 == 0, "right": True,
@@ -218,6 +220,15 @@ def test_surplus_groups_carry_to_the_next_step(tmp_path):
     # the surplus is part of the checkpointed state
     state = json.loads(json.dumps(trainer.state_dict()))
     assert [g["uid"] for g in state["surplus"]] == surplus_uids[2:]
+
+
+def test_scorer_gets_each_responses_row_extra_info(tmp_path):
+    scorer = OverlapScorer()
+    trainer = _trainer(tmp_path, scorer, eval={"beforeTrain": False, "everySteps": 0})
+    groups = trainer.generate_groups(trainer.train_records, [2, 0], n=2, temperature=1.0, top_p=1.0, seed=1)
+    assert len(groups) == 2
+    expected = [trainer.train_records[i].extra_info for i in (2, 2, 0, 0)]
+    assert scorer.extra_infos == expected and expected[0]["row_index"] == 2
 
 
 class _OnlyCheckpointable:

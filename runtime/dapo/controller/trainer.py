@@ -213,7 +213,8 @@ class Trainer:
         rows = [records[indices[s.prompt_index]] for s in samples]
         results = self.scorer.score_batch(
             texts, [r.ground_truth for r in rows], [r.data_source for r in rows],
-            [len(s.response_ids) for s in samples], [s.truncated for s in samples])
+            [len(s.response_ids) for s in samples], [s.truncated for s in samples],
+            extra_infos=[r.extra_info for r in rows])
         t2 = time.perf_counter()
         if stats is not None:
             stats.gen_seconds += t1 - t0

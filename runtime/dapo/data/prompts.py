@@ -73,6 +73,20 @@ class PromptRecord:
         """Content of the last user message: the problem as the model sees it (after templating)."""
         return _last_user_content(self.prompt)
 
+    @property
+    def extra_info(self) -> dict[str, Any]:
+        """What a scorer gets as ``extra_info``: the row's other columns, with the keys of its
+        ``extra_info`` column (verl's per-row dict) at the top level, so a verl ``compute_score``
+        reading ``extra_info["split"]`` works unchanged; plus the loader's ``row_index`` (and a
+        GSM8K row's worked solution, ``answer_text``)."""
+        info = {key: value for key, value in self.extra.items() if key != "extra_info"}
+        nested = self.extra.get("extra_info")
+        if isinstance(nested, dict):
+            info.update(nested)
+        elif nested is not None:
+            info["extra_info"] = nested
+        return info
+
 
 @dataclasses.dataclass
 class LoadReport:

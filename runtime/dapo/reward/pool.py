@@ -300,18 +300,22 @@ class RewardScorer:
         data_sources: Sequence[str | None] | None = None,
         response_lengths: Sequence[int] | None = None,
         truncated: Sequence[bool] | None = None,
+        extra_infos: Sequence[dict | None] | None = None,
     ) -> list[RewardResult]:
         """Score ``responses`` against ``ground_truths``; results in input order.
 
         ``data_sources`` picks each row's scorer (:func:`scorer_for_data_source`, default
         ``default_scorer``); ``response_lengths`` (tokens) drive overlong shaping and are
         required when it is enabled; ``truncated`` (hit the length limit) is passed through
-        for overlong filtering downstream.
+        for overlong filtering downstream; ``extra_infos`` go to run-file and remote scorers as
+        their ``extra_info`` (built-in scorers do not take it).
         """
         count = len(responses)
         data_sources = [None] * count if data_sources is None else list(data_sources)
         truncated = [False] * count if truncated is None else [bool(t) for t in truncated]
-        for name, values in (("ground_truths", ground_truths), ("data_sources", data_sources), ("truncated", truncated)):
+        extra_infos = [None] * count if extra_infos is None else list(extra_infos)
+        for name, values in (("ground_truths", ground_truths), ("data_sources", data_sources), ("truncated", truncated),
+                             ("extra_infos", extra_infos)):
             if len(values) != count:
                 raise ValueError(f"score_batch: {name} has {len(values)} items, responses has {count}")
         penalties = self._overlong_penalties(response_lengths, count)
@@ -322,8 +326,8 @@ class RewardScorer:
         if remote_rows:  # the HTTP round trips overlap with the local workers
             remote_answer = self._remote_thread.submit(
                 self.remote.score, [responses[i] for i in remote_rows], [ground_truths[i] for i in remote_rows],
-                [sources[i] for i in remote_rows])
-        verdicts = self._run(responses, ground_truths, scorer_names, sources, skip=set(remote_rows))
+                [sources[i] for i in remote_rows], [extra_infos[i] for i in remote_rows])
+        verdicts = self._run(responses, ground_truths, scorer_names, sources, extra_infos, skip=set(remote_rows))
         if remote_answer is not None:
             for i, (score, acc, pred, error) in zip(remote_rows, remote_answer.result()):
                 verdicts[i] = _Verdict(bool(acc) and error is None, pred, error=error, score=score)
@@ -418,7 +422,8 @@ class RewardScorer:
         return response
 
     def _run(self, responses: Sequence[str], ground_truths: Sequence[str], scorer_names: list[str],
-             sources: list[str | None], skip: set[int] = frozenset()) -> list[_Verdict | None]:
+             sources: list[str | None], extra_infos: list[dict | None],
+             skip: set[int] = frozenset()) -> list[_Verdict | None]:
         """Dispatch every response but ``skip`` to the workers; verdicts in input order (``None``
         at the skipped places)."""
         with self._lock:
@@ -449,7 +454,7 @@ class RewardScorer:
                     worker.tasks.clear()
                     self._discard(worker)
             while pending or any(w.task is not None for w in self._workers):
-                self._dispatch(pending, responses, ground_truths, scorer_names, sources, payloads)
+                self._dispatch(pending, responses, ground_truths, scorer_names, sources, extra_infos, payloads)
                 self._collect(verdicts)
             for verdict in verdicts:
                 if verdict is None:
@@ -475,7 +480,7 @@ class RewardScorer:
                 f"module-level function of an importable module ({exc})"
             ) from exc
 
-    def _dispatch(self, pending, responses, ground_truths, scorer_names, sources, payloads) -> None:
+    def _dispatch(self, pending, responses, ground_truths, scorer_names, sources, extra_infos, payloads) -> None:
         for worker in self._workers:
             if worker.task is None and worker.ready and not worker.process.is_alive():
                 self._discard(worker)  # died while idle (e.g. killed from outside)
@@ -488,7 +493,7 @@ class RewardScorer:
                 ids = [pending.popleft() for _ in range(max(1, min(_TASKS_PER_MESSAGE, share)))]
                 try:
                     worker.conn.send([(i, payloads[scorer_names[i]], self._cap_input(responses[i]), ground_truths[i],
-                                       sources[i]) for i in ids])
+                                       sources[i], extra_infos[i]) for i in ids])
                 except (OSError, ValueError):
                     pending.extendleft(reversed(ids))  # the worker died while idle: replace it, retry the tasks
                     self._discard(worker)

@@ -4,10 +4,11 @@ company's verifier.
 Contract (one POST per batch of at most ``batchSize`` responses, JSON both ways)::
 
     POST <url>   {"requests": [{"solution_str": str, "ground_truth": str,
-                                "data_source": str | null, "extra_info": null}, ...]}
+                                "data_source": str | null, "extra_info": object | null}, ...]}
     200          {"results": [float | {"score": float, "acc": bool?, "pred": str?}, ...]}
 
-``results`` is as long as ``requests`` and in the same order; each entry is read like a run-file
+``extra_info`` is the row's `PromptRecord.extra_info` (its other columns, verl's ``extra_info``
+keys at the top level). ``results`` is as long as ``requests`` and in the same order; each entry is read like a run-file
 scorer's return value (:func:`dapo.reward.custom.read_score`): a bad entry (NaN, a string, no
 ``score``) fails that one response. Headers (``Authorization``, ...) come from the environment
 variable ``DAPO_REWARD_REMOTE_HEADERS``, a JSON object; on Kubernetes the operator sets it from
@@ -79,21 +80,23 @@ class RemoteReward:
         return cls(remote.url, timeout_s=remote.timeout_seconds, batch_size=remote.batch_size,
                    max_retries=remote.max_retries, headers=headers_from_env())
 
-    def score(self, solutions: Sequence[str], ground_truths: Sequence[str],
-              data_sources: Sequence[str | None]) -> list[tuple[float | None, bool, str, str | None]]:
+    def score(self, solutions: Sequence[str], ground_truths: Sequence[str], data_sources: Sequence[str | None],
+              extra_infos: Sequence[dict | None] | None = None) -> list[tuple[float | None, bool, str, str | None]]:
+        extra_infos = [None] * len(solutions) if extra_infos is None else list(extra_infos)
         starts = range(0, len(solutions), self.batch_size)
         futures = [self._threads.submit(self._score_batch, solutions[s:s + self.batch_size],
-                                        ground_truths[s:s + self.batch_size], data_sources[s:s + self.batch_size])
+                                        ground_truths[s:s + self.batch_size], data_sources[s:s + self.batch_size],
+                                        extra_infos[s:s + self.batch_size])
                    for s in starts]
         out: list[tuple[float | None, bool, str, str | None]] = []
         for future in futures:
             out.extend(future.result())
         return out
 
-    def _score_batch(self, solutions, ground_truths, data_sources):
+    def _score_batch(self, solutions, ground_truths, data_sources, extra_infos):
         payload = {"requests": [
-            {"solution_str": s, "ground_truth": g, "data_source": d, "extra_info": None}
-            for s, g, d in zip(solutions, ground_truths, data_sources)]}
+            {"solution_str": s, "ground_truth": g, "data_source": d, "extra_info": e}
+            for s, g, d, e in zip(solutions, ground_truths, data_sources, extra_infos)]}
         failures: list[str] = []
         for attempt in range(self.max_retries + 1):
             if attempt:

@@ -38,14 +38,15 @@ def _limit_memory(memory_limit_mb: int | None) -> None:
         pass  # not supported on this platform: the time bound still holds
 
 
-def _score_one(scorer: tuple[str, object], solution: str, ground_truth: str, data_source: str | None) -> tuple:
+def _score_one(scorer: tuple[str, object], solution: str, ground_truth: str, data_source: str | None,
+               extra_info: dict | None = None) -> tuple:
     """Run one scorer; ("ok", score, acc, pred) or ("error", message)."""
     from dapo.reward.custom import call_user_scorer, read_score
 
     try:
         kind, payload = scorer
         if kind == "ref":
-            score, acc, pred = call_user_scorer(payload, solution, ground_truth, data_source)
+            score, acc, pred = call_user_scorer(payload, solution, ground_truth, data_source, extra_info)
         else:
             score, acc, pred = read_score(pickle.loads(payload)(solution, ground_truth))
         return ("ok", score, acc, pred)
@@ -71,8 +72,8 @@ def worker_main(conn, warm_modules: tuple[str, ...] = (), memory_limit_mb: int |
             return  # parent gone
         if message is None:
             return
-        for task_id, scorer, solution, ground_truth, data_source in message:
-            outcome = _score_one(scorer, solution, ground_truth, data_source)
+        for task_id, scorer, solution, ground_truth, data_source, extra_info in message:
+            outcome = _score_one(scorer, solution, ground_truth, data_source, extra_info)
             try:
                 conn.send((outcome[0], task_id, *outcome[1:]))
             except (BrokenPipeError, OSError):

@@ -38,7 +38,7 @@ def parse_score_request(doc) -> dict:
     if not isinstance(responses, list) or not isinstance(truths, list):
         raise ValueError("responses and ground_truths must be lists")
     out = {"responses": responses, "ground_truths": truths}
-    for key in ("data_sources", "response_lengths", "truncated"):
+    for key in ("data_sources", "response_lengths", "truncated", "extra_infos"):
         value = doc.get(key)
         if value is not None and (not isinstance(value, list) or len(value) != len(responses)):
             raise ValueError(f"{key} must be null or a list as long as responses ({len(responses)})")
@@ -56,7 +56,8 @@ class RewardService:
 
     def score(self, request: dict) -> dict:
         results = self.scorer.score_batch(request["responses"], request["ground_truths"], request["data_sources"],
-                                          request["response_lengths"], request["truncated"])
+                                          request["response_lengths"], request["truncated"],
+                                          extra_infos=request["extra_infos"])
         return {"results": [_result_dict(r) for r in results]}
 
     def make_app(self):
@@ -135,7 +136,7 @@ class RemoteScorer:
         self.pool.wait_ready(timeout_s)
 
     def score_batch(self, responses, ground_truths, data_sources=None, response_lengths=None,
-                    truncated=None) -> list[RewardResult]:
+                    truncated=None, extra_infos=None) -> list[RewardResult]:
         count = len(responses)
         if len(ground_truths) != count:
             raise ValueError(f"score_batch: ground_truths has {len(ground_truths)} items, responses has {count}")
@@ -144,7 +145,8 @@ class RemoteScorer:
         columns = {"responses": list(responses), "ground_truths": list(ground_truths),
                    "data_sources": None if data_sources is None else list(data_sources),
                    "response_lengths": None if response_lengths is None else [int(x) for x in response_lengths],
-                   "truncated": None if truncated is None else [bool(x) for x in truncated]}
+                   "truncated": None if truncated is None else [bool(x) for x in truncated],
+                   "extra_infos": None if extra_infos is None else list(extra_infos)}
         futures = [self._threads.submit(self._score_slice, k, start, stop, columns)
                    for k, (start, stop) in enumerate(split_evenly(count, len(self.urls)))]
         results: list[RewardResult] = []
