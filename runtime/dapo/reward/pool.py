@@ -492,8 +492,10 @@ class RewardScorer:
                 share = -(-len(pending) // len(self._workers))
                 ids = [pending.popleft() for _ in range(max(1, min(_TASKS_PER_MESSAGE, share)))]
                 try:
+                    # only run-file scorers take extra_info: built-in ones get none to unpickle
                     worker.conn.send([(i, payloads[scorer_names[i]], self._cap_input(responses[i]), ground_truths[i],
-                                       sources[i], extra_infos[i]) for i in ids])
+                                       sources[i], extra_infos[i] if payloads[scorer_names[i]][0] == "ref" else None)
+                                      for i in ids])
                 except (OSError, ValueError):
                     pending.extendleft(reversed(ids))  # the worker died while idle: replace it, retry the tasks
                     self._discard(worker)
