@@ -6,6 +6,7 @@ Run: .venv/bin/pytest -s tests/test_data.py   (-s shows the printed counts)
 from __future__ import annotations
 
 import collections
+import datetime
 import itertools
 import json
 import logging
@@ -321,6 +322,9 @@ def test_raw_and_prewrapped_copies_are_one_prompt_in_dapo_parquet(tmp_path):
     assert records[0].data_source == "toy" and records[0].extra["ability"] == "math"
     # what scorers get: the verl extra_info keys at the top level, the other columns, the row index
     assert records[0].extra_info == {"ability": "math", "index": 0, "row_index": 0}
+    stamped = PromptRecord("u", [{"role": "user", "content": "q"}], "1", "s",
+                           {"blob": b"\x00", "when": datetime.date(2026, 1, 2), "extra_info": {"n": 1.5}})
+    assert stamped.extra_info == {"blob": "b'\\x00'", "when": "2026-01-02", "n": 1.5}  # JSON values only
 
 
 def test_no_usable_rows_error_names_file_and_column(tmp_path):

@@ -11,6 +11,7 @@ The order prompts are trained in comes from `dapo.data.sampler`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -73,19 +74,21 @@ class PromptRecord:
         """Content of the last user message: the problem as the model sees it (after templating)."""
         return _last_user_content(self.prompt)
 
-    @property
+    @functools.cached_property
     def extra_info(self) -> dict[str, Any]:
         """What a scorer gets as ``extra_info``: the row's other columns, with the keys of its
         ``extra_info`` column (verl's per-row dict) at the top level, so a verl ``compute_score``
         reading ``extra_info["split"]`` works unchanged; plus the loader's ``row_index`` (and a
-        GSM8K row's worked solution, ``answer_text``)."""
+        GSM8K row's worked solution, ``answer_text``). JSON values only (it travels to remote
+        scorers as JSON): a parquet value JSON has no type for (bytes, a timestamp) becomes its
+        string."""
         info = {key: value for key, value in self.extra.items() if key != "extra_info"}
         nested = self.extra.get("extra_info")
         if isinstance(nested, dict):
             info.update(nested)
         elif nested is not None:
             info["extra_info"] = nested
-        return info
+        return json.loads(json.dumps(info, default=str))
 
 
 @dataclasses.dataclass
