@@ -63,6 +63,28 @@ def test_eos_stops_each_row_and_finish_reasons(policy):
     assert all(len(s.response_ids) == 1 and s.finish_reason == FINISH_STOP for s in samples)
 
 
+@pytest.mark.parametrize("preallocate", [True, False])
+def test_finished_rows_leave_the_decode_batch_and_the_samples_stay(policy, preallocate):
+    """Once half the rows have ended they leave the batch and its KV cache (fewer row passes);
+    every row's tokens, log-probs, length and finish reason are those of the engine that keeps
+    decoding pads for them."""
+    model, tok = policy
+    engines = [HFEngine(model, tok, preallocate_cache=preallocate, compact_finished=c) for c in (True, False)]
+    for engine in engines:
+        engine.eos_ids = set(range(10, 25))  # ~15 % of the vocabulary ends a row: they end at many lengths
+    compact, full = (e.generate(_prompts(tok), n=8, temperature=1.0, top_p=1.0, max_new_tokens=10, seed=5)
+                     for e in engines)
+    assert len({len(s.response_ids) for s in full}) >= 4
+    assert [s.response_ids for s in compact] == [s.response_ids for s in full]
+    assert [s.finish_reason for s in compact] == [s.finish_reason for s in full]
+    for a, b in zip(compact, full):
+        torch.testing.assert_close(torch.tensor(a.log_probs), torch.tensor(b.log_probs), atol=1e-5, rtol=0)
+    rows, passes = len(full), engines[1].last_stats.forward_passes
+    assert engines[1].last_stats.extra["row_passes"] == rows * passes
+    assert engines[0].last_stats.forward_passes == passes
+    assert engines[0].last_stats.extra["row_passes"] < 0.8 * rows * passes
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_log_probs_are_model_log_softmax_at_temperature(policy, temperature):
     model, tok = policy

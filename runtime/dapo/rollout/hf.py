@@ -148,6 +148,10 @@ def preallocated_cache(model, capacity: int):
         def get_seq_length(self) -> int:
             return self.length
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
     return Cache(layers=[PreallocatedLayer() for _ in range(config.num_hidden_layers)])
 
 
@@ -183,11 +187,16 @@ class HFEngine(RolloutEngine):
     Rows (prompts x n) are decoded in chunks that run one after another. A chunk holds
     ``max_batch_rows`` rows, or more when ``kv_budget_bytes`` is set and the KV cache of more rows
     (at this call's prompt width + max_new_tokens) fits in it: small models then decode a whole
-    batch at once (fewer forward passes), large ones keep the fixed row count.
+    batch at once (fewer forward passes), large ones keep the fixed row count. Once half of a
+    chunk's rows have ended, the finished ones leave the decode batch and its KV cache
+    (``compact_finished``), so a few long answers do not keep every short one decoding pads; at
+    most log2(rows) such copies per chunk. ``last_stats.extra["row_passes"]`` counts the rows of
+    every forward pass.
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device = "cpu", max_batch_rows: int = 64,
-                 kv_budget_bytes: int = 0, copy_model: bool = True, preallocate_cache: bool = True):
+                 kv_budget_bytes: int = 0, copy_model: bool = True, preallocate_cache: bool = True,
+                 compact_finished: bool = True):
         self.device = torch.device(device)
         self.model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
         for p in self.model.parameters():
@@ -198,6 +207,7 @@ class HFEngine(RolloutEngine):
         self.max_batch_rows = max_batch_rows
         self.kv_budget_bytes = kv_budget_bytes
         self.preallocate_cache = preallocate_cache  # False: the model's own (torch.cat-grown) cache
+        self.compact_finished = compact_finished  # False: finished rows decode pads to the end of the chunk
         self._cache_kwarg = _cache_kwarg(self.model)
         self._version = 0
         self.last_stats = GenerationStats()
@@ -277,32 +287,47 @@ class HFEngine(RolloutEngine):
         out_tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         out_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=self.device)
         lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        # the rows still in the decode batch (chunk row numbers) and which of them are done
+        alive = torch.arange(batch, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        uniforms = uniforms.to(self.device)
 
         cache = preallocated_cache(self.model, width + max_new_tokens) if self.preallocate_cache else None
         out = self.model(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions, use_cache=True,
                          logits_to_keep=1, **({self._cache_kwarg: cache} if cache is not None else {}))
         stats.forward_passes += 1
+        stats.extra["row_passes"] = stats.extra.get("row_passes", 0) + batch
         cache = _cache_of(out)
         logits = out.logits[:, -1, :]
         next_pos = positions[:, -1:] + 1
         for t in range(max_new_tokens):
             tokens, logp = sample_next(logits, temperature, top_p, uniforms[:, t])
             active = ~finished
-            out_tokens[:, t] = torch.where(active, tokens, out_tokens[:, t])
-            out_logp[:, t] = torch.where(active, logp, out_logp[:, t])
-            lengths += active.long()
+            decoding = alive[active]
+            out_tokens[decoding, t] = tokens[active]
+            out_logp[decoding, t] = logp[active]
+            lengths[decoding] += 1
             hit_eos = active & torch.isin(tokens, eos)
-            stopped |= hit_eos
+            stopped[alive[hit_eos]] = True
             finished |= hit_eos
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
-            # finished rows keep decoding pad tokens (their output is ignored) so the batch stays rectangular
+            if (self.compact_finished and 2 * int(finished.sum()) >= len(finished)
+                    and hasattr(cache, "batch_select_indices")):
+                # half the decode batch is done: drop those rows (KV cache included) rather than
+                # decode pad tokens for them; each row keeps its own random stream, so the
+                # samples are those of the full batch
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                alive, tokens, finished = alive[keep], tokens[keep], finished[keep]
+                attention, next_pos, uniforms = attention[keep], next_pos[keep], uniforms[keep]
+            # finished rows still in the batch decode pad tokens (their output is ignored)
             step_ids = torch.where(finished, torch.full_like(tokens, self.pad_id), tokens)[:, None]
             out = self.model(input_ids=step_ids, attention_mask=attention[:, : width + t + 1], position_ids=next_pos,
                              use_cache=True, **{self._cache_kwarg: cache})
             stats.forward_passes += 1
+            stats.extra["row_passes"] += len(alive)
             cache = _cache_of(out)
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
