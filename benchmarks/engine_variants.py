@@ -4,6 +4,11 @@ torch.cat KV cache) and plain `model.generate` (what TRL times), alternating in 
 prints the median and fastest time of each. Run from the repository root:
 
     PYTHONPATH=runtime .venv/bin/python benchmarks/engine_variants.py [--threads 2] [--rounds 7]
+        [--weights RUN/checkpoints/step-N/attempt-*/model/model.safetensors]
+
+``--weights`` loads a trained quickstart policy: the untrained one ends nearly every answer after
+5 tokens, a trained one spreads its lengths (a few long answers), which is where dropping
+finished rows from the decode batch (``compact_finished``) pays.
 """
 
 from __future__ import annotations
@@ -38,11 +43,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up")
+    p.add_argument("--weights", help="a quickstart checkpoint's model.safetensors (a trained policy)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     spec = load_run_file("examples/quickstart.yaml", []).spec
     model, tokenizer = wiring.load_policy(spec, "cpu")
+    if args.weights:
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(args.weights), strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:  # lm_head is tied to the embeddings
+            raise SystemExit(f"{args.weights} is not a quickstart checkpoint: missing {missing}, unexpected {unexpected}")
     records = [json.loads(line) for line in open(spec.data.train)][:32]
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["problem"]}]) for r in records]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -50,6 +62,8 @@ def main() -> None:
     engines = {
         "HFEngine, 64-row chunks, preallocated cache": HFEngine(model, tokenizer, max_batch_rows=64),
         "HFEngine, 256-row chunk, preallocated cache": HFEngine(model, tokenizer, max_batch_rows=256),
+        "HFEngine, 256-row chunk, preallocated cache, finished rows decode pads":
+            HFEngine(model, tokenizer, max_batch_rows=256, compact_finished=False),
         "HFEngine, 64-row chunks, torch.cat cache": HFEngine(model, tokenizer, max_batch_rows=64,
                                                              preallocate_cache=False),
         "HFEngine, 256-row chunk, torch.cat cache": HFEngine(model, tokenizer, max_batch_rows=256,
