@@ -70,6 +70,21 @@ def tiny_model_path() -> Path:
 # --------------------------------------------------------------------------- evaluation
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int):
+    """Token rows left-padded to the longest, and their attention mask (both [rows, width] long
+    tensors): the layout ``model.generate`` continues from."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        if len(row):
+            ids[r, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[r, width - len(row):] = 1
+    return ids, mask
+
+
 def heldout_accuracy(model, tokenizer, problems: Sequence[tuple[list[dict], str]], *, n: int, max_new_tokens: int,
                      temperature: float = 1.0, seed: int = 0, batch_rows: int = 256) -> float:
     """avg@n: the mean over problems and n samples of acc(score_math_dapo(response, answer)).
@@ -93,10 +108,9 @@ def heldout_accuracy(model, tokenizer, problems: Sequence[tuple[list[dict], str]
     try:
         for start in range(0, len(prompts), batch_rows):
             chunk = prompts[start:start + batch_rows]
-            width = max(len(ids) for ids, _ in chunk)
             pad = tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in chunk])
-            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk])
+            input_ids, attention = left_padded([ids for ids, _ in chunk], pad)
+            width = input_ids.shape[1]
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
                                      temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,

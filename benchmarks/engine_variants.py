@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from dapo import wiring
@@ -24,19 +26,10 @@ from dapo.rollout.base import encode_prompt
 from dapo.rollout.hf import HFEngine
 from dapo.spec import load_run_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import left_padded  # noqa: E402
+
 N, MAX_NEW = 8, 12
-
-
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """N copies of every prompt, left-padded, with the attention mask."""
-    rows = [p for p in prompts for _ in range(N)]
-    width = max(len(p) for p in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(rows):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    return ids, mask
 
 
 def main() -> None:
@@ -58,7 +51,7 @@ def main() -> None:
     records = [json.loads(line) for line in open(spec.data.train)][:32]
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["problem"]}]) for r in records]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = left_padded(prompts, pad_id)
+    ids, mask = left_padded([p for p in prompts for _ in range(N)], pad_id)  # N copies of every prompt
     engines = {
         "HFEngine, 64-row chunks, preallocated cache": HFEngine(model, tokenizer, max_batch_rows=64),
         "HFEngine, 256-row chunk, preallocated cache": HFEngine(model, tokenizer, max_batch_rows=256),
