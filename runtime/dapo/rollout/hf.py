@@ -316,8 +316,8 @@ class HFEngine(RolloutEngine):
             if (self.compact_finished and 2 * int(finished.sum()) >= len(finished)
                     and hasattr(cache, "batch_select_indices")):
                 # half the decode batch is done: drop those rows (KV cache included) rather than
-                # decode pad tokens for them; each row keeps its own random stream, so the
-                # samples are those of the full batch
+                # decode pad tokens for them. Each row keeps its own random stream, so its sample
+                # does not depend on the others, up to how a smaller batch's matrix products round
                 keep = (~finished).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 alive, tokens, finished = alive[keep], tokens[keep], finished[keep]
