@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from _dapo_tiny import tiny_policy
 from dapo.algo import log_probs_from_logits, policy_loss
 from dapo.rollout.base import encode_prompt
 from dapo.rollout.hf import HFEngine
-from dapo.learner.torch_learner import TorchLearner, make_batch, steps_for_epochs, warmup_factor
+from dapo.learner.torch_learner import TorchLearner, TrainBatch, make_batch, steps_for_epochs, warmup_factor
 
 torch.set_num_threads(2)
 
@@ -154,6 +155,18 @@ def test_trimmed_drops_only_the_pad_columns_no_row_uses():
     assert tail.responses.tolist() == [[9, 10, 11], [12, 0, 0]]
     short = batch.rows(2, 3).trimmed()
     assert short.input_ids.tolist() == [[5, 6, 12]] and short.response_mask.tolist() == [[1.0]]
+    # every per-token field is trimmed with the rows: [B, P + R] ones to 3 columns, [B, R] ones to 1
+    per_token = {f.name: torch.rand(3, 3) for f in fields(TrainBatch) if f.name in
+                 ("old_log_probs", "behaviour_log_probs", "is_weights")}
+    full = replace(batch, **per_token, advantages=torch.ones(3), weight_versions=torch.zeros(3, dtype=torch.long),
+                   policy_version=1)
+    assert all(getattr(full, f.name) is not None for f in fields(TrainBatch))
+    trimmed = full.rows(2, 3).trimmed()
+    for f in fields(TrainBatch):
+        value = getattr(trimmed, f.name)
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            assert value.shape[1] == (3 if f.name in ("input_ids", "attention_mask", "position_ids") else 1), f.name
+    assert torch.equal(trimmed.old_log_probs, per_token["old_log_probs"][2:3, :1])
 
 
 def _forward_widths(model) -> list[tuple[int, int]]:

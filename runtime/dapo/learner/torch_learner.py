@@ -87,22 +87,23 @@ class TrainBatch:
         used_r = max(1, int(self.attention_mask[:, width_p:].sum(-1).max())) if self.num_rows else width_r
         if used_p == width_p and used_r == width_r:
             return self
-        cut_left = width_p - used_p
-
-        def cut(t: torch.Tensor) -> torch.Tensor:
-            if t.dim() < 2:
-                return t
-            if t.shape[1] == width_p + width_r:
-                return t[:, cut_left:width_p + used_r]
-            return t[:, :used_r]  # [B, R] response columns
-
-        return replace(self._map_tensors(cut), prompt_width=used_p)
+        sequence = slice(width_p - used_p, width_p + used_r)
+        columns = {name: sequence for name in SEQUENCE_FIELDS}
+        columns.update({name: slice(0, used_r) for name in RESPONSE_FIELDS})
+        return replace(self, prompt_width=used_p,
+                       **{name: getattr(self, name)[:, cut] for name, cut in columns.items()
+                          if getattr(self, name) is not None})
 
     def stale_rows(self) -> torch.Tensor:
         """[B] bool: rows sampled by weights older than ``policy_version`` (surplus carried over)."""
         if self.weight_versions is None or self.policy_version is None:
             return torch.zeros(self.num_rows, dtype=torch.bool)
         return self.weight_versions < self.policy_version
+
+
+# TrainBatch's per-token fields: [B, P + R] over prompt and response, [B, R] over the response
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
+RESPONSE_FIELDS = ("responses", "response_mask", "old_log_probs", "behaviour_log_probs", "is_weights")
 
 
 def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:
