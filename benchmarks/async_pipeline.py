@@ -1,10 +1,12 @@
 """Asynchronous rollout (spec.rollout.maxStaleness) against the synchronous loop, mirroring
 separate pods on this machine: the quickstart task (examples/quickstart.yaml, builtin:arith-tiny)
 with ONE torch / OpenMP thread per process (DAPO_TORCH_THREADS=1), by default through
-`dapo run --launcher processes` (a learner, a rollout and a reward process: what the pods run), so
-the synchronous loop keeps one core busy at a time (rollout, then learner) and the pipeline can
-keep two busy. ``--launcher inprocess`` runs the generator as a thread of one process instead
-(the tiny model's steps are mostly Python, so the two threads then share one interpreter lock).
+`dapo run --launcher processes --cpus learner=0 --cpus rollout,reward=1` (a learner process on
+core 0; a rollout and a reward process on core 1: what separate pods run, each on its own cores),
+so the synchronous loop keeps one core busy at a time (rollout, then learner) and the pipeline can
+keep two busy. ``--no-pin`` lets the kernel place the processes instead. ``--launcher inprocess``
+runs the generator as a thread of one process instead (the tiny model's steps are mostly Python,
+so the two threads then share one interpreter lock).
 
 For maxStaleness 0, 1, 2 and each seed (runs interleaved, so load drifts hit every setting alike):
 
@@ -73,6 +75,8 @@ def run_one(k: int, seed: int, args) -> dict:
            "--output-dir", str(run_dir / "run")]
     if args.launcher == "processes":
         cmd += ["--launcher", "processes"]
+        if args.pin:
+            cmd += common.pod_cpus(1)
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     load_before = common.load_average()
@@ -150,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=60)
     p.add_argument("--eval-n", type=int, default=2)
     p.add_argument("--launcher", choices=["processes", "inprocess"], default="processes")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="processes launcher: learner on CPU 0, rollout and reward on CPU 1 (dapo run --cpus), "
+                        "as separate pods each get their own cores")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench-results" / "async")
     args = p.parse_args(argv)
     import yaml
@@ -162,7 +169,8 @@ def main(argv=None) -> int:
                for k in args.staleness[i % len(args.staleness):] + args.staleness[:i % len(args.staleness)]]
     done = [r for r in results if "train_s" in r]
     t_equal = min(r["train_s"] for r in done)
-    print(f"launcher {args.launcher}, {args.steps} steps, {len(args.seeds)} seeds, one torch thread per process")
+    pinned = ", learner on CPU 0, rollout and reward on CPU 1" if args.pin and args.launcher == "processes" else ""
+    print(f"launcher {args.launcher}{pinned}, {args.steps} steps, {len(args.seeds)} seeds, one torch thread per process")
     headers = ["maxStaleness", "runs", "samples/s median [min-max]", "vs sync", "paired per seed", f"acc after {args.steps} steps",
                f"acc at {t_equal:.0f}s", "lag", "learner idle s/step", "rollout idle s/step", "stale dropped"]
     print(common.format_table(headers, table(done, t_equal)))

@@ -179,6 +179,18 @@ def bench_env(threads: int) -> dict:
     return env
 
 
+def pod_cpus(threads_per_process: int) -> list[str]:
+    """`dapo run --launcher processes` options that give the learner and the rollout (with the
+    reward process) disjoint cores, ``threads_per_process`` each, as separate pods get: the
+    learner this process's first t CPUs, rollout and reward the next t."""
+    t = threads_per_process
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 * t:
+        raise SystemExit(f"pinning needs {2 * t} CPUs, this process may use {len(cpus)}: pass --no-pin or fewer threads")
+    return ["--cpus", "learner=" + ",".join(map(str, cpus[:t])),
+            "--cpus", "rollout,reward=" + ",".join(map(str, cpus[t:2 * t]))]
+
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")

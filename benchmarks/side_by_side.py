@@ -11,8 +11,9 @@ steps (first step dropped), and comparisons are ratios of two runs of the same r
 Systems: ``ours`` (full DAPO: dynamic sampling on), ``ours-nods`` (dynamic sampling off: the
 same work per step as TRL, i.e. the framework overhead alone), ``ours-async`` (full DAPO with
 ``maxStaleness: 1`` through ``--launcher processes``: rollout and learner in separate processes,
-as in separate pods, each with half of ``--threads`` (at least one), so the two together use the
-threads TRL gets) and ``trl``.
+as in separate pods, each with half of ``--threads`` (at least one) and, unless ``--no-pin``, its
+own CPUs (learner on the first half, rollout and reward on the second: ``dapo run --cpus``), so
+the two together use the threads and cores TRL gets) and ``trl``.
 
 Measured per run: wall time per training step, generated tokens/s (generation time only),
 learner tokens/s (prompt + response tokens of the batch over old-log-prob + update time),
@@ -193,7 +194,7 @@ def run_system(system: str, spec_doc: dict, overrides: list[str], spec, args, re
         cmd = [sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(run_dir / "run")]
         if system == "ours-async":
             extra.append("spec.rollout.maxStaleness=1")
-            cmd += ["--launcher", "processes"]
+            cmd += ["--launcher", "processes"] + (common.pod_cpus(max(1, args.threads // 2)) if args.pin else [])
         for item in overrides + extra:
             cmd += ["--set", item]
         child = common.run_child(cmd, env=env, log_path=run_dir / "log.txt")
@@ -279,6 +280,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours-async: learner and rollout (with reward) on disjoint CPUs, half of --threads each "
+                        "(dapo run --cpus), as separate pods")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--quick", action="store_true", help="1 repeat, 6 steps (smoke run)")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/side_by_side"))

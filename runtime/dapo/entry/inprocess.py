@@ -16,6 +16,7 @@ from pathlib import Path
 
 
 from dapo import wiring
+from dapo.errors import ConfigError
 from dapo.spec import DAPORun, SpecError, dump_run, load_run_file
 
 log = logging.getLogger("dapo.entry.inprocess")
@@ -138,10 +139,14 @@ def main_run(args) -> int:
 
     run = load_run_file(args.file, list(getattr(args, "overrides", None) or []))
     run_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_run_dir(run)
+    cpu_options = list(getattr(args, "cpus", None) or [])
     if getattr(args, "launcher", "inprocess") == "processes":
-        from dapo.entry.processes import run_processes
+        from dapo.entry.processes import parse_cpus, run_processes
 
-        return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)))
+        return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)), cpus=parse_cpus(cpu_options))
+    if cpu_options:
+        raise ConfigError("--cpus pins role processes: use it with --launcher processes (in process, every role "
+                          "shares this process's CPUs; use taskset to pin the whole run)")
     run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_run_logging(run_dir)
     # SIGTERM (kill, a closing terminal, a job scheduler) ends the run like Ctrl-C: through the

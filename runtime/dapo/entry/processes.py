@@ -7,6 +7,10 @@ with the contract environment (dapo.contracts.role_environment) pointed at loopb
     learner-0..N-1                   torch.distributed over MASTER_ADDR=127.0.0.1; learner-0 also
                                      serves /status and the weight-sync store
 
+``--cpus ROLE=CPUS`` pins a role's processes to those CPUs (what a pod's CPU request and a static
+CPU manager give it): ``--cpus learner=0 --cpus rollout,reward=1`` keeps the learner on a core of
+its own, so a pipelined run (``maxStaleness`` >= 1) does not slow the learner with generation.
+
 Each process's output goes to RUN_DIR/logs/ROLE-i.log and to this terminal with a ``[ROLE-i]``
 prefix. The launcher waits for learner-0; when any process exits non-zero first (or learner-0
 fails), it stops everything and exits with that role's status (128 + N for a role killed by
@@ -29,6 +33,7 @@ from pathlib import Path
 
 from dapo.contracts import Addresses, EnvVar, cache_dir, role_environment
 from dapo.entry.inprocess import interrupt
+from dapo.errors import ConfigError
 from dapo.spec import DAPORun, dump_run
 
 log = logging.getLogger("dapo.entry.inprocess")
@@ -48,6 +53,46 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+ROLE_KINDS = ("learner", "rollout", "reward")
+
+
+def _cpu_list(text: str) -> set[int]:
+    """``"0"``, ``"0,2"``, ``"1-3"`` (the kernel's cpuset list form) -> a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        lo = int(first)
+        hi = int(last) if last else lo
+        if hi < lo:
+            raise ValueError(part)
+        cpus.update(range(lo, hi + 1))
+    return cpus
+
+
+def parse_cpus(items: list[str], available: set[int] | None = None) -> dict[str, set[int]]:
+    """The ``--cpus`` options (``ROLE[,ROLE]=CPUS``, repeatable) -> {role kind: CPU set}; a
+    ConfigError names the option and the fix when a role or a CPU is not usable here."""
+    available = set(os.sched_getaffinity(0)) if available is None else available
+    pinned: dict[str, set[int]] = {}
+    for item in items:
+        roles, sep, cpu_text = item.partition("=")
+        try:
+            cpus = _cpu_list(cpu_text) if sep else set()
+        except ValueError:
+            cpus = set()
+        if not cpus:
+            raise ConfigError(f"--cpus {item}: use ROLE=CPUS with CPUS like 0, 0,2 or 1-3 "
+                              f"(e.g. --cpus learner=0 --cpus rollout,reward=1)")
+        if cpus - available:
+            raise ConfigError(f"--cpus {item}: CPUs {sorted(cpus - available)} are not available to this "
+                              f"process (it may use {sorted(available)}); pick from those")
+        for role in roles.split(","):
+            if role.strip() not in ROLE_KINDS:
+                raise ConfigError(f"--cpus {item}: unknown role {role.strip()!r}; roles are {', '.join(ROLE_KINDS)}")
+            pinned[role.strip()] = cpus
+    return pinned
 
 
 @dataclass
@@ -115,8 +160,9 @@ def _pump(role: RoleProcess, log_path: Path, echo) -> None:
 class ProcessGang:
     """Start, watch and stop the role processes of one local run."""
 
-    def __init__(self, envs: dict[str, dict], run_dir: Path, *, echo=None):
+    def __init__(self, envs: dict[str, dict], run_dir: Path, *, echo=None, cpus: dict[str, set[int]] | None = None):
         self.roles = [RoleProcess(name, env) for name, env in envs.items()]
+        self.cpus = cpus or {}
         self.log_dir = run_dir / "logs"
         self.echo = echo if echo is not None else (lambda line: print(line, file=sys.stderr, flush=True))
 
@@ -128,6 +174,10 @@ class ProcessGang:
             # own session: a stop signal reaches the role's helpers (reward workers) too
             role.process = subprocess.Popen(command, env=role.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            if kind in self.cpus:
+                # Popen returns once the child has exec'd Python, before it starts any thread: the
+                # threads (torch's pool) and processes (reward workers) it makes later inherit this
+                os.sched_setaffinity(role.process.pid, self.cpus[kind])
             role.pump = threading.Thread(target=_pump, args=(role, self.log_dir / f"{role.name}.log", self.echo),
                                          name=f"log-{role.name}", daemon=True)
             role.pump.start()
@@ -215,8 +265,9 @@ def preflight(run: DAPORun) -> None:
     resolve_model_dir(run.spec.model, os.environ.get("DAPO_CACHE_DIR") or None)
 
 
-def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
-    """Run every role as a local process (see the module docstring); returns the exit code."""
+def run_processes(run: DAPORun, run_dir: Path, *, resume: bool, cpus: dict[str, set[int]] | None = None) -> int:
+    """Run every role as a local process (see the module docstring); returns the exit code.
+    ``cpus`` pins each listed role kind's processes to a CPU set (parse_cpus)."""
     from dapo.controller.metrics import remove_handlers, setup_run_logging
 
     preflight(run)
@@ -226,7 +277,7 @@ def run_processes(run: DAPORun, run_dir: Path, *, resume: bool) -> int:
     try:
         (run_dir / "run.yaml").write_text(dump_run(run))
         previous = signal.signal(signal.SIGTERM, interrupt)
-        gang = ProcessGang(process_env(run, run_dir, resume=resume), run_dir)
+        gang = ProcessGang(process_env(run, run_dir, resume=resume), run_dir, cpus=cpus)
         log.info("run %s -> %s: %d learner, %d rollout, %d reward processes (logs in %s)", run.metadata.name,
                  run_dir.resolve(), run.spec.learner.replicas, run.spec.rollout.replicas, run.spec.reward.replicas,
                  gang.log_dir)

@@ -15,6 +15,7 @@ Ranks >= 1 build the same learner and follow rank 0's commands.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,9 @@ def _setup(role: str) -> None:
         import torch
 
         torch.set_num_threads(threads)
+    # one line a pinned run (dapo run --cpus) or a pod's cpuset can be checked against
+    logging.getLogger("dapo.entry.roles").info("%s-%s runs on CPUs %s", role, index,
+                                                ",".join(map(str, sorted(os.sched_getaffinity(0)))))
 
 
 # --------------------------------------------------------------------------- rollout
