@@ -5,7 +5,8 @@
    after every weight sync each replica's state checksum equals the learner's (learner-0 logs
    both per version to weight_sync.jsonl with DAPO_VERIFY_WEIGHT_SYNC=1), the replicas serve the
    final version whose weights equal the last checkpoint (checked here, independently, from the
-   checkpoint's safetensors), and metrics.jsonl holds the contract keys.
+   checkpoint's safetensors), metrics.jsonl holds the contract keys, and at the end every
+   replica leaves the weight-sync group before learner-0 closes its store (POST /leave).
 2. S3 end to end against moto's ThreadedMotoServer: data and checkpoints on s3://, the run is
    killed after its first checkpoint, resumed with DAPO_GANG_GENERATION=1 (--resume), and the
    prompts of every step equal those of an uninterrupted run.
@@ -102,6 +103,9 @@ def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0
     assert "[rollout-1]" in result.stderr and "[learner-0]" in result.stderr
     assert "learner rank 1/2 following the controller" in (out / "logs" / "learner-1.log").read_text()
+    for replica in ("rollout-0", "rollout-1"):  # they leave the group while its store is up: no c10d errors
+        replica_log = (out / "logs" / f"{replica}.log").read_text()
+        assert "left the weight-sync group" in replica_log and "recvValue failed" not in replica_log, replica_log[-3000:]
 
 
 def test_processes_launcher_reports_the_failing_role(tmp_path, model_dir):

@@ -10,6 +10,9 @@ Service (aiohttp), one per rollout pod / process, wrapping one `RolloutEngine`:
                     group on its first sync (rank = replica index + 1), receives V in a worker
                     thread, applies it to the engine and answers. Generation waits only while
                     the received tensors are copied into the engine (the receive itself overlaps).
+    POST /leave     {} -> {"left": true}: leave the weight-sync group (the controller's close()
+                    asks every replica before it closes the group's store); a later /sync joins a
+                    group again (a restarted controller's).
     GET  /version   {"version", "checksum", "replica"}: the weights generate() uses now.
     GET  /healthz   {"ok": true, ...}
 
@@ -199,6 +202,21 @@ class RolloutService:
                  ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) or "no phase timings")
         return {"version": got, "checksum": self.checksum, "replica": self.replica}
 
+    def leave_weight_sync(self) -> dict:
+        """Leave the weight-sync group (POST /leave); a later /sync joins a new one. The learner
+        asks before it closes the group's store at the end of a run: a receiver that stays in the
+        group keeps beating against that store, and its first beat after the store is gone makes
+        torch print a c10d stack trace into a run that succeeded."""
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+        if self._engine_joined:
+            with self.engine_lock:  # the worker's group is reached through the engine, as in a sync
+                self.engine.leave_weight_sync()
+            self._engine_joined = False
+        log.info("left the weight-sync group")
+        return {"left": True, "replica": self.replica}
+
     def close(self) -> None:
         if self.receiver is not None:
             self.receiver.close()
@@ -240,6 +258,18 @@ class RolloutService:
                 self.syncing.release()
             return web.json_response(answer)
 
+        async def leave(_request):
+            if not self.syncing.acquire(blocking=False):
+                return web.json_response({"error": "a weight sync is running on this replica"}, status=409)
+            try:
+                answer = await _in_thread(self._sync_pool, self.leave_weight_sync)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("leaving the weight-sync group failed")
+                return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+            finally:
+                self.syncing.release()
+            return web.json_response(answer)
+
         async def version(_request):
             return web.json_response({"version": self.engine.weight_version, "checksum": self.checksum,
                                       "replica": self.replica})
@@ -249,8 +279,8 @@ class RolloutService:
                                       "version": self.engine.weight_version})
 
         app = web.Application(client_max_size=256 << 20)
-        app.add_routes([web.post("/generate", generate), web.post("/sync", sync), web.get("/version", version),
-                        web.get("/healthz", healthz)])
+        app.add_routes([web.post("/generate", generate), web.post("/sync", sync), web.post("/leave", leave),
+                        web.get("/version", version), web.get("/healthz", healthz)])
         return app
 
 
@@ -401,6 +431,13 @@ class RemoteRolloutEngine(RolloutEngine):
 
     def close(self) -> None:
         if self._sender is not None:
+            # the replicas leave the group before its store (hosted by this sender) closes
+            leaves = [self._threads.submit(post_json, url + "/leave", {}, 10.0) for url in self.urls]
+            for url, future in zip(self.urls, leaves):
+                try:
+                    future.result(timeout=15.0)
+                except Exception as exc:  # noqa: BLE001 - the run is over; a replica that is gone is fine
+                    log.info("%s did not leave the weight-sync group (%s); closing it anyway", url, exc)
             self._sender.close()
             self._sender = None
         self._threads.shutdown(wait=False, cancel_futures=True)
