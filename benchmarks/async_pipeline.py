@@ -75,8 +75,7 @@ def run_one(k: int, seed: int, args) -> dict:
            "--output-dir", str(run_dir / "run")]
     if args.launcher == "processes":
         cmd += ["--launcher", "processes"]
-        if args.pin:
-            cmd += common.pod_cpus(1)
+        cmd += args.cpu_options
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     load_before = common.load_average()
@@ -155,10 +154,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=2)
     p.add_argument("--launcher", choices=["processes", "inprocess"], default="processes")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
-                   help="processes launcher: learner on CPU 0, rollout and reward on CPU 1 (dapo run --cpus), "
-                        "as separate pods each get their own cores")
+                   help="processes launcher: learner on one CPU, rollout and reward on another (dapo run --cpus, "
+                        "the first two CPUs this process may use), as separate pods each get their own cores")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench-results" / "async")
     args = p.parse_args(argv)
+    args.cpu_options = common.pod_cpus(1) if args.pin and args.launcher == "processes" else []  # fails before any run
     import yaml
 
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())["spec"]
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
                for k in args.staleness[i % len(args.staleness):] + args.staleness[:i % len(args.staleness)]]
     done = [r for r in results if "train_s" in r]
     t_equal = min(r["train_s"] for r in done)
-    pinned = ", learner on CPU 0, rollout and reward on CPU 1" if args.pin and args.launcher == "processes" else ""
+    pinned = f" ({' '.join(args.cpu_options)})" if args.cpu_options else ""
     print(f"launcher {args.launcher}{pinned}, {args.steps} steps, {len(args.seeds)} seeds, one torch thread per process")
     headers = ["maxStaleness", "runs", "samples/s median [min-max]", "vs sync", "paired per seed", f"acc after {args.steps} steps",
                f"acc at {t_equal:.0f}s", "lag", "learner idle s/step", "rollout idle s/step", "stale dropped"]

@@ -13,7 +13,7 @@ same work per step as TRL, i.e. the framework overhead alone), ``ours-async`` (f
 ``maxStaleness: 1`` through ``--launcher processes``: rollout and learner in separate processes,
 as in separate pods, each with half of ``--threads`` (at least one) and, unless ``--no-pin``, its
 own CPUs (learner on the first half, rollout and reward on the second: ``dapo run --cpus``), so
-the two together use the threads and cores TRL gets) and ``trl``.
+the two together use as many threads and cores as TRL's one process) and ``trl``.
 
 Measured per run: wall time per training step, generated tokens/s (generation time only),
 learner tokens/s (prompt + response tokens of the batch over old-log-prob + update time),
@@ -194,7 +194,7 @@ def run_system(system: str, spec_doc: dict, overrides: list[str], spec, args, re
         cmd = [sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(run_dir / "run")]
         if system == "ours-async":
             extra.append("spec.rollout.maxStaleness=1")
-            cmd += ["--launcher", "processes"] + (common.pod_cpus(max(1, args.threads // 2)) if args.pin else [])
+            cmd += ["--launcher", "processes"] + args.cpu_options
         for item in overrides + extra:
             cmd += ["--set", item]
         child = common.run_child(cmd, env=env, log_path=run_dir / "log.txt")
@@ -288,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/side_by_side"))
     p.add_argument("--plots", type=str, default=str(common.REPO / "docs/img"), help="folder for PNGs ('' = none)")
     args = p.parse_args(argv)
+    # ours-async's CPU split, resolved before any run so a machine too small fails at once
+    args.cpu_options = common.pod_cpus(max(1, args.threads // 2)) if args.pin else []
     if args.quick:
         args.repeats, args.steps, args.eval_every = 1, 6, 3
     systems = [s for s in args.systems.split(",") if s]

@@ -6,7 +6,7 @@
    both per version to weight_sync.jsonl with DAPO_VERIFY_WEIGHT_SYNC=1), the replicas serve the
    final version whose weights equal the last checkpoint (checked here, independently, from the
    checkpoint's safetensors), metrics.jsonl holds the contract keys, and at the end every
-   replica leaves the weight-sync group before learner-0 closes its store (POST /leave).
+   replica reports leaving the weight-sync group (POST /leave) and logs no c10d store error.
 2. S3 end to end against moto's ThreadedMotoServer: data and checkpoints on s3://, the run is
    killed after its first checkpoint, resumed with DAPO_GANG_GENERATION=1 (--resume), and the
    prompts of every step equal those of an uninterrupted run.
@@ -124,10 +124,15 @@ def test_parse_cpus_reads_cpu_lists_and_names_the_bad_option():
 
     assert parse_cpus(["learner=0", "rollout,reward=1-2,4"], available={0, 1, 2, 3, 4}) == {
         "learner": {0}, "rollout": {1, 2, 4}, "reward": {1, 2, 4}}
-    for bad, says in [("learner=7", "CPUs [7] are not available"), ("learner", "use ROLE=CPUS"),
-                      ("learner=3-1", "use ROLE=CPUS"), ("critic=0", "unknown role 'critic'")]:
+    assert parse_cpus([" learner = 1 "], available={1}) == {"learner": {1}} and parse_cpus([], available=set()) == {}
+    for bad, says in [(["learner=7"], "CPUs [7] are not available"), (["learner"], "use ROLE=CPUS"),
+                      (["learner=3-1"], "the range 3-1 runs backwards: write 1-3"),
+                      (["learner=1-"], "'1-' is not a CPU number"), (["learner=0,,1"], "'' is not a CPU number"),
+                      (["learner=+1"], "'+1' is not a CPU number"), (["learner=1_0"], "'1_0' is not a CPU number"),
+                      (["learner=0-99999999"], "CPU 99999999 cannot exist"), (["critic=0"], "unknown role 'critic'"),
+                      (["learner=0", "learner,rollout=1"], "learner is pinned by an earlier --cpus too")]:
         with pytest.raises(ConfigError, match=re.escape(says)):
-            parse_cpus([bad], available={0, 1, 2, 3})
+            parse_cpus(bad, available={0, 1, 2, 3})
 
 
 def test_cpus_option_needs_the_processes_launcher(tmp_path, capsys):
@@ -141,9 +146,9 @@ def test_cpus_option_needs_the_processes_launcher(tmp_path, capsys):
 
 
 def test_process_gang_pins_the_listed_roles_to_their_cpus(tmp_path):
-    """ProcessGang(cpus=...) pins a listed role kind's process to its CPU set and leaves the others
-    on every CPU: each role process logs os.sched_getaffinity at start (before it reads its run
-    file, missing here, so both then exit)."""
+    """ProcessGang(cpus=...) pins a listed role kind's process to its CPU set, leaves the others
+    on every CPU and gives the launching thread its CPUs back: each role process logs
+    os.sched_getaffinity at start (before it reads its run file, missing here, so both then exit)."""
     from dapo.entry.processes import ProcessGang
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -152,6 +157,7 @@ def test_process_gang_pins_the_listed_roles_to_their_cpus(tmp_path):
     envs = {name: {**role_env(), "DAPO_RUN_FILE": str(tmp_path / "missing.yaml")} for name in ("reward-0", "rollout-0")}
     gang = ProcessGang(envs, tmp_path, echo=lambda line: None, cpus={"reward": {cpus[-1]}})
     gang.start()
+    assert os.sched_getaffinity(0) == set(cpus)  # the launching thread gets its own CPUs back
     try:
         for role in gang.roles:
             role.process.wait(60)

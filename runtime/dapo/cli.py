@@ -24,8 +24,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--launcher", choices=["inprocess", "processes"], default="inprocess",
                    help="inprocess: every role in this process; processes: each role a local process on loopback")
     p.add_argument("--cpus", action="append", default=[], metavar="ROLE=CPUS",
-                   help="with --launcher processes: pin a role's processes to CPUs, e.g. --cpus learner=0 "
-                        "--cpus rollout,reward=1 (repeatable; CPUS like 0, 0,2 or 1-3)")
+                   help="with --launcher processes (Linux): pin a role's processes to CPUs, e.g. --cpus learner=0 "
+                        "--cpus rollout,reward=1 (repeatable; CPUS like 0, 0,2 or 1-3; all ranks of a role share them)")
     p.set_defaults(func=lambda a: _lazy("dapo.entry.inprocess", "main_run")(a))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dapo.contracts import Addresses, EnvVar, cache_dir, role_environment
+from dapo.contracts import ROLES, Addresses, EnvVar, cache_dir, role_environment
 from dapo.entry.inprocess import interrupt
 from dapo.errors import ConfigError
 from dapo.spec import DAPORun, dump_run
@@ -55,44 +56,75 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-ROLE_KINDS = ("learner", "rollout", "reward")
+_MAX_CPUS = 1 << 16
+_CPU_RANGE = re.compile(r"^\s*([0-9]+)(?:-([0-9]+))?\s*$", re.ASCII)
 
 
 def _cpu_list(text: str) -> set[int]:
-    """``"0"``, ``"0,2"``, ``"1-3"`` (the kernel's cpuset list form) -> a set of CPU numbers."""
+    """``"0"``, ``"0,2"``, ``"1-3"`` (the kernel's cpuset list form) -> a set of CPU numbers;
+    ValueError names the part that is not a CPU number or an ascending range."""
     cpus: set[int] = set()
     for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        lo = int(first)
-        hi = int(last) if last else lo
+        match = _CPU_RANGE.match(part)
+        if match is None:
+            raise ValueError(f"{part!r} is not a CPU number or a range like 1-3")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
-            raise ValueError(part)
+            raise ValueError(f"the range {part.strip()} runs backwards: write {hi}-{lo}")
+        if hi >= _MAX_CPUS:  # checked before the range is expanded into a set
+            raise ValueError(f"CPU {hi} cannot exist (Linux numbers CPUs below {_MAX_CPUS})")
         cpus.update(range(lo, hi + 1))
     return cpus
 
 
 def parse_cpus(items: list[str], available: set[int] | None = None) -> dict[str, set[int]]:
     """The ``--cpus`` options (``ROLE[,ROLE]=CPUS``, repeatable) -> {role kind: CPU set}; a
-    ConfigError names the option and the fix when a role or a CPU is not usable here."""
-    available = set(os.sched_getaffinity(0)) if available is None else available
+    ConfigError names the option and the fix when a role or a CPU is not usable here. Every
+    process of a role kind gets the same set (two learner ranks share ``learner``'s CPUs)."""
+    if not items:
+        return {}
+    if available is None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise ConfigError("--cpus pins processes with the Linux CPU-affinity call, which this system lacks: "
+                              "leave --cpus out")
+        available = set(os.sched_getaffinity(0))
     pinned: dict[str, set[int]] = {}
     for item in items:
         roles, sep, cpu_text = item.partition("=")
-        try:
-            cpus = _cpu_list(cpu_text) if sep else set()
-        except ValueError:
-            cpus = set()
-        if not cpus:
+        if not sep:
             raise ConfigError(f"--cpus {item}: use ROLE=CPUS with CPUS like 0, 0,2 or 1-3 "
                               f"(e.g. --cpus learner=0 --cpus rollout,reward=1)")
+        try:
+            cpus = _cpu_list(cpu_text)
+        except ValueError as exc:
+            raise ConfigError(f"--cpus {item}: {exc} (CPUS is like 0, 0,2 or 1-3)") from None
         if cpus - available:
-            raise ConfigError(f"--cpus {item}: CPUs {sorted(cpus - available)} are not available to this "
-                              f"process (it may use {sorted(available)}); pick from those")
-        for role in roles.split(","):
-            if role.strip() not in ROLE_KINDS:
-                raise ConfigError(f"--cpus {item}: unknown role {role.strip()!r}; roles are {', '.join(ROLE_KINDS)}")
-            pinned[role.strip()] = cpus
+            missing = sorted(cpus - available)
+            raise ConfigError(f"--cpus {item}: CPUs {missing[:8]}{' ...' if len(missing) > 8 else ''} are not "
+                              f"available to this process (it may use {sorted(available)}); pick from those")
+        for role in (r.strip() for r in roles.split(",")):
+            if role not in ROLES:
+                raise ConfigError(f"--cpus {item}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+            if role in pinned:
+                raise ConfigError(f"--cpus {item}: {role} is pinned by an earlier --cpus too; give each role once")
+            pinned[role] = cpus
     return pinned
+
+
+def _start_on(cpus: set[int] | None, command: list[str], **popen_args) -> subprocess.Popen:
+    """Popen with the child's CPU affinity set to ``cpus`` from its first instruction: the
+    affinity of this (launching) thread is what a forked child inherits, so it is switched around
+    the fork and restored; torch's thread pool and the reward workers the child starts later
+    inherit the child's. (Setting the child's affinity after Popen would race its start-up.)"""
+    if not cpus:
+        return subprocess.Popen(command, **popen_args)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)  # 0 = the calling thread only, on Linux
+    try:
+        return subprocess.Popen(command, **popen_args)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @dataclass
@@ -172,12 +204,8 @@ class ProcessGang:
             kind = role.name.rsplit("-", 1)[0]
             command = [sys.executable, "-m", "dapo.cli", "role", kind, "--config", role.env["DAPO_RUN_FILE"]]
             # own session: a stop signal reaches the role's helpers (reward workers) too
-            role.process = subprocess.Popen(command, env=role.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-            if kind in self.cpus:
-                # Popen returns once the child has exec'd Python, before it starts any thread: the
-                # threads (torch's pool) and processes (reward workers) it makes later inherit this
-                os.sched_setaffinity(role.process.pid, self.cpus[kind])
+            role.process = _start_on(self.cpus.get(kind), command, env=role.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             role.pump = threading.Thread(target=_pump, args=(role, self.log_dir / f"{role.name}.log", self.echo),
                                          name=f"log-{role.name}", daemon=True)
             role.pump.start()

@@ -77,9 +77,10 @@ def _setup(role: str) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    # one line a pinned run (dapo run --cpus) or a pod's cpuset can be checked against
-    logging.getLogger("dapo.entry.roles").info("%s-%s runs on CPUs %s", role, index,
-                                                ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    # one line a pinned run (dapo run --cpus) or a pod's cpuset can be checked against (Linux only)
+    if hasattr(os, "sched_getaffinity"):
+        logging.getLogger("dapo.entry.roles").info("%s-%s runs on CPUs %s", role, index,
+                                                    ",".join(map(str, sorted(os.sched_getaffinity(0)))))
 
 
 # --------------------------------------------------------------------------- rollout

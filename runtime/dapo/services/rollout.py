@@ -207,6 +207,7 @@ class RolloutService:
         asks before it closes the group's store at the end of a run: a receiver that stays in the
         group keeps beating against that store, and its first beat after the store is gone makes
         torch print a c10d stack trace into a run that succeeded."""
+        was_in = self.receiver is not None or self._engine_joined
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
@@ -214,8 +215,9 @@ class RolloutService:
             with self.engine_lock:  # the worker's group is reached through the engine, as in a sync
                 self.engine.leave_weight_sync()
             self._engine_joined = False
-        log.info("left the weight-sync group")
-        return {"left": True, "replica": self.replica}
+        if was_in:
+            log.info("left the weight-sync group")
+        return {"left": was_in, "replica": self.replica}
 
     def close(self) -> None:
         if self.receiver is not None:
@@ -229,6 +231,19 @@ class RolloutService:
     # -- aiohttp
     def make_app(self):
         from aiohttp import web
+
+        async def one_at_a_time(what: str, fn, *args):
+            """Run a group operation (sync, leave) in the weight-sync thread; 409 while another runs."""
+            if not self.syncing.acquire(blocking=False):
+                return web.json_response({"error": "a weight sync is already running on this replica"}, status=409)
+            try:
+                answer = await _in_thread(self._sync_pool, fn, *args)
+            except Exception as exc:  # noqa: BLE001 - the controller reports it
+                log.exception("%s failed", what)
+                return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+            finally:
+                self.syncing.release()
+            return web.json_response(answer)
 
         async def generate(request):
             try:
@@ -247,28 +262,10 @@ class RolloutService:
                 version = int((await request.json())["version"])
             except (ValueError, KeyError, TypeError, json.JSONDecodeError):
                 return web.json_response({"error": "body must be {\"version\": int}"}, status=400)
-            if not self.syncing.acquire(blocking=False):
-                return web.json_response({"error": "a weight sync is already running on this replica"}, status=409)
-            try:
-                answer = await _in_thread(self._sync_pool, self.sync, version)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("weight sync %d failed", version)
-                return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
-            finally:
-                self.syncing.release()
-            return web.json_response(answer)
+            return await one_at_a_time(f"weight sync {version}", self.sync, version)
 
         async def leave(_request):
-            if not self.syncing.acquire(blocking=False):
-                return web.json_response({"error": "a weight sync is running on this replica"}, status=409)
-            try:
-                answer = await _in_thread(self._sync_pool, self.leave_weight_sync)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("leaving the weight-sync group failed")
-                return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
-            finally:
-                self.syncing.release()
-            return web.json_response(answer)
+            return await one_at_a_time("leaving the weight-sync group", self.leave_weight_sync)
 
         async def version(_request):
             return web.json_response({"version": self.engine.weight_version, "checksum": self.checksum,
