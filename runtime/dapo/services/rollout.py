@@ -10,7 +10,7 @@ Service (aiohttp), one per rollout pod / process, wrapping one `RolloutEngine`:
                     group on its first sync (rank = replica index + 1), receives V in a worker
                     thread, applies it to the engine and answers. Generation waits only while
                     the received tensors are copied into the engine (the receive itself overlaps).
-    POST /leave     {} -> {"left": true}: leave the weight-sync group (the controller's close()
+    POST /leave     {} -> {"left": bool}: leave the weight-sync group (the controller's close()
                     asks every replica before it closes the group's store); a later /sync joins a
                     group again (a restarted controller's).
     GET  /version   {"version", "checksum", "replica"}: the weights generate() uses now.
