@@ -4,7 +4,8 @@ Covers: generate through the HTTP API equals the engine's own samples; a replica
 mid-request has its share retried on another (and a bounded retry budget ends in an error
 naming the URL); a replica serving stale weights is not used; the weight sync through POST
 /sync + WeightSender leaves every replica with the learner's weights (state checksums) and
-the new version; the reward service keeps RewardScorer's per-response time bound; the /status
+the new version; closing the controller makes the replicas leave the group, and a restarted
+controller's group takes them again; the reward service keeps RewardScorer's per-response time bound; the /status
 document follows the contract and carries no secrets.
 """
 
@@ -345,3 +346,46 @@ def test_generate_answer_without_one_log_prob_per_token_is_refused():
     for bad in ([[-0.5]], [[-0.5, float("nan")]], [[-0.5, 0.7]]):
         with pytest.raises(RetryableError, match="one finite log-probability"):
             samples_from_wire({**good, "log_probs": bad})
+
+
+def test_replicas_leave_the_group_on_close_and_join_a_restarted_controllers_group(policy, prompts):
+    """RemoteRolloutEngine.close() makes every replica leave the weight-sync group (a /leave after
+    that finds it out of the group), and a new controller on the same address (a restart) syncs
+    the same replicas again: they join its group and serve its weights."""
+    model, tokenizer = policy
+    port = free_port()
+    replicas = [RolloutService(HFEngine(model, tokenizer), replica=i,
+                               sync_config=WeightSyncConfig("127.0.0.1", port, 3, i + 1, timeout_s=30))
+                for i in range(2)]
+    servers = [serve(r) for r in replicas]
+
+    def controller(initial_version: int) -> RemoteRolloutEngine:
+        return RemoteRolloutEngine([s.url for s in servers], verify=True, initial_version=initial_version,
+                                   sync_config=WeightSyncConfig("127.0.0.1", port, 3, 0, timeout_s=30))
+
+    learner_model, _ = tiny_policy(32, 2, 1)
+    named = lambda: ((n, p.detach()) for n, p in learner_model.named_parameters())  # noqa: E731
+    try:
+        first = controller(0)
+        first.update_weights(named(), 1)
+        assert all(r.receiver is not None for r in replicas)
+        first.close()
+        assert all(r.receiver is None for r in replicas)
+        assert [post_json(s.url + "/leave", {}, 10.0)["left"] for s in servers] == [False, False]
+
+        with torch.no_grad():
+            for p in learner_model.parameters():
+                p.add_(0.01)
+        second = controller(1)
+        try:
+            second.update_weights(named(), 2)
+            want = state_checksum(dict(learner_model.named_parameters()))
+            for url, doc in second.replica_versions().items():
+                assert doc == {"version": 2, "checksum": want, "replica": doc["replica"]}, url
+            assert len(second.generate(prompts[:2], seed=5, **GEN)) == 4
+        finally:
+            second.close()
+    finally:
+        for server, replica in zip(servers, replicas):
+            server.stop()
+            replica.close()
