@@ -5,8 +5,8 @@ mid-request has its share retried on another (and a bounded retry budget ends in
 naming the URL); a replica serving stale weights is not used; the weight sync through POST
 /sync + WeightSender leaves every replica with the learner's weights (state checksums) and
 the new version; closing the controller makes the replicas leave the group, and a restarted
-controller's group takes them again; the reward service keeps RewardScorer's per-response time bound; the /status
-document follows the contract and carries no secrets.
+controller's group takes them again; the reward service keeps RewardScorer's per-response time
+bound; the /status document follows the contract and carries no secrets.
 """
 
 from __future__ import annotations
@@ -150,14 +150,19 @@ def test_replica_with_stale_weights_is_not_used(policy, prompts):
         stale.stop()
 
 
+def sync_replicas(model, tokenizer, port: int, **config) -> tuple[list[RolloutService], list[AppThread]]:
+    """Two served rollout replicas (HF engines) that join the weight-sync group at ``port`` as
+    ranks 1 and 2 of 3 (the controller is rank 0)."""
+    replicas = [RolloutService(HFEngine(model, tokenizer), replica=i,
+                               sync_config=WeightSyncConfig("127.0.0.1", port, 3, i + 1, timeout_s=30, **config))
+                for i in range(2)]
+    return replicas, [serve(r) for r in replicas]
+
+
 def test_weight_sync_through_the_services(policy, prompts):
     model, tokenizer = policy
     port = free_port()
-    replicas = [RolloutService(HFEngine(model, tokenizer), replica=i,
-                               sync_config=WeightSyncConfig("127.0.0.1", port, 3, i + 1, timeout_s=30,
-                                                            verify_checksums=True))
-                for i in range(2)]
-    servers = [serve(r) for r in replicas]
+    replicas, servers = sync_replicas(model, tokenizer, port, verify_checksums=True)
     engine = RemoteRolloutEngine([s.url for s in servers], verify=True,
                                  sync_config=WeightSyncConfig("127.0.0.1", port, 3, 0, timeout_s=30,
                                                               verify_checksums=True))
@@ -354,10 +359,7 @@ def test_replicas_leave_the_group_on_close_and_join_a_restarted_controllers_grou
     the same replicas again: they join its group and serve its weights."""
     model, tokenizer = policy
     port = free_port()
-    replicas = [RolloutService(HFEngine(model, tokenizer), replica=i,
-                               sync_config=WeightSyncConfig("127.0.0.1", port, 3, i + 1, timeout_s=30))
-                for i in range(2)]
-    servers = [serve(r) for r in replicas]
+    replicas, servers = sync_replicas(model, tokenizer, port)
 
     def controller(initial_version: int) -> RemoteRolloutEngine:
         return RemoteRolloutEngine([s.url for s in servers], verify=True, initial_version=initial_version,
