@@ -561,6 +561,23 @@ def test_dynamic_sampling_uses_accuracy_not_shaped_score():
         algo.dynamic_sampling_filter([True], ["a", "b"])
 
 
+def test_dynamic_sampling_on_scores_keeps_graded_groups_that_accuracy_would_drop():
+    """A graded scorer: [0.2, 0.5, 0.9, 0.4] are all 'correct' (score > 0) yet differ; filtering on
+    scores keeps that group, drops a constant-score one, and still classifies dropped groups by acc."""
+    ids = ["g", "g", "g", "g", "c", "c", "w", "w", "u", "u"]
+    scores = [0.2, 0.5, 0.9, 0.4, 0.7, 0.7, 0.0, 0.0, 0.5, 0.5]
+    acc = [True, True, True, True, True, True, False, False, True, False]
+    by_acc = algo.dynamic_sampling_filter(acc, ids)
+    assert by_acc.kept_groups == ["u"] and by_acc.all_correct_groups == ["g", "c"]
+    by_score = algo.dynamic_sampling_filter(acc, ids, scores=scores)
+    assert by_score.kept_groups == ["g"]
+    assert by_score.all_correct_groups == ["c"] and by_score.all_wrong_groups == ["w"]
+    assert by_score.uniform_groups == ["u"]  # mixed acc, one score: no advantage either
+    assert by_score.keep.tolist() == [True] * 4 + [False] * 6
+    with pytest.raises(ValueError, match="one score per sample"):
+        algo.dynamic_sampling_filter(acc, ids, scores=scores[:3])
+
+
 # ------------------------------------------------------------ logits helpers
 
 

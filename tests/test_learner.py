@@ -260,11 +260,10 @@ def test_update_takes_the_first_mini_batchs_proximal_log_probs_from_its_own_forw
     assert taken.proximal_pass_rows(batch) == 3
     m_given, m_taken = given.update(recomputed), taken.update(batch)
     assert passes == [3]  # one micro-batch: rows 6..8; rows 0..5 came from the first step's forward
-    # compute_log_probs hands out float32 proximal log-probs, the first step's forward keeps
-    # float64; AdamW's first steps are ~lr * sign(grad), so where a gradient is ~0 that rounding
-    # moves a weight by up to ~1e-5 (lr 1e-2); the metrics below carry the exact comparison
+    # both sides hold float32 proximal log-probs of the same float64 forward (they differ only in pad
+    # columns: ~1e-16 per op): the float64 updates agree to rounding
     for (name, a), (_, b) in zip(given.model.named_parameters(), taken.model.named_parameters()):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
     assert m_given.keys() == m_taken.keys()
     assert "rollout_corr/is_weight_mean" in m_taken
     for key in m_given:
@@ -345,3 +344,26 @@ def test_unknown_policy_loss_fails_when_the_learner_is_built(policy):
         _learner(copy.deepcopy(model), policy_loss="ppo")
     with pytest.raises(ValueError, match="policyLossParams"):
         _learner(copy.deepcopy(model), policy_loss="dapo", policy_loss_params={"eps_low": 0.1})
+
+
+def test_later_epochs_clip_against_the_log_probs_the_step_started_from(policy):
+    """spec.learner.ppoEpochs = 2 with one mini-batch (no proximal pass, no rollout correction):
+    the second epoch's ratio is taken against the log-probs of the step's starting weights, as PPO
+    defines it, so the update equals one given those log-probs explicitly (float64) and the second
+    epoch clips (lr high enough that the first epoch moves the policy past the clip range)."""
+    model, tok = policy
+    model = copy.deepcopy(model).double()
+    batch = _batch(tok)
+    kw = dict(lr=5e-2, ppo_epochs=2)
+    given, taken = _learner(copy.deepcopy(model), **kw), _learner(copy.deepcopy(model), **kw)
+    assert taken.proximal_pass_rows(batch) == 0
+    with torch.no_grad():  # the proximal log-probs from the same forward, float32 values as the learner keeps them
+        start = log_probs_from_logits(given.response_logits(batch), batch.responses).float() * batch.response_mask
+    explicit = replace(batch, old_log_probs=start)
+    m_given, m_taken = given.update(explicit), taken.update(batch)
+    assert m_given["actor/pg_clipfrac"] > 0.05  # epoch 2 really clips
+    for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/pg_loss"):
+        # float64 throughout; the two forwards differ only in pad columns (rounding ~1e-16 per op)
+        assert m_taken[key] == pytest.approx(m_given[key], rel=1e-9, abs=1e-12), key
+    for (name, a), (_, b) in zip(given.model.named_parameters(), taken.model.named_parameters()):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)

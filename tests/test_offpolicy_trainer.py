@@ -54,7 +54,8 @@ def _log_probs(model, batch):
 
 @pytest.mark.parametrize("mode", ["none", "truncate"])
 def test_stale_surplus_is_trained_with_the_engines_log_probs(tmp_path, mode):
-    trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 3},
+    # maxStaleness 1 lets one-version-old surplus train (train_step collects in line, synchronously)
+    trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 3, "maxStaleness": 1},
                        eval={"beforeTrain": False, "everySteps": 0},
                        algorithm={"rolloutCorrection": {"mode": mode, "level": "token", "threshold": 2.0}},
                        learner={"shuffle": False})  # keep the stale rows first: the checks below index them

@@ -112,3 +112,21 @@ def test_example_run_files_are_valid():
         for doc in yaml.safe_load_all(path.read_text()):
             if isinstance(doc, dict) and doc.get("kind") == "DAPORun":
                 assert isinstance(parse_run(doc, source=str(path)), DAPORun)
+
+
+def test_dynamic_sampling_metric_defaults_by_scorer_kind():
+    """Omitted: acc with the built-in (binary) scorers, score with a run-file or remote scorer
+    (it may grade); a value in the file wins either way."""
+    from dapo.spec import dynamic_sampling_metric
+
+    scorer = {"scorers": [{"dataSource": "*", "function": "my_scorers:graded"}]}
+    remote = {"remote": {"url": "http://judge:8080/score"}}
+    assert dynamic_sampling_metric(parse_run(minimal()).spec) == "acc"
+    assert dynamic_sampling_metric(parse_run(minimal(reward=scorer)).spec) == "score"
+    assert dynamic_sampling_metric(parse_run(minimal(reward=remote)).spec) == "score"
+    chosen = {"dynamicSampling": {"metric": "acc"}}
+    assert dynamic_sampling_metric(parse_run(minimal(reward=scorer, algorithm=chosen)).spec) == "acc"
+    chosen = {"dynamicSampling": {"metric": "score"}}
+    assert dynamic_sampling_metric(parse_run(minimal(algorithm=chosen)).spec) == "score"
+    with pytest.raises(SpecError, match="dynamicSampling.metric"):
+        parse_run(minimal(algorithm={"dynamicSampling": {"metric": "reward"}}))

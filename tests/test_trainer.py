@@ -44,7 +44,8 @@ CONTRACT_KEYS = [
 class OverlapScorer:
     """RewardScorer's interface, in process: acc = response shares a character with the answer
     (``mode="overlap"``), every other response right (``"alternate"``: every group of an even n
-    is mixed), or always right / always wrong; score = +1 / -1."""
+    is mixed), or always right / always wrong; score = +1 / -1. ``"graded"``: always right, with a
+    graded score 0.2 + 0.1 x (response length mod 5), as a run-file scorer giving partial credit."""
 
     def __init__(self, mode: str = "overlap"):
         self.mode = mode
@@ -56,8 +57,9 @@ class OverlapScorer:
         out = []
         for i, (text, truth, cut) in enumerate(zip(responses, ground_truths, truncated or [False] * len(responses))):
             acc = {"overlap": bool(set(text) & set(truth)), "alternate": i % 2 == 0, "right": True,
-                   "wrong": False}[self.mode]
-            out.append(SimpleNamespace(score=1.0 if acc else -1.0, acc=acc, truncated=cut))
+                   "wrong": False, "graded": True}[self.mode]
+            score = 0.2 + 0.1 * (len(text) % 5) if self.mode == "graded" else 1.0 if acc else -1.0
+            out.append(SimpleNamespace(score=score, acc=acc, truncated=cut, correctness=score))
         return out
 
     def close(self):
@@ -202,8 +204,12 @@ def _trainer(tmp_path, scorer, **spec_over):
     return embedded.trainer
 
 
-def test_surplus_groups_carry_to_the_next_step(tmp_path):
-    trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 6},
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_surplus_groups_carry_to_the_next_step_only_within_max_staleness(tmp_path, max_staleness):
+    """Surplus of a collection is one weight version behind at the next step: spec.rollout.maxStaleness
+    0 (on-policy) drops it, counted, and generates afresh; 1 trains it (and checkpoints what is left).
+    train_step() runs the collection in line, so both take the same synchronous path."""
+    trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 6, "maxStaleness": max_staleness},
                        eval={"beforeTrain": False, "everySteps": 0})
     first = trainer.train_step()
     assert first["train/num_gen_batches"] == 1 and first["train/num_groups_kept"] == 6
@@ -213,8 +219,15 @@ def test_surplus_groups_carry_to_the_next_step(tmp_path):
     original = trainer.collect_groups
     trainer.collect_groups = lambda: (recorded.append(out := original()), out)[1]
     second = trainer.train_step()
+    assert second["async/version_lag_max"] <= max_staleness
+    if max_staleness == 0:
+        assert second["train/surplus_used"] == 0 and second["train/surplus_dropped"] == 4
+        assert second["async/stale_samples_dropped"] == 4 * 4  # 4 groups of n = 4
+        assert second["train/num_gen_batches"] == 1
+        assert not set(g.uid for g in recorded[0].groups) & set(surplus_uids)
+        return
     assert second["train/num_gen_batches"] == 0, "a full batch of surplus needs no generation"
-    assert second["train/surplus_used"] == 2
+    assert second["train/surplus_used"] == 2 and second["async/version_lag_max"] == 1
     assert [g.uid for g in recorded[0].groups] == surplus_uids[:2]
     assert second["train/surplus_groups"] == len(surplus_uids) - 2
     # the surplus is part of the checkpointed state
@@ -281,6 +294,23 @@ def test_dynamic_sampling_cap_explains_what_to_change(tmp_path, mode, expected):
     for field in ("maxGenBatches", "genBatchSize", "spec.rollout.n", "dynamicSampling.enabled=false"):
         assert field in message
     assert trainer.status()["state"] == "failed" and expected in trainer.status()["message"]
+
+
+@pytest.mark.parametrize("metric", ["acc", "score"])
+def test_dynamic_sampling_metric_decides_whether_graded_groups_train(tmp_path, metric):
+    """A graded scorer calls every response right but scores them 0.2-0.6: filtering on acc drops
+    every group as all-correct and the cap stops the run; spec.algorithm.dynamicSampling.metric
+    score keeps the groups whose scores vary, and they train with non-zero advantages."""
+    trainer = _trainer(tmp_path, OverlapScorer("graded"), eval={"beforeTrain": False, "everySteps": 0},
+                       algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 2, "metric": metric}},
+                       learner={"totalSteps": 1})
+    if metric == "acc":
+        with pytest.raises(DynamicSamplingError, match="had varying accuracy .*metric: acc.*ALL-CORRECT"):
+            trainer.train()
+        return
+    metrics = trainer.train()
+    assert metrics["train/num_groups_kept"] >= 2 and metrics["train/groups_all_correct"] < 3 * metrics["train/num_gen_batches"]
+    assert metrics["actor/pg_loss"] != 0.0 and metrics["train/acc/mean"] == 1.0
 
 
 def test_dynamic_sampling_with_one_response_per_prompt_fills_the_batch(tmp_path):

@@ -796,51 +796,75 @@ def overlong_filter_mask(response_mask: torch.Tensor, truncated: torch.Tensor) -
 class DynamicSamplingResult:
     """Outcome of DAPO's dynamic-sampling filter on one generation batch.
 
-    keep: bool tensor, one per sample: True for samples of kept groups (accuracy varies, or a
+    keep: bool tensor, one per sample: True for samples of kept groups (the metric varies, or a
     group of one).
-    kept_groups / all_correct_groups / all_wrong_groups: group ids in first-seen order (the
-    last two list only dropped groups).
+    kept_groups / all_correct_groups / all_wrong_groups / uniform_groups: group ids in first-seen
+    order; the last three list only dropped groups: all acc = 1, all acc = 0, or (filtering on
+    scores) a constant score with mixed acc.
     """
 
     keep: torch.Tensor
     kept_groups: list = field(default_factory=list)
     all_correct_groups: list = field(default_factory=list)
     all_wrong_groups: list = field(default_factory=list)
+    uniform_groups: list = field(default_factory=list)
 
 
-def dynamic_sampling_filter(acc: torch.Tensor | Sequence[bool], group_ids: Sequence[Hashable] | torch.Tensor) -> DynamicSamplingResult:
-    """Keep the groups whose (unshaped) accuracy varies: some right and some wrong.
-
-    A group of two or more with all acc = 1 or all acc = 0 has zero advantage for every sample
-    and gives no gradient, so DAPO drops it: keep group g iff std(acc_g) > 0 or |g| = 1. A
-    group of one (rollout.n = 1) is kept, as the reference implementation (verl's DAPO
-    trainer) keeps it: it has no spread to test, and dropping it would make a batch of n = 1
-    groups impossible to fill. Filter on ``acc``, never on the shaped score: overlong shaping
-    can make scores differ inside a group that is uniformly right or wrong.
-    """
+def _as_acc(acc: torch.Tensor | Sequence[bool]) -> torch.Tensor:
     acc_tensor = torch.as_tensor(acc)
     if acc_tensor.dim() != 1:
         raise ValueError(f"acc must be 1-D (one accuracy per sample), got shape {tuple(acc_tensor.shape)}")
-    if len(group_ids) != acc_tensor.shape[0]:
-        raise ValueError(f"group_ids has {len(group_ids)} entries but acc has {acc_tensor.shape[0]}; give one group id per sample")
     if acc_tensor.dtype != torch.bool:
         if not bool(((acc_tensor == 0) | (acc_tensor == 1)).all()):
             raise ValueError("acc must be boolean or 0/1 (the unshaped accuracy), not a shaped score")
         acc_tensor = acc_tensor != 0
+    return acc_tensor
+
+
+def dynamic_sampling_filter(acc: torch.Tensor | Sequence[bool], group_ids: Sequence[Hashable] | torch.Tensor,
+                            scores: torch.Tensor | Sequence[float] | None = None) -> DynamicSamplingResult:
+    """Keep the groups whose metric varies: the (unshaped) accuracy, some right and some wrong;
+    or, given ``scores``, the scorer's unshaped score (a graded scorer: [0.2, 0.5, 0.9, 0.4] are
+    all "correct" yet their advantages are not zero).
+
+    A group of two or more whose metric is constant has zero advantage for every sample and gives
+    no gradient, so DAPO drops it: keep group g iff std(metric_g) > 0 or |g| = 1 (verl's
+    filter_groups with metric acc or score). A group of one (rollout.n = 1) is kept, as the
+    reference implementation (verl's DAPO trainer) keeps it: it has no spread to test, and
+    dropping it would make a batch of n = 1 groups impossible to fill. Never filter on the shaped
+    score: overlong shaping can make scores differ inside a group that is uniformly right or wrong.
+    """
+    acc_tensor = _as_acc(acc)
+    if len(group_ids) != acc_tensor.shape[0]:
+        raise ValueError(f"group_ids has {len(group_ids)} entries but acc has {acc_tensor.shape[0]}; give one group id per sample")
     index, distinct = _group_index(group_ids, acc_tensor.device)
     num_groups = len(distinct)
     correct = torch.zeros(num_groups, dtype=torch.long, device=acc_tensor.device).index_add_(0, index, acc_tensor.long())
     total = torch.zeros(num_groups, dtype=torch.long, device=acc_tensor.device).index_add_(0, index, torch.ones_like(index))
-    varies = ((correct > 0) & (correct < total)) | (total == 1)
-    all_correct = correct == total
+    if scores is None:
+        varies = (correct > 0) & (correct < total)
+    else:
+        values = torch.as_tensor(scores, dtype=torch.float64, device=acc_tensor.device)
+        if values.shape != acc_tensor.shape:
+            raise ValueError(f"scores has shape {tuple(values.shape)}, acc {tuple(acc_tensor.shape)}: one score per sample")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("scores must be finite")
+        low = torch.full((num_groups,), math.inf, dtype=torch.float64, device=values.device).scatter_reduce(
+            0, index, values, "amin")
+        high = torch.full((num_groups,), -math.inf, dtype=torch.float64, device=values.device).scatter_reduce(
+            0, index, values, "amax")
+        varies = high > low
+    varies = varies | (total == 1)
     result = DynamicSamplingResult(keep=varies[index])
-    for gid, v, c in zip(distinct, varies.tolist(), all_correct.tolist()):
+    for gid, v, c, t in zip(distinct, varies.tolist(), correct.tolist(), total.tolist()):
         if v:
             result.kept_groups.append(gid)
-        elif c:
+        elif c == t:
             result.all_correct_groups.append(gid)
-        else:
+        elif c == 0:
             result.all_wrong_groups.append(gid)
+        else:
+            result.uniform_groups.append(gid)
     return result
 
 

@@ -117,8 +117,18 @@ class OverlongSpec(_Model):
 
 
 class DynamicSamplingSpec(_Model):
-    enabled: bool = Field(True, description="Drop groups whose accuracy is all 0 or all 1 and over-sample until the batch is full.")
+    enabled: bool = Field(True, description="Drop groups whose metric does not vary (all right or all wrong: no advantage, "
+                                            "no gradient) and over-sample until the batch is full.")
     max_gen_batches: int = Field(10, ge=1, description="Give up (with an explanation) after this many generation batches in one step.")
+    metric: Literal["acc", "score"] | None = Field(
+        None,
+        description=(
+            "What must vary within a group for it to be kept (verl's filter_groups.metric): acc, the scorer's "
+            "correctness, or score, the scorer's unshaped score (before overlong shaping), for graded rewards. "
+            "Omitted: score when spec.reward.scorers or spec.reward.remote is set (a run-file or remote scorer may "
+            "grade: scores 0.2 and 0.9 are both 'correct' but still give advantages), acc otherwise (the built-in "
+            "scorers are binary, where the two are the same)."),
+    )
 
 
 @lru_cache(maxsize=None)
@@ -234,8 +244,9 @@ class RolloutSpec(PodPlacement):
         0, ge=0, le=16,
         description="Asynchronous rollout: generation runs up to this many steps ahead of the learner, so the batch "
                     "of step s is sampled with weight version max(0, s - maxStaleness) while the learner trains. "
-                    "0: synchronous (generate, then train). Surplus groups may be one version older; older ones are "
-                    "dropped and counted (async/stale_samples_dropped).",
+                    "0: synchronous (generate, then train). A bound on every trained sample: surplus groups of dynamic "
+                    "sampling more than this many versions behind the training weights are dropped and counted "
+                    "(train/surplus_dropped, async/stale_samples_dropped), so 0 trains on-policy only.",
     )
 
 
@@ -429,6 +440,15 @@ class DAPORun(_Model):
     metadata: ObjectMeta
     spec: DAPORunSpec
     status: dict[str, Any] | None = Field(None, description="Written by the operator; ignored on input.")
+
+
+def dynamic_sampling_metric(spec: "DAPORunSpec") -> str:
+    """spec.algorithm.dynamicSampling.metric resolved: the run file's choice, else score when a
+    run-file or remote scorer may grade, acc for the built-in (binary) scorers."""
+    chosen = spec.algorithm.dynamic_sampling.metric
+    if chosen is not None:
+        return chosen
+    return "score" if spec.reward.scorers or spec.reward.remote is not None else "acc"
 
 
 # --------------------------------------------------------------------------- cross-field rules

@@ -24,9 +24,11 @@ and is idle; the controller then evaluates with the current weights and saves th
 untrained batches ("in flight") with the sampler and surplus, so a resume continues exactly
 (`Trainer.state_dict` / `load_state_dict`).
 
-Staleness: fresh samples of step s are v(s) - gen_version(s) <= k versions old; surplus groups
-carried to the next collection may be one version older (as in the synchronous loop); surplus
-older than that is dropped (`BatchCollection.surplus_dropped` / ``stale_samples_dropped``).
+Staleness: fresh samples of step s are v(s) - gen_version(s) <= k versions old, and k bounds
+every trained sample: surplus groups carried to a later collection are kept only while they are at
+most k versions behind the version that trains them (in steady state they are k + 1 behind, so
+only the first steps reuse surplus); older surplus is dropped (`BatchCollection.surplus_dropped`
+/ ``stale_samples_dropped``).
 """
 
 from __future__ import annotations

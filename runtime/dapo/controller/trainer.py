@@ -40,15 +40,10 @@ from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 from dapo.seeding import EVALUATION, GENERATION, seed_for
+from dapo.spec import dynamic_sampling_metric
 from dapo.storage.checkpointer import CheckpointContents
 
 log = logging.getLogger("dapo.controller.trainer")
-
-# Surplus groups older than this many weight versions (relative to the version generating the
-# step's batch) are dropped instead of trained on: they were sampled from a policy too far from the
-# current one. With spec.rollout.maxStaleness = k a trained sample is at most k + this old.
-MAX_SURPLUS_STALENESS = 1
-
 
 class DynamicSamplingError(DapoError, RuntimeError):
     """The generation-batch cap was hit before the batch filled; the message says why and what to change."""
@@ -63,8 +58,9 @@ class Group:
     prompt_ids: list[int]
     samples: list[Sample]
     scores: list[float]  # shaped (correctness + overlong penalty): the advantage input
-    accs: list[bool]  # unshaped accuracy: the dynamic-sampling filter input
+    accs: list[bool]  # unshaped accuracy: the dynamic-sampling filter input (metric acc)
     weight_version: int  # version of the policy that sampled it
+    correctness: list[float] = field(default_factory=list)  # the scorer's unshaped score (metric score)
 
     def sample_versions(self) -> list[int]:
         """Weight version of each sample (the engine's stamp; the group's for samples restored
@@ -80,6 +76,11 @@ class Group:
     def from_state(cls, state: dict) -> "Group":
         return cls(**{**state, "samples": [Sample(**s) for s in state["samples"]]})
 
+    def unshaped_scores(self) -> list[float]:
+        """The scorer's scores before overlong shaping (shaped scores for groups restored from
+        checkpoints written before groups kept them)."""
+        return self.correctness or self.scores
+
 
 @dataclass
 class BatchCollection:
@@ -91,6 +92,7 @@ class BatchCollection:
     groups_kept: int = 0
     all_correct: int = 0
     all_wrong: int = 0
+    uniform: int = 0  # dropped for a constant score with mixed accuracy (dynamicSampling.metric score)
     surplus_used: int = 0
     surplus_dropped: int = 0
     generated_accs: list[bool] = field(default_factory=list)
@@ -113,20 +115,28 @@ def uids_digest(uids: Sequence[str]) -> str:
 
 
 def dynamic_sampling_message(*, have: int, need: int, batches: int, generated: int, all_correct: int,
-                             all_wrong: int, n: int) -> str:
+                             all_wrong: int, n: int, uniform: int = 0, metric: str = "acc") -> str:
     """The actionable explanation when max_gen_batches is reached before the batch fills."""
-    if all_correct >= all_wrong:
+    if uniform > max(all_correct, all_wrong):
+        verdict = (f"most dropped groups had the SAME SCORE for all {n} samples (with mixed accuracy): the scorer "
+                   "grades too coarsely to rank the samples. Check the scorer's scores on a few responses")
+    elif all_correct >= all_wrong:
         verdict = (f"most dropped groups were ALL-CORRECT: the data is too easy for the model (every one of the "
                    f"{n} samples already gets it right, so there is nothing to learn). Use harder prompts")
     else:
         verdict = (f"most dropped groups were ALL-WRONG: the data is too hard for the model, or the answers are not "
                    f"being parsed (check that responses end with 'Answer: ...' and that spec.data.promptTemplate / "
                    f"spec.reward.scorer fit the data). Use easier prompts or a stronger base model")
+    varying = "accuracy" if metric == "acc" else "scores"
+    dropped = f"{all_correct} were all-correct and {all_wrong} were all-wrong"
+    if metric == "score":
+        dropped = f"{all_correct + all_wrong + uniform} had one score for every sample ({all_correct} all-correct, " \
+                  f"{all_wrong} all-wrong, {uniform} of mixed accuracy)"
     return (
         f"dynamic sampling could not fill the training batch: after {batches} generation batches "
         f"(spec.algorithm.dynamicSampling.maxGenBatches) only {have} of the {need} groups needed "
-        f"(spec.learner.trainBatchSize) had varying accuracy. Of {generated} groups generated in this step, "
-        f"{all_correct} were all-correct and {all_wrong} were all-wrong: {verdict}. "
+        f"(spec.learner.trainBatchSize) had varying {varying} (spec.algorithm.dynamicSampling.metric: {metric}). "
+        f"Of {generated} groups generated in this step, {dropped}: {verdict}. "
         f"Or raise spec.algorithm.dynamicSampling.maxGenBatches, spec.rollout.genBatchSize (prompts per "
         f"generation batch) or spec.rollout.n (more samples per prompt make mixed groups likelier), or set "
         f"spec.algorithm.dynamicSampling.enabled=false to train on every group."
@@ -189,6 +199,7 @@ class Trainer:
         # async rollout (spec.rollout.maxStaleness >= 1): the generator thread while train() runs,
         # and collected-but-untrained batches restored from a checkpoint (controller/pipeline.py)
         self.pipeline: RolloutPipeline | None = None
+        self.ds_metric = dynamic_sampling_metric(spec)  # what must vary within a kept group
         self.in_flight: list[BatchCollection] = []
 
     # ------------------------------------------------------------------ data helpers
@@ -226,22 +237,29 @@ class Trainer:
             groups.append(Group(
                 uid=records[index].uid, record_index=index, prompt_ids=prompts[k], samples=samples[chunk],
                 scores=[float(r.score) for r in results[chunk]], accs=[bool(r.acc) for r in results[chunk]],
-                weight_version=self.engine.weight_version))
+                weight_version=self.engine.weight_version, correctness=[float(r.correctness) for r in results[chunk]]))
         return groups
 
     # ------------------------------------------------------------------ step 1-4
 
-    def collect_groups(self, step: int | None = None, version: int | None = None) -> BatchCollection:
+    def collect_groups(self, step: int | None = None, version: int | None = None,
+                       train_version: int | None = None) -> BatchCollection:
         """Fill the training batch of ``step`` (default: the current one) generated with weight
-        ``version`` (default: the current one; the async pipeline passes both): surplus from the
-        last collection first, then generation batches; with dynamic sampling only groups whose
-        accuracy varies count."""
+        ``version`` and trained with ``train_version`` (default: both the current one; the async
+        pipeline passes all three): surplus from the last collection first, then generation
+        batches; with dynamic sampling only groups whose metric varies count.
+
+        spec.rollout.maxStaleness = k bounds every trained sample: surplus sampled more than k
+        versions before ``train_version`` is dropped (counted in ``surplus_dropped`` and
+        ``stale_samples_dropped``), so with k = 0 the synchronous loop trains on-policy only."""
         step = self.step if step is None else step
         version = self.weight_version if version is None else version
+        train_version = version if train_version is None else train_version
         need = self.spec.learner.train_batch_size
         ds = self.spec.algorithm.dynamic_sampling
         ro = self.spec.rollout
-        fresh = [g for g in self.surplus if g.weight_version >= version - MAX_SURPLUS_STALENESS]
+        oldest = train_version - ro.max_staleness
+        fresh = [g for g in self.surplus if min(g.sample_versions()) >= oldest]
         out = BatchCollection(groups=fresh[:need], surplus_used=min(len(fresh), need),
                               surplus_dropped=len(self.surplus) - len(fresh),
                               stale_samples_dropped=sum(len(g.samples) for g in self.surplus) -
@@ -251,7 +269,8 @@ class Trainer:
             if ds.enabled and out.num_gen_batches >= ds.max_gen_batches:
                 raise DynamicSamplingError(dynamic_sampling_message(
                     have=len(out.groups), need=need, batches=out.num_gen_batches, generated=out.groups_generated,
-                    all_correct=out.all_correct, all_wrong=out.all_wrong, n=ro.n))
+                    all_correct=out.all_correct, all_wrong=out.all_wrong, n=ro.n, uniform=out.uniform,
+                    metric=self.ds_metric))
             indices = self.sampler.next_indices(ro.gen_batch_size)
             groups = self.generate_groups(self.train_records, indices, n=ro.n, temperature=ro.temperature,
                                           top_p=ro.top_p, seed=seed_for(self.spec.learner.seed + GENERATION, step,
@@ -262,9 +281,11 @@ class Trainer:
             if ds.enabled:
                 flat_acc = [a for g in groups for a in g.accs]
                 gids = [k for k, g in enumerate(groups) for _ in g.accs]
-                verdict = dynamic_sampling_filter(flat_acc, gids)
+                scores = [c for g in groups for c in g.unshaped_scores()] if self.ds_metric == "score" else None
+                verdict = dynamic_sampling_filter(flat_acc, gids, scores=scores)
                 out.all_correct += len(verdict.all_correct_groups)
                 out.all_wrong += len(verdict.all_wrong_groups)
+                out.uniform += len(verdict.uniform_groups)
                 groups = [groups[k] for k in verdict.kept_groups]
             out.groups_kept += len(groups)
             room = need - len(out.groups)
@@ -355,6 +376,7 @@ class Trainer:
             "train/num_groups_kept": collection.groups_kept,
             "train/groups_all_correct": collection.all_correct,
             "train/groups_all_wrong": collection.all_wrong,
+            "train/groups_uniform_score": collection.uniform,
             "train/surplus_used": collection.surplus_used,
             "train/surplus_dropped": collection.surplus_dropped,
             "train/surplus_groups": collection.surplus_left,
@@ -374,6 +396,11 @@ class Trainer:
         })
         return metrics
 
+    def _pipeline_collect(self, start_step: int, start_version: int):
+        """The pipeline's collect(step, version): step s trains with version V0 + (s - S0)."""
+        return lambda step, version: self.collect_groups(step, version,
+                                                         train_version=start_version + step - start_step)
+
     def _async_metrics(self, collection: BatchCollection, lags: list[int], *, sync_idle) -> dict[str, Any]:
         """Version lag of the trained samples (training version - generating version), samples
         dropped for staleness, and how long each side waited for the other. Synchronous: the
@@ -384,7 +411,7 @@ class Trainer:
             "async/version_lag_max": max(lags, default=0),
             "async/stale_samples_dropped": collection.stale_samples_dropped,
         }
-        for lag in range(k + MAX_SURPLUS_STALENESS + 1):
+        for lag in range(k + 1):
             out[f"async/lag_{lag}_frac"] = lags.count(lag) / len(lags) if lags else 0.0
         if self.pipeline is None:
             out["timing_s/learner_idle"], out["timing_s/rollout_idle"] = sync_idle
@@ -479,7 +506,7 @@ class Trainer:
                 self.run_eval()
             if self.spec.rollout.max_staleness > 0 and self.step < self.total_steps and not self.epochs_done():
                 self.pipeline = RolloutPipeline(
-                    engine=self.engine, collect=lambda step, version: self.collect_groups(step, version),
+                    engine=self.engine, collect=self._pipeline_collect(self.step, self.weight_version),
                     max_staleness=self.spec.rollout.max_staleness, start_step=self.step,
                     start_version=self.weight_version, total_steps=self.total_steps, in_flight=self.in_flight)
                 self.in_flight = []

@@ -447,9 +447,9 @@ class TorchLearner:
         log-probs (the weights at the start of the step) when ``batch.old_log_probs`` is None.
 
         The first optimizer step runs at exactly those weights, so its own forward pass gives
-        the proximal log-probs (and the rollout-correction weights) of the first mini-batch; only
-        the rows after it need the extra pass. A single optimizer step (one mini-batch, one epoch)
-        needs no pass at all. Exception: a model with active dropout samples a different network
+        the proximal log-probs (and the rollout-correction weights) of the first mini-batch, kept
+        for every later epoch (PPO clips against the step's starting policy in each epoch); only the
+        rows after the first mini-batch need the extra pass. One mini-batch needs no pass at all. Exception: a model with active dropout samples a different network
         in its training forward, so then every row goes through the eval-mode pass, as the
         rollout engine's forward does."""
         if batch.old_log_probs is not None:
@@ -517,8 +517,10 @@ class TorchLearner:
         if pass_rows == batch.num_rows:
             return replace(batch, old_log_probs=self.compute_log_probs(batch)), 0
         head = batch.num_rows - pass_rows
-        if pass_rows == 0 and not self.needs_importance_weights(batch):
-            return batch, 0  # one optimizer step, nothing to weigh: its forward is the proximal policy
+        if pass_rows == 0 and self.ppo_epochs == 1 and not self.needs_importance_weights(batch):
+            # one optimizer step in all, nothing to weigh: its forward is the proximal policy. With
+            # more epochs the later ones must clip against these log-probs, so the first step keeps them
+            return batch, 0
         tail = self.compute_log_probs(batch.rows(head, batch.num_rows)) if pass_rows else None
         old = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
         if tail is not None:
@@ -618,8 +620,11 @@ class TorchLearner:
             log_prob = log_probs_from_logits(logits, mb.responses)
             weights = mb.is_weights
             if mb.old_log_probs is None:  # this forward runs at the step's starting weights: the proximal policy
-                old = log_prob.detach()
-                pieces.append(padded_columns((old.float() * mb.response_mask).cpu(), micro.responses.shape[1]))
+                # kept as float32 values, like every other row's proximal log-probs (`compute_log_probs`), so
+                # this step and the later epochs that reuse them see the same proximal policy
+                proximal = log_prob.detach().float()
+                old = proximal.to(log_prob.dtype)
+                pieces.append(padded_columns((proximal * mb.response_mask).cpu(), micro.responses.shape[1]))
                 if self.needs_importance_weights(mb):
                     weights, _ = self.importance_weights(old, mb)
             else:
