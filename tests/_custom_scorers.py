@@ -51,3 +51,10 @@ def picky(solution_str, **_):
     if solution_str == "boom":
         raise ValueError("cannot score boom")
     return 1.0
+
+
+def poisoned_row(ground_truth, **_):
+    """Raises on the ground truth 'poison' (a bad data row), scores 1.0 otherwise."""
+    if ground_truth == "poison":
+        raise KeyError("tests")
+    return 1.0

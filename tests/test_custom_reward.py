@@ -131,12 +131,30 @@ def test_custom_scorer_gets_the_pools_time_bound_crash_isolation_and_input_cap()
 
 
 def test_a_scorer_that_fails_every_response_stops_with_its_name():
+    """Eight data rows (runs of responses with one ground truth) failed in a row stop the run;
+    the count spans batches."""
     ref = "_custom_scorers:raising"
+    rows = lambda first, count: [str(k) for k in range(first, first + count) for _ in range(3)]  # noqa: E731
     with scorer_for(scorers=[{"dataSource": "*", "function": ref}]) as scorer:
-        scorer.score_batch(["a"] * 5, ["1"] * 5, ["s"] * 5)  # 5 failures: not yet
+        scorer.score_batch(["a"] * 15, rows(0, 5), ["s"] * 15)  # 15 failures in 5 rows: not yet
         with pytest.raises(ScorerFailedError, match=r"_custom_scorers:raising \(spec.reward.scorers\[0\].function\) "
-                                                    r"failed on each of its last 10 responses.*user scorer bug"):
-            scorer.score_batch(["a"] * 5, ["1"] * 5, ["s"] * 5)
+                                                    r"failed every response of each of its last 8 data rows.*user scorer bug"):
+            scorer.score_batch(["a"] * 9, rows(5, 3), ["s"] * 9)
+
+
+def test_one_poisoned_row_never_stops_the_run():
+    """A row whose ground truth makes the scorer raise fails its n = 16 responses (more than the
+    8-row stop) every time it is drawn, between rows that score: the run goes on."""
+    ref = "_custom_scorers:poisoned_row"
+    with scorer_for(scorers=[{"dataSource": "*", "function": ref}]) as scorer:
+        for _ in range(3):
+            truths = ["7"] * 16 + ["poison"] * 16 + ["9"] * 16
+            results = scorer.score_batch(["Answer: 7"] * 48, truths, ["s"] * 48)
+            assert [r.error is None for r in results] == [True] * 16 + [False] * 16 + [True] * 16
+        assert scorer.failures[(ref, "s")] == 48
+        # alone, back to back (e.g. drawn at the end of one batch and the start of the next): still one row each
+        for _ in range(7):
+            scorer.score_batch(["x"] * 16, ["poison"] * 16, ["s"] * 16)
 
 
 def test_a_scorer_with_some_failures_keeps_running():

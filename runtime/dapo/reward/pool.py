@@ -32,9 +32,12 @@ Routing, per response, on its row's ``data_source`` (case-insensitive globs):
 
 A response whose scorer fails (exception, non-finite or wrongly typed result, time bound, worker
 crash) scores ``failed_score`` with ``acc`` False and ``error`` set; failures are counted per
-(scorer, data_source) in ``stats`` and logged. A run-file or remote scorer that fails
-``stop_after_failures`` responses in a row raises :class:`ScorerFailedError` naming it: it is
-broken, and training on nothing but failure scores would be silent garbage.
+(scorer, data_source) in ``stats`` and logged. A run-file or remote scorer that fails every
+response of ``stop_after_failed_rows`` data rows in a row raises :class:`ScorerFailedError`
+naming it: it is broken, and training on nothing but failure scores would be silent garbage.
+Rows, not responses: the n responses of one prompt arrive together (consecutive, with one ground
+truth and data source), so one poisoned row (a ground truth that makes the scorer raise) counts
+once and can never stop a run, whatever n is.
 """
 
 from __future__ import annotations
@@ -87,6 +90,21 @@ class ScorerFailedError(DapoError, RuntimeError):
     """A run-file or remote scorer failed every one of its last responses; names the scorer."""
 
 
+def _row_outcomes(verdicts, scorer_names, sources, ground_truths) -> list[tuple[str, bool]]:
+    """(scorer, every response failed) per data row, in order: a row is a run of consecutive
+    responses with the same scorer, data source and ground truth (a prompt's n responses)."""
+    rows: list[tuple[str, bool]] = []
+    previous = None
+    for verdict, name, source, truth in zip(verdicts, scorer_names, sources, ground_truths):
+        failed = verdict.error is not None or verdict.score is None
+        if previous is not None and previous == (name, source, truth):
+            rows[-1] = (name, rows[-1][1] and failed)
+        else:
+            rows.append((name, failed))
+        previous = (name, source, truth)
+    return rows
+
+
 @dataclass(frozen=True)
 class _Verdict:
     """What a worker (or the pool on its behalf) said about one response. ``score`` is the
@@ -119,7 +137,8 @@ class RewardScorer:
     (:class:`~dapo.reward.custom.ScorerImportError` naming ``spec.reward.scorers[i].function``).
     ``remote``: a :class:`~dapo.reward.remote.RemoteReward` for rows no rule matches.
     ``failed_score``: the score of a response whose scorer failed (spec.reward.failedScore).
-    ``stop_after_failures``: consecutive failures of a run-file / remote scorer that stop the run.
+    ``stop_after_failed_rows``: consecutive data rows (runs of responses with one ground truth and
+    data source) whose every response a run-file / remote scorer failed, that stop the run.
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -143,7 +162,7 @@ class RewardScorer:
         scorers: Sequence[tuple[str, str]] = (),
         remote=None,
         failed_score: float = -1.0,
-        stop_after_failures: int = 8,
+        stop_after_failed_rows: int = 8,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"reward timeout_s must be > 0 seconds, got {timeout_s!r}")
@@ -176,7 +195,7 @@ class RewardScorer:
         self._user_refs = {ref: where for _, ref, where in self._rules}
         self.remote = remote
         self.failed_score = float(failed_score)
-        self.stop_after_failures = int(stop_after_failures)
+        self.stop_after_failed_rows = int(stop_after_failed_rows)
         self._streaks: Counter[str] = Counter()
         self.failures: Counter[tuple[str, str]] = Counter()  # (scorer, data_source) -> failed responses
         self._remote_thread = ThreadPoolExecutor(1, thread_name_prefix="remote-reward") if remote is not None else None
@@ -331,7 +350,7 @@ class RewardScorer:
         if remote_answer is not None:
             for i, (score, acc, pred, error) in zip(remote_rows, remote_answer.result()):
                 verdicts[i] = _Verdict(bool(acc) and error is None, pred, error=error, score=score)
-        self._account(verdicts, scorer_names, sources)
+        self._account(verdicts, scorer_names, sources, ground_truths)
         results = []
         for i, verdict in enumerate(verdicts):
             failed = verdict.error is not None or verdict.score is None
@@ -362,9 +381,10 @@ class RewardScorer:
             return self.remote.name
         return scorer_for_data_source(data_source, self.default_scorer)[0]
 
-    def _account(self, verdicts: list[_Verdict], scorer_names: list[str], sources: list[str | None]) -> None:
-        """Count and log failed responses per (scorer, data_source); stop on a scorer that
-        failed its last ``stop_after_failures`` responses (run-file and remote scorers)."""
+    def _account(self, verdicts: list[_Verdict], scorer_names: list[str], sources: list[str | None],
+                 ground_truths: Sequence) -> None:
+        """Count and log failed responses per (scorer, data_source); stop on a scorer that failed
+        every response of its last ``stop_after_failed_rows`` rows (run-file and remote scorers)."""
         failed: Counter[tuple[str, str]] = Counter()
         seen: Counter[tuple[str, str]] = Counter()
         first_error: dict[tuple[str, str], str] = {}
@@ -374,15 +394,14 @@ class RewardScorer:
             if verdict.error is not None or verdict.score is None:
                 failed[key] += 1
                 first_error.setdefault(key, str(verdict.error))
-                self._streaks[name] += 1
-            else:
-                self._streaks[name] = 0
+        for name, row_failed in _row_outcomes(verdicts, scorer_names, sources, ground_truths):
+            self._streaks[name] = self._streaks[name] + 1 if row_failed else 0
         for key, count in failed.items():
             self.failures[key] += count
             log.warning("reward: %d of %d responses of data_source %r failed in scorer %s (scored %g); first: %s",
                         count, seen[key], key[1], key[0], self.failed_score, first_error[key])
         for name, streak in self._streaks.items():
-            if streak < self.stop_after_failures:
+            if streak < self.stop_after_failed_rows:
                 continue
             if name in self._user_refs:
                 where = self._user_refs[name]
@@ -392,9 +411,10 @@ class RewardScorer:
                 continue  # built-in scorers fail on hostile rows by design (time bound): no stop
             errors = "; ".join(sorted({first_error[k] for k in first_error if k[0] == name}))[:1000]
             raise ScorerFailedError(
-                f"reward scorer {name} ({where}) failed on each of its last {streak} responses: {errors}. "
-                "Call it by hand on a row of your data to find the bug (it gets keyword arguments solution_str, "
-                "ground_truth, data_source, extra_info and must return a float or {'score': float, ...})")
+                f"reward scorer {name} ({where}) failed every response of each of its last {streak} data rows: "
+                f"{errors}. Call it by hand on a row of your data to find the bug (it gets keyword arguments "
+                "solution_str, ground_truth, data_source, extra_info and must return a float or "
+                "{'score': float, ...})")
 
     def _overlong_penalties(self, response_lengths: Sequence[int] | None, count: int) -> list[float]:
         """Per-response soft overlong punishment (zeros when shaping is off)."""
