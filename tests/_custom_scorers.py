@@ -58,3 +58,14 @@ def poisoned_row(ground_truth, **_):
     if ground_truth == "poison":
         raise KeyError("tests")
     return 1.0
+
+
+def code_tests(solution_str, ground_truth, data_source, extra_info=None):
+    """A verl-style code scorer: ``ground_truth`` is the row's test cases as data,
+    {"inputs": [...], "outputs": [...]}; the score is the share of expected outputs the reply
+    prints (a stand-in for running the program). Raises on a ground truth that is not that dict."""
+    if not isinstance(ground_truth, dict) or not isinstance(ground_truth.get("outputs"), list):
+        raise TypeError(f"expected the test cases as a dict, got {type(ground_truth).__name__}")
+    outputs = ground_truth["outputs"]
+    passed = sum(1 for out in outputs if out in solution_str)
+    return {"score": passed / len(outputs), "acc": passed == len(outputs), "pred": f"{passed}/{len(outputs)}"}

@@ -243,3 +243,41 @@ def test_example_format_scorer_through_the_pool(monkeypatch):
     assert [(r.score, r.acc, r.pred) for r in results] == [
         (1.0, True, "84"), (0.0, False, "85"), (-1.0, False, "[INVALID]"), (-1.0, False, "[INVALID]")]
     assert results[0].scorer == f"{REPO}/examples/scorers/even_answer.py:compute_score"
+
+
+def test_verl_code_row_reaches_the_scorer_as_data(tmp_path):
+    """A verl-style code data set (parquet; reward_model.ground_truth = {"inputs", "outputs"},
+    ~20 kB of JSON, past the old 4096-character cap): the row loads with its ground truth as a
+    dict and a run-file scorer receives it unchanged; a built-in scorer refuses such a row naming
+    the fix; spec.reward.maxGroundTruthChars below its size refuses it without calling the scorer."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dapo.data.prompts import load_prompts
+
+    cases = {"inputs": [f"{k} {k + 1}\n" for k in range(400)], "outputs": [f"{2 * k + 1}\n" for k in range(400)]}
+    size = len(json.dumps(cases, separators=(",", ":")))
+    assert size > 4096
+    rows = [{"data_source": "codecontests", "prompt": [{"role": "user", "content": "Add two numbers."}],
+             "ability": "code", "reward_model": {"style": "rule", "ground_truth": cases},
+             "extra_info": {"split": "train", "index": 0}}]
+    path = tmp_path / "code.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    (record,), report = load_prompts(path, template="none")
+    assert report.kept == 1 and record.ground_truth == cases and record.data_source == "codecontests"
+
+    everything = "".join(cases["outputs"])
+    scorer_rule = [{"dataSource": "codecontests", "function": "_custom_scorers:code_tests"}]
+    with scorer_for(scorers=scorer_rule) as scorer:
+        right, half = scorer.score_batch([everything, everything[: len(everything) // 2]], [record.ground_truth] * 2,
+                                         [record.data_source] * 2, extra_infos=[record.extra_info] * 2)
+    assert (right.error, right.score, right.acc, right.pred) == (None, 1.0, True, "400/400")
+    assert half.error is None and 0.3 < half.score < 0.7 and not half.acc
+    with scorer_for() as builtin:
+        (refused,) = builtin.score_batch([everything], [record.ground_truth], [record.data_source])
+    assert "built-in scorer" in refused.error and "spec.reward.scorers" in refused.error
+    with scorer_for(scorers=scorer_rule, maxGroundTruthChars=size - 1) as capped:
+        (capped_result,) = capped.score_batch([everything], [record.ground_truth], [record.data_source])
+    assert "maxGroundTruthChars" in capped_result.error and capped_result.score == -1.0

@@ -77,8 +77,11 @@ def test_normalize_answer_value():
     assert normalize_answer_value(2.5) == "2.5"
     assert normalize_answer_value(7) == "7"
     assert normalize_answer_value("  \\frac{1}{2} ") == "\\frac{1}{2}"
-    for unusable in (None, True, float("nan"), float("inf"), ["1"], {"a": 1}):
+    for unusable in (None, True, float("nan"), float("inf")):
         assert normalize_answer_value(unusable) is None
+    # JSON ground truths (code test cases) stay data; an empty one is an empty answer
+    assert normalize_answer_value(["1"]) == ["1"] and normalize_answer_value({"a": (1, 2)}) == {"a": [1, 2]}
+    assert normalize_answer_value([]) == "" and normalize_answer_value({}) == ""
 
 
 # =========================================================================== real data
@@ -254,7 +257,7 @@ def test_bad_rows_are_counted_by_reason(tmp_path):
         {"problem": "p4", "answer": "   "},      # empty answer
         {"problem": "p5", "answer": None},      # empty answer
         {"problem": "  ", "answer": "6"},       # empty prompt
-        {"problem": "p7", "answer": [1, 2]},    # unusable answer
+        {"problem": "p7", "answer": True},      # unusable answer
         {"problem": {"x": 1}, "answer": "8"},   # malformed prompt
         "{not json",                            # invalid JSON line
         "",                                     # blank line: not a row

@@ -342,10 +342,10 @@ def test_pool_megabyte_inputs(pool):
     results, elapsed = _timed_batch(pool, [megabyte, megabyte], ["12", "13"])
     assert [r.acc for r in results] == [True, False] and not any(r.timed_out for r in results)
     assert elapsed < TIMEOUT_S + SLACK_S
-    # A megabyte ground truth (quadratic-time normalisation) is refused without reaching a worker.
-    big_gt = "1" * (1 << 20)
+    # A ground truth over the limit (1 MiB by default) is refused without reaching a worker.
+    big_gt = "1" * ((1 << 20) + 1)
     results, elapsed = _timed_batch(pool, ["Answer: 1"], [big_gt])
-    assert results[0].acc is False and results[0].score == -1.0 and "max_ground_truth_chars" in results[0].error
+    assert results[0].acc is False and results[0].score == -1.0 and "maxGroundTruthChars" in results[0].error
     assert elapsed < 1.0
 
 

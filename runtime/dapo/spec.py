@@ -332,6 +332,12 @@ class RewardSpec(PodPlacement):
         -1.0, ge=-1e6, le=1e6,
         description="Score of a response whose scorer failed (exception, NaN or wrong type, time bound, crash).",
     )
+    max_ground_truth_chars: int = Field(
+        1 << 20, ge=1, le=1 << 30,
+        description=("A row whose ground truth is longer than this (a list / object ground truth: its JSON) fails its "
+                     "responses without scoring. The default, 1 MiB, holds code test cases; lower it to refuse "
+                     "oversize answers before a built-in scorer's regexes see them."),
+    )
 
 
 class MlflowSpec(_Model):

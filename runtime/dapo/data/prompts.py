@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 logger = logging.getLogger("dapo.data.prompts")
 
@@ -54,6 +54,9 @@ def is_dapo_templated(text: str) -> bool:
 
 # --------------------------------------------------------------------------- records and report
 
+#: A row's ground truth: a string (math answers), or a JSON list / object (code test cases)
+GroundTruth = Union[str, list, dict]
+
 
 @dataclasses.dataclass
 class PromptRecord:
@@ -65,7 +68,7 @@ class PromptRecord:
 
     uid: str
     prompt: list[dict[str, str]]
-    ground_truth: str
+    ground_truth: GroundTruth
     data_source: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -166,16 +169,21 @@ def dataset_fingerprint(records: Iterable[PromptRecord]) -> str:
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
 
-def normalize_answer_value(value: Any) -> str | None:
-    """Turn a raw answer cell into a ground-truth string; None when it is not usable.
+def normalize_answer_value(value: Any) -> GroundTruth | None:
+    """Turn a raw answer cell into a ground truth; None when it is not usable.
 
     * str: stripped; a GSM8K solution ending in ``#### N`` becomes ``N`` with thousands commas
       removed ("#### 1,234" -> "1234").
     * int: decimal; float: "5" for 5.0 (AMC stores answers as floats), repr otherwise; NaN/inf and
       bools are unusable.
+    * list / dict (verl's code data sets keep test cases so): kept as a JSON value, handed to
+      run-file and remote scorers unchanged (a value JSON has no type for becomes its string);
+      an empty one is an empty answer (""). The built-in math scorers take strings only.
     """
     if isinstance(value, bool) or value is None:
         return None
+    if isinstance(value, (list, tuple, dict)):
+        return json.loads(json.dumps(value, default=str)) if value else ""
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
@@ -190,13 +198,15 @@ def normalize_answer_value(value: Any) -> str | None:
     return None
 
 
-def conflict_key(ground_truth: str) -> str:
+def conflict_key(ground_truth: GroundTruth) -> str:
     """Normalised form used to decide whether two copies of a prompt disagree.
 
     Whitespace collapsed and one pair of surrounding ``$`` removed: "$ 23 $" and "23" agree, "6" and
     "64" do not. Deliberately light: the reward's normaliser decides correctness, this only decides
     whether the data set contradicts itself.
     """
+    if not isinstance(ground_truth, str):  # a JSON ground truth (test cases): equal as data, key order aside
+        return json.dumps(ground_truth, sort_keys=True, separators=(",", ":"))
     text = " ".join(ground_truth.split())
     if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
         text = text[1:-1].strip()
@@ -531,7 +541,7 @@ def _no_usable_rows_message(uri: str, report: LoadReport, mapping: Mapping[str, 
             return f"{uri}: no usable rows: column {column!r} missing in {scope} rows; pass data.columns.{key}"
         hint = {
             "empty answer": f"check the answer column {mapping['answer']!r} (data.columns.answer)",
-            "unusable answer": f"the answer column {mapping['answer']!r} must hold strings or numbers (data.columns.answer)",
+            "unusable answer": f"the answer column {mapping['answer']!r} must hold strings, numbers, lists or objects (data.columns.answer)",
             "empty prompt": f"check the problem column {mapping['problem']!r} (data.columns.problem)",
             "malformed prompt": f"column {mapping['problem']!r} must hold a string or a list of {{role, content}} messages (data.columns.problem)",
             "too long": "raise the prompt length limit",

@@ -43,6 +43,7 @@ once and can never stop a run, whatever n is.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -127,8 +128,10 @@ class RewardScorer:
     ``overlong_enabled``: DAPO soft overlong punishment, in tokens.
     ``max_input_chars``: a response longer than this keeps only its tail (the final answer
     is at the end; math_dapo reads only the last 300 characters). ``None``: no cap.
-    ``max_ground_truth_chars``: a longer ground truth is failed without scoring (no real
-    answer is that long; normalising one costs quadratic regex time).
+    ``max_ground_truth_chars``: a longer ground truth (a list / dict one: its JSON) is failed
+    without scoring (spec.reward.maxGroundTruthChars; the default 1 MiB holds code test cases).
+    Ground truths that are JSON lists / objects go to run-file and remote scorers unchanged; a
+    built-in scorer (which takes strings) fails such a row, naming the fix.
     ``memory_limit_mb``: address-space cap of each worker (``None``: none).
     ``start_method``: ``"forkserver"`` or ``"spawn"`` (``fork`` is refused: see above).
     ``startup_timeout_s``: how long to wait for a worker to come up before raising.
@@ -154,7 +157,7 @@ class RewardScorer:
         overlong_enabled: bool = True,
         *,
         max_input_chars: int | None = 16384,
-        max_ground_truth_chars: int = 4096,
+        max_ground_truth_chars: int = 1 << 20,
         memory_limit_mb: int | None = 2048,
         start_method: str = "forkserver",
         startup_timeout_s: float = 60.0,
@@ -239,7 +242,7 @@ class RewardScorer:
             max_response_length=spec.rollout.max_response_length, overlong_buffer_length=overlong.buffer_length,
             overlong_penalty_factor=overlong.penalty_factor, overlong_enabled=overlong.enabled,
             scorers=[(rule.data_source, rule.function) for rule in reward.scorers], remote=remote,
-            failed_score=reward.failed_score,
+            failed_score=reward.failed_score, max_ground_truth_chars=reward.max_ground_truth_chars,
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -457,14 +460,9 @@ class RewardScorer:
             for i, ground_truth in enumerate(ground_truths):
                 if i in skip:
                     continue
-                if not isinstance(responses[i], str) or not isinstance(ground_truth, str):
-                    verdicts[i] = _Verdict(False, INVALID_PRED, error="response and ground truth must be strings")
-                elif len(ground_truth) > self.max_ground_truth_chars:
-                    verdicts[i] = _Verdict(
-                        False, INVALID_PRED,
-                        error=f"ground truth has {len(ground_truth)} characters (> max_ground_truth_chars="
-                        f"{self.max_ground_truth_chars}); not scored",
-                    )
+                refusal = self._refusal(responses[i], ground_truth, scorer_names[i])
+                if refusal is not None:
+                    verdicts[i] = _Verdict(False, INVALID_PRED, error=refusal)
                 else:
                     pending.append(i)
             if pending:  # a batch for the remote service only needs no worker processes
@@ -485,6 +483,25 @@ class RewardScorer:
                     self.stats["errors"] += 1
             self.stats["scored"] += len(verdicts) - len(skip)
             return verdicts
+
+    def _refusal(self, response, ground_truth, scorer: str) -> str | None:
+        """Why a response is failed without calling its scorer, or None."""
+        if not isinstance(response, str):
+            return "the response must be a string"
+        user_scorer = scorer in self._user_refs
+        if isinstance(ground_truth, str):
+            size = len(ground_truth)
+        elif user_scorer and isinstance(ground_truth, (list, dict)):
+            size = len(json.dumps(ground_truth, separators=(",", ":")))
+        elif isinstance(ground_truth, (list, dict)):
+            return (f"the ground truth is a JSON {type(ground_truth).__name__} and the built-in scorer {scorer} takes "
+                    "strings; score such rows with a run-file scorer (spec.reward.scorers) or spec.reward.remote")
+        else:
+            return f"the ground truth must be a string, list or object, not {type(ground_truth).__name__}"
+        if size > self.max_ground_truth_chars:
+            return (f"ground truth has {size} characters (> spec.reward.maxGroundTruthChars="
+                    f"{self.max_ground_truth_chars}); not scored")
+        return None
 
     def _scorer_payload(self, name: str) -> tuple[str, object]:
         """How a worker finds the scorer: a run-file reference it imports itself, or a pickled

@@ -3,7 +3,7 @@ company's verifier.
 
 Contract (one POST per batch of at most ``batchSize`` responses, JSON both ways)::
 
-    POST <url>   {"requests": [{"solution_str": str, "ground_truth": str,
+    POST <url>   {"requests": [{"solution_str": str, "ground_truth": str | list | object,
                                 "data_source": str | null, "extra_info": object | null}, ...]}
     200          {"results": [float | {"score": float, "acc": bool?, "pred": str?}, ...]}
 

@@ -4,8 +4,9 @@ Service (aiohttp), one per reward pod / process, wrapping one `dapo.reward.Rewar
 worker-process pool bounds every response's scoring time: a response that overruns
 spec.reward.timeoutSeconds scores as wrong with ``timed_out`` true):
 
-    POST /score   {"responses": [str], "ground_truths": [str], "data_sources": [str|null] | null,
-                   "response_lengths": [int] | null, "truncated": [bool] | null}
+    POST /score   {"responses": [str], "ground_truths": [str | list | object], "data_sources": [str|null] | null,
+                   "response_lengths": [int] | null, "truncated": [bool] | null,
+                   "extra_infos": [object | null] | null}
                   -> {"results": [RewardResult as a JSON object, ...]}  (input order)
     GET  /healthz {"ok": true, ...}
 
