@@ -20,9 +20,13 @@ from dapo.spec import SpecError, parse_run
 pytestmark = pytest.mark.timeout(120)
 
 
+TRICKLE = "trickle"
+
+
 class Judge:
     """A loopback HTTP server whose answer to each POST is ``behaviour(body, attempt)``:
-    ``(status, bytes)``, or ``None`` to hang until the test ends."""
+    ``(status, bytes)`` or ``(status, bytes, headers)``, ``None`` to hang until the test ends, or
+    ``TRICKLE``: a 200 whose body comes one byte every 0.1 s, never ending."""
 
     def __init__(self, behaviour):
         self.behaviour = behaviour
@@ -40,8 +44,21 @@ class Judge:
                 if answer is None:
                     judge.release.wait(30)
                     return
-                status, payload = answer
+                if answer == TRICKLE:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    while not judge.release.wait(0.1):
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                    return
+                status, payload, *extra = answer
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -131,12 +148,44 @@ def test_garbage_answers_are_retried_then_name_the_url(judge_factory, payload, w
     assert what in str(info.value) and len(judge.bodies) == 2
 
 
-def test_a_flaky_service_succeeds_after_backoff(judge_factory):
-    judge = judge_factory(lambda body, attempt: (503, b"warming up") if attempt < 3 else exact_match(body, attempt))
+@pytest.mark.parametrize("status", [503, 429, 408])
+def test_a_busy_or_rate_limited_service_succeeds_after_jittered_backoff(judge_factory, status):
+    """503, 429 (rate limit) and 408 without Retry-After: retried after exponential backoff with
+    equal jitter, 0.2 s then 0.4 s, each between half and all of it."""
+    judge = judge_factory(lambda body, attempt: (status, b"busy") if attempt < 3 else exact_match(body, attempt))
     remote = RemoteReward(judge.url, timeout_s=2, max_retries=3, backoff_s=0.2)
     start = time.monotonic()
     assert remote.score(["a"], ["a"], ["s"])[0][:2] == (1.0, True)
-    assert len(judge.bodies) == 3 and time.monotonic() - start >= 0.2 + 0.4  # backoff 0.2 s, then 0.4 s
+    assert len(judge.bodies) == 3 and time.monotonic() - start >= 0.1 + 0.2  # at least half of 0.2 s + 0.4 s
+
+
+def test_retry_after_is_honoured(judge_factory):
+    """A 429 with Retry-After: 1 (seconds) then success: the client waits the second the server
+    asked for, not its own 0.05 s backoff; an HTTP-date Retry-After is read too."""
+    judge = judge_factory(lambda body, attempt: (429, b"slow down", {"Retry-After": "1"}) if attempt == 1
+                          else exact_match(body, attempt))
+    remote = RemoteReward(judge.url, timeout_s=2, max_retries=2, backoff_s=0.05)
+    start = time.monotonic()
+    assert remote.score(["a"], ["a"], ["s"])[0][:2] == (1.0, True)
+    assert len(judge.bodies) == 2 and 1.0 <= time.monotonic() - start < 1.0 + 2.0
+    from email.utils import formatdate
+
+    from dapo.services.http import MAX_RETRY_AFTER_S, retry_after_seconds
+
+    assert retry_after_seconds(formatdate(1000.0 + 30, usegmt=True), now=1000.0) == pytest.approx(30.0)
+    assert retry_after_seconds("86400") == MAX_RETRY_AFTER_S and retry_after_seconds("soon") is None
+
+
+def test_a_trickling_service_times_out_as_a_whole(judge_factory):
+    """A server that sends one byte every 0.1 s never trips a per-read timeout; timeoutSeconds
+    bounds the whole request, so each attempt ends after ~1 s."""
+    judge = judge_factory(lambda body, attempt: TRICKLE)
+    remote = RemoteReward(judge.url, timeout_s=1.0, max_retries=1, backoff_s=0.05)
+    start = time.monotonic()
+    with pytest.raises(RemoteRewardError, match=r"timed out: no complete answer within 1 s \(the whole request\)"):
+        remote.score(["a"], ["a"], [None])
+    elapsed = time.monotonic() - start
+    assert len(judge.bodies) == 2 and 2 * 1.0 <= elapsed < 2 * 1.0 + 0.05 + 3.0, elapsed  # 2 attempts, loose for load
 
 
 def test_a_refusing_service_is_not_retried(judge_factory):
@@ -195,8 +244,9 @@ def test_reward_scorer_routes_unmatched_rows_to_the_service_and_shapes_them(judg
 def test_a_service_answering_only_garbage_entries_stops_the_run(judge_factory):
     judge = judge_factory(lambda body, attempt: (200, json.dumps({"results": ["?"] * len(body["requests"])}).encode()))
     with RewardScorer.from_spec(_spec(judge.url)) as scorer:
-        with pytest.raises(Exception, match=rf"reward scorer remote {judge.url} \(spec.reward.remote\) failed on each"):
-            scorer.score_batch(["a"] * 8, ["a"] * 8, [None] * 8, [1] * 8)
+        with pytest.raises(Exception, match=rf"reward scorer remote {judge.url} \(spec.reward.remote\) failed every "
+                                            r"response of each of its last 8 data rows"):
+            scorer.score_batch(["a"] * 8, [str(k) for k in range(8)], [None] * 8, [1] * 8)
 
 
 def test_remote_spec_keeps_credentials_out_of_the_url():

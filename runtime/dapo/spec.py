@@ -303,9 +303,12 @@ class RemoteRewardSpec(_Model):
 
     url: str = Field(..., pattern=r"^https?://[^\s@]+$", max_length=2048,
                      description="Endpoint the responses are POSTed to in batches (http:// or https://; no credentials in it).")
-    timeout_seconds: float = Field(60.0, gt=0.0, le=3600.0, description="Time bound of one batch request; a slower answer is a failed attempt.")
+    timeout_seconds: float = Field(60.0, gt=0.0, le=3600.0, description="Time bound of one batch request as a whole (connect to "
+                                   "last byte); a slower answer is a failed attempt.")
     batch_size: int = Field(64, ge=1, le=100000, description="Responses per POST.")
-    max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed batch (exponential backoff from 0.5 s) before the run stops.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed batch (connection error, timeout, 5xx, 408, 429) "
+                             "before the run stops: after the server's Retry-After (at most 120 s), else exponential backoff "
+                             "from 0.5 s with jitter.")
     headers_secret: str | None = Field(
         None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
         description=(

@@ -14,10 +14,13 @@ scorer's return value (:func:`dapo.reward.custom.read_score`): a bad entry (NaN,
 variable ``DAPO_REWARD_REMOTE_HEADERS``, a JSON object; on Kubernetes the operator sets it from
 the Secret ``spec.reward.remote.headersSecret`` (key ``headers``), never from the run file.
 
-A batch is bounded by ``timeoutSeconds`` per attempt; a failed attempt (connection refused,
-timeout, HTTP 5xx, an answer that is not the contract's JSON) is retried ``maxRetries`` times
-with exponential backoff, then :class:`RemoteRewardError` names the URL and every failure. An
-HTTP 4xx is not retried (the request itself is refused).
+A batch is bounded by ``timeoutSeconds`` per attempt, as a whole (a server that trickles its
+answer byte by byte times out too); a failed attempt (connection refused, timeout, HTTP 5xx, 408
+or 429, an answer that is not the contract's JSON) is retried ``maxRetries`` times, after the
+server's Retry-After when it sends one (at most 120 s) and otherwise after exponential backoff
+with jitter (0.5 s, 1 s, 2 s, ... each between half and all of it), then
+:class:`RemoteRewardError` names the URL and every failure. Another HTTP 4xx is not retried (the
+request itself is refused).
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from dapo.reward.custom import read_score
-from dapo.services.http import RetryableError, ServiceError, post_json
+from dapo.services.http import RetryableError, ServiceError, backoff_delay, post_json
 
 __all__ = ["HEADERS_ENV", "RemoteReward", "RemoteRewardError", "headers_from_env"]
 
@@ -73,6 +77,7 @@ class RemoteReward:
         self.backoff_s = float(backoff_s)
         self.headers = dict(headers or {})
         self._threads = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="remote-reward")
+        self._rng = random.Random()  # retry jitter only: never part of a run's seeded state
 
     @classmethod
     def from_spec(cls, remote) -> "RemoteReward":
@@ -98,9 +103,10 @@ class RemoteReward:
             {"solution_str": s, "ground_truth": g, "data_source": d, "extra_info": e}
             for s, g, d, e in zip(solutions, ground_truths, data_sources, extra_infos)]}
         failures: list[str] = []
+        retry_after = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(backoff_delay(attempt, self.backoff_s, retry_after, self._rng))
             try:
                 answer = post_json(self.url, payload, self.timeout_s, headers=self.headers)
                 results = answer.get("results") if isinstance(answer, dict) else None
@@ -111,6 +117,7 @@ class RemoteReward:
                                          '{"results": [score, ...]} in request order')
                 return [self._entry(value) for value in results]
             except RetryableError as exc:
+                retry_after = exc.retry_after
                 failures.append(str(exc))
                 log.warning("remote reward %s: attempt %d/%d failed: %s", self.url, attempt + 1,
                             self.max_retries + 1, exc)

@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import logging
+import random
 import signal
 import socket
 import threading
@@ -30,7 +31,51 @@ class ServiceError(DapoError, RuntimeError):
 
 
 class RetryableError(ServiceError):
-    """The replica failed in a way another replica may not (connection, 5xx, timeout, stale weights)."""
+    """The replica failed in a way another replica (or a later attempt) may not: connection,
+    timeout, 5xx, 408 / 429 (busy or rate limited), stale weights. ``retry_after``: seconds the
+    server asked the client to wait (its Retry-After header), None when it did not say."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# Answers that say "not now" rather than "never": retried like a 5xx. 408 Request Timeout, 429 Too
+# Many Requests (rate limits); 5xx includes 503 Service Unavailable.
+RETRYABLE_STATUS = frozenset({408, 429})
+# A Retry-After longer than this is cut to it: the request's retries stay bounded in time.
+MAX_RETRY_AFTER_S = 120.0
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header in seconds: delta-seconds ("7") or an HTTP date; None when absent
+    or unreadable; never negative, at most MAX_RETRY_AFTER_S."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        import email.utils
+
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def backoff_delay(attempt: int, base_s: float, retry_after: float | None, rng: random.Random) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): the server's Retry-After when it gave
+    one, else exponential backoff base_s x 2^(attempt - 1) with equal jitter (half of it fixed,
+    half uniform), so clients that failed together do not retry together."""
+    if retry_after is not None:
+        return retry_after
+    step = base_s * 2 ** (attempt - 1)
+    return step / 2 + rng.uniform(0.0, step / 2)
 
 
 def parse_urls(text: str | None, variable: str) -> list[str]:
@@ -48,8 +93,10 @@ def parse_urls(text: str | None, variable: str) -> list[str]:
 def post_json(url: str, payload: Any, timeout_s: float, headers: dict[str, str] | None = None) -> Any:
     """POST ``payload`` as JSON (plus ``headers``), return the decoded JSON answer.
 
-    Raises RetryableError for connection failures, timeouts and 5xx answers, ServiceError for
-    4xx answers (the request itself is wrong: another replica would refuse it too)."""
+    ``timeout_s`` bounds the whole exchange, not each socket read. Raises RetryableError for
+    connection failures, timeouts, 5xx, 408 and 429 answers (with the server's Retry-After),
+    ServiceError for other 4xx answers (the request itself is wrong: another replica would
+    refuse it too)."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={**(headers or {}), "Content-Type": "application/json"})
@@ -60,21 +107,89 @@ def get_json(url: str, timeout_s: float) -> Any:
     return _send(urllib.request.Request(url, method="GET"), url, timeout_s)
 
 
+class _TrackedConnections:
+    """urllib handlers that remember each connection they open, so a timer can close its socket:
+    urllib's own ``timeout`` bounds each socket operation, and a server that trickles one byte
+    at a time never trips it."""
+
+    def __init__(self):
+        # the sockets themselves: urllib drops the connection's reference once the headers are in,
+        # while the response keeps reading the body from the same socket
+        self.sockets: list[socket.socket] = []
+
+    def factory(self, cls):
+        def make(*args, **kwargs):
+            connection = cls(*args, **kwargs)
+            connect = connection.connect
+
+            def connect_and_track() -> None:
+                connect()
+                self.sockets.append(connection.sock)
+
+            connection.connect = connect_and_track
+            return connection
+        return make
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        tracked = self
+
+        class Http(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(tracked.factory(http.client.HTTPConnection), req)
+
+        class Https(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(tracked.factory(http.client.HTTPSConnection), req,
+                                    context=self._context)
+
+        return urllib.request.build_opener(Http, Https)  # proxies from the environment still apply
+
+    def abort(self) -> None:
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def _send(request: urllib.request.Request, url: str, timeout_s: float) -> Any:
+    """One HTTP exchange bounded by ``timeout_s`` as a whole (connect, send, headers and body)."""
+    tracked = _TrackedConnections()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        tracked.abort()
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read())
+        with tracked.opener().open(request, timeout=timeout_s) as response:
+            body = response.read()
+        if expired.is_set():
+            raise OSError("deadline")
+        return json.loads(body)
     except urllib.error.HTTPError as exc:
         detail = _error_text(exc)
-        error = RetryableError if exc.code >= 500 else ServiceError
-        raise error(f"{url} answered HTTP {exc.code}: {detail}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError) as exc:
+        retryable = exc.code >= 500 or exc.code in RETRYABLE_STATUS
+        if retryable:
+            raise RetryableError(f"{url} answered HTTP {exc.code}: {detail}",
+                                 retry_after=retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
+                                 ) from None
+        raise ServiceError(f"{url} answered HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError,
+            http.client.HTTPException) as exc:
+        if expired.is_set():
+            raise RetryableError(f"{url} timed out: no complete answer within {timeout_s:g} s (the whole request)") from None
+        if isinstance(exc, http.client.HTTPException):  # e.g. a peer that closes mid-answer or speaks no HTTP
+            raise RetryableError(f"{url} broke the HTTP exchange ({type(exc).__name__}: {exc})") from None
         reason = getattr(exc, "reason", exc)
         raise RetryableError(f"{url} did not answer: {reason}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RetryableError(f"{url} answered with invalid JSON ({exc})") from None
-    except http.client.HTTPException as exc:  # e.g. a peer that closes mid-answer or speaks no HTTP
-        raise RetryableError(f"{url} broke the HTTP exchange ({type(exc).__name__}: {exc})") from None
+    finally:
+        timer.cancel()
 
 
 def _error_text(exc: urllib.error.HTTPError, limit: int = 2000) -> str:
