@@ -69,3 +69,18 @@ def code_tests(solution_str, ground_truth, data_source, extra_info=None):
     outputs = ground_truth["outputs"]
     passed = sum(1 for out in outputs if out in solution_str)
     return {"score": passed / len(outputs), "acc": passed == len(outputs), "pred": f"{passed}/{len(outputs)}"}
+
+
+def environment_report(**_):
+    """Scores 1.0; pred lists which of the names below the worker's environment (os.environ and
+    /proc/self/environ) holds: what a scorer could read and leak."""
+    import os
+
+    watched = ("AWS_SECRET_ACCESS_KEY", "DAPO_REWARD_REMOTE_HEADERS", "TRACKER_TOKEN", "SCORER_SETTING")
+    try:
+        with open("/proc/self/environ", "rb") as fh:
+            raw = fh.read().decode(errors="replace")
+    except OSError:
+        raw = ""
+    seen = [name for name in watched if name in os.environ or f"{name}=" in raw]
+    return {"score": 1.0, "pred": ",".join(seen) or "-"}

@@ -281,3 +281,21 @@ def test_verl_code_row_reaches_the_scorer_as_data(tmp_path):
     with scorer_for(scorers=scorer_rule, maxGroundTruthChars=size - 1) as capped:
         (capped_result,) = capped.score_batch([everything], [record.ground_truth], [record.data_source])
     assert "maxGroundTruthChars" in capped_result.error and capped_result.score == -1.0
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_scorer_workers_do_not_see_the_reward_process_credentials(monkeypatch, start_method):
+    """The reward process holds S3 keys, the remote reward headers and a tracker token; a run-file
+    scorer's worker sees none of them (os.environ nor /proc/self/environ), only what
+    spec.reward.passEnv lists."""
+    secrets = {"AWS_SECRET_ACCESS_KEY": "s3-key", "DAPO_REWARD_REMOTE_HEADERS": '{"Authorization": "Bearer x"}',
+               "TRACKER_TOKEN": "t0k", "SCORER_SETTING": "strict"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    rule = [{"dataSource": "*", "function": "_custom_scorers:environment_report"}]
+    for pass_env, expected in (([], "-"), (["SCORER_*"], "SCORER_SETTING")):
+        doc = run_doc(scorers=rule, passEnv=pass_env)
+        with RewardScorer.from_spec(parse_run(doc).spec, start_method=start_method) as scorer:
+            (result,) = scorer.score_batch(["a"], ["1"], ["s"])
+        assert result.error is None and result.pred == expected, (pass_env, result)
+    assert all(os.environ[key] == value for key, value in secrets.items()), "this process keeps its environment"

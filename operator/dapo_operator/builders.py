@@ -169,7 +169,9 @@ def pod_env(run: DAPORun, role: str, index: int, namespace: str, gang_generation
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
     if spec.storage.region:
         env.append({"name": "AWS_REGION", "value": spec.storage.region})
-    if spec.storage.credentials_secret:
+    if spec.storage.credentials_secret and role != "reward":
+        # least privilege: reward pods read nothing from S3 and run user scorer code, so the storage
+        # keys never reach them (learners: data, model, checkpoints; rollout: the model)
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}})
     if role == "reward" and spec.reward.remote is not None and spec.reward.remote.headers_secret:

@@ -22,7 +22,7 @@ import importlib.util
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -334,6 +334,13 @@ class RewardSpec(PodPlacement):
     failed_score: float = Field(
         -1.0, ge=-1e6, le=1e6,
         description="Score of a response whose scorer failed (exception, NaN or wrong type, time bound, crash).",
+    )
+    pass_env: list[Annotated[str, Field(pattern=r"^[A-Za-z_*?][A-Za-z0-9_*?]*$", max_length=128)]] = Field(
+        default_factory=list, max_length=64,
+        description=("Environment variables (names or globs such as HF_*) the scorer worker processes get. They start "
+                     "with only Python's own settings (PATH, HOME, locale, PYTHON*, thread counts): the reward pod's "
+                     "credentials (AWS_*, the remote reward headers, tracker tokens) never reach scorer code unless "
+                     "listed here (docs/rewards.md, trust model)."),
     )
     max_ground_truth_chars: int = Field(
         1 << 20, ge=1, le=1 << 30,

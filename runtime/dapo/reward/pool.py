@@ -47,6 +47,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import threading
 import time
@@ -57,6 +58,7 @@ from dataclasses import dataclass, field
 
 from dapo.errors import DapoError
 from dapo.reward.custom import load_function, normalize_ref
+from dapo.reward.isolation import scorer_environment, start_scrubbed
 from dapo.reward.registry import get_scorer, scorer_for_data_source
 from dapo.reward.result import INVALID_PRED, RewardResult
 from dapo.reward.worker import worker_main
@@ -138,6 +140,8 @@ class RewardScorer:
     ``scorers``: ``(data_source glob, "module:function" or "file.py:function")`` rules tried
     first (spec.reward.scorers); every function is imported here, so a bad reference fails now
     (:class:`~dapo.reward.custom.ScorerImportError` naming ``spec.reward.scorers[i].function``).
+    ``pass_env``: environment names (globs) the worker processes get besides Python's own
+    (spec.reward.passEnv); nothing else of this process's environment reaches a scorer.
     ``remote``: a :class:`~dapo.reward.remote.RemoteReward` for rows no rule matches.
     ``failed_score``: the score of a response whose scorer failed (spec.reward.failedScore).
     ``stop_after_failed_rows``: consecutive data rows (runs of responses with one ground truth and
@@ -163,6 +167,7 @@ class RewardScorer:
         startup_timeout_s: float = 60.0,
         warm_modules: Sequence[str] = ("math_verify",),
         scorers: Sequence[tuple[str, str]] = (),
+        pass_env: Sequence[str] = (),
         remote=None,
         failed_score: float = -1.0,
         stop_after_failed_rows: int = 8,
@@ -214,6 +219,8 @@ class RewardScorer:
         self.memory_limit_mb = memory_limit_mb
         self.startup_timeout_s = float(startup_timeout_s)
         self._warm_modules = tuple(warm_modules)
+        # what the worker processes start with: no credentials of this process (dapo.reward.isolation)
+        self.worker_env = scorer_environment(os.environ, pass_env)
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # The server imports these once; every worker is then a cheap fork of it.
@@ -243,6 +250,7 @@ class RewardScorer:
             overlong_penalty_factor=overlong.penalty_factor, overlong_enabled=overlong.enabled,
             scorers=[(rule.data_source, rule.function) for rule in reward.scorers], remote=remote,
             failed_score=reward.failed_score, max_ground_truth_chars=reward.max_ground_truth_chars,
+            pass_env=list(reward.pass_env),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -284,13 +292,12 @@ class RewardScorer:
 
     def _start_worker(self) -> _Worker:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
+        process = start_scrubbed(self._ctx, lambda ctx: ctx.Process(
             target=worker_main,
             args=(child_end, self._warm_modules, self.memory_limit_mb),
             name="dapo-reward-worker",
             daemon=True,
-        )
-        process.start()
+        ), self.worker_env)
         child_end.close()
         self.stats["workers_started"] += 1
         return _Worker(process=process, conn=parent_end)
