@@ -1,5 +1,6 @@
 """The run-file spec: defaults, overrides and error messages a user can act on."""
 
+import os
 import subprocess
 import sys
 
@@ -130,3 +131,47 @@ def test_dynamic_sampling_metric_defaults_by_scorer_kind():
     assert dynamic_sampling_metric(parse_run(minimal(algorithm=chosen)).spec) == "score"
     with pytest.raises(SpecError, match="dynamicSampling.metric"):
         parse_run(minimal(algorithm={"dynamicSampling": {"metric": "reward"}}))
+
+
+def test_unknown_loss_parameter_is_refused_before_anything_loads(capsys):
+    """`dapo run` with a parameter the chosen loss lacks exits 2 at parse time with the line naming
+    the field and what the loss accepts (no model is built: the error comes before)."""
+    from dapo.cli import main
+
+    code = main(["run", "examples/quickstart.yaml", "--set", "spec.algorithm.policyLoss=gspo",
+                 "--set", 'spec.algorithm.policyLossParams={"foo": 1.0}', "--output-dir", "/nonexistent/never-made"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "spec.algorithm.policyLossParams: policy loss 'gspo' has no parameter(s) foo; it accepts: eps_low, eps_high" in err
+
+
+def test_a_loss_registered_by_another_package_is_a_run_file_value(tmp_path):
+    """An installed package naming a module in the `dapo.algorithms` entry points adds its losses:
+    the spec (read from source, torch not imported) accepts the name and its parameters, and the
+    learner's registry resolves it once the module loads."""
+    package = tmp_path / "my_losses"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "losses.py").write_text(
+        "from dapo.algo import register_policy_loss\n\n"
+        "@register_policy_loss('scaled-dapo', aggregation='token-mean')\n"
+        "def scaled(log_prob, old_log_prob, advantages, mask, config, *, scale: float = 2.0):\n"
+        "    return -scale * advantages * (log_prob - old_log_prob).exp(), {}\n")
+    dist = tmp_path / "my_losses-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-losses\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[dapo.algorithms]\nmine = my_losses.losses\n")
+    script = (
+        "import sys\n"
+        "from dapo.spec import POLICY_LOSS_PARAMS, parse_run\n"
+        "assert 'torch' not in sys.modules, 'the spec imported torch'\n"
+        "assert POLICY_LOSS_PARAMS['scaled-dapo'] == ('scale',), POLICY_LOSS_PARAMS\n"
+        "doc = {'metadata': {'name': 'a'}, 'spec': {'model': {'path': 'builtin:arith-tiny'}, 'data': {'train': 't.jsonl'},"
+        " 'algorithm': {'policyLoss': 'scaled-dapo', 'policyLossParams': {'scale': 3.0}}}}\n"
+        "parse_run(doc)\n"
+        "from dapo.algo import POLICY_LOSSES\n"
+        "print(POLICY_LOSSES.resolve('scaled-dapo').__module__)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "my_losses.losses"

@@ -193,8 +193,8 @@ def agg_loss(
 class Registry(dict):
     """Name -> function, filled by a decorator (``@register_policy_loss("gspo")``); the code
     dispatches through it and the run file's allowed values are its keys (``dapo.spec`` reads
-    the decorator names from this file, so the spec, the CRD enum and ``dapo crd`` never list a
-    name that is not registered here)."""
+    the decorator calls from the source of this file and of the `dapo.plugins` algorithm modules,
+    so the spec, the CRD enum and ``dapo crd`` never list a name that is not registered)."""
 
     def __init__(self, kind: str, spec_field: str):
         super().__init__()
@@ -213,7 +213,12 @@ class Registry(dict):
         return decorate
 
     def resolve(self, name: str) -> Callable:
-        """The function registered as ``name``; ValueError lists the registered names."""
+        """The function registered as ``name`` (importing the `dapo.plugins` algorithm modules
+        first when it is not registered yet); ValueError lists the registered names."""
+        if name not in self:
+            from dapo.plugins import load_algorithm_modules
+
+            load_algorithm_modules()
         try:
             return self[name]
         except (KeyError, TypeError):
@@ -230,7 +235,8 @@ ADVANTAGE_ESTIMATORS = Registry("advantage estimator", "spec.algorithm.advantage
 def register_policy_loss(name: str, *, aggregation: str | None = None) -> Callable[[Callable], Callable]:
     """Register a policy loss under ``name`` (the value of ``spec.algorithm.policyLoss``).
 
-    How to add a loss -- one function plus this decorator, in this file, nothing else:
+    How to add a loss -- one function plus this decorator, in this file or in a module of your
+    own package named in the ``dapo.algorithms`` entry-point group (dapo.plugins), nothing else:
 
         @register_policy_loss("my-loss", aggregation="token-mean")
         def my_loss(log_prob, old_log_prob, advantages, mask, config, *, my_param: float = 0.5):
@@ -248,7 +254,9 @@ def register_policy_loss(name: str, *, aggregation: str | None = None) -> Callab
     parameters with defaults are the loss's own hyperparameters, set from the run file with
     ``spec.algorithm.policyLossParams``. ``aggregation`` fixes the loss's normalisation (one of
     ``LOSS_AGG_MODES``) when the paper defines it; None uses ``spec.algorithm.lossAggMode``.
-    Then regenerate the CRD (``dapo crd > crds/daporun.yaml``): it lists the new name.
+    The name must be a string literal and the decorator applied at the module's top level: the
+    run-file spec reads both (and the keyword-only parameters) from the source, without importing
+    torch. Then regenerate the CRD (``dapo crd > crds/daporun.yaml``): it lists the new name.
     """
     if aggregation is not None and aggregation not in LOSS_AGG_MODES:
         raise ValueError(f"aggregation {aggregation!r} of policy loss {name!r} is not one of {sorted(LOSS_AGG_MODES)}")

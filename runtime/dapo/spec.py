@@ -16,11 +16,8 @@ CEL expression of the same rule (runs in the API server). They sit next to each 
 
 from __future__ import annotations
 
-import ast
 import copy
-import importlib.util
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from dapo.errors import DapoError
+from dapo.plugins import declared
 
 API_GROUP = "dapo.dev"
 API_VERSION = "v1alpha1"
@@ -131,32 +129,17 @@ class DynamicSamplingSpec(_Model):
     )
 
 
-@lru_cache(maxsize=None)
-def registered_names(decorator: str) -> tuple[str, ...]:
-    """Names registered in ``dapo/algo.py`` with ``@<decorator>("name")``, in file order.
-
-    The registries in `dapo.algo` are the one source of truth for the allowed policy losses and
-    advantage estimators. The spec (and the CRD generated from it, and the operator that
-    validates run files) must not import torch, so it reads the decorator calls from the
-    module's source instead of importing it; tests/test_spec.py checks that the names read here
-    are exactly the keys of the imported registries."""
-    found = importlib.util.find_spec("dapo.algo")
-    if found is None or not found.origin:
-        raise RuntimeError("dapo.algo is not installed next to dapo.spec: reinstall the dapo package")
-    tree = ast.parse(Path(found.origin).read_text(encoding="utf-8"))
-    names = []
-    for node in tree.body:
-        for deco in getattr(node, "decorator_list", []):
-            if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == decorator
-                    and deco.args and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)):
-                names.append(deco.args[0].value)
-    if not names:
-        raise RuntimeError(f"no @{decorator}(...) found in {found.origin}")
-    return tuple(names)
+# The allowed policy losses and advantage estimators, and each loss's own parameters: read from
+# the algorithm modules' source (dapo.algo and the `dapo.algorithms` entry points; dapo.plugins),
+# since the spec, the CRD and the operator must not import torch.
+POLICY_LOSS_PARAMS: dict[str, tuple[str, ...]] = {d.name: d.params for d in declared("register_policy_loss")}
+POLICY_LOSS_NAMES = tuple(POLICY_LOSS_PARAMS)
+ADVANTAGE_ESTIMATOR_NAMES = tuple(d.name for d in declared("register_advantage_estimator"))
 
 
-POLICY_LOSS_NAMES = registered_names("register_policy_loss")
-ADVANTAGE_ESTIMATOR_NAMES = registered_names("register_advantage_estimator")
+def unknown_policy_loss_params(loss: str, params) -> list[str]:
+    """The names in ``params`` the policy loss ``loss`` has no keyword-only parameter for."""
+    return sorted(set(params) - set(POLICY_LOSS_PARAMS.get(loss, ())))
 
 
 class RolloutCorrectionSpec(_Model):
@@ -201,7 +184,8 @@ class AlgorithmSpec(_Model):
     policy_loss_params: dict[str, float] = Field(
         default_factory=dict,
         description=("The selected loss's own hyperparameters by name, e.g. {eps_low: 3e-4, eps_high: 4e-4} for gspo; "
-                     "an unknown name fails at start naming the accepted ones."),
+                     "a name the loss does not have is refused with the file, naming the ones it accepts ("
+                     + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in POLICY_LOSS_PARAMS.items()) + ")."),
     )
     advantage_estimator: Literal[ADVANTAGE_ESTIMATOR_NAMES] = Field(  # type: ignore[valid-type]
         "grpo",
@@ -209,6 +193,15 @@ class AlgorithmSpec(_Model):
                      f"({', '.join(ADVANTAGE_ESTIMATOR_NAMES)}); grpo is (R - mean) / std. See docs/algorithm.md."),
     )
     rollout_correction: RolloutCorrectionSpec = Field(default_factory=RolloutCorrectionSpec)
+
+    @model_validator(mode="after")
+    def _loss_params_exist(self) -> "AlgorithmSpec":
+        unknown = unknown_policy_loss_params(self.policy_loss, self.policy_loss_params)
+        if unknown:
+            accepted = ", ".join(POLICY_LOSS_PARAMS[self.policy_loss]) or "none"
+            raise ValueError(f"spec.algorithm.policyLossParams: policy loss {self.policy_loss!r} has no parameter(s) "
+                             f"{', '.join(unknown)}; it accepts: {accepted} (docs/algorithm.md)")
+        return self
 
 
 # --------------------------------------------------------------------------- roles
@@ -484,6 +477,15 @@ class CrossFieldRule:
         self.message = message
 
 
+def _loss_params_cel() -> str:
+    """CEL: every policyLossParams key is a parameter of the selected policyLoss (POLICY_LOSS_PARAMS)."""
+    clauses = []
+    for loss, params in POLICY_LOSS_PARAMS.items():
+        allowed = "[" + ", ".join(f"'{p}'" for p in params) + "]"
+        clauses.append(f"(self.policyLoss != '{loss}' || self.policyLossParams.all(k, k in {allowed}))")
+    return "!has(self.policyLossParams) || (" + " && ".join(clauses) + ")"
+
+
 CROSS_FIELD_RULES: list[CrossFieldRule] = [
     CrossFieldRule(
         lambda s: s.learner.mini_batch_size <= s.learner.train_batch_size,
@@ -514,6 +516,14 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "self.rollout.genBatchSize >= self.learner.miniBatchSize",
         "",
         "spec.rollout.genBatchSize must be >= spec.learner.miniBatchSize (a generation batch must fill at least one optimizer step)",
+    ),
+    CrossFieldRule(
+        # pydantic's own check (AlgorithmSpec) names the unknown parameter; this is its API-server twin
+        lambda s: not unknown_policy_loss_params(s.algorithm.policy_loss, s.algorithm.policy_loss_params),
+        _loss_params_cel(),
+        "algorithm",
+        "spec.algorithm.policyLossParams must name only parameters of spec.algorithm.policyLoss ("
+        + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in POLICY_LOSS_PARAMS.items()) + ")",
     ),
 ]
 

@@ -208,3 +208,21 @@ def test_immutable_fields_are_transition_rules():
 def test_name_length_rule():
     doc = good_run(name="x" * 41)
     assert any("metadata.name" in m for m in cel_failures(doc))
+
+
+def test_policy_loss_params_are_checked_at_admission_and_by_pydantic():
+    """A parameter the selected policy loss does not have fails the API server's CEL rule and the
+    run-file parser (naming the parameter and the accepted ones); the loss's own parameters pass."""
+    rule = CROSS_FIELD_RULES[-1]
+    bad = good_run()
+    bad["spec"]["algorithm"] = {**bad["spec"].get("algorithm", {}), "policyLoss": "gspo", "policyLossParams": {"foo": 1.0}}
+    assert schema_errors(bad) == [] and rule.message in cel_failures(bad)
+    with pytest.raises(SpecError, match=r"policy loss 'gspo' has no parameter\(s\) foo; it accepts: eps_low, eps_high"):
+        parse_run(bad)
+    good = copy.deepcopy(bad)
+    good["spec"]["algorithm"]["policyLossParams"] = {"eps_low": 1e-4, "eps_high": 2e-4}
+    assert rule.message not in cel_failures(good)
+    parse_run(good)
+    dapo_with_param = copy.deepcopy(good)
+    dapo_with_param["spec"]["algorithm"]["policyLoss"] = "dapo"  # dapo's clip range is epsLow / epsHigh, no params
+    assert rule.message in cel_failures(dapo_with_param)
