@@ -307,7 +307,11 @@ def test_process_env_follows_the_contract(tmp_path):
     assert len(ports) == 6
 
 
-def test_controller_that_cannot_start_serves_failed_then_exits_non_zero(tmp_path, monkeypatch):
+@pytest.mark.parametrize("broken,code,message", [
+    ("no rollout URLs", 1, "DAPO_ROLLOUT_URLS"),
+    ("malformed setting", 2, "DAPO_GANG_GENERATION"),  # a ConfigError: exit 2 and runFileError, as `dapo run`
+])
+def test_controller_that_cannot_start_serves_failed_then_exits_non_zero(tmp_path, monkeypatch, broken, code, message):
     import threading
 
     from dapo.entry.roles import run_controller
@@ -319,6 +323,8 @@ def test_controller_that_cannot_start_serves_failed_then_exits_non_zero(tmp_path
     monkeypatch.setenv("DAPO_STATUS_GRACE_S", "3")
     monkeypatch.setenv("DAPO_RUN_DIR", str(tmp_path))
     monkeypatch.delenv("DAPO_ROLLOUT_URLS", raising=False)
+    if broken == "malformed setting":
+        monkeypatch.setenv("DAPO_GANG_GENERATION", "first")
     run = parse_run({"metadata": {"name": "r"}, "spec": {"model": {"path": "builtin:arith-tiny"},
                                                          "data": {"train": "t.jsonl"}}})
     codes = []
@@ -335,10 +341,11 @@ def test_controller_that_cannot_start_serves_failed_then_exits_non_zero(tmp_path
             except OSError:
                 pass
             time.sleep(0.1)
-        assert doc is not None and doc["state"] == "failed" and "DAPO_ROLLOUT_URLS" in doc["message"], doc
+        assert doc is not None and doc["state"] == "failed" and message in doc["message"], doc
+        assert doc["runFileError"] is (code == 2)
     finally:
         thread.join(15)
-    assert codes == [1]
+    assert codes == [code]
 
 
 def test_generate_answer_without_one_log_prob_per_token_is_refused():

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from dapo.contracts import Addresses, role_environment
-from dapo.spec import API_GROUP, API_VERSION, KIND, SCORER_MOUNT_DIR, DAPORun, PodPlacement, dump_run
+from dapo.spec import API_GROUP, API_VERSION, KIND, SCORER_MOUNT_DIR, DAPORun, PodPlacement, dump_run, run_warnings
 
 from . import naming as n
 
@@ -82,7 +82,7 @@ def spec_warnings(run: DAPORun) -> list[str]:
             f"spec.checkpoint.uri {run.spec.checkpoint.uri!r} is a pod-local path: it does not survive a gang restart; "
             "use an s3:// prefix"
         )
-    return warnings
+    return warnings + run_warnings(run.spec)
 
 
 def _meta(run: DAPORun, name: str, namespace: str, component: str, owner: Owner | None) -> dict[str, Any]:

@@ -6,7 +6,8 @@ here so the builders read as one vocabulary; docs/architecture.md lists them.
 
 from __future__ import annotations
 
-from dapo.contracts import DIST_PORT, GANG_ROLES, HTTP_PORT, ROLES, RUN_FILE, RUN_FILE_DIR, WEIGHT_SYNC_PORT
+from dapo.contracts import (DIST_PORT, GANG_ROLES, HTTP_PORT, ROLES, RUN_FILE, RUN_FILE_DIR, RUN_FILE_ERROR_EXIT_CODE,
+                            WEIGHT_SYNC_PORT)
 
 __all__ = ["DIST_PORT", "GANG_ROLES", "HTTP_PORT", "ROLES", "RUN_FILE", "RUN_FILE_DIR", "WEIGHT_SYNC_PORT"]
 
@@ -19,8 +20,8 @@ KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_TOTAL_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
 KUEUE_GATE = "kueue.x-k8s.io/admission"
 
-# `dapo`'s exit code after a run-file error (dapo.cli): restarting the pod cannot fix it.
-SPEC_ERROR_EXIT_CODE = 2
+# `dapo`'s exit code after a run-file error (every command and role): restarting cannot fix it.
+SPEC_ERROR_EXIT_CODE = RUN_FILE_ERROR_EXIT_CODE
 
 
 def pod_name(run: str, role: str, index: int) -> str:

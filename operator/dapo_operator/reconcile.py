@@ -19,6 +19,7 @@ from .builders import Owner, build_config_map, build_pod, build_service, desired
 from .status import (
     FAILED, SUSPENDED, TERMINAL, Outcome, compute_status, learner_succeeded, parse_time,
     pod_failure, pod_generation, pod_name_of, pod_phase, pod_run_file_error, pod_terminating, current_pods,
+    sanitize_learner_status,
 )
 
 
@@ -113,6 +114,25 @@ def _ttl_expired(run: DAPORun, status: dict[str, Any], now: dt.datetime) -> bool
     return ttl is not None and done is not None and now >= done + dt.timedelta(seconds=ttl)
 
 
+def _run_file_error(run: DAPORun, by_name: dict[str, dict[str, Any]], learner_status: dict[str, Any] | None,
+                    gen: int) -> str | None:
+    """Why the run cannot go on with this run file, or None: a pod of any role (of the current
+    gang, for gang roles) stopped with the run-file error exit code, or learner-0 reports a failure
+    it marks as a run-file error (before its pod exits)."""
+    gang = gang_roles(run)
+    for role, _, pod_name in desired_pod_names(run):
+        pod = by_name.get(pod_name)
+        if pod is None or pod_phase(pod) != "Failed" or (role in gang and pod_generation(pod) != gen):
+            continue
+        error = pod_run_file_error(pod)
+        if error is not None:
+            return f"{pod_name} stopped on a run-file error: {error}"
+    if learner_status and learner_status.get("state") == "failed" and learner_status.get("runFileError"):
+        return (f"{n.pod_name(run.metadata.name, 'learner', 0)} stopped on a run-file error: "
+                f"{learner_status.get('message', '')}")
+    return None
+
+
 def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None) -> Plan:
     """Plan the actions that move the cluster toward what the DAPORun ``obj`` asks for.
 
@@ -169,14 +189,13 @@ def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None)
 
     gang = gang_roles(run)
     by_name = {pod_name_of(p): p for p in pods}
-    for role, _, pod_name in desired_pod_names(run):
-        pod = by_name.get(pod_name)
-        error = pod_run_file_error(pod) if role == "reward" and pod is not None and pod_phase(pod) == "Failed" else None
-        if error is not None:
-            # e.g. spec.reward.scorers[0].function does not import: every replacement would fail the same way
-            actions += _delete_all(pods, "run-file error in a reward pod")
-            outcome = Outcome(FAILED, "RunFileError", f"{pod_name} stopped on a run-file error: {error}")
-            return _finish(run, obj, previous, work, observed, actions, outcome=outcome)
+    run_file_error = _run_file_error(run, by_name, sanitize_learner_status(learner_status), gen)
+    if run_file_error is not None:
+        # e.g. spec.reward.scorers[0].function does not import, or a learner setting the runtime
+        # refuses: every restart or replacement would fail the same way
+        actions += _delete_all(pods, "run-file error")
+        outcome = Outcome(FAILED, "RunFileError", run_file_error)
+        return _finish(run, obj, previous, work, observed, actions, outcome=outcome)
     dead: list[str] = []
     for role, index, pod_name in desired_pod_names(run):
         if role not in gang:

@@ -67,6 +67,8 @@ def sanitize_learner_status(answer: Any) -> dict[str, Any] | None:
         clean["lastCheckpoint"] = {"step": checkpoint["step"], "uri": _cut(checkpoint["uri"], MAX_URI_CHARS)}
     if isinstance(answer.get("message"), str):
         clean["message"] = _cut(answer["message"], MAX_MESSAGE_CHARS)
+    if answer.get("runFileError") is True:
+        clean["runFileError"] = True
     return clean
 
 

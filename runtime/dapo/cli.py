@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dapo.contracts import RUN_FILE_ERROR_EXIT_CODE
 from dapo.errors import ConfigError, DapoError
 from dapo.spec import SpecError
 
@@ -73,7 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except (SpecError, ConfigError) as exc:  # a bad run file / setting: the message names it and the fix
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return RUN_FILE_ERROR_EXIT_CODE
     except DapoError as exc:  # the platform refused at run time and says why: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1

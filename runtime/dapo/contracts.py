@@ -199,6 +199,11 @@ class CheckpointRef(_Contract):
     uri: str = Field(..., description="Where the committed checkpoint is.")
 
 
+# Every `dapo` command and role exits with this code after a run-file or configuration error
+# (SpecError, ConfigError): restarting the process with the same file cannot fix it, so the
+# operator fails the DAPORun instead of restarting the gang.
+RUN_FILE_ERROR_EXIT_CODE = 2
+
 LearnerState = Literal["starting", "running", "succeeded", "failed"]
 LEARNER_STATES: tuple[str, ...] = LearnerState.__args__  # type: ignore[attr-defined]
 
@@ -213,6 +218,8 @@ class LearnerStatus(_Contract):
     metrics: LearnerMetrics = Field(default_factory=LearnerMetrics)
     last_checkpoint: CheckpointRef | None = Field(None, alias="lastCheckpoint")
     message: str = ""
+    # state "failed" because of the run file or configuration (exit RUN_FILE_ERROR_EXIT_CODE follows)
+    run_file_error: bool = Field(False, alias="runFileError")
     updated_at: str = Field(default_factory=now_rfc3339, alias="updatedAt")
 
     def document(self) -> dict[str, Any]:

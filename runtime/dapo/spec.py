@@ -460,6 +460,18 @@ def dynamic_sampling_metric(spec: "DAPORunSpec") -> str:
     return "score" if spec.reward.scorers or spec.reward.remote is not None else "acc"
 
 
+def run_warnings(spec: "DAPORunSpec") -> list[str]:
+    """Legal settings that do not do what they may seem to: logged when a run starts and shown in
+    the DAPORun's status.warnings."""
+    warnings = []
+    if spec.learner.strategy.startswith("deepspeed") and spec.learner.replicas == 1:
+        warnings.append(
+            f"spec.learner.strategy {spec.learner.strategy} with spec.learner.replicas 1: the one learner rank trains "
+            "with plain torch (ZeRO shards weights and optimizer state across ranks, so it needs 2 or more); raise "
+            "spec.learner.replicas, or set strategy: torch to say so")
+    return warnings
+
+
 # --------------------------------------------------------------------------- cross-field rules
 
 

@@ -158,7 +158,8 @@ def build_learner(model, spec: DAPORunSpec, device: str, world_size: int = 1):
         from dapo.learner.torch_learner import TorchLearner
 
         if spec.learner.strategy != "torch":
-            log.info("spec.learner.strategy=%s with one learner rank: training with plain torch", spec.learner.strategy)
+            log.warning("spec.learner.strategy=%s with one learner rank: training with plain torch (ZeRO needs 2 or "
+                        "more ranks; set strategy: torch to say so)", spec.learner.strategy)
         return TorchLearner.from_spec(model, spec, device=device)
     from dapo.learner.distributed import DistributedLearner
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dapo.spec import parse_run
-from dapo_operator.builders import Owner, build_all, build_pod
+from dapo_operator.builders import Owner, build_all, build_pod, spec_warnings
 from dapo_operator.reconcile import CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchStatus, reconcile
 from dapo_operator.render import render_objects
 from dapo_operator.status import compute_status
@@ -307,3 +307,49 @@ def test_reward_pod_crash_without_run_file_error_is_still_replaced_alone():
     _fail_reward_pod(pods, 137, "")
     plan = reconcile(obj, observe(pods))
     assert plan.status["phase"] != "Failed" and [a.name for a in plan.of(DeletePod)] == ["demo-reward-0"]
+
+
+@pytest.mark.parametrize("pod_name", ["demo-learner-0", "demo-learner-1", "demo-rollout-1"])
+def test_a_run_file_error_exit_of_any_role_fails_the_run_without_a_gang_restart(pod_name):
+    """Exit 2 (a run-file or configuration error) from a learner or rollout pod fails the DAPORun
+    at once, like a reward pod's, instead of restarting the gang backoffLimit times."""
+    obj = run_obj(backoffLimit=3)
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    for p in pods:
+        if p["metadata"]["name"] == pod_name:
+            p["status"] = {"phase": "Failed", "containerStatuses": [{"name": "x", "state": {"terminated": {
+                "exitCode": 2, "reason": "Error",
+                "message": "error: spec.rollout.engine: vllm needs the vllm package in this environment\n"}}}]}
+    plan = reconcile(obj, observe(pods))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "RunFileError"
+    assert plan.status["restartCount"] == 0 and plan.status["message"].startswith(f"{pod_name} stopped on a run-file error")
+    assert plan.of(CreateObject) == []
+
+
+def test_learner_status_run_file_error_fails_the_run_before_the_pod_exits():
+    """Learner-0 serves state failed with runFileError while its pod still runs (the grace period):
+    the run fails then, with its message; a failure without the flag does not fail the run."""
+    obj = run_obj()
+    pods = apply(obj, [], reconcile(obj, Observed(now=T0)))
+    for p in pods:
+        set_phase(pods, p["metadata"]["name"], "Running", True)
+    answer = learner_answer("failed", step=0)
+    answer.update(message="SpecError: spec.data.train: no usable rows", runFileError=True)
+    plan = reconcile(obj, observe(pods, answer))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "RunFileError"
+    assert "spec.data.train: no usable rows" in plan.status["message"] and len(plan.of(DeletePod)) == 5
+    other = learner_answer("failed", step=3)
+    other.update(message="RuntimeError: boom")
+    obj2 = run_obj()
+    pods2 = apply(obj2, [], reconcile(obj2, Observed(now=T0)))
+    assert reconcile(obj2, observe(pods2, other)).status["phase"] != "Failed"
+
+
+def test_zero_with_one_learner_replica_is_a_status_warning():
+    """strategy deepspeed-zero3 with one learner pod trains with plain torch: the status says so."""
+    one = parse_run(good_run(learner={"replicas": 1, "strategy": "deepspeed-zero3", "trainBatchSize": 8,
+                                      "miniBatchSize": 4}))
+    assert any("spec.learner.strategy deepspeed-zero3 with spec.learner.replicas 1" in w for w in spec_warnings(one))
+    two = parse_run(good_run(learner={"replicas": 2, "strategy": "deepspeed-zero3", "trainBatchSize": 8,
+                                      "miniBatchSize": 4}))
+    assert not any("spec.learner.strategy" in w for w in spec_warnings(two))

@@ -98,9 +98,6 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
         log.warning("spec.rollout.genBatchSize (%d) is larger than the training set (%d prompts): "
                     "one generation batch repeats prompts", spec.rollout.gen_batch_size, len(train_records))
 
-    if spec.learner.strategy != "torch" and learner_factory is None:
-        log.info("spec.learner.strategy=%s applies to distributed learners; the in-process run trains with "
-                 "plain torch in one process", spec.learner.strategy)
     if engine_factory is not None:
         engine = engine_factory(spec, model, tokenizer, device)
     else:

@@ -8,8 +8,9 @@ The components come from dapo.wiring, as in every other launch mode.
 
 Learner rank 0 is the controller: it serves /status at once ("starting"), builds the Trainer with
 `RemoteRolloutEngine` + `RemoteScorer` + the learner, trains, serves "succeeded" (exit 0) or
-"failed" with the message (exit 1) for the grace period, and releases the other learner ranks.
-Ranks >= 1 build the same learner and follow rank 0's commands.
+"failed" with the message (exit 1; a run-file or configuration error: ``runFileError`` in /status
+and exit 2, as every other role and `dapo run` exit on one) for the grace period, and releases the
+other learner ranks. Ranks >= 1 build the same learner and follow rank 0's commands.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from dapo import wiring
-from dapo.contracts import HTTP_PORT, ROLES, Env, EnvVar
+from dapo.contracts import HTTP_PORT, ROLES, RUN_FILE_ERROR_EXIT_CODE, Env, EnvVar
 from dapo.errors import ConfigError
 from dapo.spec import DAPORun, SpecError, load_run_file
 
@@ -185,9 +186,14 @@ def run_controller(run: DAPORun, world_size: int) -> int:
         code = 0
         log.info("training finished: %d steps", trainer.step)
     except Exception as exc:  # noqa: BLE001 - reported through /status and the exit code
-        log.exception("the controller failed")
+        run_file_error = isinstance(exc, (SpecError, ConfigError))
+        if run_file_error:  # the file or a setting: one line naming it (as `dapo run` prints), no traceback
+            log.error("error: %s", exc)
+            code = RUN_FILE_ERROR_EXIT_CODE
+        else:
+            log.exception("the controller failed")
         doc = embedded.trainer.status() if embedded is not None else placeholder_status("starting")
-        doc.update(state="failed", message=f"{type(exc).__name__}: {exc}")
+        doc.update(state="failed", message=f"{type(exc).__name__}: {exc}", runFileError=run_file_error)
         status.set_override(doc)
     finally:
         if embedded is not None:
