@@ -180,7 +180,9 @@ def test_correction_metrics_match_reference():
     ws = [w for wr, mr in zip(weights.tolist(), mask.tolist()) for w, ok in zip(wr, mr) if ok]
     assert m["training/rollout_probs_diff_mean"] == pytest.approx(statistics.fmean(diffs), rel=1e-12)
     assert m["training/rollout_probs_diff_max"] == pytest.approx(max(diffs), rel=1e-12)
-    assert m["training/rollout_probs_diff_std"] == pytest.approx(statistics.pstdev(diffs), rel=1e-9)
+    # verl's torch.std: the sample standard deviation (n - 1), not the population one
+    assert m["training/rollout_probs_diff_std"] == pytest.approx(statistics.stdev(diffs), rel=1e-9)
+    assert statistics.stdev(diffs) != pytest.approx(statistics.pstdev(diffs), rel=1e-6)
     assert m["rollout_corr/log_ratio_mean"] == pytest.approx(statistics.fmean(p - b for p, b in pairs), rel=1e-12)
     assert m["rollout_corr/is_weight_mean"] == pytest.approx(statistics.fmean(ws), rel=1e-12)
     assert m["rollout_corr/is_weight_max"] == pytest.approx(max(ws), rel=1e-12)

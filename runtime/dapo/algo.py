@@ -624,7 +624,7 @@ def rollout_correction_metrics(
 ) -> dict[str, float]:
     """Per-step diagnostics over the valid tokens of the whole batch (verl's names where they exist):
 
-        training/rollout_probs_diff_{mean,max,std}  |pi_prox(o_t) - pi_behav(o_t)|  (probabilities)
+        training/rollout_probs_diff_{mean,max,std}  |pi_prox(o_t) - pi_behav(o_t)|  (probabilities; std with n - 1)
         rollout_corr/log_ratio_mean                  mean of log pi_prox - log pi_behav
         rollout_corr/is_weight_{mean,max,min}        the weights actually multiplied in
         rollout_corr/rejected_frac                   share of tokens truncated (truncate) / zeroed (mask)
@@ -640,7 +640,8 @@ def rollout_correction_metrics(
     return {
         "training/rollout_probs_diff_mean": float(diff.mean()),
         "training/rollout_probs_diff_max": float(diff.max()),
-        "training/rollout_probs_diff_std": float(diff.std(unbiased=False)),
+        # verl's definition: torch.std, the sample standard deviation (n - 1); 0 for a single token
+        "training/rollout_probs_diff_std": float(diff.std()) if count > 1 else 0.0,
         "rollout_corr/log_ratio_mean": float((prox - behav).mean()),
         "rollout_corr/is_weight_mean": float(w.mean()),
         "rollout_corr/is_weight_max": float(w.max()),
