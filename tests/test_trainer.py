@@ -377,3 +377,19 @@ def test_processes_launcher_checks_the_model_before_starting_processes(tmp_path,
     assert cli_main(["run", str(run_file), "--launcher", "processes", "--output-dir", str(tmp_path / "x")]) == 2
     assert "unknown built-in model 'builtin:test-tiny'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "logs").exists()
+
+
+def test_processes_preflight_stages_the_model_where_the_roles_will_look(tmp_path, monkeypatch):
+    """spec.storage.cacheDir (no DAPO_CACHE_DIR): the launcher's preflight builds / stages the
+    model in that folder, the one role_environment hands every role process."""
+    import dapo.entry.processes as processes
+    import dapo.model.loading
+
+    seen = []
+    monkeypatch.setattr(dapo.model.loading, "resolve_model_dir", lambda spec, cache: seen.append(cache))
+    monkeypatch.delenv("DAPO_CACHE_DIR", raising=False)
+    run = parse_run(run_doc(tmp_path, storage={"cacheDir": str(tmp_path / "cache")}))
+    processes.preflight(run)
+    envs = processes.process_env(run, tmp_path / "run", resume=False, base_env={})
+    assert seen == [tmp_path / "cache"]
+    assert {env["DAPO_CACHE_DIR"] for env in envs.values()} == {str(tmp_path / "cache")}

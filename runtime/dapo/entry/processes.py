@@ -202,7 +202,7 @@ class ProcessGang:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for role in self.roles:
             kind = role.name.rsplit("-", 1)[0]
-            command = [sys.executable, "-m", "dapo.cli", "role", kind, "--config", role.env["DAPO_RUN_FILE"]]
+            command = [sys.executable, "-m", "dapo.cli", "role", kind, "--config", role.env[EnvVar.RUN_FILE]]
             # own session: a stop signal reaches the role's helpers (reward workers) too
             role.process = _start_on(self.cpus.get(kind), command, env=role.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -290,7 +290,8 @@ def preflight(run: DAPORun) -> None:
     instead of fetching it N times at once."""
     from dapo.model.loading import resolve_model_dir
 
-    resolve_model_dir(run.spec.model, os.environ.get("DAPO_CACHE_DIR") or None)
+    # the folder every role process will use (role_environment hands them the same one)
+    resolve_model_dir(run.spec.model, cache_dir(run.spec.storage, dict(os.environ)))
 
 
 def run_processes(run: DAPORun, run_dir: Path, *, resume: bool, cpus: dict[str, set[int]] | None = None) -> int:
