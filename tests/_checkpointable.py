@@ -37,7 +37,7 @@ class LearnerCheckpointable:
     def load_model_weights(self, state) -> None:
         self.learner.load_model_weights(state)
 
-    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict) -> None:
+    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict, trainer_tensors=None) -> None:
         self.learner.load_state_dict(learner_state)
         self.step, self.weight_version = trainer_state["step"], trainer_state["weight_version"]
 

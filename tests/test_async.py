@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import dapo.model.loading
 import dapo.wiring
@@ -112,3 +113,60 @@ def test_async_resume_with_batches_in_flight_is_bit_identical(tmp_path, recorded
     ta, tb = (json.loads((checkpoint_folder(d, 5) / "trainer_state.json").read_text())
               for d in (full_dir, split_dir))
     assert ta["sampler"] == tb["sampler"] and ta["surplus"] == tb["surplus"]
+    xa, xb = (load_file(str(checkpoint_folder(d, 5) / "trainer_tensors.safetensors")) for d in (full_dir, split_dir))
+    assert xa.keys() == xb.keys() and all(torch.equal(xa[k], xb[k]) for k in xa)  # the groups' token arrays
+
+
+def test_closing_the_pipeline_is_bounded_while_a_collection_runs():
+    """A collection that takes long (a remote generation of long responses) does not hold up
+    close(): it returns after its bound, so a SIGTERM ends the process within the grace period."""
+    import threading
+    from types import SimpleNamespace
+
+    from dapo.controller.pipeline import RolloutPipeline
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_collect(step, version):
+        started.set()
+        release.wait(60)
+        return SimpleNamespace(rollout_idle_seconds=0.0)
+
+    pipeline = RolloutPipeline(engine=SimpleNamespace(weight_version=0), collect=slow_collect, max_staleness=1,
+                               start_step=0, start_version=0, total_steps=5)
+    assert started.wait(10)
+    t0 = time.monotonic()
+    assert pipeline.close(timeout_s=0.5) is False
+    assert time.monotonic() - t0 < 0.5 + 2.0  # the bound, loose for a loaded machine
+    release.set()
+    pipeline.thread.join(10)
+    assert not pipeline.thread.is_alive()
+
+
+def test_checkpoint_keeps_group_tokens_as_tensors_and_restores_them_exactly(tmp_path):
+    """Surplus groups in a checkpoint: their token ids and behaviour log-probs go to
+    trainer_tensors.safetensors (listed with a sha256 in the manifest), trainer_state.json holds
+    no token arrays, and restoring gives groups equal to the saved ones field by field."""
+    from dapo.storage import CheckpointStore
+    from test_trainer import OverlapScorer as Scorer, _trainer
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    trainer = _trainer(tmp_path / "a", Scorer("alternate"), rollout={"genBatchSize": 6},
+                       eval={"beforeTrain": False, "everySteps": 0})
+    trainer.train_step()
+    assert len(trainer.surplus) == 4
+    info = trainer.checkpointer.save(trainer)
+    store = CheckpointStore(str(tmp_path / "a" / "out" / "checkpoints"))
+    assert "trainer_tensors.safetensors" in store.latest().manifest["files"]
+    folder = store.fetch(store.latest())
+    state_text = (folder / "trainer_state.json").read_text()
+    assert '"response_ids"' not in state_text and '"log_probs"' not in state_text and '"prompt_ids"' not in state_text
+    tensors = load_file(str(folder / "trainer_tensors.safetensors"))
+    assert tensors["surplus.log_probs"].dtype == torch.float64
+    assert tensors["surplus.response_ids"].numel() == sum(len(s.response_ids) for g in trainer.surplus for s in g.samples)
+
+    restored = _trainer(tmp_path / "b", Scorer("alternate"), rollout={"genBatchSize": 6},
+                        eval={"beforeTrain": False, "everySteps": 0})
+    restored.checkpointer.store = trainer.checkpointer.store
+    assert restored.checkpointer.restore(restored, info)
+    assert [g.to_state() for g in restored.surplus] == [g.to_state() for g in trainer.surplus]

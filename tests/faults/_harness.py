@@ -12,7 +12,7 @@ with ``==``), and metrics.jsonl holds every step exactly once, each trained on t
 Why the model and scorer: the arithmetic task (``dapo.model.builtin``) with a briefly warmed-up tiny model
 samples the right answer ~20 % of the time, so the real ``math_dapo`` scorer gives rewards that
 vary inside groups, advantages are non-zero, the weights move every step, and dynamic sampling drops
-groups and carries surplus ones: every part of the state depends on what happened before.
+groups and leaves surplus ones: every part of the state depends on what happened before.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def run_doc(model_dir: Path, train: str, *, learners: int = 1, rollouts: int = 1
             checkpoint_uri: str | None = None, steps: int = STEPS, name: str = "faults") -> dict:
     """4 groups of 4 responses per step, generation batches of 8 prompts, dynamic sampling on
     (about a third of the groups are all-wrong and dropped; the rest fill the batch and the
-    surplus carries to the next step), two optimizer steps per training step, a checkpoint
+    surplus is saved and dropped at the next step), two optimizer steps per training step, a checkpoint
     every step."""
     checkpoint = {"everySteps": 1, "keep": steps}
     if checkpoint_uri:
@@ -188,10 +188,14 @@ def local_manifest(run_dir: Path, step: int) -> bool:
 def final_state(checkpoint_uri: str, scratch: Path, *, endpoint_url: str | None = None) -> dict:
     """The latest committed checkpoint under ``checkpoint_uri``, loaded: model tensors, optimizer
     + scheduler state (learner.pt), trainer state (step, weight version, sampler, surplus groups,
-    Python RNG) and torch RNG (rng.pt). Fetched with sha256 verification."""
+    Python RNG; the groups' token arrays from trainer_tensors.safetensors) and torch RNG (rng.pt).
+    Fetched with sha256 verification."""
     import torch
 
-    from dapo.storage.checkpointer import LEARNER_FILE, MODEL_DIR, RNG_FILE, TRAINER_FILE, read_model_state
+    from safetensors.torch import load_file
+
+    from dapo.storage.checkpointer import (LEARNER_FILE, MODEL_DIR, RNG_FILE, TRAINER_FILE, TRAINER_TENSORS_FILE,
+                                           read_model_state)
     from dapo.storage import CheckpointStore
 
     store = CheckpointStore(checkpoint_uri, endpoint_url=endpoint_url)
@@ -202,6 +206,7 @@ def final_state(checkpoint_uri: str, scratch: Path, *, endpoint_url: str | None 
             "model": read_model_state(folder / MODEL_DIR),
             "optimizer and scheduler": torch.load(folder / LEARNER_FILE, weights_only=False),
             "trainer": json.loads((folder / TRAINER_FILE).read_text()),
+            "trainer tensors (surplus / in-flight tokens)": load_file(str(folder / TRAINER_TENSORS_FILE)),
             "torch rng": torch.load(folder / RNG_FILE, weights_only=False)}
 
 
@@ -242,12 +247,13 @@ class Reference:
 
     def check_really_trains(self) -> None:
         """The comparison is only meaningful when the state depends on the history: the weights
-        moved, groups were dropped by dynamic sampling and surplus groups were carried."""
+        moved, groups were dropped by dynamic sampling and surplus groups were left over (saved in
+        the checkpoints, dropped at the next step: maxStaleness 0 trains on-policy only)."""
         moved = differences(self.initial_model, self.state["model"])
         assert moved, "the reference run's weights equal the initial weights: the model did not train"
         assert sum(r["train/groups_all_wrong"] + r["train/groups_all_correct"] for r in self.lines) > 0, \
             "dynamic sampling dropped no group in the reference run"
-        assert sum(r["train/surplus_used"] for r in self.lines) > 0, "no surplus group was ever carried"
+        assert sum(r["train/surplus_groups"] for r in self.lines) > 0, "no surplus group was ever left over"
         assert len({d for _, d in self.digests}) == len(self.digests), "every step must train other prompts"
 
 

@@ -37,12 +37,15 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 log = logging.getLogger("dapo.controller.pipeline")
+
+
+# How long close() waits for the generator thread: well inside Kubernetes' default 30 s grace period
+CLOSE_TIMEOUT_S = 10.0
 
 
 def generation_version(step: int, *, max_staleness: int, start_step: int, start_version: int) -> int:
@@ -177,19 +180,17 @@ class RolloutPipeline:
         """Collected, untrained batches (call after drain())."""
         return list(self.ready)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """Stop the generator thread: it ends after the collection it is in; wait at most
+        ``timeout_s`` for that. A collection can take long (a remote generation of many long
+        responses), and a SIGTERM must end the process within the pod's grace period: past the
+        bound the (daemon) thread is left to die with the process. True when it ended."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-        self.thread.join()
-
-
-def collection_to_state(collection) -> dict:
-    """A BatchCollection as JSON-able state (groups through Group.to_state)."""
-    state = asdict(collection)
-    state["groups"] = [g.to_state() for g in collection.groups]
-    return state
-
-
-def collection_from_state(state: dict, collection_cls, group_cls):
-    return collection_cls(**{**state, "groups": [group_cls.from_state(g) for g in state["groups"]]})
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            log.warning("rollout pipeline: the generator thread is still in a collection after %.0f s; "
+                        "not waiting for it (it ends with the process)", timeout_s)
+            return False
+        return True

@@ -33,7 +33,9 @@ import torch
 
 from dapo.algo import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter, overlong_filter_mask
 from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
-from dapo.controller.pipeline import RolloutPipeline, collection_from_state, collection_to_state
+from dapo.controller.pipeline import RolloutPipeline
+from dapo.controller.state import (collection_from_state, collection_to_state, groups_from_state,
+                                  groups_to_state)
 from dapo.errors import DapoError
 from dapo.learner.base import Learner
 from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
@@ -542,28 +544,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint state
 
-    def state_dict(self) -> dict[str, Any]:
-        """The controller's resumable state (JSON-able): position, surplus, in-flight batches,
-        versions, its RNG."""
-        in_flight = [collection_to_state(c) for c in self._in_flight()]  # first: drains the pipeline
+    def state_dict(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The controller's resumable state: position, surplus, in-flight batches, versions, its
+        RNG. JSON-able; with ``tensors`` (a dict) the groups' token arrays go there instead of
+        inline (dapo.controller.state: what a checkpoint writes)."""
+        in_flight = [collection_to_state(c, f"in_flight.{k}", tensors)  # first: drains the pipeline
+                     for k, c in enumerate(self._in_flight())]
         return {
             "step": self.step,
             "total_steps": self.total_steps,
             "weight_version": self.weight_version,
             "sampler": self.sampler.state_dict(),
-            "surplus": [g.to_state() for g in self.surplus],
+            "surplus": groups_to_state(self.surplus, "surplus", tensors),
             "in_flight": in_flight,
             "trained_consumed": self.trained_consumed,
             "last_val": self.last_val,
             "python_random": _encode_py_random(self.rng.getstate()),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.step = int(state["step"])
         self.weight_version = int(state["weight_version"])
         self.sampler.load_state_dict(state["sampler"])
-        self.surplus = [Group.from_state(g) for g in state["surplus"]]
-        self.in_flight = [collection_from_state(c, BatchCollection, Group) for c in state.get("in_flight", [])]
+        self.surplus = groups_from_state(state["surplus"], "surplus", tensors, Group)
+        self.in_flight = [collection_from_state(c, f"in_flight.{k}", tensors, BatchCollection, Group)
+                          for k, c in enumerate(state.get("in_flight", []))]
         self.trained_consumed = int(state.get("trained_consumed", self.sampler.consumed))
         self.last_val = dict(state.get("last_val") or {})
         if "python_random" in state:
@@ -584,16 +589,20 @@ class Trainer:
         """Everything a checkpoint holds; the weights first (a ZeRO-3 learner gathers them with
         collectives, and no other learner call may come between its gathers)."""
         model_state = self.learner.full_state_dict_for_save()
+        tensors: dict[str, torch.Tensor] = {}
+        trainer_state = self.state_dict(tensors)
         return CheckpointContents(model=self.learner.model, model_state=model_state,
-                                  learner_state=self.learner.state_dict(), trainer_state=self.state_dict(),
+                                  learner_state=self.learner.state_dict(), trainer_state=trainer_state,
+                                  trainer_tensors=tensors,
                                   meta={"weight_version": self.weight_version, "total_steps": self.total_steps})
 
     def load_model_weights(self, state) -> None:
         self.learner.load_model_weights(state)
 
-    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict) -> None:
+    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict,
+                              trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.learner.load_state_dict(learner_state)
-        self.load_state_dict(trainer_state)
+        self.load_state_dict(trainer_state, trainer_tensors)
 
     def after_restore(self, step: int, uri: str) -> str:
         """The engine serves the restored weights under the restored version; the checkpoint is

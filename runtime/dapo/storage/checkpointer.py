@@ -6,8 +6,11 @@ Layout of one checkpoint (committed through `dapo.storage.CheckpointStore`: file
     model/                 HF format: config.json, *.safetensors, tokenizer files
                            (`AutoModelForCausalLM.from_pretrained(folder)` loads it)
     learner.pt             optimizer + lr-scheduler state (torch.save)
-    trainer_state.json     step, weight version, sampler position, surplus groups, the trainer's
-                           Python RNG (`Trainer.rng`)
+    trainer_state.json     step, weight version, sampler position, surplus groups and in-flight
+                           batches (their token arrays in trainer_tensors.safetensors), the
+                           trainer's Python RNG (`Trainer.rng`)
+    trainer_tensors.safetensors   the token ids and behaviour log-probs of those groups
+                           (dapo.controller.state)
     rng.pt                 torch CPU (and CUDA) RNG states
 
 Resuming restores every one of these, so step s+1 after a resume samples the same prompts with
@@ -30,12 +33,12 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dapo.storage import CheckpointCorruptError
 
@@ -44,6 +47,7 @@ log = logging.getLogger("dapo.storage.checkpointer")
 MODEL_DIR = "model"
 LEARNER_FILE = "learner.pt"
 TRAINER_FILE = "trainer_state.json"
+TRAINER_TENSORS_FILE = "trainer_tensors.safetensors"
 RNG_FILE = "rng.pt"
 
 
@@ -61,7 +65,8 @@ def restore_torch_rng(state: dict) -> None:
 
 
 def write_checkpoint_folder(folder: Path, *, model, model_state: dict[str, torch.Tensor], tokenizer,
-                            learner_state: dict, trainer_state: dict) -> None:
+                            learner_state: dict, trainer_state: dict,
+                            trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write every checkpoint file into ``folder`` (local, not yet committed). The weights come
     from ``model_state`` (full tensors by name); ``model`` supplies only the config and the class
     (its own parameters may be partitioned placeholders)."""
@@ -74,6 +79,7 @@ def write_checkpoint_folder(folder: Path, *, model, model_state: dict[str, torch
     tokenizer.save_pretrained(folder / MODEL_DIR)
     torch.save(learner_state, folder / LEARNER_FILE)
     (folder / TRAINER_FILE).write_text(json.dumps(trainer_state))
+    save_file(dict(trainer_tensors or {}), str(folder / TRAINER_TENSORS_FILE))
     torch.save(capture_torch_rng(), folder / RNG_FILE)
 
 
@@ -113,6 +119,7 @@ class CheckpointContents:
     learner_state: dict  # optimizer + lr schedule (torch.save)
     trainer_state: dict  # JSON-able: position, surplus, versions, the trainer's RNG
     meta: dict  # recorded in the manifest: weight_version, total_steps
+    trainer_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # trainer_state's token arrays
 
 
 @runtime_checkable
@@ -128,8 +135,10 @@ class Checkpointable(Protocol):
     def load_model_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         """A checkpoint's full weights into the model, in place; ValueError names mismatched tensors."""
 
-    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict) -> None:
-        """The learner's and the trainer's saved state (after the weights)."""
+    def load_checkpoint_state(self, learner_state: dict, trainer_state: dict,
+                              trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """The learner's and the trainer's saved state (after the weights); ``trainer_tensors``
+        holds the trainer state's token arrays (None: a checkpoint that kept them inline)."""
 
     def after_restore(self, step: int, uri: str) -> str:
         """Continue from the restored state: the rollout engine serves the restored weights under
@@ -153,7 +162,7 @@ class Checkpointer:
             contents = trainer.checkpoint_contents()
             write_checkpoint_folder(folder, model=contents.model, model_state=contents.model_state,
                                     tokenizer=self.tokenizer, learner_state=contents.learner_state,
-                                    trainer_state=contents.trainer_state)
+                                    trainer_state=contents.trainer_state, trainer_tensors=contents.trainer_tensors)
             meta = contents.meta
             del contents  # the full weights: gone before the upload
             # never overwrite: a committed step belongs to whoever committed it first (a second
@@ -198,8 +207,10 @@ class Checkpointer:
 
     def _load(self, trainer: Checkpointable, info, folder: Path) -> None:
         restore_model_weights(trainer, folder / MODEL_DIR)
+        tensors_file = folder / TRAINER_TENSORS_FILE  # absent in checkpoints that kept the arrays inline
+        tensors = load_file(str(tensors_file)) if tensors_file.exists() else None
         trainer.load_checkpoint_state(torch.load(folder / LEARNER_FILE, weights_only=False),
-                                      json.loads((folder / TRAINER_FILE).read_text()))
+                                      json.loads((folder / TRAINER_FILE).read_text()), tensors)
         restore_torch_rng(torch.load(folder / RNG_FILE, weights_only=False))
         position = trainer.after_restore(info.step, info.uri)
         log.info("resumed from checkpoint step %d (%s): %s", info.step, info.uri, position)
