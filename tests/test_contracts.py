@@ -76,7 +76,7 @@ def test_learner_status_document_round_trips_through_the_operator_sanitiser():
     doc = LearnerStatus(state="running", step=4, total_steps=9, weight_version=4,
                         metrics={"critic/score/mean": 0.1}, message="training").document()
     assert set(doc) == {"state", "step", "totalSteps", "weightVersion", "metrics", "lastCheckpoint", "message",
-                        "updatedAt"}
+                        "runFileError", "updatedAt"}
     clean = sanitize_learner_status({**doc, "environment": {"AWS_SECRET_ACCESS_KEY": "x"}})
     assert "environment" not in clean
     assert clean["state"] == "running" and clean["step"] == 4 and clean["metrics"] == {"critic/score/mean": 0.1}
@@ -104,3 +104,32 @@ def test_cache_dir_rule(tmp_path):
     assert cache_dir(StorageSpec(cacheDir="/data/cache"), {}) == Path("/data/cache")
     assert cache_dir(StorageSpec(), {}) == Path.home() / ".cache" / "dapo"
     assert cache_dir(None, {}) == Path.home() / ".cache" / "dapo"
+
+
+def test_http_bodies_are_one_model_each_and_refuse_what_the_hand_checks_refused():
+    """/generate, /sync, /score bodies: strict types (a bool is not an int, "4" is not a number),
+    columns of one length, one finite log-prob <= 0 per token; the /score result has exactly
+    RewardResult's fields."""
+    import dataclasses
+
+    import pytest
+    from pydantic import ValidationError
+
+    from dapo.contracts import GenerateAnswer, GenerateRequest, ScoreRequest, ScoreResult, SyncRequest
+    from dapo.reward.result import RewardResult
+
+    good = dict(prompts=[[1, 2]], n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=3)
+    GenerateRequest.model_validate(good)
+    for field, bad in (("n", True), ("max_new_tokens", "4"), ("prompts", [[]]), ("top_p", 1.5), ("seed", 1.0)):
+        with pytest.raises(ValidationError, match=field):
+            GenerateRequest.model_validate({**good, field: bad})
+    answer = dict(weight_version=1, prompt_index=[0], response_ids=[[5, 6]], log_probs=[[-0.5, -1]], finish_reason=["stop"])
+    assert GenerateAnswer.model_validate(answer).log_probs == [[-0.5, -1.0]]
+    for bad in ({"log_probs": [[-0.5]]}, {"log_probs": [[-0.5, 0.3]]}, {"finish_reason": []}):
+        with pytest.raises(ValidationError):
+            GenerateAnswer.model_validate({**answer, **bad})
+    with pytest.raises(ValidationError, match="version"):
+        SyncRequest.model_validate({"version": "3"})
+    with pytest.raises(ValidationError, match="extra_infos must be null or a list as long as responses"):
+        ScoreRequest.model_validate({"responses": ["a"], "ground_truths": [{"tests": [1]}], "extra_infos": []})
+    assert list(ScoreResult.model_fields) == [f.name for f in dataclasses.fields(RewardResult)]

@@ -106,9 +106,13 @@ def test_remote_generate_equals_the_engine_and_spreads_over_replicas(policy, pro
         expected_tail = reference.generate(prompts[3:], seed=chunk_seed(7, 3), **GEN)
         assert [s.response_ids for s in samples[6:]] == [s.response_ids for s in expected_tail]
         assert all(len(s.log_probs) == len(s.response_ids) for s in samples)
-        # bad requests are refused with the reason, not retried
-        with pytest.raises(ServiceError, match="HTTP 400.*temperature"):
+        # a bad request is refused on both sides of the contract, naming the field: the client does
+        # not send it, and a replica that gets one anyway answers 400 (not retried)
+        with pytest.raises(ValueError, match="temperature"):
             two.generate(prompts, seed=7, n=1, temperature=0.0, top_p=1.0, max_new_tokens=2)
+        with pytest.raises(ServiceError, match="HTTP 400.*temperature"):
+            post_json(servers[0].url + "/generate", {"prompts": [[1]], "n": 1, "temperature": 0.0, "top_p": 1.0,
+                                                     "max_new_tokens": 2, "seed": 7}, 10.0)
     finally:
         for server in servers:
             server.stop()
@@ -232,7 +236,7 @@ def test_status_document_follows_the_contract_without_secrets(monkeypatch):
         doc = get("/status")
         assert doc["state"] == "starting" and doc["lastCheckpoint"] is None
         assert set(doc) == {"state", "step", "totalSteps", "weightVersion", "metrics", "lastCheckpoint", "message",
-                            "updatedAt"}
+                            "runFileError", "updatedAt"}
         assert set(doc["metrics"]) == {"critic/score/mean", "train/acc/mean", "response_length/mean", "val/acc/mean",
                                        "async/version_lag_mean"}
         assert doc["updatedAt"].endswith("Z")

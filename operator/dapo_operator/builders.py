@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dapo.contracts import Addresses, role_environment
+from dapo.contracts import Addresses, EnvVar, role_environment
 from dapo.spec import API_GROUP, API_VERSION, KIND, SCORER_MOUNT_DIR, DAPORun, PodPlacement, dump_run, run_warnings
 
 from . import naming as n
@@ -176,7 +176,7 @@ def pod_env(run: DAPORun, role: str, index: int, namespace: str, gang_generation
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}})
     if role == "reward" and spec.reward.remote is not None and spec.reward.remote.headers_secret:
         # the remote reward service's headers (e.g. Authorization): a Secret, never the run file
-        env.append({"name": "DAPO_REWARD_REMOTE_HEADERS", "valueFrom": {"secretKeyRef": {
+        env.append({"name": EnvVar.REWARD_REMOTE_HEADERS, "valueFrom": {"secretKeyRef": {
             "name": spec.reward.remote.headers_secret, "key": "headers"}}})
     return env
 

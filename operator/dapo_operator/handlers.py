@@ -31,12 +31,16 @@ from .status import TERMINAL, pod_phase
 log = logging.getLogger("dapo_operator")
 
 STATUS_URL_ENV = "DAPO_STATUS_URL_TEMPLATE"
-DEFAULT_STATUS_URL = "http://{name}-learner-0.{name}-learner.{namespace}.svc:8000/status"
 
 
 def status_url(name: str, namespace: str) -> str:
-    """URL of learner-0's /status; env DAPO_STATUS_URL_TEMPLATE ({name}, {namespace}) overrides."""
-    return (os.environ.get(STATUS_URL_ENV) or DEFAULT_STATUS_URL).format(name=name, namespace=namespace)
+    """URL of learner-0's /status: its pod's DNS name and the services' port; the environment
+    variable DAPO_STATUS_URL_TEMPLATE ({name}, {namespace}) overrides (an operator outside the
+    cluster, tests)."""
+    template = os.environ.get(STATUS_URL_ENV)
+    if template:
+        return template.format(name=name, namespace=namespace)
+    return f"http://{n.pod_dns(name, 'learner', 0, namespace)}:{n.HTTP_PORT}/status"
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dapo.errors import ConfigError
 
@@ -79,6 +79,14 @@ class EnvVar:
     VERIFY_WEIGHT_SYNC = "DAPO_VERIFY_WEIGHT_SYNC"
     TORCH_THREADS = "DAPO_TORCH_THREADS"
     ENGINE_MAX_ROWS = "DAPO_ENGINE_MAX_ROWS"
+    # S3 client (dapo.storage.s3): attempts, timeouts and transfer sizes
+    S3_MAX_ATTEMPTS = "DAPO_S3_MAX_ATTEMPTS"
+    S3_CONNECT_TIMEOUT = "DAPO_S3_CONNECT_TIMEOUT"
+    S3_READ_TIMEOUT = "DAPO_S3_READ_TIMEOUT"
+    S3_CHUNK_MB = "DAPO_S3_CHUNK_MB"
+    S3_MAX_CONCURRENCY = "DAPO_S3_MAX_CONCURRENCY"
+    # secrets (never in the run file): the remote reward service's HTTP headers, a JSON object
+    REWARD_REMOTE_HEADERS = "DAPO_REWARD_REMOTE_HEADERS"
 
 
 class Env:
@@ -170,6 +178,138 @@ def role_environment(*, run_name: str, namespace: str, role: str, index: int, re
     if cache_dir:
         env[EnvVar.CACHE_DIR] = cache_dir
     return env
+
+
+# --------------------------------------------------------------------------- HTTP bodies between roles
+# The rollout replica's /generate, /sync, /leave and the reward replica's /score: each body is one
+# model, validated where it is sent and where it is received (strict types: a bool is not an int,
+# a string is not a number), so the two sides cannot drift apart.
+
+
+def contract_violation(exc) -> str:
+    """One line for a body that breaks its contract (a pydantic ValidationError): the first
+    field and what is wrong with it."""
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "body"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-able body."""
+        return self.model_dump(mode="json")
+
+
+class GenerateRequest(_Wire):
+    """POST /generate: n responses to each prompt (token ids), sampled with ``seed``."""
+
+    prompts: list[list[int]] = Field(..., min_length=1)
+    n: int = Field(..., ge=1)
+    temperature: float = Field(..., gt=0.0)
+    top_p: float = Field(..., gt=0.0, le=1.0)
+    max_new_tokens: int = Field(..., ge=1)
+    seed: int
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_empty(cls, prompts: list[list[int]]) -> list[list[int]]:
+        if not all(prompts):
+            raise ValueError("every prompt must hold at least one token id")
+        return prompts
+
+
+# A log-probability is <= 0; engines report tiny positive rounding (a token of probability 1)
+MAX_LOG_PROB = 1e-4
+
+
+class GenerateAnswer(_Wire):
+    """The answer to /generate, one column per field, one row per sample (prompt by prompt, n
+    each); the weight version that sampled them. Each sample has one finite log-probability <= 0
+    per response token: the learner's rollout correction needs them all."""
+
+    weight_version: int = Field(..., ge=0)
+    prompt_index: list[int]
+    response_ids: list[list[int]]
+    log_probs: list[list[float]]
+    finish_reason: list[str]
+
+    @model_validator(mode="after")
+    def _one_row_per_sample(self) -> "GenerateAnswer":
+        lengths = {len(self.prompt_index), len(self.response_ids), len(self.log_probs), len(self.finish_reason)}
+        if len(lengths) != 1:
+            raise ValueError(f"columns of different lengths {sorted(lengths)}")
+        for i, (ids, probs) in enumerate(zip(self.response_ids, self.log_probs)):
+            if len(probs) != len(ids) or not all(-math.inf < x <= MAX_LOG_PROB for x in probs):
+                raise ValueError(f"sample {i} has {len(ids)} tokens but log-probs {str(probs)[:80]} (one finite "
+                                 "log-probability <= 0 per token is needed)")
+        return self
+
+
+class SyncRequest(_Wire):
+    """POST /sync: the controller announces weight version ``version``; the replica receives it."""
+
+    version: int = Field(..., ge=0)
+
+
+class SyncAnswer(_Wire):
+    """The replica applied ``version``; ``checksum`` of its weights (None: its engine cannot hash them)."""
+
+    version: int = Field(..., ge=0)
+    checksum: str | None = None
+    replica: int = Field(..., ge=0)
+
+
+class LeaveAnswer(_Wire):
+    """POST /leave (empty body): whether the replica was in the weight-sync group."""
+
+    left: bool
+    replica: int = Field(..., ge=0)
+
+
+JsonValue = Any  # a JSON value: ground truths of code data sets are lists / objects
+
+
+class ScoreRequest(_Wire):
+    """POST /score: the responses and, per response, what its scorer needs. Optional columns are
+    null or as long as ``responses``."""
+
+    responses: list[str]
+    ground_truths: list[JsonValue]
+    data_sources: list[str | None] | None = None
+    response_lengths: list[int] | None = None
+    truncated: list[bool] | None = None
+    extra_infos: list[dict[str, JsonValue] | None] | None = None
+
+    @model_validator(mode="after")
+    def _columns_as_long_as_responses(self) -> "ScoreRequest":
+        count = len(self.responses)
+        for name in ("ground_truths", "data_sources", "response_lengths", "truncated", "extra_infos"):
+            value = getattr(self, name)
+            if value is not None and len(value) != count:
+                raise ValueError(f"{name} must be null or a list as long as responses ({count}), not {len(value)}")
+        return self
+
+
+class ScoreResult(_Wire):
+    """One scored response (the fields of `dapo.reward.result.RewardResult`)."""
+
+    score: float
+    acc: bool
+    pred: str
+    truncated: bool
+    correctness: float
+    overlong_penalty: float
+    timed_out: bool
+    scorer: str
+    error: str | None = None
+
+
+class ScoreAnswer(_Wire):
+    """The answer to /score: one result per response, in order."""
+
+    results: list[ScoreResult]
 
 
 # --------------------------------------------------------------------------- learner-0 /status

@@ -25,13 +25,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from dapo.contracts import LearnerStatus
+from dapo.contracts import EnvVar, LearnerStatus
 
 log = logging.getLogger("dapo.controller.status_server")
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-              "DAPO_REWARD_REMOTE_HEADERS")
+              EnvVar.REWARD_REMOTE_HEADERS)
 _SECRET_PAIR = re.compile(
     r"(?i)((?:aws_)?(?:secret_access_key|access_key_id|session_token|password|passwd|token|api_key|secret)"
     r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&]+)")

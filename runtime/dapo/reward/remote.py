@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from dapo.contracts import EnvVar
 from dapo.reward.custom import read_score
 from dapo.services.http import RetryableError, ServiceError, backoff_delay, post_json
 
@@ -40,7 +41,7 @@ __all__ = ["HEADERS_ENV", "RemoteReward", "RemoteRewardError", "headers_from_env
 
 log = logging.getLogger("dapo.reward.remote")
 
-HEADERS_ENV = "DAPO_REWARD_REMOTE_HEADERS"
+HEADERS_ENV = EnvVar.REWARD_REMOTE_HEADERS
 
 
 class RemoteRewardError(ServiceError):

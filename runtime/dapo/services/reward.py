@@ -4,10 +4,11 @@ Service (aiohttp), one per reward pod / process, wrapping one `dapo.reward.Rewar
 worker-process pool bounds every response's scoring time: a response that overruns
 spec.reward.timeoutSeconds scores as wrong with ``timed_out`` true):
 
-    POST /score   {"responses": [str], "ground_truths": [str | list | object], "data_sources": [str|null] | null,
-                   "response_lengths": [int] | null, "truncated": [bool] | null,
-                   "extra_infos": [object | null] | null}
-                  -> {"results": [RewardResult as a JSON object, ...]}  (input order)
+    POST /score   ScoreRequest {"responses": [str], "ground_truths": [str | list | object],
+                   "data_sources": [str|null] | null, "response_lengths": [int] | null,
+                   "truncated": [bool] | null, "extra_infos": [object | null] | null}
+                  -> ScoreAnswer {"results": [ScoreResult (RewardResult's fields), ...]}  (input order)
+                  (models of `dapo.contracts`, validated on both sides)
     GET  /healthz {"ok": true, ...}
 
 `RemoteScorer` has RewardScorer's ``score_batch`` signature: it cuts the batch into one
@@ -21,6 +22,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from pydantic import ValidationError
+
+from dapo.contracts import ScoreAnswer, ScoreRequest, ScoreResult, contract_violation
 from dapo.reward.pool import ScorerFailedError
 from dapo.reward.remote import RemoteRewardError
 from dapo.reward.result import RewardResult
@@ -31,20 +35,12 @@ log = logging.getLogger("dapo.services.reward")
 _RESULT_FIELDS = tuple(f for f in RewardResult.__dataclass_fields__)
 
 
-def parse_score_request(doc) -> dict:
-    """Validate a /score body; ValueError names the bad field."""
-    if not isinstance(doc, dict):
-        raise ValueError("body must be a JSON object")
-    responses, truths = doc.get("responses"), doc.get("ground_truths")
-    if not isinstance(responses, list) or not isinstance(truths, list):
-        raise ValueError("responses and ground_truths must be lists")
-    out = {"responses": responses, "ground_truths": truths}
-    for key in ("data_sources", "response_lengths", "truncated", "extra_infos"):
-        value = doc.get(key)
-        if value is not None and (not isinstance(value, list) or len(value) != len(responses)):
-            raise ValueError(f"{key} must be null or a list as long as responses ({len(responses)})")
-        out[key] = value
-    return out
+def parse_score_request(doc) -> ScoreRequest:
+    """Validate a /score body (`dapo.contracts.ScoreRequest`); ValueError names the bad field."""
+    try:
+        return ScoreRequest.model_validate(doc)
+    except ValidationError as exc:
+        raise ValueError(contract_violation(exc)) from None
 
 
 class RewardService:
@@ -55,11 +51,10 @@ class RewardService:
         self.replica = replica
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="score")  # RewardScorer serialises anyway
 
-    def score(self, request: dict) -> dict:
-        results = self.scorer.score_batch(request["responses"], request["ground_truths"], request["data_sources"],
-                                          request["response_lengths"], request["truncated"],
-                                          extra_infos=request["extra_infos"])
-        return {"results": [_result_dict(r) for r in results]}
+    def score(self, request: ScoreRequest) -> dict:
+        results = self.scorer.score_batch(request.responses, request.ground_truths, request.data_sources,
+                                          request.response_lengths, request.truncated, extra_infos=request.extra_infos)
+        return ScoreAnswer(results=[ScoreResult.model_validate(_result_dict(r)) for r in results]).wire()
 
     def make_app(self):
         import asyncio
@@ -105,11 +100,15 @@ def _result_dict(result) -> dict:
     return {k: getattr(result, k) for k in _RESULT_FIELDS if hasattr(result, k)}
 
 
-def result_from_wire(doc: dict) -> RewardResult:
+def results_from_wire(doc, expected: int, url: str) -> list[RewardResult]:
+    """The results of a /score answer (`dapo.contracts.ScoreAnswer`), ``expected`` of them."""
     try:
-        return RewardResult(**{k: doc[k] for k in _RESULT_FIELDS if k in doc})
-    except TypeError as exc:
-        raise RetryableError(f"reward answer is not a RewardResult ({exc})") from None
+        answer = ScoreAnswer.model_validate(doc)
+    except ValidationError as exc:
+        raise RetryableError(f"{url}: the /score answer does not follow the contract: {contract_violation(exc)}") from None
+    if len(answer.results) != expected:
+        raise RetryableError(f"{url} returned {len(answer.results)} results for {expected} responses")
+    return [RewardResult(**result.model_dump()) for result in answer.results]
 
 
 class RemoteScorer:
@@ -156,15 +155,12 @@ class RemoteScorer:
         return results
 
     def _score_slice(self, k: int, start: int, stop: int, columns: dict) -> list[RewardResult]:
-        payload = {key: None if value is None else value[start:stop] for key, value in columns.items()}
+        payload = ScoreRequest(**{key: None if value is None else value[start:stop]
+                                  for key, value in columns.items()}).wire()
         timeout = self.base_timeout_s + (stop - start) * self.timeout_s
 
         def attempt(url: str) -> list[RewardResult]:
-            doc = post_json(url + "/score", payload, timeout)
-            results = [result_from_wire(r) for r in doc.get("results", [])]
-            if len(results) != stop - start:
-                raise RetryableError(f"{url} returned {len(results)} results for {stop - start} responses")
-            return results
+            return results_from_wire(post_json(url + "/score", payload, timeout), stop - start, url)
 
         return self.pool.call(f"score (responses {start}..{stop - 1})", k, attempt, self.max_retries)
 

@@ -2,18 +2,22 @@
 
 Service (aiohttp), one per rollout pod / process, wrapping one `RolloutEngine`:
 
-    POST /generate  {"prompts": [[token ids]], "n", "temperature", "top_p", "max_new_tokens", "seed"}
-                    -> {"weight_version", "prompt_index": [...], "response_ids": [[...]],
-                        "log_probs": [[...]], "finish_reason": [...]}      (columns: compact JSON)
-    POST /sync      {"version": V} -> {"version": V, "checksum": str | null}
+The bodies are the models of `dapo.contracts` (validated on both sides):
+
+    POST /generate  GenerateRequest {"prompts": [[token ids]], "n", "temperature", "top_p",
+                    "max_new_tokens", "seed"} -> GenerateAnswer {"weight_version", "prompt_index":
+                    [...], "response_ids": [[...]], "log_probs": [[...]], "finish_reason": [...]}
+                    (columns: compact JSON)
+    POST /sync      SyncRequest {"version": V} -> SyncAnswer {"version": V, "checksum": str | null,
+                    "replica": i}
                     The controller announces weight version V: the replica joins the weight-sync
                     group on its first sync (rank = replica index + 1), receives V in a worker
                     thread, applies it to the engine and answers. Generation waits only while
                     the received tensors are copied into the engine (the receive itself overlaps).
-    POST /leave     {} -> {"left": bool}: leave the weight-sync group (the controller's close()
+    POST /leave     {} -> LeaveAnswer {"left": bool, "replica": i}: leave the weight-sync group (the controller's close()
                     asks every replica before it closes the group's store); a later /sync joins a
                     group again (a restarted controller's).
-    GET  /version   {"version", "checksum", "replica"}: the weights generate() uses now.
+    GET  /version   SyncAnswer {"version", "checksum", "replica"}: the weights generate() uses now.
     GET  /healthz   {"ok": true, ...}
 
 Weight sync as the controller runs it (`RemoteRolloutEngine.update_weights`, called by the
@@ -35,7 +39,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -44,6 +47,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from pydantic import ValidationError
+
+from dapo.contracts import (GenerateAnswer, GenerateRequest, LeaveAnswer, SyncAnswer, SyncRequest,
+                            contract_violation)
 from dapo.rollout.base import RolloutEngine, Sample
 from dapo.services.http import ReplicaPool, RetryableError, ServiceError, get_json, post_json, split_evenly
 from dapo.weightsync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
@@ -78,53 +85,33 @@ def engine_checksum(engine) -> str | None:
 
 
 def samples_to_wire(samples: Sequence[Sample], version: int) -> dict:
-    return {
-        "weight_version": int(version),
-        "prompt_index": [s.prompt_index for s in samples],
-        "response_ids": [s.response_ids for s in samples],
-        "log_probs": [s.log_probs for s in samples],
-        "finish_reason": [s.finish_reason for s in samples],
-    }
+    """A /generate answer (`dapo.contracts.GenerateAnswer`, validated here before it is sent)."""
+    return GenerateAnswer(weight_version=int(version), prompt_index=[s.prompt_index for s in samples],
+                          response_ids=[s.response_ids for s in samples], log_probs=[s.log_probs for s in samples],
+                          finish_reason=[s.finish_reason for s in samples]).wire()
 
 
-def samples_from_wire(doc: dict, index_offset: int = 0) -> list[Sample]:
-    """The samples of a /generate answer, each stamped with the answer's ``weight_version``.
-    The behaviour log-probs are the learner's rollout-correction input: one per response token,
-    finite and <= 0, or the answer is refused (retried on another replica)."""
-    columns = ("prompt_index", "response_ids", "log_probs", "finish_reason")
-    lengths = {len(doc[c]) for c in columns}
-    if len(lengths) != 1:
-        raise RetryableError(f"generate answer has columns of different lengths {sorted(lengths)}")
-    version = doc.get("weight_version")
-    samples = []
-    for i, r, lp, f in zip(*(doc[c] for c in columns)):
-        if len(lp) != len(r) or not all(isinstance(x, (int, float)) and -math.inf < x <= 1e-4 for x in lp):
-            raise RetryableError(f"generate answer: sample {i} has {len(r)} tokens but log-probs {str(lp)[:80]} "
-                                 "(one finite log-probability <= 0 per token is needed)")
-        samples.append(Sample(prompt_index=int(i) + index_offset, response_ids=list(r), log_probs=[float(x) for x in lp],
-                              finish_reason=str(f), weight_version=None if version is None else int(version)))
-    return samples
+def samples_from_wire(doc, index_offset: int = 0) -> list[Sample]:
+    """The samples of a /generate answer (`dapo.contracts.GenerateAnswer`), each stamped with the
+    answer's ``weight_version``. The behaviour log-probs are the learner's rollout-correction
+    input: one per response token, finite and <= 0, or the answer is refused (RetryableError:
+    retried on another replica)."""
+    try:
+        answer = GenerateAnswer.model_validate(doc)
+    except ValidationError as exc:
+        raise RetryableError(f"generate answer does not follow the contract: {contract_violation(exc)}") from None
+    return [Sample(prompt_index=i + index_offset, response_ids=ids, log_probs=probs, finish_reason=reason,
+                   weight_version=answer.weight_version)
+            for i, ids, probs, reason in zip(answer.prompt_index, answer.response_ids, answer.log_probs,
+                                             answer.finish_reason)]
 
 
-def parse_generate_request(doc) -> dict:
-    """Validate a /generate body; ValueError names the bad field."""
-    if not isinstance(doc, dict):
-        raise ValueError("body must be a JSON object")
-    prompts = doc.get("prompts")
-    if not isinstance(prompts, list) or not prompts or not all(
-            isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-    out = {"prompts": prompts}
-    for key, kind in (("n", int), ("max_new_tokens", int), ("seed", int), ("temperature", float), ("top_p", float)):
-        value = doc.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise ValueError(f"{key} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
-        out[key] = kind(value)
-    if out["n"] < 1 or out["max_new_tokens"] < 1:
-        raise ValueError("n and max_new_tokens must be >= 1")
-    if not out["temperature"] > 0 or not 0 < out["top_p"] <= 1:
-        raise ValueError("temperature must be > 0 and top_p in (0, 1]")
-    return out
+def parse_generate_request(doc) -> GenerateRequest:
+    """Validate a /generate body (`dapo.contracts.GenerateRequest`); ValueError names the bad field."""
+    try:
+        return GenerateRequest.model_validate(doc)
+    except ValidationError as exc:
+        raise ValueError(contract_violation(exc)) from None
 
 
 # --------------------------------------------------------------------------- the service
@@ -147,11 +134,11 @@ class RolloutService:
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="weight-sync")
 
     # -- work done in the worker threads
-    def generate(self, request: dict) -> dict:
+    def generate(self, request: GenerateRequest) -> dict:
         with self.engine_lock:
-            samples = self.engine.generate(request["prompts"], n=request["n"], temperature=request["temperature"],
-                                           top_p=request["top_p"], max_new_tokens=request["max_new_tokens"],
-                                           seed=request["seed"])
+            samples = self.engine.generate(request.prompts, n=request.n, temperature=request.temperature,
+                                           top_p=request.top_p, max_new_tokens=request.max_new_tokens,
+                                           seed=request.seed)
             return samples_to_wire(samples, self.engine.weight_version)
 
     def sync(self, version: int) -> dict:
@@ -178,7 +165,7 @@ class RolloutService:
         self.checksum = engine_checksum(self.engine)
         log.info("weight version %d applied (%d tensors; receive %.2fs, load %.2fs)", got, len(received), t1 - t0,
                  time.perf_counter() - t1)
-        return {"version": got, "checksum": self.checksum, "replica": self.replica}
+        return SyncAnswer(version=got, checksum=self.checksum, replica=self.replica).wire()
 
     def _sync_inside_engine(self, version: int) -> dict:
         """Engines whose weights live in another process (vLLM's GPU worker) join the group and
@@ -200,7 +187,7 @@ class RolloutService:
         phases = getattr(self.engine, "sync_timings", {})
         log.info("weight version %d applied inside the engine in %.2fs (%s)", got, time.perf_counter() - t0,
                  ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) or "no phase timings")
-        return {"version": got, "checksum": self.checksum, "replica": self.replica}
+        return SyncAnswer(version=got, checksum=self.checksum, replica=self.replica).wire()
 
     def leave_weight_sync(self) -> dict:
         """Leave the weight-sync group (POST /leave); a later /sync joins a new one. The learner
@@ -217,7 +204,7 @@ class RolloutService:
             self._engine_joined = False
         if was_in:
             log.info("left the weight-sync group")
-        return {"left": was_in, "replica": self.replica}
+        return LeaveAnswer(left=was_in, replica=self.replica).wire()
 
     def close(self) -> None:
         if self.receiver is not None:
@@ -259,17 +246,18 @@ class RolloutService:
 
         async def sync(request):
             try:
-                version = int((await request.json())["version"])
-            except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-                return web.json_response({"error": "body must be {\"version\": int}"}, status=400)
+                version = SyncRequest.model_validate(await request.json()).version
+            except (ValidationError, json.JSONDecodeError) as exc:
+                detail = contract_violation(exc) if isinstance(exc, ValidationError) else str(exc)
+                return web.json_response({"error": f"bad /sync request: {detail}"}, status=400)
             return await one_at_a_time(f"weight sync {version}", self.sync, version)
 
         async def leave(_request):
             return await one_at_a_time("leaving the weight-sync group", self.leave_weight_sync)
 
         async def version(_request):
-            return web.json_response({"version": self.engine.weight_version, "checksum": self.checksum,
-                                      "replica": self.replica})
+            return web.json_response(SyncAnswer(version=self.engine.weight_version, checksum=self.checksum,
+                                                replica=self.replica).wire())
 
         async def healthz(_request):
             return web.json_response({"ok": True, "role": "rollout", "replica": self.replica,
@@ -339,9 +327,9 @@ class RemoteRolloutEngine(RolloutEngine):
         return samples
 
     def _generate_chunk(self, k, start, stop, prompts, n, temperature, top_p, max_new_tokens, seed) -> list[Sample]:
-        payload = {"prompts": [list(map(int, p)) for p in prompts[start:stop]], "n": int(n),
-                   "temperature": float(temperature), "top_p": float(top_p),
-                   "max_new_tokens": int(max_new_tokens), "seed": chunk_seed(seed, start)}
+        payload = GenerateRequest(prompts=[list(map(int, p)) for p in prompts[start:stop]], n=int(n),
+                                  temperature=float(temperature), top_p=float(top_p),
+                                  max_new_tokens=int(max_new_tokens), seed=chunk_seed(seed, start)).wire()
 
         def attempt(url: str) -> list[Sample]:
             doc = post_json(url + "/generate", payload, self.request_timeout_s)
@@ -368,7 +356,7 @@ class RemoteRolloutEngine(RolloutEngine):
             learner_checksum = state_checksum(items)
         t0 = time.perf_counter()
         timeout = self.sync_config.timeout_s + 60.0
-        announces = {url: self._threads.submit(post_json, url + "/sync", {"version": version}, timeout)
+        announces = {url: self._threads.submit(post_json, url + "/sync", SyncRequest(version=version).wire(), timeout)
                      for url in self.urls}
         try:
             if self._sender is None:
@@ -382,17 +370,20 @@ class RemoteRolloutEngine(RolloutEngine):
         problems = []
         for url, future in announces.items():
             try:
-                answer = future.result(timeout=timeout)
+                answer = SyncAnswer.model_validate(future.result(timeout=timeout))
             except ServiceError as exc:
                 problems.append(f"{url}: {exc}")
                 continue
-            replicas[url] = answer.get("checksum")
-            if answer.get("version") != version:
-                problems.append(f"{url} reports version {answer.get('version')} after the sync of {version}")
-            elif self.verify and answer.get("checksum") is None:
+            except ValidationError as exc:
+                problems.append(f"{url}: its /sync answer does not follow the contract: {contract_violation(exc)}")
+                continue
+            replicas[url] = answer.checksum
+            if answer.version != version:
+                problems.append(f"{url} reports version {answer.version} after the sync of {version}")
+            elif self.verify and answer.checksum is None:
                 log.warning("%s cannot report a state checksum (engine without a torch module): not verified", url)
-            elif self.verify and answer.get("checksum") != learner_checksum:
-                problems.append(f"{url} holds weights with checksum {answer.get('checksum')}, the learner's are "
+            elif self.verify and answer.checksum != learner_checksum:
+                problems.append(f"{url} holds weights with checksum {answer.checksum}, the learner's are "
                                 f"{learner_checksum} (the replica's model differs from the learner's)")
         if problems:
             raise WeightSyncError(f"weight version {version} was not applied by every rollout replica: "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from dapo.contracts import Env
+from dapo.contracts import Env, EnvVar
 from dapo.errors import DapoError
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None):
     return cached_client(
         endpoint_url,
         region,
-        Env().int("DAPO_S3_MAX_ATTEMPTS", 8),
-        Env().int("DAPO_S3_CONNECT_TIMEOUT", 10),
-        Env().int("DAPO_S3_READ_TIMEOUT", 120),
+        Env().int(EnvVar.S3_MAX_ATTEMPTS, 8),
+        Env().int(EnvVar.S3_CONNECT_TIMEOUT, 10),
+        Env().int(EnvVar.S3_READ_TIMEOUT, 120),
         transfer_config().max_concurrency,
     )
 
@@ -138,11 +138,11 @@ def transfer_config():
     """
     from boto3.s3.transfer import TransferConfig
 
-    chunk = Env().int("DAPO_S3_CHUNK_MB", 32) * MiB
+    chunk = Env().int(EnvVar.S3_CHUNK_MB, 32) * MiB
     return TransferConfig(
         multipart_threshold=chunk,
         multipart_chunksize=chunk,
-        max_concurrency=Env().int("DAPO_S3_MAX_CONCURRENCY", 16),
+        max_concurrency=Env().int(EnvVar.S3_MAX_CONCURRENCY, 16),
         io_chunksize=1 * MiB,
         max_io_queue=1000,
         use_threads=True,
@@ -171,7 +171,7 @@ def describe_client_error(exc: Exception, uri: str, action: str) -> StorageError
         # the store answered nothing (reset, closed, silent) on every one of the client's attempts
         return StorageError(
             f"{action} {uri}: S3 at {endpoint} did not answer ({type(exc).__name__}: {exc}) after "
-            f"DAPO_S3_MAX_ATTEMPTS={Env().int('DAPO_S3_MAX_ATTEMPTS', 8)} attempts; check the store's health, "
+            f"{EnvVar.S3_MAX_ATTEMPTS}={Env().int(EnvVar.S3_MAX_ATTEMPTS, 8)} attempts; check the store's health, "
             f"spec.storage.endpointUrl / AWS_ENDPOINT_URL and the network, then resume the run"
         )
     if isinstance(exc, NoCredentialsError):
