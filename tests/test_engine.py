@@ -110,7 +110,7 @@ def test_top_p_filter_keeps_the_nucleus():
     kept = torch.isfinite(top_p_filter(logits, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
     assert torch.isfinite(top_p_filter(logits, 1e-9)).tolist() == [[True, False, False, False]]
-    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)  # top-p 1 filters nothing: the same tensor values
 
 
 def test_tiny_top_p_is_greedy(policy):

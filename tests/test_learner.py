@@ -202,7 +202,7 @@ def test_trimmed_drops_only_the_pad_columns_no_row_uses():
         value = getattr(trimmed, f.name)
         if isinstance(value, torch.Tensor) and value.dim() == 2:
             assert value.shape[1] == (3 if f.name in ("input_ids", "attention_mask", "position_ids") else 1), f.name
-    assert torch.equal(trimmed.old_log_probs, per_token["old_log_probs"][2:3, :1])
+    assert torch.equal(trimmed.old_log_probs, per_token["old_log_probs"][2:3, :1])  # a slice, not computed: exact
 
 
 def _forward_widths(model) -> list[tuple[int, int]]:
