@@ -95,19 +95,21 @@ def update_tolerance(steps: list[dict], errors: list[dict[str, float]],
 
 
 def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                        tolerance: dict[str, torch.Tensor], steps: list[dict], min_compared: float = 0.5) -> int:
-    """|actual - expected| <= tolerance + float32 rounding, on every element whose update is
-    determined by its gradient (tolerance below a tenth of the smallest step's lr); at least
-    ``min_compared`` of all elements must be compared. Returns how many elements were."""
+                        tolerance: dict[str, torch.Tensor], steps: list[dict], min_compared: float = 0.5,
+                        eps: float = FLOAT32_EPS) -> int:
+    """|actual - expected| <= tolerance + the weights' own rounding (``eps``: their dtype's, float32
+    by default), on every element whose update is determined by its gradient (tolerance below a
+    tenth of the smallest step's lr); at least ``min_compared`` of all elements must be compared.
+    Returns how many elements were."""
     step_size = min(s["lr"] for s in steps)
     compared = total = 0
     for name, want in expected.items():
         bound = tolerance[name].to(want.device)
         determined = bound < 0.1 * step_size
-        # float32 arithmetic of the step itself, per step: the new weight is rounded (eps x |theta|) and
-        # the update lr x m_hat / (sqrt(v_hat) + eps) passes ~8 float32 operations (moments, bias
+        # the arithmetic of the step itself, per step: the new weight is rounded (eps x |theta|) and
+        # the update lr x m_hat / (sqrt(v_hat) + eps) passes ~8 operations (moments, bias
         # corrections, sqrt, division), each off by <= eps relative; both doubled as margin
-        rounding = len(steps) * FLOAT32_EPS * (2 * want.double().abs() + 16 * step_size)
+        rounding = len(steps) * eps * (2 * want.double().abs() + 16 * step_size)
         diff = (actual[name].double() - want.double()).abs()
         bad = determined & (diff > bound + rounding)
         assert not bool(bad.any()), (

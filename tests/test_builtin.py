@@ -43,6 +43,8 @@ def test_sloppy_teacher_slips_one_digit_and_is_right_at_its_rate():
             diff = abs(int(wrong) - int(answer))
             assert int(wrong) >= 0 and diff in {10**k for k in range(len(answer))}
     answers = [builtin.teacher_answer("42", 0.3, rng) for _ in range(4000)]
+    # a binomial rate of 4000 seeded draws (Python's integer Mersenne Twister: the same on every CPU):
+    # std sqrt(0.3 x 0.7 / 4000) = 7.2e-3, +-0.03 is 4.1 sigma
     assert 0.27 < answers.count("42") / len(answers) < 0.33
 
 
@@ -54,7 +56,7 @@ def test_build_is_deterministic(tmp_path):
     second = build_arith_tiny(tmp_path / "b", TINY)
     w1, w2 = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert w1.keys() == w2.keys()
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # two builds on one machine: bit-exact by design
     other = build_arith_tiny(tmp_path / "c", replace(TINY, seed=TINY.seed + 1))
     w3 = load_file(other / "model.safetensors")
     assert not all(torch.equal(w1[k], w3[k]) for k in w1)

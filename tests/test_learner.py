@@ -8,6 +8,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 
+from _adam_bound import assert_same_weights, gradient_errors, record_optimizer_steps, update_tolerance
 from _dapo_tiny import tiny_policy
 from dapo.algo import log_probs_from_logits, policy_loss
 from dapo.rollout.base import encode_prompt
@@ -15,6 +16,13 @@ from dapo.rollout.hf import HFEngine
 from dapo.learner.torch_learner import TorchLearner, TrainBatch, make_batch, steps_for_epochs, warmup_factor
 
 torch.set_num_threads(2)
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps  # 1.2e-7: one rounding of a float32 value
+FLOAT64_EPS = torch.finfo(torch.float64).eps  # 2.2e-16
+# float32 metrics of these updates (losses and KL of O(0.1-1), entropies ~4.6, clip fractions):
+# per-token values whose log-probs two layouts give a few ulp apart (ulp 4.8e-7 at |log p| < 8),
+# averaged over the batch: a few x 5e-7 (measured <= 6e-7 on AVX2 and scalar kernels): 1e-5 is ~20 ulp
+FLOAT32_METRIC_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,21 @@ def _loss(learner, batch):
         return float(policy_loss(lp, batch.old_log_probs, batch.advantages, batch.response_mask)[0])
 
 
+def _recorded(learner) -> list[dict]:
+    """Every optimizer step's gradients and lr from now on (`_adam_bound.record_optimizer_steps`)."""
+    return record_optimizer_steps(learner.optimizer, {id(p): n for n, p in learner.model.named_parameters()})
+
+
+def _weights(learner) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+
+
+def _summation_error(grad: torch.Tensor, terms: int, eps: float) -> float:
+    """How far a gradient tensor may move when its ``terms``-term sums run in another order: the
+    worst-case linear growth of a float sum's rounding, terms x eps, of its largest element."""
+    return terms * eps * float(grad.abs().max())
+
+
 def test_make_batch_layout(policy):
     _, tok = policy
     batch = make_batch([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], pad_id=0)
@@ -62,11 +85,12 @@ def test_one_update_lowers_the_loss(policy):
     before = _loss(learner, batch)
     metrics = learner.update(batch)
     after = _loss(learner, batch)
-    assert after < before - 1e-3
+    assert after < before - 1e-3  # it drops by 0.17 (0.145 -> -0.027): 1e-3 is far above float32 noise (~1e-6)
     for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy",
                 "actor/grad_norm", "actor/lr"):
         assert key in metrics
-    assert metrics["actor/pg_loss"] == pytest.approx(before, abs=1e-5)  # ratio 1 at the first mini-batch
+    # ratio 1 at the first mini-batch: the update's forward and the no-grad one give log-probs a few ulp apart
+    assert metrics["actor/pg_loss"] == pytest.approx(before, abs=FLOAT32_METRIC_ATOL)
     assert metrics["actor/entropy"] > 0
 
 
@@ -76,22 +100,29 @@ def test_micro_batch_size_does_not_change_the_update(policy, mode):
     batch = _batch(tok)
     full = _learner(copy.deepcopy(model), loss_agg_mode=mode, micro_batch_rows=6)
     micro = _learner(copy.deepcopy(model), loss_agg_mode=mode, micro_batch_rows=1)
+    exact = _learner(copy.deepcopy(model).double(), loss_agg_mode=mode, micro_batch_rows=6)  # float64: the exact update
+    full_steps, exact_steps = _recorded(full), _recorded(exact)
     batch.old_log_probs = full.compute_log_probs(batch)
     # perturb old log-probs so ratios differ from 1 and clipping is exercised
     batch.old_log_probs = batch.old_log_probs + 0.3 * torch.randn(batch.old_log_probs.shape,
                                                                   generator=torch.Generator().manual_seed(1))
     m_full, m_micro = full.update(batch), micro.update(batch)
+    exact.update(batch)
+    # a gradient element sums over the batch's token positions; one row per micro-batch sums them in
+    # another float32 order (measured: <= 4 x eps32 x the tensor's largest gradient)
+    positions = int(batch.attention_mask.sum())
     for (name, a), (_, b) in zip(full.model.named_parameters(), micro.model.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-4, msg=name)
-        # AdamW's first step is ~lr * sign(grad): where the exact gradient is 0 (e.g. key biases,
-        # which softmax ignores) float noise picks the sign, so parameters are compared where the
-        # gradient is real
-        real = a.grad.abs() > 1e-5
-        assert real.any() or name.endswith("k_proj.bias")
-        torch.testing.assert_close(a[real], b[real], atol=1e-6, rtol=1e-5, msg=name)
-    assert m_full["actor/pg_loss"] == pytest.approx(m_micro["actor/pg_loss"], abs=1e-5)
+        torch.testing.assert_close(b.grad, a.grad, atol=_summation_error(a.grad, positions, FLOAT32_EPS), rtol=0,
+                                   msg=name)
+    # AdamW's first step is ~lr * sign(grad): a gradient within its rounding of 0 can flip the whole
+    # step, so the weights are compared within the per-element AdamW bound of the gradients' float32
+    # rounding, measured against the float64 update (tests/_adam_bound.py)
+    tolerance = update_tolerance(exact_steps, gradient_errors(full_steps, exact_steps))
+    assert_same_weights(_weights(micro), _weights(full), tolerance, exact_steps)
+    assert m_full["actor/pg_loss"] == pytest.approx(m_micro["actor/pg_loss"], abs=FLOAT32_METRIC_ATOL)
+    # equal clip counts / tokens: float32 division rounding only; one flipped count would move it by 1/31
     assert m_full["actor/pg_clipfrac"] == pytest.approx(m_micro["actor/pg_clipfrac"], abs=1e-6)
-    assert m_full["actor/entropy"] == pytest.approx(m_micro["actor/entropy"], abs=1e-5)
+    assert m_full["actor/entropy"] == pytest.approx(m_micro["actor/entropy"], abs=FLOAT32_METRIC_ATOL)
 
 
 def test_mini_batches_make_several_optimizer_steps(policy):
@@ -105,6 +136,7 @@ def test_mini_batches_make_several_optimizer_steps(policy):
 
 
 def test_warmup_schedule(policy):
+    # Python float64 arithmetic of a few operations: within an ulp; approx's default rel 1e-6 is far above
     assert [warmup_factor(s, 3) for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
     assert warmup_factor(0, 0) == 1.0
     model, tok = policy
@@ -114,7 +146,7 @@ def test_warmup_schedule(policy):
     for _ in range(4):
         batch.old_log_probs = learner.compute_log_probs(batch)
         lrs.append(learner.update(batch)["actor/lr"])
-    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3])  # lr x warm-up factor in float64: within an ulp
 
 
 def test_state_dict_round_trip(policy):
@@ -125,11 +157,13 @@ def test_state_dict_round_trip(policy):
     a.update(batch)
     b = _learner(copy.deepcopy(a.model), warmup_steps=5)
     b.load_state_dict(copy.deepcopy(a.state_dict()))  # as a checkpoint would: no shared tensors
-    assert b.lr == pytest.approx(a.lr)
+    assert b.lr == pytest.approx(a.lr)  # the same float64 schedule arithmetic: within an ulp
     a.update(batch)
     b.update(batch)
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
-        torch.testing.assert_close(pa, pb)
+        # the same update from the same state on the same machine: bit-exact by design (measured 0);
+        # any difference means the round trip lost state, since AdamW would amplify it
+        torch.testing.assert_close(pa, pb, atol=0, rtol=0)
 
 
 def test_learner_log_probs_match_engine_sampling_log_probs(policy):
@@ -142,8 +176,10 @@ def test_learner_log_probs_match_engine_sampling_log_probs(policy):
     batch = make_batch([prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples], tok.pad_token_id)
     recomputed = learner.compute_log_probs(batch)
     for row, s in enumerate(samples):
+        # float32 log-probs (|log p| < 8, ulp 4.8e-7) of two layouts (engine: KV cache, decode steps;
+        # learner: one padded pass): measured <= 1 ulp (AVX2, scalar kernels); 3e-5 + 1e-4 |log p| >= 60 ulp
         torch.testing.assert_close(recomputed[row, : len(s.log_probs)], torch.tensor(s.log_probs), atol=3e-5, rtol=1e-4)
-        assert float(recomputed[row, len(s.log_probs):].abs().sum()) == 0.0
+        assert float(recomputed[row, len(s.log_probs):].abs().sum()) == 0.0  # padding is written as 0, not computed
 
 
 def test_trimmed_drops_only_the_pad_columns_no_row_uses():
@@ -166,7 +202,7 @@ def test_trimmed_drops_only_the_pad_columns_no_row_uses():
         value = getattr(trimmed, f.name)
         if isinstance(value, torch.Tensor) and value.dim() == 2:
             assert value.shape[1] == (3 if f.name in ("input_ids", "attention_mask", "position_ids") else 1), f.name
-    assert torch.equal(trimmed.old_log_probs, per_token["old_log_probs"][2:3, :1])
+    assert torch.equal(trimmed.old_log_probs, per_token["old_log_probs"][2:3, :1])  # a slice, not computed: exact
 
 
 def _forward_widths(model) -> list[tuple[int, int]]:
@@ -195,14 +231,24 @@ def test_micro_batches_group_rows_by_length_and_run_at_their_own_widths(policy):
     assert widths == [(2, own[0]), (2, own[1]), (2, own[2])] and own[0] < batch.input_ids.shape[1]
     with torch.no_grad():
         reference = log_probs_from_logits(full.response_logits(batch), batch.responses) * batch.response_mask
+    # float64 log-probs of two widths differ by ~1e-15; rounded to float32 (ulp >= 6e-8 here) they are
+    # equal unless one lies within 1e-15 of a rounding midpoint (chance ~1e-8 per value): equal floats
     torch.testing.assert_close(logp, reference.float(), atol=1e-12, rtol=0)
     batch.old_log_probs = logp.double() + 0.2 * torch.sin(torch.arange(logp.numel()).reshape(logp.shape))
     widths.clear()
+    full_steps = _recorded(full)
     trimmed.update(batch)
     full.update(batch)
     assert [w for _, w in widths] == own
-    for (name, a), (_, b) in zip(trimmed.model.named_parameters(), full.model.named_parameters()):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=name)
+    # float64 gradients of the two widths differ by their summation order's rounding, at most
+    # positions x eps64 of each tensor's largest gradient; AdamW's first step (~lr * sign(grad))
+    # amplifies that near a zero gradient, so the weights are compared within the per-element AdamW
+    # bound of that rounding (tests/_adam_bound.py; measured differences <= 2e-14)
+    positions = int(batch.attention_mask.sum())
+    errors = [{name: _summation_error(grad, positions, FLOAT64_EPS) for name, grad in step["grads"].items()}
+              for step in full_steps]
+    tolerance = update_tolerance(full_steps, errors)
+    assert_same_weights(_weights(trimmed), _weights(full), tolerance, full_steps, eps=FLOAT64_EPS)
 
 
 def test_steps_for_epochs():
@@ -217,14 +263,20 @@ def test_single_step_update_runs_no_proximal_pass(policy):
     with_old, without_old = _learner(copy.deepcopy(model)), _learner(copy.deepcopy(model))
     batch = _batch(tok)
     assert without_old.proximal_pass_rows(batch) == 0
+    exact = _learner(copy.deepcopy(model).double())  # the same single-step update in float64: the exact one
+    without_steps, exact_steps = _recorded(without_old), _recorded(exact)
     recomputed = copy.deepcopy(batch)
     recomputed.old_log_probs = with_old.compute_log_probs(recomputed)
     m1 = with_old.update(recomputed)
     m2 = without_old.update(batch)
-    assert m2["actor/ppo_kl"] == 0.0 and m2["actor/pg_clipfrac"] == 0.0
-    assert m1["actor/pg_loss"] == pytest.approx(m2["actor/pg_loss"], abs=1e-6)
-    for (name, a), (_, b) in zip(with_old.model.named_parameters(), without_old.model.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-5), name
+    exact.update(copy.deepcopy(batch))
+    assert m2["actor/ppo_kl"] == 0.0 and m2["actor/pg_clipfrac"] == 0.0  # log-ratio exactly 0: old is the forward's own
+    # the recomputed old log-probs (a no-grad pass) may sit a few ulp off the update's forward (equal here)
+    assert m1["actor/pg_loss"] == pytest.approx(m2["actor/pg_loss"], abs=FLOAT32_METRIC_ATOL)
+    # those ulps would move AdamW's first step (~lr * sign(grad)) near a zero gradient: the weights are
+    # compared within the per-element AdamW bound of the float32 gradients' rounding (tests/_adam_bound.py)
+    tolerance = update_tolerance(exact_steps, gradient_errors(without_steps, exact_steps))
+    assert_same_weights(_weights(with_old), _weights(without_old), tolerance, exact_steps)
 
 
 def _no_grad_rows(model) -> list[int]:
@@ -255,7 +307,6 @@ def test_update_takes_the_first_mini_batchs_proximal_log_probs_from_its_own_forw
     batch.weight_versions, batch.policy_version = torch.tensor([4, 3, 4, 4, 4, 4, 4, 3, 4]), 4
     recomputed = copy.deepcopy(batch)
     recomputed.old_log_probs = given.compute_log_probs(batch)
-
     passes = _no_grad_rows(taken.model)
     assert taken.proximal_pass_rows(batch) == 3
     m_given, m_taken = given.update(recomputed), taken.update(batch)
@@ -268,7 +319,9 @@ def test_update_takes_the_first_mini_batchs_proximal_log_probs_from_its_own_forw
     assert "rollout_corr/is_weight_mean" in m_taken
     for key in m_given:
         if not key.startswith("timing_s/"):
-            assert m_taken[key] == pytest.approx(m_given[key], rel=1e-5, abs=1e-8), key
+            # the same float32 proximal log-probs on both sides, float64 arithmetic otherwise (forwards
+            # differ only in pad columns, ~1e-16 per op): rel 1e-9 is far above that, abs 1e-12 for zeros
+            assert m_taken[key] == pytest.approx(m_given[key], rel=1e-9, abs=1e-12), key
 
 
 def test_proximal_pass_covers_the_rows_after_the_first_mini_batch(policy):
@@ -311,6 +364,7 @@ def test_shuffle_trains_the_same_rows_in_an_order_fixed_by_seed_and_version(poli
     plain = _learner(copy.deepcopy(model), mini_batch_rows=6, micro_batch_rows=4)
     order = shuffling.shuffled(batch)
     m_shuffled, m_plain = shuffling.update(batch), plain.update(order)
+    # the same rows in the same order through the same arithmetic on one machine: bit-exact by design
     for (name, a), (_, b) in zip(shuffling.model.named_parameters(), plain.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     assert m_shuffled["actor/pg_loss"] == m_plain["actor/pg_loss"]

@@ -21,6 +21,10 @@ from dapo.spec import ADVANTAGE_ESTIMATOR_NAMES, POLICY_LOSS_NAMES, SpecError, p
 from test_algo import random_batch, ref_group_advantages, ref_token_terms
 
 L_MAX = 9  # Dr. GRPO's constant normaliser in these tests (>= every row length)
+# A weight capped at C = 2 is exp(log 2): 2.0 when exp is correctly rounded (libm, this machine's SIMD
+# exp), but a SIMD exp is only specified to 1 ulp (SLEEF u10), which may give 2 - 2.2e-16. rel 1e-15
+# (~4 ulp) accepts that and no ratio that was not capped (those lie >= 0.03 away from 2 here)
+CAP_REL = 1e-15
 
 
 # ----------------------------------------------------------------- references
@@ -127,12 +131,15 @@ def test_correction_weights_match_reference_float64(seed, mode, level):
     weights, rejected = algo.rollout_correction_weights(prox, behav, mask, corr, stale)
     expected = ref_weights(prox.tolist(), behav.tolist(), mask.tolist(), mode, level, 2.0, stale.tolist())
     assert weights.dtype == torch.float64 and not weights.requires_grad
+    # float64 exp of one log-ratio (token) or of a <= 7-term sum (sequence): within ~8 ulp of math.exp's
+    # (measured 1.2e-16 relative); rtol 1e-12 is far above that and far below any wrong branch or cap
     torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     # rejected = valid positions whose weight is not the plain ratio (capped by truncate, zeroed by mask)
     if mode == "mask":
         assert bool((rejected == (mask & (weights == 0))).all())
     elif mode == "truncate":
-        assert bool((rejected == (mask & (weights == 2.0))).all()) and bool(rejected.any())
+        capped = torch.isclose(weights, torch.tensor(2.0, dtype=torch.float64), rtol=CAP_REL, atol=0)
+        assert bool((rejected == (mask & capped)).all()) and bool(rejected.any())
     else:
         assert not bool(rejected[~stale].any())
 
@@ -141,7 +148,7 @@ def test_mode_none_trains_stale_rows_off_policy_and_fresh_rows_with_weight_one()
     """Whatever the mode, a stale row never gets the on-policy weight 1 (where the policies differ)."""
     _, prox, behav, _, mask, stale = mixed_batch(4)
     weights, _ = algo.rollout_correction_weights(prox, behav, mask, algo.RolloutCorrection(mode="none"), stale)
-    assert bool((weights[~stale][mask[~stale]] == 1.0).all())
+    assert bool((weights[~stale][mask[~stale]] == 1.0).all())  # written as ones, not computed: exactly 1
     assert bool((weights[stale][mask[stale]] != 1.0).all())
     # without the stale flag mode none is plain PPO against the proximal policy: weight 1 everywhere
     plain, _ = algo.rollout_correction_weights(prox, behav, mask, algo.RolloutCorrection(mode="none"))
@@ -157,7 +164,9 @@ def test_sequence_weight_of_a_long_response_stays_finite():
     for mode, top, bottom in (("truncate", 2.0, math.exp(-20)), ("mask", 0.0, 0.0)):
         w, _ = algo.rollout_correction_weights(prox, behav, mask, algo.RolloutCorrection(mode, "sequence", 2.0))
         assert torch.isfinite(w).all()
-        assert w[0, 0].item() == top and w[1, 0].item() == pytest.approx(bottom, rel=1e-12)
+        # top: 2.0 = exp(log 2) (CAP_REL) or an exact 0; bottom exp(-20): one float64 exp each side, <= 1 ulp
+        assert w[0, 0].item() == pytest.approx(top, rel=CAP_REL, abs=0)
+        assert w[1, 0].item() == pytest.approx(bottom, rel=1e-12)
 
 
 def test_correction_settings_are_validated():
@@ -178,6 +187,8 @@ def test_correction_metrics_match_reference():
              for p, b, ok in zip(pr, br, mr) if ok]
     diffs = [abs(math.exp(p) - math.exp(b)) for p, b in pairs]
     ws = [w for wr, mr in zip(weights.tolist(), mask.tolist()) for w, ok in zip(wr, mr) if ok]
+    # float64 means, max and std of <= 56 values against statistics' (exact-rational fmean/pstdev):
+    # <= ~56 x eps64 ~ 1e-14 relative (measured <= 1e-15); the std's two passes and sqrt: rel 1e-9
     assert m["training/rollout_probs_diff_mean"] == pytest.approx(statistics.fmean(diffs), rel=1e-12)
     assert m["training/rollout_probs_diff_max"] == pytest.approx(max(diffs), rel=1e-12)
     # verl's torch.std: the sample standard deviation (n - 1), not the population one
@@ -211,6 +222,8 @@ def test_policy_losses_match_reference_float64(name, seed, corrected):
     ref, ref_metrics, ref_grad = ref_loss(name, lp.tolist(), prox.tolist(), torch.broadcast_to(adv[:, None], lp.shape).tolist(),
                                           mask.tolist(), w)
     assert loss.dtype == torch.float64
+    # float64 against the literal loops: sums of <= 56 terms and exp, <= ~56 x eps64 ~ 1e-14 relative on
+    # any CPU (measured <= 3e-15); a formula error is >= 1e-3
     assert loss.item() == pytest.approx(ref, rel=1e-9, abs=1e-12)
     torch.testing.assert_close(grad, torch.tensor(ref_grad, dtype=torch.float64), rtol=1e-9, atol=1e-12)
     for key, value in ref_metrics.items():
@@ -231,6 +244,7 @@ def test_dapo_entry_is_the_policy_loss_contract():
     for mode in algo.LOSS_AGG_MODES:
         a, ma = algo.policy_loss(lp, prox, adv, mask, loss_agg_mode=mode)
         b, mb = algo.compute_policy_loss("dapo", lp, prox, adv, mask, config=algo.PolicyLossConfig(loss_agg_mode=mode))
+        # one code path reached two ways: the same arithmetic on the same machine, bit-equal by design
         assert a.item() == b.item() and all(ma[k].item() == mb[k].item() for k in ma)
 
 
@@ -254,6 +268,7 @@ def test_micro_batches_and_two_ranks_sum_to_full_batch_with_correction(name):
             total += loss
             grad[idx] += g
             start += size
+    # float64: the same <= 70 terms in another grouping, <= 70 x eps64 ~ 2e-14 relative (measured 2e-15)
     torch.testing.assert_close(total, full, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad, full_grad, rtol=1e-12, atol=1e-14)
 
@@ -264,7 +279,7 @@ def test_weights_carry_no_gradient_and_stale_rows_change_the_update():
     assert not weights.requires_grad
     _, _, corrected = loss_and_grad("dapo", lp, prox.detach(), adv, mask, weights)
     _, _, plain = loss_and_grad("dapo", lp, prox.detach(), adv, mask)
-    assert not torch.allclose(corrected[stale], plain[stale])
+    assert not torch.allclose(corrected[stale], plain[stale])  # they differ by up to 0.05: far outside allclose
 
 
 # ----------------------------------------------------------------- advantage estimators
@@ -296,6 +311,7 @@ def test_advantage_estimators_match_reference(name, seed):
     scores[4:6] = 0.5  # a uniform group: every estimator gives 0 there
     fn = algo.ADVANTAGE_ESTIMATORS.resolve(name)
     got = fn(scores, ids)
+    # float64 group sums of <= 5 scores of size ~1: a few ulp (measured 4.4e-16); 1e-12 is far above
     torch.testing.assert_close(got, torch.tensor(ref_advantages(name, scores.tolist(), ids), dtype=torch.float64),
                                rtol=1e-12, atol=1e-12)
     assert got[4].item() == 0.0 and got[5].item() == 0.0
@@ -352,6 +368,8 @@ def test_a_loss_added_with_one_decorator_is_dispatched():
         lp, prox, _, adv, mask, _ = mixed_batch(2)
         loss, _, grad = loss_and_grad("test-reinforce", lp, prox, adv, mask, config=cfg(params={"scale": 2.0}))
         n = mask.sum()
+        # float64, the same few operations per token and one sum: within a few ulp; the float64 default
+        # (1e-7) and approx's rel 1e-6 are far above
         torch.testing.assert_close(grad, torch.where(mask, -2.0 * adv[:, None] / n, 0.0))
         assert loss.item() == pytest.approx(float((-2.0 * adv[:, None] * lp)[mask].sum() / n))
         with pytest.raises(ValueError, match="registered twice"):

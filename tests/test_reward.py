@@ -406,6 +406,7 @@ def test_pool_overlong_shaping():
     truncated = [False, False, False, False, True, False]
     with RewardScorer(timeout_s=5.0, workers=1, max_response_length=100, overlong_buffer_length=20) as scorer:
         results = scorer.score_batch(responses, ["4"] * 6, None, lengths, truncated)
+    # (80 - len) / 20 and +-1 in Python float64: within an ulp of these values; approx's rel 1e-6 is far above
     assert [r.overlong_penalty for r in results] == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0, -0.5])
     assert [r.score for r in results] == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0, -1.5])
     assert [r.acc for r in results] == [True] * 5 + [False]  # acc stays unshaped
@@ -419,6 +420,7 @@ def test_pool_overlong_factor_and_disabled():
         timeout_s=5.0, workers=1, max_response_length=100, overlong_buffer_length=20, overlong_penalty_factor=0.5
     ) as scorer:
         (result,) = scorer.score_batch(["Answer: 4"], ["4"], None, [90])
+    # float64 of a ramp times 0.5, plus 1: within an ulp (approx: rel 1e-6)
     assert result.overlong_penalty == pytest.approx(-0.25) and result.score == pytest.approx(0.75)
     with RewardScorer(timeout_s=5.0, workers=1, overlong_enabled=False) as scorer:
         (result,) = scorer.score_batch(["Answer: 4"], ["4"], None, [10_000])

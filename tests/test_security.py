@@ -237,5 +237,6 @@ def test_contract_fields_still_arrive():
              "lastCheckpoint": {"step": 5, "uri": "s3://ckpt/sec/5"}, "message": "step 7", "updatedAt": "2025-01-01T00:00:00Z"}
     status = compute_status(run, 1, running_pods(run), reply, None, NOW)
     assert (status["phase"], status["step"], status["totalSteps"], status["weightVersion"]) == ("Running", 7, 20, 7)
+    # metric values are carried through, never computed: exact
     assert (status["score"], status["acc"], status["responseLength"]) == (0.25, 0.5, 120.0) and "valAcc" not in status
     assert status["lastCheckpoint"] == {"step": 5, "uri": "s3://ckpt/sec/5"} and status["message"] == "step 7"

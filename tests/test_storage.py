@@ -164,7 +164,7 @@ def test_stage_model_folder_from_s3_prefix_loads_with_from_pretrained(bucket, tm
     loaded = transformers.AutoModelForCausalLM.from_pretrained(local).eval()
     ids = torch.tensor([[1, 5, 7, 11]])
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        assert torch.equal(model(ids).logits, loaded(ids).logits)  # the same weights and forward on one machine: exact
 
     # a stale file in the cached folder is removed when the prefix changes
     (local / "stale.bin").write_bytes(b"x")

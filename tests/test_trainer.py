@@ -169,7 +169,7 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
     assert [r["step"] for r in read_lines(split_dir)[0]] == [1, 2, 3, 4]
     a, b = final_weights(full_dir, 4), final_weights(split_dir, 4)
     assert a.keys() == b.keys()
-    for name in a:
+    for name in a:  # resumed vs uninterrupted: the same arithmetic on the same machine, bit-exact by design
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
     assert not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"])), "training moved no weight"
 
@@ -189,7 +189,7 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
                      r"model/model.safetensors has sha256", log_text), log_text[-3000:]
     assert "resuming from checkpoint step 2, the newest that verifies (skipped damaged steps [4])" in log_text
     b = final_weights(damaged, 4)
-    for name in a:
+    for name in a:  # as above: two runs of the same steps on one machine, bit-exact by design
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
 
     # dapo plot RUN_DIR writes a PNG
@@ -276,7 +276,7 @@ def test_checkpointer_saves_and_restores_through_checkpointable_alone(tmp_path):
     assert target.last_checkpoint == {"step": info.step, "uri": info.uri}
     assert [g.uid for g in target.surplus] == [g.uid for g in source.surplus]
     engine_weights = dict(target.engine.model.named_parameters())
-    for name, param in source.learner.model.named_parameters():
+    for name, param in source.learner.model.named_parameters():  # copies of the saved tensors: exact
         torch.testing.assert_close(dict(target.learner.model.named_parameters())[name], param, atol=0, rtol=0)
         torch.testing.assert_close(engine_weights[name], param, atol=0, rtol=0, msg=name)
 
@@ -353,6 +353,7 @@ def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):
     trainer.train()
     metrics = trainer.last_metrics
     assert metrics["train/num_gen_batches"] == 1 and metrics["train/num_groups_kept"] == 3
+    # every score is +1: their mean is exactly 1; every advantage is exactly 0, so is every loss term
     assert metrics["train/surplus_groups"] == 1 and metrics["critic/score/mean"] == 1.0
     assert metrics["actor/pg_loss"] == 0.0  # all advantages are zero
     assert trainer.status()["state"] == "succeeded" and trainer.status()["weightVersion"] == 1

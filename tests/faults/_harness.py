@@ -211,7 +211,8 @@ def final_state(checkpoint_uri: str, scratch: Path, *, endpoint_url: str | None 
 
 
 def differences(want, got, where: str = "") -> list[str]:
-    """Paths at which ``got`` differs from ``want`` (tensors bit for bit; floats exactly)."""
+    """Paths at which ``got`` differs from ``want`` (tensors bit for bit; floats exactly): the reference
+    is an uninterrupted run of the same run file and topology on this machine, so bit-exact by design."""
     import torch
 
     if isinstance(want, torch.Tensor) or isinstance(got, torch.Tensor):

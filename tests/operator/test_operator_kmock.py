@@ -118,7 +118,7 @@ async def test_create_children_status_running_and_succeeded(kmock, fake_learner)
         await all_running(kmock)
         fake_learner.answers["demo"] = learner_answer("running", step=4)
         status = await eventually(lambda: phase_is(kmock, "Running"))
-        assert status["step"] == 4 and status["score"] == 0.25 and status["acc"] == 0.6
+        assert status["step"] == 4 and status["score"] == 0.25 and status["acc"] == 0.6  # carried through: exact
         assert status["learnerReady"] == "2/2" and status["rolloutReady"] == "2/2"
         assert status["lastCheckpoint"]["step"] == 2
 
