@@ -304,7 +304,8 @@ def sync_rounds(engine, folder: Path, trials: int, bucket_mibs: list[int], promp
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dapo.learner.torch_learner import TorchLearner, make_batch
+    from dapo.learner.batch import make_batch
+    from dapo.learner.torch_learner import TorchLearner
     from dapo.weightsync import WeightSender, WeightSyncConfig
 
     cloudpickle.register_pickle_by_value(sys.modules[raw_receive.__module__])

@@ -17,7 +17,7 @@
    a batch whose response lengths have a long tail, as reasoning traces do: micro-batches of
    rows grouped by length and trimmed to their own longest row (the learner today) against
    consecutive rows padded to the whole batch's widths (the learner before; the script patches
-   `dapo.learner.torch_learner.by_length` and `TrainBatch.trimmed` back to that). Timed in
+   `dapo.learner.batch.by_length` and `TrainBatch.trimmed` back to that). Timed in
    rotation on copies of one model; also prints the share of forward token positions that are
    padding in each.
 
@@ -137,7 +137,7 @@ def long_tailed_batch(args):
     log-normal (median ``--median-len``) capped at ``--max-len``; advantages of both signs."""
     import torch
 
-    from dapo.learner.torch_learner import make_batch
+    from dapo.learner.batch import make_batch
 
     g = torch.Generator().manual_seed(0)
     prompts, responses = [], []

@@ -9,7 +9,8 @@ import torch
 
 from _dapo_tiny import tiny_policy
 from dapo.storage.checkpointer import read_model_state, restore_model_weights
-from dapo.learner.torch_learner import TorchLearner, check_weight_names, parameter_aliases
+from dapo.learner.torch_learner import TorchLearner
+from dapo.learner.weights import check_weight_names, parameter_aliases
 
 torch.set_num_threads(2)
 

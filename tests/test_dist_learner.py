@@ -27,7 +27,8 @@ from dapo.algo import RolloutCorrection
 from dapo.storage.checkpointer import MODEL_DIR, Checkpointer
 from dapo.learner.distributed import DistributedLearner, DistributedLearnerError, micro_batch_count, shard_bounds
 from dapo.rollout.base import encode_prompt
-from dapo.learner.torch_learner import TorchLearner, make_batch
+from dapo.learner.batch import make_batch
+from dapo.learner.torch_learner import TorchLearner
 from dapo.storage import CheckpointStore
 
 torch.set_num_threads(2)

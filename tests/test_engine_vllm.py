@@ -214,7 +214,7 @@ def learner_for(model_dir, temperature: float, seed: int | None = None):
 
 
 def learner_log_probs(learner, prompts, samples, pad_id) -> list[list[float]]:
-    from dapo.learner.torch_learner import make_batch
+    from dapo.learner.batch import make_batch
 
     batch = make_batch([prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples], pad_id)
     out = learner.compute_log_probs(batch)

@@ -232,7 +232,8 @@ def test_the_checkpoint_is_plain_and_reloads_without_the_gguf_file(loaded, check
 def test_vllm_serves_the_checkpoint_with_the_gguf_weights(engine, gguf_model, loaded):
     """vLLM starts on the checkpoint's model/ folder, and its log-probs of its own samples are the
     dequantised model's (as the learner recomputes them), not the float weights' the file came from."""
-    from dapo.learner.torch_learner import TorchLearner, make_batch
+    from dapo.learner.batch import make_batch
+    from dapo.learner.torch_learner import TorchLearner
 
     tok, temperature, n = loaded.tokenizer, 0.8, 4
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in TEXTS]

@@ -13,7 +13,9 @@ from _dapo_tiny import tiny_policy
 from dapo.algo import log_probs_from_logits, policy_loss
 from dapo.rollout.base import encode_prompt
 from dapo.rollout.hf import HFEngine
-from dapo.learner.torch_learner import TorchLearner, TrainBatch, make_batch, steps_for_epochs, warmup_factor
+from dapo.data.sampler import steps_for_epochs
+from dapo.learner.batch import TrainBatch, make_batch
+from dapo.learner.torch_learner import TorchLearner, warmup_factor
 
 torch.set_num_threads(2)
 

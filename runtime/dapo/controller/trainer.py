@@ -38,7 +38,8 @@ from dapo.controller.state import (collection_from_state, collection_to_state, g
                                   groups_to_state)
 from dapo.errors import DapoError
 from dapo.learner.base import Learner
-from dapo.learner.torch_learner import TrainBatch, make_batch, steps_for_epochs
+from dapo.data.sampler import steps_for_epochs
+from dapo.learner.batch import TrainBatch, make_batch
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 from dapo.seeding import EVALUATION, GENERATION, seed_for
@@ -458,14 +459,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _eval_due(self) -> bool:
+    def _eval_due(self, step: int | None = None) -> bool:
+        """Does step ``step`` (default: the current one) end with an evaluation?"""
+        step = self.step if step is None else step
         every = self.spec.eval.every_steps
-        return bool(self.eval_records) and every > 0 and (self.step % every == 0 or self.step == self.total_steps
+        return bool(self.eval_records) and every > 0 and (step % every == 0 or step == self.total_steps
                                                            or self.epochs_done())
 
-    def _checkpoint_due(self) -> bool:
+    def _checkpoint_due(self, step: int | None = None) -> bool:
+        """Does step ``step`` (default: the current one) end with a checkpoint?"""
+        step = self.step if step is None else step
         every = self.spec.checkpoint.every_steps
-        return self.step == self.total_steps or self.epochs_done() or (every > 0 and self.step % every == 0)
+        return step == self.total_steps or self.epochs_done() or (every > 0 and step % every == 0)
 
     def epochs_done(self) -> bool:
         """With totalEpochs (no totalSteps): the sampler has handed out every prompt of the last pass."""
@@ -473,11 +478,7 @@ class Trainer:
 
     def _pause_due(self, step: int) -> bool:
         """Will step ``step`` end with an evaluation or a checkpoint (both drain the pipeline)?"""
-        current, self.step = self.step, step
-        try:
-            return self._eval_due() or (self.checkpointer is not None and self._checkpoint_due())
-        finally:
-            self.step = current
+        return self._eval_due(step) or (self.checkpointer is not None and self._checkpoint_due(step))
 
     def run_eval(self) -> None:
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ what makes "resume replays or skips data" impossible by construction.
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -171,3 +173,8 @@ class PromptSampler:
             f"PromptSampler(num_items={self._num_items}, seed={self._seed}, shuffle={self._shuffle}, "
             f"epoch={self._epoch}, position={self._position})"
         )
+
+
+def steps_for_epochs(total_epochs: int, num_prompts: int, train_batch_size: int) -> int:
+    """Training steps for ``total_epochs`` passes: ceil(epochs * prompts / train_batch_size)."""
+    return max(1, math.ceil(total_epochs * num_prompts / train_batch_size))

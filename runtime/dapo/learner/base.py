@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from dapo.learner.torch_learner import TrainBatch
+    from dapo.learner.batch import TrainBatch
 
 # (value, weight) per metric: a weighted mean and the weight it is taken over
 WeightedStats = dict[str, tuple[float, float]]

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from dapo.learner.distributed import DataParallelBackend, DistributedLearnerError, RankGroup, from_bytes, to_bytes
-from dapo.learner.torch_learner import (OptimizerSettings, TrainBatch, parameter_aliases, persistent_buffers,
-                                        split_rows, warmup_factor, weight_for)
+from dapo.learner.batch import TrainBatch, split_rows
+from dapo.learner.torch_learner import OptimizerSettings, warmup_factor
+from dapo.learner.weights import parameter_aliases, persistent_buffers, weight_for
 
 log = logging.getLogger("dapo.learner.deepspeed_backend")
 

@@ -55,9 +55,10 @@ import torch.distributed as dist
 
 from dapo.errors import DapoError
 from dapo.learner.base import LearnerBackend, WeightedStats
-from dapo.learner.torch_learner import (METRIC_KEYS, OptimizerSettings, TorchBackend, TorchLearner, TrainBatch,
-                                        check_weight_names, learner_kwargs_from_spec, mini_batch_normalisers,
-                                        split_rows)
+from dapo.learner.batch import TrainBatch, mini_batch_normalisers, split_rows
+from dapo.learner.torch_learner import (METRIC_KEYS, OptimizerSettings, TorchBackend, TorchLearner,
+                                        learner_kwargs_from_spec)
+from dapo.learner.weights import check_weight_names
 
 log = logging.getLogger("dapo.learner.distributed")
 

@@ -5,12 +5,8 @@
 `full_state_dict_for_save` / `load_model_weights`). It holds the DAPO update itself and runs the
 model through a `LearnerBackend`: `TorchBackend` here (one process, torch's AdamW), or a
 data-parallel one (`dapo.learner.distributed`, `dapo.learner.deepspeed_backend`), which
-`DistributedLearner` drives on every rank. (~520 lines: the batch layout, the weight-name
-helpers every backend uses, the one-process backend and the update belong together.)
-
-Batch layout (`TrainBatch`): every row is ``[left-padded prompt | response, right-padded]`` so
-the response always starts at column ``prompt_width``; the logits that predict response token t
-sit at column ``prompt_width - 1 + t``.
+`DistributedLearner` drives on every rank. The batch it trains on is `dapo.learner.batch`'s
+`TrainBatch`; the names of the weights it syncs and saves, `dapo.learner.weights`.
 
 Three policies (the decoupled objective, `dapo.algo.rollout_correction_weights`): the BEHAVIOUR
 policy sampled the rows (`TrainBatch.behaviour_log_probs`, the engine's own log-probs, possibly
@@ -22,10 +18,9 @@ PPO ratio is taken against the proximal policy and an importance weight behaviou
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, fields, replace
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -33,129 +28,13 @@ from dapo.algo import (PolicyLossConfig, RolloutCorrection, check_policy_loss, c
                        entropy_from_logits, log_probs_from_logits, rollout_correction_metrics,
                        rollout_correction_weights)
 from dapo.learner.base import LearnerBackend, WeightedStats
+from dapo.learner.batch import (TrainBatch, by_length, in_row_order, mini_batch_normalisers, padded_columns,
+                                split_rows)
+from dapo.learner.weights import check_weight_names, parameter_aliases, persistent_buffers, weight_for
 from dapo.seeding import MINI_BATCH_ORDER, seed_for
 
 # the token-weighted per-micro-batch metrics (the loss and the grad norm are per mini-batch)
 METRIC_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy")
-
-
-@dataclass
-class TrainBatch:
-    """A padded batch of (prompt, response) rows, grouped: the n responses of a prompt are
-    consecutive rows, so a contiguous slice of whole groups is a mini-batch."""
-
-    input_ids: torch.Tensor  # [B, P + R]
-    attention_mask: torch.Tensor  # [B, P + R]
-    position_ids: torch.Tensor  # [B, P + R]
-    responses: torch.Tensor  # [B, R]
-    response_mask: torch.Tensor  # [B, R] float 0/1: real (and not filtered) response tokens
-    prompt_width: int
-    advantages: torch.Tensor | None = None  # [B] (one per response; DAPO's A_i is per sequence)
-    old_log_probs: torch.Tensor | None = None  # [B, R] proximal policy (learner weights at the step's start)
-    behaviour_log_probs: torch.Tensor | None = None  # [B, R] the sampling engine's own log-probs, 0-padded
-    weight_versions: torch.Tensor | None = None  # [B] long: weight version that sampled each row
-    policy_version: int | None = None  # the learner's weight version this step starts from
-    is_weights: torch.Tensor | None = None  # [B, R] rollout-correction weights (set by the learner)
-
-    @property
-    def num_rows(self) -> int:
-        return self.input_ids.shape[0]
-
-    def _map_tensors(self, fn) -> "TrainBatch":
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
-
-    def rows(self, start: int, stop: int) -> "TrainBatch":
-        return self._map_tensors(lambda t: t[start:stop])
-
-    def permuted(self, order: torch.Tensor) -> "TrainBatch":
-        """The rows in ``order`` (a permutation of 0..B-1)."""
-        return self._map_tensors(lambda t: t[order])
-
-    def to(self, device) -> "TrainBatch":
-        return self._map_tensors(lambda t: t.to(device))
-
-    def trimmed(self) -> "TrainBatch":
-        """The same rows without the pad columns none of them uses: prompt columns left of the
-        longest prompt, response columns right of the longest response (at least one). A slice
-        of a bigger batch is padded to that batch's widths; its forward pass need not be. The
-        log-probs of the kept columns are those of the untrimmed rows (padding is masked out of
-        attention and positions are unchanged)."""
-        width_p = self.prompt_width
-        width_r = self.responses.shape[1]
-        used_p = int(self.attention_mask[:, :width_p].sum(-1).max()) if self.num_rows else width_p
-        used_r = max(1, int(self.attention_mask[:, width_p:].sum(-1).max())) if self.num_rows else width_r
-        if used_p == width_p and used_r == width_r:
-            return self
-        sequence = slice(width_p - used_p, width_p + used_r)
-        columns = {name: sequence for name in SEQUENCE_FIELDS}
-        columns.update({name: slice(0, used_r) for name in RESPONSE_FIELDS})
-        return replace(self, prompt_width=used_p,
-                       **{name: getattr(self, name)[:, cut] for name, cut in columns.items()
-                          if getattr(self, name) is not None})
-
-    def stale_rows(self) -> torch.Tensor:
-        """[B] bool: rows sampled by weights older than ``policy_version`` (surplus carried over)."""
-        if self.weight_versions is None or self.policy_version is None:
-            return torch.zeros(self.num_rows, dtype=torch.bool)
-        return self.weight_versions < self.policy_version
-
-
-# TrainBatch's per-token fields: [B, P + R] over prompt and response, [B, R] over the response
-SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
-RESPONSE_FIELDS = ("responses", "response_mask", "old_log_probs", "behaviour_log_probs", "is_weights")
-
-
-def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:
-    """Pad prompts on the left and responses on the right into one `TrainBatch`."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one prompt per response row")
-    width_p = max(len(p) for p in prompts)
-    width_r = max(1, max(len(r) for r in responses))
-    rows = len(prompts)
-    input_ids = torch.full((rows, width_p + width_r), pad_id, dtype=torch.long)
-    attention = torch.zeros((rows, width_p + width_r), dtype=torch.long)
-    resp = torch.full((rows, width_r), pad_id, dtype=torch.long)
-    resp_mask = torch.zeros((rows, width_r), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, width_p - len(p):width_p] = torch.tensor(list(p), dtype=torch.long)
-        attention[i, width_p - len(p):width_p] = 1
-        if len(r):
-            input_ids[i, width_p:width_p + len(r)] = torch.tensor(list(r), dtype=torch.long)
-            attention[i, width_p:width_p + len(r)] = 1
-            resp[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-            resp_mask[i, : len(r)] = 1.0
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    return TrainBatch(input_ids, attention, positions, resp, resp_mask, width_p)
-
-
-def by_length(rows: TrainBatch) -> tuple[TrainBatch, torch.Tensor]:
-    """``rows`` ordered by their token count (prompt + response, a stable sort) and the order
-    used (``sorted = rows.permuted(order)``). Consecutive micro-batches of sorted rows have
-    similar lengths, so `TrainBatch.trimmed` drops most of their padding (verl's dynamic batch
-    size groups rows by length for the same reason). The loss is a sum over rows, so the
-    order changes nothing but the rounding."""
-    order = torch.sort(rows.attention_mask.sum(-1), stable=True).indices
-    return rows.permuted(order), order
-
-
-def in_row_order(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Undo `by_length`: ``values[k]`` belongs to row ``order[k]``."""
-    restored = torch.empty_like(values)
-    restored[order] = values
-    return restored
-
-
-def padded_columns(values: torch.Tensor, width: int) -> torch.Tensor:
-    """[b, r] per-token values of a `TrainBatch.trimmed` slice back at the untrimmed response
-    width (0 beyond the slice's longest response)."""
-    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
-
-
-def mini_batch_normalisers(response_mask: torch.Tensor) -> tuple[float, float]:
-    """(valid tokens, non-empty responses) of a mini-batch: DAPO's token-mean and seq-mean
-    denominators N_tokens = sum_{i,t} m_it and N_seqs = #{i : sum_t m_it > 0}."""
-    return float(response_mask.sum()), float((response_mask.sum(-1) > 0).sum())
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
@@ -178,56 +57,6 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps)
 
 
-def persistent_buffers(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, buffer) of the buffers ``model.state_dict()`` holds (non-persistent ones such as
-    rotary inv_freq are rebuilt from the config and never saved)."""
-    for module_name, module in model.named_modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                yield (f"{module_name}.{name}" if module_name else name), buffer
-
-
-def parameter_aliases(model) -> dict[str, str]:
-    """alias name -> canonical name for parameters registered under several names (tied
-    embeddings: lm_head.weight -> model.embed_tokens.weight); canonical = first registration,
-    the name ``named_parameters()`` yields."""
-    canonical: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in canonical:
-            aliases[name] = canonical[id(param)]
-        else:
-            canonical[id(param)] = name
-    return aliases
-
-
-def check_weight_names(model, names: Iterable[str]) -> None:
-    """Raise ValueError unless ``names`` (a checkpoint's tensor names) cover every parameter and
-    persistent buffer of ``model`` (a tied alias may stand in for its canonical name or be
-    omitted, as save_pretrained omits it) and name nothing else."""
-    names = set(names)
-    aliases = parameter_aliases(model)
-    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in persistent_buffers(model)}
-    present = names | {aliases[n] for n in names if n in aliases}  # an alias provides its canonical tensor
-    missing = sorted(n for n in expected - present if n not in aliases)
-    unexpected = sorted(names - expected)
-    if missing or unexpected:
-        raise ValueError(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-
-
-def weight_for(name: str, state: Mapping[str, torch.Tensor], aliases: dict[str, str]) -> torch.Tensor:
-    """``state``'s tensor for parameter ``name``, found under the name itself or any name tied
-    to it (a checkpoint keeps only one name of a tied pair)."""
-    if name in state:
-        return state[name]
-    canonical = aliases.get(name, name)
-    for candidate in [canonical] + [a for a, c in aliases.items() if c == canonical]:
-        if candidate in state:
-            return state[candidate]
-    raise KeyError(f"no tensor for parameter {name} (nor for the names tied to it)")
-
-
 @dataclass(frozen=True)
 class OptimizerSettings:
     """AdamW with linear warm-up (`warmup_factor`) and global-norm gradient clipping."""
@@ -237,11 +66,6 @@ class OptimizerSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     grad_clip: float = 1.0
-
-
-def split_rows(rows: TrainBatch, micro_batch_rows: int) -> list[TrainBatch]:
-    """Consecutive slices of at most ``micro_batch_rows`` rows (none for an empty batch)."""
-    return [rows.rows(start, start + micro_batch_rows) for start in range(0, rows.num_rows, micro_batch_rows)]
 
 
 class TorchBackend:
@@ -676,8 +500,3 @@ def learner_kwargs_from_spec(spec) -> dict:
                 policy_loss_params=dict(alg.policy_loss_params), max_response_length=spec.rollout.max_response_length,
                 rollout_correction=RolloutCorrection(mode=corr.mode, level=corr.level, threshold=corr.threshold),
                 shuffle_seed=ls.seed if ls.shuffle else None)
-
-
-def steps_for_epochs(total_epochs: int, num_prompts: int, train_batch_size: int) -> int:
-    """Training steps for ``total_epochs`` passes: ceil(epochs * prompts / train_batch_size)."""
-    return max(1, math.ceil(total_epochs * num_prompts / train_batch_size))
