@@ -1,7 +1,8 @@
 """Tests for dapo.algo: DAPO loss, advantages, overlong shaping, dynamic sampling, logits helpers.
 
-The float64 references below are written independently and literally from DAPO-NOTES.md
-(per-element Python loops with the math module), so they share no code with dapo.algo.
+The float64 references below are written independently and literally from the DAPO paper
+(arXiv 2503.14476) and docs/algorithm.md (per-element Python loops with the math module), so
+they share no code with dapo.algo.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 registries of dapo.algo, in float64 against independent per-element references.
 
 The references are Python loops with the math module written from the papers' formulas
-(DAPO-NOTES.md; GRPO arXiv 2402.03300; Dr. GRPO arXiv 2503.20783; GSPO arXiv 2507.18071;
-CISPO arXiv 2506.13585; RLOO arXiv 2402.14740; decoupled PPO arXiv 2110.00641 with truncated /
+(DAPO arXiv 2503.14476 and docs/algorithm.md; GRPO arXiv 2402.03300; Dr. GRPO arXiv 2503.20783;
+GSPO arXiv 2507.18071; CISPO arXiv 2506.13585; RLOO arXiv 2402.14740; decoupled PPO arXiv 2110.00641 with truncated /
 masked importance sampling): they share no code with dapo.algo beyond the DAPO token term that
 tests/test_algo.py already checks literally.
 """

@@ -126,10 +126,10 @@ def test_quickstart_run_feeds_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch
     assert [m.step for m in history] == [r["step"] for r in steps]
     assert [m.value for m in history] == pytest.approx([r["critic/score/mean"] for r in steps])  # float64 stored: equal
     final = run_dir / "checkpoints" / "step-00000003"
-    assert mlrun.data.tags["dapo.storage.checkpointer.step"] == "3" and mlrun.data.tags["dapo.storage.checkpointer.uri"].endswith(final.name)
+    assert mlrun.data.tags["dapo.checkpoint.step"] == "3" and mlrun.data.tags["dapo.checkpoint.uri"].endswith(final.name)
     assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["checkpoint.json"]
     artifact = Path(client.download_artifacts(mlrun.info.run_id, "checkpoint.json", str(tmp_path)))
-    assert json.loads(artifact.read_text()) == {"uri": mlrun.data.tags["dapo.storage.checkpointer.uri"], "step": 3}
+    assert json.loads(artifact.read_text()) == {"uri": mlrun.data.tags["dapo.checkpoint.uri"], "step": 3}
     assert (tmp_path / "mlartifacts").is_dir()  # beside the sqlite store, not in some working directory
 
     # W&B offline: the run folder under RUN_DIR/wandb, read through W&B's own record format

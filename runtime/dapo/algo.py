@@ -5,9 +5,9 @@ registry, rollout correction, overlong shaping, dynamic sampling) read side by s
 papers' formulas; every function is small, pure and tested alone, and `dapo.spec` reads the
 registry names from this file's source (the operator image has no torch).
 
-Formulas follow DAPO (arXiv 2503.14476) and verl's ``core_algos`` semantics; see
-``DAPO-NOTES.md`` in the design notes. Everything here is device- and dtype-agnostic
-(float32 and float64 give the same formula) and never forces a host/device sync
+Formulas follow DAPO (arXiv 2503.14476) and verl's ``core_algos`` semantics; docs/algorithm.md
+lists every loss, estimator and correction with its paper. Everything here is device- and
+dtype-agnostic (float32 and float64 give the same formula) and never forces a host/device sync
 in the loss path.
 
 Global normalisation: DAPO's token-mean divides by the number of valid tokens of the

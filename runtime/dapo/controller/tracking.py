@@ -147,8 +147,8 @@ class MlflowTracker:
 
     def close(self, final_checkpoint: dict | None = None, succeeded: bool = True) -> None:
         if final_checkpoint and final_checkpoint.get("uri"):
-            self._client.set_tag(self.run_id, "dapo.storage.checkpointer.uri", str(final_checkpoint["uri"]))
-            self._client.set_tag(self.run_id, "dapo.storage.checkpointer.step", str(final_checkpoint.get("step")))
+            self._client.set_tag(self.run_id, "dapo.checkpoint.uri", str(final_checkpoint["uri"]))
+            self._client.set_tag(self.run_id, "dapo.checkpoint.step", str(final_checkpoint.get("step")))
             self._client.log_dict(self.run_id, {"uri": final_checkpoint["uri"], "step": final_checkpoint.get("step")},
                                   "checkpoint.json")
         self._client.set_terminated(self.run_id, "FINISHED" if succeeded else "FAILED")

@@ -35,7 +35,8 @@ DAPO_PROMPT_SUFFIX = '\n\nRemember to put your answer on its own line after "Ans
 
 
 def apply_dapo_template(problem: str) -> str:
-    """Wrap a raw problem in the DAPO-Math-17k / DAPO-AIME instruction (DAPO-NOTES.md).
+    """Wrap a raw problem in the DAPO-Math-17k / DAPO-AIME instruction (the DAPO paper's
+    data sets, arXiv 2503.14476).
 
     prefix + problem + suffix, where the prefix asks for a last line ``Answer: $Answer`` and the
     suffix repeats it; the reward function reads exactly that line.

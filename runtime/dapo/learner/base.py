@@ -9,7 +9,7 @@ process: forward / backward / gradient sync + clip + optimizer step, the lr sche
 this process computes and how the processes' results combine, and the weights and state.
 `TorchBackend` (`torch_learner.py`, one process), `DataParallelBackend` (`distributed.py`,
 replicated parameters, gradients summed with all-reduce) and `DeepSpeedBackend`
-(`deepspeed.py`, ZeRO-2/3) implement it. Data-parallel backends run the same calls on every
+(`deepspeed_backend.py`, ZeRO-2/3) implement it. Data-parallel backends run the same calls on every
 rank in the same order (each call may issue collectives); `DistributedLearner` sees to that.
 """
 

@@ -24,7 +24,8 @@ rank 0 generates rollouts never trips a collective timeout, and a follower notic
 store is gone (controller died) instead of hanging. Every collective runs under the process
 group's timeout (``init_process_group(timeout=...)``): a dead rank gives an error, not a hang.
 
-Math (DAPO-NOTES "token-mean ... across every micro-batch and every data-parallel rank"): each
+Math (DAPO's token-level loss, arXiv 2503.14476; docs/algorithm.md: the token-mean's counts are
+those of the whole mini-batch across micro-batches and data-parallel ranks): each
 rank takes a contiguous shard of every mini-batch's rows; the normalisers N_tokens / N_seqs are
 all-reduced (SUM) so every rank divides by the GLOBAL counts; every rank's micro-batch losses are
 then partial sums of the mini-batch loss, and the gradient is SUMMED across ranks (torch

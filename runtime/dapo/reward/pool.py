@@ -13,8 +13,8 @@ MemoryError escape) fails its response the same way and is replaced. Workers com
 which may hold torch / OpenMP threads that ``fork`` would corrupt) or ``spawn``.
 
 Dispatch: a worker gets up to ``_TASKS_PER_MESSAGE`` responses in one message and answers each as
-it finishes, so a batch costs a few pipe round trips instead of one per response (a 256-response
-batch of short answers: ~44 ms one at a time, mostly pipe latency, against ~13 ms of scoring).
+it finishes, so a batch costs a few pipe round trips instead of one per response (measured:
+docs/benchmarks.md, "Micro benchmarks", reward pool dispatch).
 The time bound stays per response: each response's clock starts when the previous answer of its
 worker arrives; when one overruns or kills its worker, only it fails and the worker's unanswered
 rest goes back to the queue for the replacement.
