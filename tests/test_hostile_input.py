@@ -427,9 +427,11 @@ def test_data_missing_empty_and_conflicting_answers(tmp_path):
         {"problem": "d", "answer": "1"}, {"problem": "d", "answer": "2"},       # conflicting
         '{"problem": "e", "answer": Infinity}',                                  # not a finite number
         {"problem": "f", "answer": {"nested": 1}}, {"problem": "ok", "answer": "7"},
+        {"problem": "g", "answer": True},                                         # a bool is no answer
     ])
     records, report = load_prompts(path)
-    assert [r.ground_truth for r in records] == ["7"]
+    # an object answer is data for a run-file / remote scorer (code test cases), kept as it is
+    assert [r.ground_truth for r in records] == [{"nested": 1}, "7"]
     assert report.bad_rows == {"empty answer": 2, "missing column 'answer'": 1, "unusable answer": 2}
     assert report.conflicting_prompts_dropped == 1 and report.conflicting_rows_dropped == 2
 
@@ -504,7 +506,7 @@ def test_scorer_survives_inputs_test_reward_does_not_cover(scorer):
 def test_scorer_non_string_inputs_are_failed_not_raised(scorer):
     results = scorer.score_batch([None, b"Answer: 1", 7, "Answer: 2"], ["1", "1", "7", None])
     assert [r.acc for r in results] == [False, False, False, False]
-    assert all("must be strings" in r.error for r in results)
+    assert all("must be a string" in r.error for r in results)
 
 
 # ----------------------------------------------------------------------------- model paths

@@ -8,6 +8,8 @@ running this implementation.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import dapo.reward.registry as registry
 from dapo.reward import (
     INVALID_PRED,
     RewardResult,
@@ -24,12 +27,13 @@ from dapo.reward import (
     get_scorer,
     known_scorers,
     normalize_final_answer,
-    register_data_source,
-    register_scorer,
     score_math_dapo,
     score_math_verify,
     scorer_for_data_source,
 )
+
+# the runtime's own tables, as imported (this module's fixture extends copies of them with test scorers)
+BUILTIN_SCORERS, BUILTIN_RULES = registry.SCORERS, registry.DATA_SOURCE_RULES
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA_DIR.is_dir():  # the repo checked out elsewhere: the documented shared location
@@ -239,15 +243,28 @@ def test_unknown_scorer_lists_the_known_ones():
         RewardScorer(default_scorer="nope", overlong_enabled=False)
 
 
-def test_register_scorer_and_data_source():
-    register_scorer("test_always_right", always_right_scorer, overwrite=True)
-    assert "test_always_right" in known_scorers()
-    with pytest.raises(ValueError, match="already registered"):
-        register_scorer("math_dapo", always_right_scorer)
-    register_data_source("test-always-*", "test_always_right")
-    assert scorer_for_data_source("TEST-ALWAYS-yes") == ("test_always_right", always_right_scorer)
-    with pytest.raises(UnknownScorerError):
-        register_data_source("x", "not-a-scorer")
+def test_builtin_scorer_tables_are_read_only_and_route_by_glob():
+    """The built-in scorers and routing rules cannot be changed at run time (users' scorers come
+    from the run file); a test-only scorer joins them through `with_test_scorers` alone."""
+    with pytest.raises(TypeError):
+        BUILTIN_SCORERS["mine"] = always_right_scorer  # type: ignore[index]
+    assert isinstance(BUILTIN_RULES, tuple)
+    assert "test_always_right" not in known_scorers()
+    with with_test_scorers({"test_always_right": always_right_scorer}, [("test-always-*", "test_always_right")]):
+        assert "test_always_right" in known_scorers()
+        assert scorer_for_data_source("TEST-ALWAYS-yes") == ("test_always_right", always_right_scorer)
+    assert "test_always_right" not in known_scorers()
+    with pytest.raises(UnknownScorerError, match="spec.reward.scorers"):
+        get_scorer("not-a-scorer")
+
+
+@contextlib.contextmanager
+def with_test_scorers(scorers: dict, rules: list[tuple[str, str]]):
+    """The built-in tables plus ``scorers`` (by name) and ``rules`` (tried first), for the block."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "SCORERS", {**registry.SCORERS, **scorers})
+        patch.setattr(registry, "DATA_SOURCE_RULES", tuple(rules) + registry.DATA_SOURCE_RULES)
+        yield
 
 
 # ------------------------------------------------------------------- pool (worker processes)
@@ -279,21 +296,23 @@ def sleepy_scorer(solution: str, ground_truth: str) -> ScoreResult:
     return score_math_dapo(rest, ground_truth)
 
 
-for _name, _fn in [
-    ("test_regex_bomb", regex_bomb_scorer),
-    ("test_exit", exit_scorer),
-    ("test_raising", raising_scorer),
-    ("test_sleepy", sleepy_scorer),
-]:
-    register_scorer(_name, _fn, overwrite=True)
-    register_data_source(_name, _name)
+# hostile scorers the pool tests route to by data_source (the name), next to the built-in ones
+HOSTILE_SCORERS = {"test_regex_bomb": regex_bomb_scorer, "test_exit": exit_scorer, "test_raising": raising_scorer,
+                   "test_sleepy": sleepy_scorer}
 
 TIMEOUT_S = 1.0
 SLACK_S = 2.0  # process kill + replacement on a loaded 2-core machine
 
 
+@pytest.fixture(scope="module", autouse=True)
+def hostile_scorers():
+    """HOSTILE_SCORERS, each routed from the data_source of its name, for this module's tests."""
+    with with_test_scorers(HOSTILE_SCORERS, [(name, name) for name in HOSTILE_SCORERS]):
+        yield
+
+
 @pytest.fixture(scope="module")
-def pool():
+def pool(hostile_scorers):
     with RewardScorer(timeout_s=TIMEOUT_S, workers=2, overlong_enabled=False) as scorer:
         scorer.score_batch(["Answer: 1"], ["1"])  # start the workers outside the timed sections
         yield scorer
@@ -444,7 +463,7 @@ def test_pool_argument_errors():
 
 
 def test_pool_rejects_scorers_workers_cannot_import():
-    register_scorer("test_lambda", lambda s, g: {"score": 1.0, "acc": True, "pred": ""}, overwrite=True)
-    with RewardScorer(workers=1, overlong_enabled=False, default_scorer="test_lambda") as scorer:
-        with pytest.raises(TypeError, match="module-level function"):
-            scorer.score_batch(["Answer: 1"], ["1"])
+    with with_test_scorers({"test_lambda": lambda s, g: {"score": 1.0, "acc": True, "pred": ""}}, []):
+        with RewardScorer(workers=1, overlong_enabled=False, default_scorer="test_lambda") as scorer:
+            with pytest.raises(TypeError, match="module-level function"):
+                scorer.score_batch(["Answer: 1"], ["1"])

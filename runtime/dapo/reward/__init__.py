@@ -3,7 +3,8 @@
 - :func:`score_math_dapo`: the DAPO reference scorer (``Answer:`` line, Minerva
   normalisation, string equality; +1 / -1).
 - :func:`score_math_verify`: symbolic equivalence on ``math-verify``.
-- Registry: :func:`register_scorer`, :func:`get_scorer`, :func:`scorer_for_data_source`.
+- The built-in scorers and routing: :func:`get_scorer`, :func:`scorer_for_data_source`
+  (read-only; your own scorers come from the run file).
 - :class:`RewardScorer`: batch scoring in killable worker processes, a time bound per
   response, DAPO overlong shaping.
 
@@ -17,8 +18,6 @@ from dapo.reward.registry import (
     UnknownScorerError,
     get_scorer,
     known_scorers,
-    register_data_source,
-    register_scorer,
     scorer_for_data_source,
 )
 from dapo.reward.result import INVALID_PRED, RewardResult, ScoreResult
@@ -32,8 +31,6 @@ __all__ = [
     "get_scorer",
     "known_scorers",
     "normalize_final_answer",
-    "register_data_source",
-    "register_scorer",
     "score_math_dapo",
     "score_math_verify",
     "scorer_for_data_source",

@@ -1,14 +1,20 @@
-"""Scorer registry: scorer names -> functions, and data_source values -> scorer names.
+"""The built-in scorers and the data_source routing table: read-only, defined here.
 
 A scorer is ``fn(solution: str, ground_truth: str) -> mapping with score, acc, pred``
 (a :class:`~dapo.reward.ScoreResult` or a verl-style dict). Scorers used through
 :class:`~dapo.reward.RewardScorer` run in worker processes and travel there by reference,
 so they must be module-level functions of an importable module.
+
+Your own scorer needs no change here: name it in the run file (``spec.reward.scorers``,
+dapo.reward.custom) or serve it (``spec.reward.remote``). A new built-in scorer is one entry
+of :data:`SCORERS` and, when some data sources should use it by default, rules in
+:data:`DATA_SOURCE_RULES`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from types import MappingProxyType
 from typing import Callable, Mapping
 
 from dapo.reward.math_dapo import score_math_dapo
@@ -17,27 +23,27 @@ from dapo.errors import DapoError
 
 __all__ = [
     "DATA_SOURCE_RULES",
+    "SCORERS",
     "Scorer",
     "UnknownScorerError",
     "get_scorer",
     "known_scorers",
-    "register_data_source",
-    "register_scorer",
     "scorer_for_data_source",
 ]
 
 Scorer = Callable[[str, str], Mapping]
 
-_SCORERS: dict[str, Scorer] = {
+#: Built-in scorers by name (the values of spec.reward.scorer).
+SCORERS: Mapping[str, Scorer] = MappingProxyType({
     "math_dapo": score_math_dapo,
     "math_verify": score_math_verify,
-}
+})
 
 # (glob over the lower-cased data_source, scorer name); the first matching rule wins.
 # DAPO-Math-17k and the DAPO AIME set prompt for "Answer: $Answer" and have integer answers:
 # the reference string scorer. MATH / GSM8K / AMC answers are LaTeX or decimals ("27.0"),
 # where string equality under-counts: the symbolic scorer.
-DATA_SOURCE_RULES: list[tuple[str, str]] = [
+DATA_SOURCE_RULES: tuple[tuple[str, str], ...] = (
     ("math_dapo", "math_dapo"),
     ("math_dapo_reasoning", "math_dapo"),
     ("dapo-17k", "math_dapo"),
@@ -53,7 +59,7 @@ DATA_SOURCE_RULES: list[tuple[str, str]] = [
     ("gsm8k*", "math_verify"),
     ("openai/gsm8k", "math_verify"),
     ("amc*", "math_verify"),
-]
+)
 
 
 class UnknownScorerError(DapoError, KeyError):
@@ -64,37 +70,19 @@ class UnknownScorerError(DapoError, KeyError):
 
 
 def known_scorers() -> list[str]:
-    """The registered scorer names, sorted."""
-    return sorted(_SCORERS)
-
-
-def register_scorer(name: str, fn: Scorer, *, overwrite: bool = False) -> None:
-    """Register ``fn`` under ``name`` (refuses to replace an existing name unless ``overwrite``)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"scorer name must be a non-empty string, got {name!r}")
-    if not callable(fn):
-        raise TypeError(f"scorer {name!r} must be callable(solution, ground_truth), got {type(fn).__name__}")
-    if name in _SCORERS and _SCORERS[name] is not fn and not overwrite:
-        raise ValueError(f"scorer {name!r} is already registered; pass overwrite=True to replace it")
-    _SCORERS[name] = fn
+    """The built-in scorer names, sorted."""
+    return sorted(SCORERS)
 
 
 def get_scorer(name: str) -> Scorer:
-    """The scorer registered as ``name``; :class:`UnknownScorerError` names the known ones."""
+    """The built-in scorer ``name``; :class:`UnknownScorerError` names the known ones."""
     try:
-        return _SCORERS[name]
+        return SCORERS[name]
     except (KeyError, TypeError):
         raise UnknownScorerError(
             f"unknown reward scorer {name!r}; known scorers: {', '.join(known_scorers())} "
-            "(set spec.reward.scorer to one of them, or register_scorer() your own)"
+            "(set spec.reward.scorer to one of them, or score your rows with your own function: spec.reward.scorers)"
         ) from None
-
-
-def register_data_source(pattern: str, scorer_name: str) -> None:
-    """Route data_source values matching ``pattern`` (a case-insensitive glob) to
-    ``scorer_name``; it takes precedence over the built-in rules."""
-    get_scorer(scorer_name)  # fail now, not at scoring time
-    DATA_SOURCE_RULES.insert(0, (pattern.lower(), scorer_name))
 
 
 def scorer_for_data_source(data_source: str | None, default: str = "math_dapo") -> tuple[str, Scorer]:
