@@ -10,7 +10,7 @@ import torch
 
 from _adam_bound import assert_same_weights, gradient_errors, record_optimizer_steps, update_tolerance
 from _dapo_tiny import tiny_policy
-from dapo.algo import log_probs_from_logits, policy_loss
+from dapo.algo import PolicyLossConfig, log_probs_from_logits, policy_loss
 from dapo.rollout.base import encode_prompt
 from dapo.rollout.hf import HFEngine
 from dapo.data.sampler import steps_for_epochs
@@ -100,9 +100,10 @@ def test_one_update_lowers_the_loss(policy):
 def test_micro_batch_size_does_not_change_the_update(policy, mode):
     model, tok = policy
     batch = _batch(tok)
-    full = _learner(copy.deepcopy(model), loss_agg_mode=mode, micro_batch_rows=6)
-    micro = _learner(copy.deepcopy(model), loss_agg_mode=mode, micro_batch_rows=1)
-    exact = _learner(copy.deepcopy(model).double(), loss_agg_mode=mode, micro_batch_rows=6)  # float64: the exact update
+    loss = PolicyLossConfig(loss_agg_mode=mode)
+    full = _learner(copy.deepcopy(model), loss_config=loss, micro_batch_rows=6)
+    micro = _learner(copy.deepcopy(model), loss_config=loss, micro_batch_rows=1)
+    exact = _learner(copy.deepcopy(model).double(), loss_config=loss, micro_batch_rows=6)  # float64: the exact update
     full_steps, exact_steps = _recorded(full), _recorded(exact)
     batch.old_log_probs = full.compute_log_probs(batch)
     # perturb old log-probs so ratios differ from 1 and clipping is exercised
@@ -399,7 +400,7 @@ def test_unknown_policy_loss_fails_when_the_learner_is_built(policy):
     with pytest.raises(ValueError, match="spec.algorithm.policyLoss: unknown policy loss 'ppo'"):
         _learner(copy.deepcopy(model), policy_loss="ppo")
     with pytest.raises(ValueError, match="policyLossParams"):
-        _learner(copy.deepcopy(model), policy_loss="dapo", policy_loss_params={"eps_low": 0.1})
+        _learner(copy.deepcopy(model), policy_loss="dapo", loss_config=PolicyLossConfig(params={"eps_low": 0.1}))
 
 
 def test_later_epochs_clip_against_the_log_probs_the_step_started_from(policy):

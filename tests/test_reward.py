@@ -449,7 +449,7 @@ def test_pool_overlong_factor_and_disabled():
 def test_pool_argument_errors():
     with pytest.raises(ValueError, match="max_response_length"):
         RewardScorer(overlong_enabled=True)
-    with pytest.raises(ValueError, match="overlong_buffer_length"):
+    with pytest.raises(ValueError, match="spec.algorithm.overlong.bufferLength"):
         RewardScorer(max_response_length=10, overlong_buffer_length=20)
     with pytest.raises(ValueError, match="fork"):
         RewardScorer(overlong_enabled=False, start_method="fork")

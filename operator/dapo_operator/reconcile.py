@@ -1,4 +1,9 @@
-"""The whole control logic as one pure function: `reconcile(run, observed) -> Plan`.
+"""The whole control logic as pure functions: `reconcile(run, observed) -> Plan`.
+
+A pass parses the DAPORun, then runs its ordered phases (`PHASES`: finished, suspended, resumed,
+training finished, run-file error, gang restart, config and services, pods), each a pure
+function of the pass state that either ends the pass with a plan or hands it on; each is tested
+alone (tests/operator/test_builders_reconcile.py).
 
 Idempotent by construction: it compares the wanted children with the observed ones and only
 plans what is missing or wrong, so running it twice, or after an operator restart, never
@@ -98,14 +103,47 @@ def _transition_events(previous: dict[str, Any], status: dict[str, Any]) -> list
     return [EmitEvent(kind, after, f"phase {before or 'None'} -> {after}: {status.get('message', '')}")]
 
 
-def _finish(run: DAPORun, obj: dict[str, Any], previous: dict[str, Any], work: dict[str, Any], observed: Observed,
-            actions: list[Action], outcome: Outcome | None = None, learner_status: dict[str, Any] | None = None) -> Plan:
-    status = compute_status(run, obj.get("metadata", {}).get("generation"), observed.pods, learner_status, work,
-                            observed.now, outcome)
-    actions = actions + _transition_events(previous, status)
-    if status != previous:
-        actions.append(PatchStatus(status))
-    return Plan(actions, status)
+@dataclass
+class Pass:
+    """One reconcile pass: what was observed and parsed, the counters it may move, and the
+    actions planned so far. Each phase reads it, may add actions and move counters, and either
+    ends the pass (returns a `Plan`) or hands it on (returns None)."""
+
+    obj: dict[str, Any]
+    run: DAPORun
+    observed: Observed  # this run's pods only
+    image: str | None
+    previous: dict[str, Any]  # the status as it was
+    work: dict[str, Any]  # the status counters as this pass moves them
+    gen: int  # gang generation
+    restarts: int
+    created: int  # the newest gang generation whose pods were all created
+    actions: list[Action] = field(default_factory=list)
+    learner_status: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.obj.get("metadata", {}).get("namespace") or "default"
+
+    @property
+    def pods(self) -> list[dict[str, Any]]:
+        return self.observed.pods
+
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        return {pod_name_of(p): p for p in self.pods}
+
+    def finish(self, outcome: Outcome | None = None, learner_status: dict[str, Any] | None = None) -> Plan:
+        """The pass's plan: its actions, a phase-transition event, the status patch."""
+        status = compute_status(self.run, self.obj.get("metadata", {}).get("generation"), self.pods, learner_status,
+                                self.work, self.observed.now, outcome)
+        actions = self.actions + _transition_events(self.previous, status)
+        if status != self.previous:
+            actions.append(PatchStatus(status))
+        return Plan(actions, status)
 
 
 def _ttl_expired(run: DAPORun, status: dict[str, Any], now: dt.datetime) -> bool:
@@ -133,69 +171,60 @@ def _run_file_error(run: DAPORun, by_name: dict[str, dict[str, Any]], learner_st
     return None
 
 
-def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None) -> Plan:
-    """Plan the actions that move the cluster toward what the DAPORun ``obj`` asks for.
+# --------------------------------------------------------------------------- the phases, in order
 
-    ``obj`` is the DAPORun as the API server returns it (metadata, spec, status).
-    """
-    previous = dict(obj.get("status") or {})
-    meta = obj.get("metadata", {})
-    name, namespace = meta.get("name", ""), meta.get("namespace") or "default"
-    if meta.get("deletionTimestamp"):
-        return Plan([], previous)  # the garbage collector removes the children via ownerReferences
-    pods = [p for p in observed.pods if p.get("metadata", {}).get("labels", {}).get(n.LABEL_RUN) == name]
-    observed = Observed(pods, observed.config_maps, observed.services, observed.learner_status, observed.now,
-                        observed.config_map_data)
-    try:
-        run = parse_run({k: v for k, v in obj.items() if k != "status"}, source=f"DAPORun {namespace}/{name}")
-    except SpecError as exc:
-        status = dict(previous, phase=FAILED, reason="InvalidSpec", message=str(exc),
-                      observedGeneration=meta.get("generation", 0))
-        actions: list[Action] = _delete_all(pods, "invalid spec")
-        if previous.get("phase") != FAILED:
-            actions.append(EmitEvent("Warning", "InvalidSpec", str(exc)))
-        if status != previous:
-            actions.append(PatchStatus(status))
-        return Plan(actions, status)
 
-    owner = Owner(name, meta.get("uid", ""))
-    work = dict(previous)
-    gen = int(work.get("gangGeneration", 0))
-    restarts = int(work.get("restartCount", 0))
-    created = int(work.get("createdGangGeneration", -1))
-    actions = []
+def finished(p: Pass) -> Plan | None:
+    """A Succeeded / Failed run keeps its phase: its pods go, and after ttlSecondsAfterFinished the run."""
+    if p.previous.get("phase") not in TERMINAL:
+        return None
+    p.actions += _delete_all(p.pods, f"run {p.previous['phase']}")
+    if _ttl_expired(p.run, p.previous, p.observed.now):
+        p.actions.append(DeleteRun(f"ttlSecondsAfterFinished={p.run.spec.ttl_seconds_after_finished} elapsed"))
+    return p.finish()
 
-    if previous.get("phase") in TERMINAL:
-        actions += _delete_all(pods, f"run {previous['phase']}")
-        if _ttl_expired(run, previous, observed.now):
-            actions.append(DeleteRun(f"ttlSecondsAfterFinished={run.spec.ttl_seconds_after_finished} elapsed"))
-        return _finish(run, obj, previous, work, observed, actions)
 
-    if run.spec.suspend:
-        return _finish(run, obj, previous, work, observed, _delete_all(pods, "spec.suspend is true"))
+def suspended(p: Pass) -> Plan | None:
+    """spec.suspend: no pods; status and checkpoints stay."""
+    if not p.run.spec.suspend:
+        return None
+    p.actions += _delete_all(p.pods, "spec.suspend is true")
+    return p.finish()
 
-    if previous.get("phase") == SUSPENDED:
-        # Resume: a fresh gang that continues from the last committed checkpoint.
-        gen += 1
-        work["gangGeneration"] = gen
-        actions.append(EmitEvent("Normal", "Resumed", f"spec.suspend is false: starting gang generation {gen}"))
 
-    live = current_pods(run, pods, gen)
-    learner0 = live.get(n.pod_name(name, "learner", 0))
-    learner_status = observed.learner_status if learner0 is not None else None
-    if learner_succeeded(run, live, learner_status):
-        actions += _delete_all(pods, "training finished")
-        return _finish(run, obj, previous, work, observed, actions, learner_status=learner_status)
+def resumed(p: Pass) -> Plan | None:
+    """Suspended before, not now: a fresh gang that continues from the last committed checkpoint."""
+    if p.previous.get("phase") == SUSPENDED:
+        p.gen += 1
+        p.work["gangGeneration"] = p.gen
+        p.actions.append(EmitEvent("Normal", "Resumed", f"spec.suspend is false: starting gang generation {p.gen}"))
+    return None
 
+
+def training_finished(p: Pass) -> Plan | None:
+    """Learner-0 says (or its exit 0 shows) that training finished: Succeeded, pods deleted.
+    Otherwise its /status (of the current gang) is what the later phases see."""
+    live = current_pods(p.run, p.pods, p.gen)
+    learner0 = live.get(n.pod_name(p.name, "learner", 0))
+    p.learner_status = p.observed.learner_status if learner0 is not None else None
+    if not learner_succeeded(p.run, live, p.learner_status):
+        return None
+    p.actions += _delete_all(p.pods, "training finished")
+    return p.finish(learner_status=p.learner_status)
+
+
+def run_file_failed(p: Pass) -> Plan | None:
+    """A run-file error in any role: Failed at once (a restart would fail the same way)."""
+    error = _run_file_error(p.run, p.by_name(), sanitize_learner_status(p.learner_status), p.gen)
+    if error is None:
+        return None
+    p.actions += _delete_all(p.pods, "run-file error")
+    return p.finish(outcome=Outcome(FAILED, "RunFileError", error))
+
+
+def dead_gang_members(run: DAPORun, by_name: dict[str, dict[str, Any]], gen: int, created: int) -> list[str]:
+    """Why each pod of the current gang counts as dead (failed, exited early, deleted)."""
     gang = gang_roles(run)
-    by_name = {pod_name_of(p): p for p in pods}
-    run_file_error = _run_file_error(run, by_name, sanitize_learner_status(learner_status), gen)
-    if run_file_error is not None:
-        # e.g. spec.reward.scorers[0].function does not import, or a learner setting the runtime
-        # refuses: every restart or replacement would fail the same way
-        actions += _delete_all(pods, "run-file error")
-        outcome = Outcome(FAILED, "RunFileError", run_file_error)
-        return _finish(run, obj, previous, work, observed, actions, outcome=outcome)
     dead: list[str] = []
     for role, index, pod_name in desired_pod_names(run):
         if role not in gang:
@@ -208,50 +237,120 @@ def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None)
             dead.append(f"{pod_name} exited before training finished")
         elif (pod is None or (same_gang and pod_terminating(pod))) and created >= gen:
             dead.append(f"{pod_name} was deleted")
-    if dead:
-        why = "; ".join(dead)
-        if restarts >= run.spec.backoff_limit:
-            actions += _delete_all(pods, "backoff limit exceeded")
-            outcome = Outcome(FAILED, "BackoffLimitExceeded",
-                              f"gang restarted {restarts} times (spec.backoffLimit={run.spec.backoff_limit}); last failure: {why}")
-            return _finish(run, obj, previous, work, observed, actions, outcome=outcome)
-        restarts += 1
-        gen += 1
-        learner_status = None  # it described the gang that just died
-        work.update(restartCount=restarts, gangGeneration=gen)
-        actions.append(EmitEvent("Warning", "GangRestart",
-                                 f"restart {restarts}/{run.spec.backoff_limit}, gang generation {gen}: {why}"))
+    return dead
 
-    spec_map = build_config_map(run, namespace, owner)
-    if n.config_map_name(name) not in observed.config_maps:
-        actions.append(CreateObject(spec_map))
-    elif observed.config_map_data is not None and \
-            observed.config_map_data.get(n.config_map_name(name)) not in (None, spec_map["data"]):
+
+def gang_restart(p: Pass) -> Plan | None:
+    """A dead learner or rollout pod restarts the whole gang (a new generation), up to
+    spec.backoffLimit restarts; past it, Failed."""
+    dead = dead_gang_members(p.run, p.by_name(), p.gen, p.created)
+    if not dead:
+        return None
+    why = "; ".join(dead)
+    if p.restarts >= p.run.spec.backoff_limit:
+        p.actions += _delete_all(p.pods, "backoff limit exceeded")
+        return p.finish(outcome=Outcome(
+            FAILED, "BackoffLimitExceeded",
+            f"gang restarted {p.restarts} times (spec.backoffLimit={p.run.spec.backoff_limit}); last failure: {why}"))
+    p.restarts += 1
+    p.gen += 1
+    p.learner_status = None  # it described the gang that just died
+    p.work.update(restartCount=p.restarts, gangGeneration=p.gen)
+    p.actions.append(EmitEvent("Warning", "GangRestart",
+                               f"restart {p.restarts}/{p.run.spec.backoff_limit}, gang generation {p.gen}: {why}"))
+    return None
+
+
+def ensure_config_and_services(p: Pass) -> Plan | None:
+    """The run-file ConfigMap (created, or patched after a spec edit) and one Service per role."""
+    owner = Owner(p.name, p.obj.get("metadata", {}).get("uid", ""))
+    spec_map = build_config_map(p.run, p.namespace, owner)
+    map_name = n.config_map_name(p.name)
+    if map_name not in p.observed.config_maps:
+        p.actions.append(CreateObject(spec_map))
+    elif p.observed.config_map_data is not None and \
+            p.observed.config_map_data.get(map_name) not in (None, spec_map["data"]):
         # An edited DAPORun: pods started from now on (resume, gang restart, a replaced reward
         # pod) must read the edited run file, not the one of the first creation.
-        actions.append(PatchObject("ConfigMap", n.config_map_name(name), {"data": spec_map["data"]},
-                                   "the DAPORun spec changed"))
+        p.actions.append(PatchObject("ConfigMap", map_name, {"data": spec_map["data"]}, "the DAPORun spec changed"))
     for role in n.ROLES:
-        if n.service_name(name, role) not in observed.services:
-            actions.append(CreateObject(build_service(run, role, namespace, owner)))
+        if n.service_name(p.name, role) not in p.observed.services:
+            p.actions.append(CreateObject(build_service(p.run, role, p.namespace, owner)))
+    return None
 
-    wanted = {pod_name for _, _, pod_name in desired_pod_names(run)}
+
+def ensure_pods(p: Pass) -> Plan | None:
+    """Every wanted pod of the current gang: missing ones created, other generations' deleted, a
+    stopped reward pod replaced alone, unwanted ones (replicas lowered) deleted. Always ends the
+    pass with the observed status."""
+    owner = Owner(p.name, p.obj.get("metadata", {}).get("uid", ""))
+    gang = gang_roles(p.run)
+    by_name = p.by_name()
+    wanted = {pod_name for _, _, pod_name in desired_pod_names(p.run)}
     gang_complete = True
-    for role, index, pod_name in desired_pod_names(run):
+    for role, index, pod_name in desired_pod_names(p.run):
         pod = by_name.get(pod_name)
         if pod is None:
-            actions.append(CreateObject(build_pod(run, role, index, namespace, gen, image, owner)))
+            p.actions.append(CreateObject(build_pod(p.run, role, index, p.namespace, p.gen, p.image, owner)))
         elif pod_terminating(pod):
             gang_complete = gang_complete and role not in gang  # the name frees up soon; create next pass
-        elif role in gang and pod_generation(pod) != gen:
-            actions.append(DeletePod(pod_name, f"gang generation {pod_generation(pod)} replaced by {gen}"))
+        elif role in gang and pod_generation(pod) != p.gen:
+            p.actions.append(DeletePod(pod_name, f"gang generation {pod_generation(pod)} replaced by {p.gen}"))
             gang_complete = False
         elif role not in gang and pod_phase(pod) in ("Failed", "Succeeded"):
-            actions.append(DeletePod(pod_name, f"reward pod stopped ({pod_failure(pod)}); replacing it alone"))
-            actions.append(EmitEvent("Warning", "RewardPodReplaced", f"{pod_name} stopped ({pod_failure(pod)}); recreating it"))
-    for pod in pods:
+            p.actions.append(DeletePod(pod_name, f"reward pod stopped ({pod_failure(pod)}); replacing it alone"))
+            p.actions.append(EmitEvent("Warning", "RewardPodReplaced",
+                                       f"{pod_name} stopped ({pod_failure(pod)}); recreating it"))
+    for pod in p.pods:
         if pod_name_of(pod) not in wanted and not pod_terminating(pod):
-            actions.append(DeletePod(pod_name_of(pod), "no longer wanted by the spec (replicas lowered)"))
-    if gang_complete and created < gen:
-        work["createdGangGeneration"] = gen
-    return _finish(run, obj, previous, work, observed, actions, learner_status=learner_status)
+            p.actions.append(DeletePod(pod_name_of(pod), "no longer wanted by the spec (replicas lowered)"))
+    if gang_complete and p.created < p.gen:
+        p.work["createdGangGeneration"] = p.gen
+    return p.finish(learner_status=p.learner_status)
+
+
+#: The phases of a pass, in order; the first that returns a plan ends it (`ensure_pods` always does).
+PHASES = (finished, suspended, resumed, training_finished, run_file_failed, gang_restart, ensure_config_and_services,
+          ensure_pods)
+
+
+def invalid_spec(obj: dict[str, Any], pods: list[dict[str, Any]], error: SpecError) -> Plan:
+    """A DAPORun that does not parse: Failed (InvalidSpec), its pods deleted."""
+    previous = dict(obj.get("status") or {})
+    status = dict(previous, phase=FAILED, reason="InvalidSpec", message=str(error),
+                  observedGeneration=obj.get("metadata", {}).get("generation", 0))
+    actions: list[Action] = _delete_all(pods, "invalid spec")
+    if previous.get("phase") != FAILED:
+        actions.append(EmitEvent("Warning", "InvalidSpec", str(error)))
+    if status != previous:
+        actions.append(PatchStatus(status))
+    return Plan(actions, status)
+
+
+def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None) -> Plan:
+    """Plan the actions that move the cluster toward what the DAPORun ``obj`` asks for: parse it,
+    then run `PHASES` in order until one ends the pass.
+
+    ``obj`` is the DAPORun as the API server returns it (metadata, spec, status).
+    """
+    previous = dict(obj.get("status") or {})
+    meta = obj.get("metadata", {})
+    name, namespace = meta.get("name", ""), meta.get("namespace") or "default"
+    if meta.get("deletionTimestamp"):
+        return Plan([], previous)  # the garbage collector removes the children via ownerReferences
+    own = [p for p in observed.pods if p.get("metadata", {}).get("labels", {}).get(n.LABEL_RUN) == name]
+    observed = Observed(own, observed.config_maps, observed.services, observed.learner_status, observed.now,
+                        observed.config_map_data)
+    try:
+        run = parse_run({k: v for k, v in obj.items() if k != "status"}, source=f"DAPORun {namespace}/{name}")
+    except SpecError as exc:
+        return invalid_spec(obj, own, exc)
+    work = dict(previous)
+    state = Pass(obj=obj, run=run, observed=observed, image=image, previous=previous, work=work,
+                 gen=int(work.get("gangGeneration", 0)), restarts=int(work.get("restartCount", 0)),
+                 created=int(work.get("createdGangGeneration", -1)))
+    for phase in PHASES:
+        plan = phase(state)
+        if plan is not None:
+            return plan
+    raise AssertionError("the last phase always ends the pass")  # ensure_pods returns a plan

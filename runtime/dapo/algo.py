@@ -40,6 +40,7 @@ __all__ = [
     "Registry",
     "RolloutCorrection",
     "agg_loss",
+    "check_overlong",
     "compute_policy_loss",
     "dr_grpo_advantages",
     "dynamic_sampling_filter",
@@ -306,6 +307,15 @@ class PolicyLossConfig:
     loss_agg_mode: str = "token-mean"
     max_response_length: int | None = None
     params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec) -> "PolicyLossConfig":
+        """The config a run file (a `dapo.spec.DAPORunSpec`) asks for: spec.algorithm's clip range,
+        aggregation and policyLossParams, spec.rollout.maxResponseLength."""
+        alg = spec.algorithm
+        return cls(eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
+                   loss_agg_mode=alg.loss_agg_mode, max_response_length=spec.rollout.max_response_length,
+                   params=dict(alg.policy_loss_params))
 
 
 def check_policy_loss(name: str, config: PolicyLossConfig) -> Callable:
@@ -752,6 +762,26 @@ def rloo_advantages(scores: torch.Tensor, group_ids: Sequence[Hashable] | torch.
 # --------------------------------------------------------------------- overlong
 
 
+def check_overlong(max_response_length, buffer_length, factor: float = 1.0) -> None:
+    """ValueError unless L_max > 0, 0 < L_cache <= L_max and the factor is finite and >= 0: the
+    one check of the soft overlong punishment's settings (the reward side's shaping uses it too)."""
+    if max_response_length is None or buffer_length is None:
+        raise ValueError("overlong shaping is enabled: give max_response_length and buffer_length "
+                         "(spec.rollout.maxResponseLength, spec.algorithm.overlong.bufferLength), or turn it off "
+                         "(spec.algorithm.overlong.enabled: false)")
+    if not max_response_length > 0:
+        raise ValueError(f"max_response_length (spec.rollout.maxResponseLength) must be > 0, got {max_response_length!r}")
+    if not 0 < buffer_length <= max_response_length:
+        raise ValueError(
+            f"overlong buffer_length (spec.algorithm.overlong.bufferLength) must be in (0, max_response_length="
+            f"{max_response_length}], got {buffer_length!r}; to turn soft overlong punishment off, disable it "
+            "instead of setting 0"
+        )
+    if not (math.isfinite(factor) and factor >= 0):
+        raise ValueError(f"overlong penalty factor (spec.algorithm.overlong.penaltyFactor) must be a finite number "
+                         f">= 0, got {factor!r}")
+
+
 def overlong_penalty(
     lengths: torch.Tensor, max_response_length: int, buffer_length: int, factor: float = 1.0
 ) -> torch.Tensor:
@@ -769,15 +799,7 @@ def overlong_penalty(
     """
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
         raise ValueError(f"lengths must be a 1-D tensor of response lengths, got {getattr(lengths, 'shape', type(lengths).__name__)}")
-    if not max_response_length > 0:
-        raise ValueError(f"max_response_length must be > 0, got {max_response_length!r}")
-    if not 0 < buffer_length <= max_response_length:
-        raise ValueError(
-            f"overlong buffer_length must be in (0, max_response_length={max_response_length}], got "
-            f"{buffer_length!r}; to turn soft overlong punishment off, disable it instead of setting 0"
-        )
-    if not (math.isfinite(factor) and factor >= 0):
-        raise ValueError(f"overlong penalty factor must be a finite number >= 0, got {factor!r}")
+    check_overlong(max_response_length, buffer_length, factor)
     values = lengths if lengths.is_floating_point() else lengths.to(torch.get_default_dtype())
     expected = max_response_length - buffer_length
     # The linear ramp reaches exactly -1 at len = L_max; clamping extends -1 beyond it.

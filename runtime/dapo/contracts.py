@@ -77,7 +77,8 @@ class EnvVar:
     WEIGHT_SYNC_TIMEOUT_S = "DAPO_WEIGHT_SYNC_TIMEOUT_S"
     LEARNER_TIMEOUT_S = "DAPO_LEARNER_TIMEOUT_S"
     VERIFY_WEIGHT_SYNC = "DAPO_VERIFY_WEIGHT_SYNC"
-    TORCH_THREADS = "DAPO_TORCH_THREADS"
+    TORCH_THREADS = "DAPO_TORCH_THREADS"  # a number: torch threads of every compute thread, fixed
+    THREAD_BUDGET = "DAPO_THREAD_BUDGET"  # "off": torch keeps its own thread count (dapo.controller.threads)
     ENGINE_MAX_ROWS = "DAPO_ENGINE_MAX_ROWS"
     # S3 client (dapo.storage.s3): attempts, timeouts and transfer sizes
     S3_MAX_ATTEMPTS = "DAPO_S3_MAX_ATTEMPTS"

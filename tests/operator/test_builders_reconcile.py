@@ -353,3 +353,92 @@ def test_zero_with_one_learner_replica_is_a_status_warning():
     two = parse_run(good_run(learner={"replicas": 2, "strategy": "deepspeed-zero3", "trainBatchSize": 8,
                                       "miniBatchSize": 4}))
     assert not any("spec.learner.strategy" in w for w in spec_warnings(two))
+
+
+# --------------------------------------------------------------------------- the phases, one at a time
+
+
+def _pass(obj, pods, status=None, learner=None, now=T0):
+    """A reconcile pass over ``obj`` (with ``status``) and ``pods``, before any phase ran."""
+    from dapo_operator.reconcile import Pass
+
+    obj = dict(obj, status=dict(status or {}))
+    previous = dict(obj["status"])
+    return Pass(obj=obj, run=parse_run({k: v for k, v in obj.items() if k != "status"}),
+                observed=observe(pods, learner, now), image=None, previous=previous, work=dict(previous),
+                gen=int(previous.get("gangGeneration", 0)), restarts=int(previous.get("restartCount", 0)),
+                created=int(previous.get("createdGangGeneration", -1)))
+
+
+def _pods_of(obj) -> list[dict[str, Any]]:
+    return apply(dict(obj), [], reconcile(dict(obj), Observed(now=T0)))
+
+
+def test_phase_finished_keeps_a_terminal_run_and_expires_it_after_its_ttl():
+    from dapo_operator.reconcile import finished
+
+    obj = run_obj(ttlSecondsAfterFinished=60)
+    pods = _pods_of(obj)
+    assert finished(_pass(obj, pods, {"phase": "Running"})) is None
+    done = {"phase": "Succeeded", "completionTime": "2025-01-01T00:00:00Z"}
+    plan = finished(_pass(obj, pods, done, now=T0 + dt.timedelta(seconds=30)))
+    assert plan.status["phase"] == "Succeeded" and len(plan.of(DeletePod)) == 5 and not plan.of(DeleteRun)
+    assert finished(_pass(obj, [], done, now=T0 + dt.timedelta(seconds=61))).of(DeleteRun)
+
+
+def test_phase_suspended_and_resumed():
+    from dapo_operator.reconcile import resumed, suspended
+
+    pods = _pods_of(run_obj())
+    plan = suspended(_pass(run_obj(suspend=True), pods, {"phase": "Running"}))
+    assert plan.status["phase"] == "Suspended" and len(plan.of(DeletePod)) == 5
+    assert suspended(_pass(run_obj(), pods, {"phase": "Running"})) is None
+    state = _pass(run_obj(), [], {"phase": "Suspended", "gangGeneration": 2})
+    assert resumed(state) is None and state.gen == 3 and state.work["gangGeneration"] == 3
+    assert [a.reason for a in state.actions] == ["Resumed"]
+
+
+def test_phase_training_finished_reads_learner_0_of_the_current_gang():
+    from dapo_operator.reconcile import training_finished
+
+    pods = _pods_of(run_obj())
+    state = _pass(run_obj(), pods, {"phase": "Running"}, learner=learner_answer("succeeded", step=10))
+    assert training_finished(state).status["phase"] == "Succeeded"
+    later = _pass(run_obj(), pods, {"phase": "Running", "gangGeneration": 1}, learner=learner_answer("succeeded"))
+    assert training_finished(later) is None and later.learner_status is None  # learner-0 of gang 0 is gone
+
+
+def test_phase_gang_restart_counts_then_fails_past_the_backoff_limit():
+    from dapo_operator.reconcile import gang_restart
+
+    obj = run_obj(backoffLimit=1)
+    pods = _pods_of(obj)
+    set_phase(pods, "demo-learner-1", "Failed")
+    status = {"phase": "Running", "createdGangGeneration": 0}
+    state = _pass(obj, pods, status)
+    assert gang_restart(state) is None and (state.gen, state.restarts) == (1, 1)
+    assert state.actions[0].reason == "GangRestart" and "demo-learner-1 failed" in state.actions[0].message
+    plan = gang_restart(_pass(obj, pods, {**status, "restartCount": 1}))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "BackoffLimitExceeded"
+    assert gang_restart(_pass(obj, _pods_of(obj), status)) is None  # nothing dead: the pass goes on
+
+
+def test_phase_ensure_children_creates_patches_and_replaces():
+    from dapo_operator.reconcile import PatchObject, ensure_config_and_services, ensure_pods
+
+    obj = run_obj()
+    state = _pass(obj, [])
+    state.observed.config_maps, state.observed.services = set(), set()
+    assert ensure_config_and_services(state) is None
+    assert [a.obj["kind"] for a in state.actions] == ["ConfigMap", "Service", "Service", "Service"]
+    edited = _pass(obj, [])
+    edited.observed.config_map_data = {"demo-spec": {"run.yaml": "an older run file"}}
+    ensure_config_and_services(edited)
+    assert [type(a) for a in edited.actions] == [PatchObject]
+    pods = _pods_of(obj)
+    plan = ensure_pods(_pass(obj, pods, {"gangGeneration": 1}))  # gang 1 wanted, gang 0 running
+    assert {a.name for a in plan.of(DeletePod)} == {"demo-learner-0", "demo-learner-1", "demo-rollout-0",
+                                                   "demo-rollout-1"}
+    assert plan.status["createdGangGeneration"] == -1  # not all of gang 1 exists yet
+    plan = ensure_pods(_pass(obj, []))
+    assert len(plan.of(CreateObject)) == 5 and plan.status["createdGangGeneration"] == 0

@@ -41,6 +41,8 @@ from typing import Callable
 
 import torch
 
+from dapo.controller.threads import thread_budget
+
 log = logging.getLogger("dapo.controller.pipeline")
 
 
@@ -116,6 +118,7 @@ class RolloutPipeline:
                     self.engine.update_weights(weights, version)
                     self.loaded_version = version
                     del weights
+                thread_budget().apply()  # this thread's torch threads (dapo.controller.threads)
                 collection = self.collect(step, version)
                 collection.rollout_idle_seconds += idle
                 with self.cond:

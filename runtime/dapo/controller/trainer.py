@@ -36,6 +36,7 @@ from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
 from dapo.controller.pipeline import RolloutPipeline
 from dapo.controller.state import (collection_from_state, collection_to_state, groups_from_state,
                                   groups_to_state)
+from dapo.controller.threads import thread_budget
 from dapo.errors import DapoError
 from dapo.learner.base import Learner
 from dapo.data.sampler import steps_for_epochs
@@ -345,6 +346,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One training step (1-6 of the module docstring); returns its metrics."""
         t_step = time.perf_counter()
+        thread_budget().apply()  # this thread's torch threads: the CPUs this run may use now
         if self.pipeline is not None:
             collection = self.pipeline.take()
         elif self.in_flight:  # an async run's checkpoint resumed synchronously: its batches first
@@ -394,6 +396,7 @@ class Trainer:
             "timing_s/step": step_seconds,
             **self._async_metrics(collection, lags, sync_idle=(t_collected - t_step, t_synced - t_collected)),
             "perf/throughput": total_tokens / step_seconds if step_seconds > 0 else 0.0,
+            "perf/torch_threads": torch.get_num_threads(),  # dapo.controller.threads: the CPUs this step had
             "perf/gen_tokens_per_s": (collection.gen_tokens / collection.gen_seconds
                                       if collection.gen_seconds > 0 else 0.0),
         })

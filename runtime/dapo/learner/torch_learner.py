@@ -184,15 +184,10 @@ class TorchLearner:
         mini_batch_rows: int,
         micro_batch_rows: int,
         ppo_epochs: int = 1,
-        eps_low: float = 0.2,
-        eps_high: float = 0.28,
-        clip_ratio_c: float = 10.0,
-        loss_agg_mode: str = "token-mean",
         temperature: float = 1.0,
         device: str | torch.device = "cpu",
         policy_loss: str = "dapo",
-        policy_loss_params: Mapping[str, float] | None = None,
-        max_response_length: int | None = None,
+        loss_config: PolicyLossConfig = PolicyLossConfig(),
         rollout_correction: RolloutCorrection = RolloutCorrection(),
         shuffle_seed: int | None = None,
         backend: BackendFactory = TorchBackend,
@@ -201,9 +196,7 @@ class TorchLearner:
         self.micro_batch_rows = micro_batch_rows
         self.ppo_epochs = ppo_epochs
         self.policy_loss = policy_loss
-        self.loss_config = PolicyLossConfig(eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
-                                            loss_agg_mode=loss_agg_mode, max_response_length=max_response_length,
-                                            params=dict(policy_loss_params or {}))
+        self.loss_config = loss_config  # clip range, aggregation, L_max, the loss's own parameters
         check_policy_loss(policy_loss, self.loss_config)  # an unknown name or parameter fails before any work
         self.correction = rollout_correction
         self.shuffle_seed = shuffle_seed  # None: mini-batches of whole groups in the batch's order
@@ -495,8 +488,7 @@ def learner_kwargs_from_spec(spec) -> dict:
     corr = alg.rollout_correction
     return dict(lr=ls.lr, weight_decay=ls.weight_decay, warmup_steps=ls.warmup_steps, grad_clip=ls.grad_clip,
                 mini_batch_rows=ls.mini_batch_size * spec.rollout.n, micro_batch_rows=ls.micro_batch_size,
-                ppo_epochs=ls.ppo_epochs, eps_low=alg.eps_low, eps_high=alg.eps_high, clip_ratio_c=alg.clip_ratio_c,
-                loss_agg_mode=alg.loss_agg_mode, temperature=spec.rollout.temperature, policy_loss=alg.policy_loss,
-                policy_loss_params=dict(alg.policy_loss_params), max_response_length=spec.rollout.max_response_length,
+                ppo_epochs=ls.ppo_epochs, temperature=spec.rollout.temperature, policy_loss=alg.policy_loss,
+                loss_config=PolicyLossConfig.from_spec(spec),
                 rollout_correction=RolloutCorrection(mode=corr.mode, level=corr.level, threshold=corr.threshold),
                 shuffle_seed=ls.seed if ls.shuffle else None)

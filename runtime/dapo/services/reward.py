@@ -25,7 +25,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from dapo.contracts import ScoreAnswer, ScoreRequest, ScoreResult, contract_violation
-from dapo.reward.pool import ScorerFailedError
+from dapo.reward.failures import ScorerFailedError
 from dapo.reward.remote import RemoteRewardError
 from dapo.reward.result import RewardResult
 from dapo.services.http import ReplicaPool, RetryableError, ServiceError, post_json, split_evenly

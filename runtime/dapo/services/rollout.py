@@ -51,6 +51,7 @@ from pydantic import ValidationError
 
 from dapo.contracts import (GenerateAnswer, GenerateRequest, LeaveAnswer, SyncAnswer, SyncRequest,
                             contract_violation)
+from dapo.controller.threads import thread_budget
 from dapo.rollout.base import RolloutEngine, Sample
 from dapo.services.http import ReplicaPool, RetryableError, ServiceError, get_json, post_json, split_evenly
 from dapo.weightsync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
@@ -135,6 +136,7 @@ class RolloutService:
 
     # -- work done in the worker threads
     def generate(self, request: GenerateRequest) -> dict:
+        thread_budget().apply()  # this thread's torch threads (dapo.controller.threads)
         with self.engine_lock:
             samples = self.engine.generate(request.prompts, n=request.n, temperature=request.temperature,
                                            top_p=request.top_p, max_new_tokens=request.max_new_tokens,
