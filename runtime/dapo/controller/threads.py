@@ -3,11 +3,11 @@
 torch runs its CPU kernels on an OpenMP team of one thread per CPU, in lock-step: every parallel
 region ends at a barrier that waits for the slowest thread. When another process takes one of
 the cores, one thread of the team loses whole time slices while the others wait at the barrier,
-and a step slows by far more than the core it lost: the quickstart on 2 CPUs went from ~0.5 s to
-~1.9 s per step beside one single-threaded busy process (3.8x, `benchmarks/contention.py`).
-Waiting passively (OMP_WAIT_POLICY=PASSIVE) removes the spinning but makes every small parallel
-region pay a wake-up, which cost the quiet quickstart 1.5x. Sizing the team to the CPUs left
-free removes the stall and keeps the quiet speed: the step then costs what one fewer core costs.
+and a step slows by far more than the core it lost. Waiting passively (OMP_WAIT_POLICY=PASSIVE)
+removes the spinning but makes every small parallel region pay a wake-up, which slows the quiet
+case. Sizing the team to the CPUs left free removes the stall and keeps the quiet speed: the step
+then costs what one fewer core costs (measured with `benchmarks/contention.py`: docs/benchmarks.md,
+"A busy neighbour").
 
 `ThreadBudget.apply()`, called by each thread that runs torch work at the start of a unit of it
 (a training step, a rollout collection, a /generate request), sets that thread's torch threads:
