@@ -32,7 +32,6 @@ policy_loss / advantages and scorer throughput have their own scripts
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -128,9 +128,9 @@ def dynamic_sampling_message(*, have: int, need: int, batches: int, generated: i
         verdict = (f"most dropped groups were ALL-CORRECT: the data is too easy for the model (every one of the "
                    f"{n} samples already gets it right, so there is nothing to learn). Use harder prompts")
     else:
-        verdict = (f"most dropped groups were ALL-WRONG: the data is too hard for the model, or the answers are not "
-                   f"being parsed (check that responses end with 'Answer: ...' and that spec.data.promptTemplate / "
-                   f"spec.reward.scorer fit the data). Use easier prompts or a stronger base model")
+        verdict = ("most dropped groups were ALL-WRONG: the data is too hard for the model, or the answers are not "
+                   "being parsed (check that responses end with 'Answer: ...' and that spec.data.promptTemplate / "
+                   "spec.reward.scorer fit the data). Use easier prompts or a stronger base model")
     varying = "accuracy" if metric == "acc" else "scores"
     dropped = f"{all_correct} were all-correct and {all_wrong} were all-wrong"
     if metric == "score":

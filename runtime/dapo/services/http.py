@@ -279,8 +279,8 @@ class ReplicaPool:
             if time.monotonic() > deadline:
                 raise ServiceError(f"{self.role} replica(s) not ready after {timeout_s:g} s: "
                                    + "; ".join(f"{u} ({last_error.get(u, '?')})" for u in pending)
-                                   + f". Check that they are running and their logs (model loading can take a while: "
-                                     f"raise DAPO_SERVICE_WAIT_S).")
+                                   + ". Check that they are running and their logs (model loading can take a while: "
+                                     "raise DAPO_SERVICE_WAIT_S).")
             time.sleep(poll_s)
 
 
