@@ -84,3 +84,10 @@ def environment_report(**_):
         raw = ""
     seen = [name for name in watched if name in os.environ or f"{name}=" in raw]
     return {"score": 1.0, "pred": ",".join(seen) or "-"}
+
+
+def length_parity(solution_str, **_):
+    """1.0 when the reply has an even number of characters, else -1.0 (acc: even), pred its length:
+    a random model's replies vary under it, so accuracies and pass@k are neither all 0 nor all 1."""
+    even = len(solution_str) % 2 == 0
+    return {"score": 1.0 if even else -1.0, "acc": even, "pred": str(len(solution_str))}

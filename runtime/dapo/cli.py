@@ -42,6 +42,39 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("dapo.plot", "main")(a))
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint or model: avg@n, pass@k, maj@k per data source")
+    p.add_argument("model", help="run folder, checkpoint (local or s3://), Hugging Face folder, builtin:NAME or .gguf")
+    p.add_argument("--data", required=True, help="evaluation prompts (.parquet / .jsonl, local or s3://)")
+    p.add_argument("--n", type=int, default=None, help="samples per problem (default: the run file's spec.eval.n)")
+    p.add_argument("--k", default=None, help="report pass@k and maj@k for these k, e.g. 1,8,32 (each <= n)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default=None, help="generation engine (default: the run file's)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest committed)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside a model folder")
+    p.add_argument("--run-file", default=None, help="settings (template, lengths, scorer) when the model has none")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override one field of the settings, as for dapo run (repeatable)")
+    p.add_argument("--json", default=None, help="write the figures as JSON here")
+    p.add_argument("--samples", default=None, help="write every sample as a JSON line here")
+    p.set_defaults(func=lambda a: _lazy("dapo.evaluation.command", "main")(a))
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face folder")
+    p.add_argument("source", help="run folder, checkpoint (local or s3://)")
+    p.add_argument("out_dir", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest committed)")
+    p.set_defaults(func=lambda a: _lazy("dapo.export", "main")(a))
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="overlay the curves of several runs in one PNG, with a table")
+    p.add_argument("runs", nargs="+", help="run folders or checkpoint prefixes (local or s3://)")
+    p.add_argument("--metric", action="append", default=[], help="metric to plot (repeatable; default val/acc/mean)")
+    p.add_argument("--out", default="compare.png", help="output PNG (default compare.png)")
+    p.set_defaults(func=lambda a: _lazy("dapo.compare", "main")(a))
+
+
 def _add_role(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("role", help="run one role of a distributed run (what the pods execute)")
     p.add_argument("role", choices=["learner", "rollout", "reward"])
@@ -58,7 +91,7 @@ def _lazy(module: str, attr: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo", description="DAPO reinforcement learning, on one machine or on Kubernetes")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_crd, _add_plot, _add_role):
+    for add in (_add_run, _add_eval, _add_export, _add_compare, _add_crd, _add_plot, _add_role):
         add(sub)
     return parser
 

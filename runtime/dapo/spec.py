@@ -391,6 +391,11 @@ class EvalSpec(_Model):
     n: int = Field(32, ge=1, description="Samples per problem; val/acc/mean is avg@n.")
     temperature: float = Field(1.0, gt=0.0, le=10.0)
     top_p: float = Field(0.7, gt=0.0, le=1.0)
+    pass_k: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, max_length=16, alias="passK",
+        description=("Also report unbiased pass@k and maj@k for each k (<= n), per data source "
+                     "(val-core/<data_source>/acc/pass@k, .../maj@k) and over all prompts (val/pass@k)."),
+    )
 
 
 class CheckpointSpec(_Model):
@@ -528,6 +533,12 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "self.rollout.genBatchSize >= self.learner.miniBatchSize",
         "",
         "spec.rollout.genBatchSize must be >= spec.learner.miniBatchSize (a generation batch must fill at least one optimizer step)",
+    ),
+    CrossFieldRule(
+        lambda s: all(k <= s.eval.n for k in s.eval.pass_k),
+        "!has(self.passK) || self.passK.all(k, k <= self.n)",
+        "eval",
+        "spec.eval.passK must hold values <= spec.eval.n (pass@k draws k of the n samples of a problem)",
     ),
     CrossFieldRule(
         # pydantic's own check (AlgorithmSpec) names the unknown parameter; this is its API-server twin

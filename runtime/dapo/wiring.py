@@ -151,6 +151,18 @@ def load_policy(spec: DAPORunSpec, device: str | None = None):
     return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
 
 
+def load_tokenizer(spec: DAPORunSpec):
+    """The tokenizer of spec.model alone (for an engine that loads the model itself, vLLM)."""
+    from transformers import AutoTokenizer
+
+    from dapo.model.loading import resolve_model_dir
+
+    folder = resolve_model_dir(spec.model, cache_dir(spec))
+    if spec.model.gguf_file and not spec.model.tokenizer:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=spec.model.gguf_file)
+    return AutoTokenizer.from_pretrained(spec.model.tokenizer or folder)
+
+
 def build_learner(model, spec: DAPORunSpec, device: str, world_size: int = 1):
     """TorchLearner for one learner rank; the DistributedLearner (torch all-reduce or DeepSpeed
     ZeRO, spec.learner.strategy) when there are several."""

@@ -43,7 +43,9 @@ from dapo.data.sampler import steps_for_epochs
 from dapo.learner.batch import TrainBatch, make_batch
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
-from dapo.seeding import EVALUATION, GENERATION, seed_for
+from dapo.evaluation.metrics import validation_metrics
+from dapo.evaluation.sampling import sample_prompts
+from dapo.seeding import GENERATION, seed_for
 from dapo.spec import dynamic_sampling_metric
 from dapo.storage.checkpointer import CheckpointContents
 
@@ -429,36 +431,18 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, Any]:
-        """avg@n accuracy and mean score on the eval set with the eval temperature / top_p."""
+        """The evaluation set with the eval n / temperature / top_p (dapo.evaluation.sampling: the
+        same calls `dapo eval` makes): avg@n accuracy, mean score and response length, and per
+        data source verl's ``val-core/<data_source>/acc/mean@n`` plus pass@k / maj@k for each k of
+        spec.eval.passK (``val/pass@k`` over all prompts)."""
         ev = self.spec.eval
         t0 = time.perf_counter()
-        chunk = max(1, self.spec.rollout.gen_batch_size)
-        accs: list[bool] = []
-        scores: list[float] = []
-        lengths: list[int] = []
-        by_source: dict[str, list[bool]] = {}
-        for call, start in enumerate(range(0, len(self.eval_records), chunk)):
-            indices = list(range(start, min(start + chunk, len(self.eval_records))))
-            groups = self.generate_groups(self.eval_records, indices, n=ev.n, temperature=ev.temperature,
-                                          top_p=ev.top_p, seed=seed_for(self.spec.learner.seed + EVALUATION, self.step, call))
-            for g in groups:
-                accs.extend(g.accs)
-                scores.extend(g.scores)
-                lengths.extend(len(s.response_ids) for s in g.samples)
-                by_source.setdefault(self.eval_records[g.record_index].data_source, []).extend(g.accs)
-        result: dict[str, Any] = {
-            "step": self.step,
-            "val/acc/mean": sum(accs) / len(accs),
-            "val/score/mean": sum(scores) / len(scores),
-            "val/response_length/mean": sum(lengths) / len(lengths),
-            "val/num_prompts": len(self.eval_records),
-            "val/n": ev.n,
-        }
-        if len(by_source) > 1:
-            for source, values in sorted(by_source.items()):
-                result[f"val/acc/{source}"] = sum(values) / len(values)
-        result["timing_s/eval"] = time.perf_counter() - t0
-        return result
+        prompts = sample_prompts(self.engine, self.tokenizer, self.scorer, self.eval_records, n=ev.n,
+                                 temperature=ev.temperature, top_p=ev.top_p,
+                                 max_new_tokens=self.spec.rollout.max_response_length, seed=self.spec.learner.seed,
+                                 step=self.step, chunk=self.spec.rollout.gen_batch_size)
+        return {"step": self.step, **validation_metrics(prompts, ev.n, ev.pass_k),
+                "timing_s/eval": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ the loop
 

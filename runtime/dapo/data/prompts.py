@@ -553,3 +553,22 @@ def _no_usable_rows_message(uri: str, report: LoadReport, mapping: Mapping[str, 
         f"{uri}: no usable rows: all {report.conflicting_prompts_dropped} prompts have copies with "
         "different ground truths; fix the answers in the file"
     )
+
+
+def load_run_prompts(spec, field: str, uri: str, max_prompts: int | None, tokenizer,
+                     cache_dir: str | Path | None = None) -> list[PromptRecord]:
+    """The prompts of a run's data set ``field`` ("train" or "eval") as every consumer of a run
+    file loads them (the trainer, `dapo eval`): the run's template, columns and prompt-length
+    limit in the policy's tokens. SpecError names ``spec.data.FIELD``."""
+    from dapo.rollout.base import encode_prompt
+    from dapo.spec import SpecError
+
+    data = spec.data
+    try:
+        # Eval sets are de-duplicated too: repeated copies (AIME's 32) would multiply eval.n.
+        records, _ = load_prompts(uri, template=data.prompt_template, columns=data.columns, max_prompts=max_prompts,
+                                  cache_dir=cache_dir, max_prompt_length=spec.rollout.max_prompt_length,
+                                  prompt_length=lambda messages: len(encode_prompt(tokenizer, messages)))
+    except (ValueError, OSError) as exc:
+        raise SpecError(f"spec.data.{field}: {exc}") from None
+    return records

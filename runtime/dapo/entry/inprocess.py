@@ -57,8 +57,7 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     the remote rollout client and the distributed learner: `dapo.entry.roles`)."""
     from dapo.storage.checkpointer import Checkpointer
     from dapo.data.sampler import PromptSampler
-    from dapo.data.prompts import dataset_fingerprint, load_prompts
-    from dapo.rollout.base import encode_prompt
+    from dapo.data.prompts import dataset_fingerprint, load_run_prompts
     from dapo.controller.metrics import MetricsWriter, ProgressLog
     from dapo.controller.tracking import build_trackers
     from dapo.controller.trainer import Trainer
@@ -79,21 +78,9 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     log.info("policy %s loaded in %.1fs: %.1fM parameters on %s", spec.model.path, time.perf_counter() - t0,
              sum(p.numel() for p in model.parameters()) / 1e6, device)
 
-    prompt_length = lambda messages: len(encode_prompt(tokenizer, messages))  # noqa: E731
     data = spec.data
-
-    def load(field: str, uri: str, max_prompts: int | None):
-        # Eval sets are de-duplicated too: repeated copies (AIME's 32) would multiply eval.n.
-        try:
-            records, _ = load_prompts(uri, template=data.prompt_template, columns=data.columns, max_prompts=max_prompts,
-                                      cache_dir=cache_dir, max_prompt_length=spec.rollout.max_prompt_length,
-                                      prompt_length=prompt_length)
-        except (ValueError, OSError) as exc:
-            raise SpecError(f"spec.data.{field}: {exc}") from None
-        return records
-
-    train_records = load("train", data.train, data.max_prompts)
-    eval_records = load("eval", data.eval, data.eval_max_prompts) if data.eval else []
+    train_records = load_run_prompts(spec, "train", data.train, data.max_prompts, tokenizer, cache_dir)
+    eval_records = load_run_prompts(spec, "eval", data.eval, data.eval_max_prompts, tokenizer, cache_dir) if data.eval else []
     if len(train_records) < spec.rollout.gen_batch_size:
         log.warning("spec.rollout.genBatchSize (%d) is larger than the training set (%d prompts): "
                     "one generation batch repeats prompts", spec.rollout.gen_batch_size, len(train_records))
@@ -106,7 +93,8 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     sampler = PromptSampler(len(train_records), seed=spec.learner.seed,
                             fingerprint=dataset_fingerprint(train_records))
     store = wiring.build_checkpoint_store(spec, run_dir)
-    checkpointer = Checkpointer(store, tokenizer, staging_root=run_dir / ".staging")
+    checkpointer = Checkpointer(store, tokenizer, staging_root=run_dir / ".staging", run_file=dump_run(run),
+                                metrics_file=run_dir / "metrics.jsonl")
     metrics = MetricsWriter(run_dir, trackers=build_trackers(run, run_dir))
     trainer = Trainer(spec, engine=engine, learner=learner, scorer=scorer, tokenizer=tokenizer,
                       train_records=train_records, eval_records=eval_records, sampler=sampler,

@@ -11,6 +11,9 @@ Layout of one checkpoint (committed through `dapo.storage.CheckpointStore`: file
                            trainer's Python RNG (`Trainer.rng`)
     trainer_tensors.safetensors   the token ids and behaviour log-probs of those groups
                            (dapo.controller.state)
+    run.yaml               the resolved run file of the run (what `dapo eval`, `dapo export` and
+                           `dapo compare` read next to a checkpoint, in S3 too)
+    metrics.jsonl          the run's metrics up to this step (`dapo compare` on checkpoint prefixes)
     rng.pt                 torch CPU (and CUDA) RNG states
 
 Resuming restores every one of these, so step s+1 after a resume samples the same prompts with
@@ -48,6 +51,8 @@ MODEL_DIR = "model"
 LEARNER_FILE = "learner.pt"
 TRAINER_FILE = "trainer_state.json"
 TRAINER_TENSORS_FILE = "trainer_tensors.safetensors"
+RUN_FILE = "run.yaml"
+METRICS_FILE = "metrics.jsonl"
 RNG_FILE = "rng.pt"
 
 
@@ -149,10 +154,15 @@ class Checkpointable(Protocol):
 class Checkpointer:
     """Saves and restores a `Checkpointable` (the trainer) through a `CheckpointStore`."""
 
-    def __init__(self, store, tokenizer, staging_root: str | Path):
+    def __init__(self, store, tokenizer, staging_root: str | Path, *, run_file: str | None = None,
+                 metrics_file: str | Path | None = None):
+        """``run_file``: the resolved run file (YAML text) and ``metrics_file``: the run's
+        metrics.jsonl, both copied into every checkpoint."""
         self.store = store
         self.tokenizer = tokenizer
         self.staging_root = Path(staging_root)
+        self.run_file = run_file
+        self.metrics_file = Path(metrics_file) if metrics_file is not None else None
 
     def save(self, trainer: Checkpointable):
         """Write the trainer's full state and commit it as checkpoint ``trainer.step``."""
@@ -163,6 +173,10 @@ class Checkpointer:
             write_checkpoint_folder(folder, model=contents.model, model_state=contents.model_state,
                                     tokenizer=self.tokenizer, learner_state=contents.learner_state,
                                     trainer_state=contents.trainer_state, trainer_tensors=contents.trainer_tensors)
+            if self.run_file is not None:
+                (folder / RUN_FILE).write_text(self.run_file)
+            if self.metrics_file is not None and self.metrics_file.exists():
+                shutil.copyfile(self.metrics_file, folder / METRICS_FILE)
             meta = contents.meta
             del contents  # the full weights: gone before the upload
             # never overwrite: a committed step belongs to whoever committed it first (a second

@@ -369,6 +369,29 @@ class CheckpointStore:
         verify_files(dest, info.manifest, verify=verify, checkpoint=where)
         return dest
 
+    def read_file(self, info: CheckpointInfo, rel: str) -> bytes:
+        """One file of a committed checkpoint (``rel`` as the manifest names it, e.g. "run.yaml"),
+        without fetching the rest (the weights); its sha256 is checked against the manifest.
+        FileNotFoundError when the checkpoint has no such file."""
+        entry = info.manifest.get("files", {}).get(rel)
+        if entry is None:
+            raise FileNotFoundError(f"checkpoint step {info.step} ({info.uri}) has no file {rel}")
+        files_uri = self.files_uri(info)
+        if self.is_s3:
+            from botocore.exceptions import ClientError
+
+            bucket, prefix = split_s3(files_uri)
+            try:
+                body = self.client.get_object(Bucket=bucket, Key=f"{prefix}/{rel}")["Body"].read()
+            except ClientError as exc:
+                raise describe_client_error(exc, join_uri(files_uri, rel), "reading") from exc
+        else:
+            body = (Path(files_uri) / rel).read_bytes()
+        if hashlib.sha256(body).hexdigest() != entry["sha256"]:
+            raise CheckpointCorruptError(f"checkpoint step {info.step} ({info.uri}): file {rel} differs from its "
+                                         "manifest's sha256 (the file was changed after the commit)")
+        return body
+
     def uncommit(self, step: int) -> None:
         """Delete ``step``'s manifest: the checkpoint is no longer listed (its files are pruned
         later as an abandoned folder), and the step can be committed again."""
