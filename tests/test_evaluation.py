@@ -219,3 +219,38 @@ def test_compare_labels_runs_by_what_differs_and_reads_checkpoint_prefixes(train
     assert [row.split("|")[1].strip() for row in rows] == ["learner.lr=0.001", "learner.lr=0.003", "learner.lr=0.01"]
     assert all(len(row.split("|")) == 2 + 1 + 4 for row in rows)  # run, then final and best of two metrics
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_evaluation_pods_result_joins_the_runs_metrics(trained, tmp_path):
+    """spec.eval.separatePod: `dapo eval --store-result` of a checkpoint stores its result beside it
+    (evals/step-N.json, the training run's metric names), and a trainer in evaluation-pod mode
+    writes it to metrics.jsonl as the evaluation of step N and reports it as its last val/acc/mean;
+    waiting for a result that never comes ends at its bound. A plain model folder has nowhere to
+    store a result."""
+    import shutil
+    import time
+
+    from dapo.cli import main
+    from dapo.controller.metrics import MetricsWriter
+    from dapo.controller.pod_evaluations import PodEvaluations
+    from dapo.storage import CheckpointStore
+
+    tmp, _, run_dir, last_eval = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    store = CheckpointStore(str(copy / "checkpoints"))
+    assert store.evaluated_steps() == []
+    assert main(["eval", str(copy / "checkpoints"), "--data", str(tmp / "eval.jsonl"), "--k", "1,2",
+                 "--store-result"]) == 0
+    assert store.evaluated_steps() == [2]
+    evaluations = PodEvaluations(store, MetricsWriter(tmp_path / "pod-mode"))
+    (record,) = evaluations.collect()
+    assert evaluations.collect() == []  # each result once
+    (line,) = [json.loads(x) for x in (tmp_path / "pod-mode" / "metrics.jsonl").read_text().splitlines()]
+    assert line == record and line["step"] == 2 and line["eval/separate_pod"] == 1
+    for key in ("val/acc/mean", "val/score/mean", "val/pass@2"):
+        assert line[key] == last_eval[key], key  # the same figures the run computed in process
+    assert evaluations.wait_for(2, timeout_s=0.0) == []  # already there
+    t0 = time.monotonic()
+    assert evaluations.wait_for(4, timeout_s=0.2, poll_s=0.05) == [] and time.monotonic() - t0 < 0.2 + 2.0
+    assert main(["eval", str(tmp / "model"), "--data", str(tmp / "eval.jsonl"), "--store-result"]) == 2  # not a checkpoint

@@ -272,6 +272,32 @@ def build_pod(
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
+def build_eval_pod(run: DAPORun, step: int, namespace: str, image: str | None = None,
+                   owner: Owner | None = None) -> dict[str, Any]:
+    """Pod RUN-eval-STEP (spec.eval.separatePod): `dapo eval` of committed checkpoint STEP from
+    spec.checkpoint.uri, with the run file's evaluation settings, on the rollout pool (spec.rollout's
+    image, resources and placement), storing its result beside the checkpoint for the learner to
+    pick up. A rollout pod's security and volumes; no Service name, no ports, no gang label."""
+    pod = build_pod(run, "rollout", 0, namespace, 0, image, owner)
+    name = n.eval_pod_name(run.metadata.name, step)
+    meta = pod["metadata"]
+    meta["name"] = name
+    meta["labels"] = {**n.child_labels(run.metadata.name, n.EVAL_ROLE), n.LABEL_EVAL_STEP: str(step)}
+    meta.pop("annotations", None)  # not part of the gang's Kueue pod group
+    spec = pod["spec"]
+    for key in ("hostname", "subdomain", "schedulingGates"):
+        spec.pop(key, None)
+    container = spec["containers"][0]
+    container["name"] = n.EVAL_ROLE
+    ev = run.spec.eval
+    container["command"] = ["dapo", "eval", checkpoint_uri(run), "--step", str(step), "--data", run.spec.data.eval or "",
+                            "--run-file", n.RUN_FILE, "--store-result",
+                            *(["--k", ",".join(map(str, ev.pass_k))] if ev.pass_k else [])]
+    for key in ("ports", "readinessProbe"):
+        container.pop(key, None)
+    return pod
+
+
 def desired_pod_names(run: DAPORun) -> list[tuple[str, int, str]]:
     """(role, index, pod name) of every pod the run wants, learner-0 first."""
     return [

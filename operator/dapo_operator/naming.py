@@ -14,6 +14,8 @@ __all__ = ["DIST_PORT", "GANG_ROLES", "HTTP_PORT", "ROLES", "RUN_FILE", "RUN_FIL
 LABEL_RUN = "dapo.dev/run"
 LABEL_ROLE = "dapo.dev/role"
 LABEL_GANG = "dapo.dev/gang-generation"
+LABEL_EVAL_STEP = "dapo.dev/eval-step"  # the checkpoint an evaluation pod evaluates
+EVAL_ROLE = "eval"  # the role label of evaluation pods (not a gang role: they never restart the gang)
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
@@ -26,6 +28,11 @@ SPEC_ERROR_EXIT_CODE = RUN_FILE_ERROR_EXIT_CODE
 
 def pod_name(run: str, role: str, index: int) -> str:
     return f"{run}-{role}-{index}"
+
+
+def eval_pod_name(run: str, step: int) -> str:
+    """The evaluation pod of checkpoint ``step`` (spec.eval.separatePod)."""
+    return f"{run}-eval-{step}"
 
 
 def service_name(run: str, role: str) -> str:

@@ -20,7 +20,8 @@ from typing import Any
 from dapo.spec import DAPORun, SpecError, parse_run
 
 from . import naming as n
-from .builders import Owner, build_config_map, build_pod, build_service, desired_pod_names, gang_roles
+from .builders import (Owner, build_config_map, build_eval_pod, build_pod, build_service, desired_pod_names,
+                       gang_roles)
 from .status import (
     FAILED, SUSPENDED, TERMINAL, Outcome, compute_status, learner_succeeded, parse_time,
     pod_failure, pod_generation, pod_name_of, pod_phase, pod_run_file_error, pod_terminating, current_pods,
@@ -279,6 +280,30 @@ def ensure_config_and_services(p: Pass) -> Plan | None:
     return None
 
 
+def ensure_eval_pods(p: Pass) -> Plan | None:
+    """spec.eval.separatePod: an evaluation pod for learner-0's newest committed checkpoint when no
+    evaluation pod runs (checkpoints committed meanwhile are skipped: evaluation never queues up);
+    finished evaluation pods of older checkpoints are deleted (the newest one stays, with its log)."""
+    if not p.run.spec.eval.separate_pod or not p.run.spec.data.eval:
+        return None
+    evals = {int(pod["metadata"]["labels"][n.LABEL_EVAL_STEP]): pod for pod in p.pods
+             if pod["metadata"].get("labels", {}).get(n.LABEL_ROLE) == n.EVAL_ROLE and not pod_terminating(pod)}
+    checkpoint = (sanitize_learner_status(p.learner_status) or {}).get("lastCheckpoint")
+    running = [step for step, pod in evals.items() if pod_phase(pod) not in ("Succeeded", "Failed")]
+    if checkpoint and checkpoint["step"] not in evals and not running:
+        owner = Owner(p.name, p.obj.get("metadata", {}).get("uid", ""))
+        p.actions.append(CreateObject(build_eval_pod(p.run, checkpoint["step"], p.namespace, p.image, owner)))
+        p.actions.append(EmitEvent("Normal", "EvaluationStarted",
+                                   f"evaluating checkpoint step {checkpoint['step']} in its own pod"))
+        newest = checkpoint["step"]
+    else:
+        newest = max(evals, default=None)
+    for step, pod in evals.items():
+        if step != newest and pod_phase(pod) in ("Succeeded", "Failed"):
+            p.actions.append(DeletePod(pod_name_of(pod), f"evaluation of checkpoint step {step} finished"))
+    return None
+
+
 def ensure_pods(p: Pass) -> Plan | None:
     """Every wanted pod of the current gang: missing ones created, other generations' deleted, a
     stopped reward pod replaced alone, unwanted ones (replicas lowered) deleted. Always ends the
@@ -302,7 +327,8 @@ def ensure_pods(p: Pass) -> Plan | None:
             p.actions.append(EmitEvent("Warning", "RewardPodReplaced",
                                        f"{pod_name} stopped ({pod_failure(pod)}); recreating it"))
     for pod in p.pods:
-        if pod_name_of(pod) not in wanted and not pod_terminating(pod):
+        evaluation = pod["metadata"].get("labels", {}).get(n.LABEL_ROLE) == n.EVAL_ROLE  # ensure_eval_pods' own
+        if pod_name_of(pod) not in wanted and not pod_terminating(pod) and not evaluation:
             p.actions.append(DeletePod(pod_name_of(pod), "no longer wanted by the spec (replicas lowered)"))
     if gang_complete and p.created < p.gen:
         p.work["createdGangGeneration"] = p.gen
@@ -311,7 +337,7 @@ def ensure_pods(p: Pass) -> Plan | None:
 
 #: The phases of a pass, in order; the first that returns a plan ends it (`ensure_pods` always does).
 PHASES = (finished, suspended, resumed, training_finished, run_file_failed, gang_restart, ensure_config_and_services,
-          ensure_pods)
+          ensure_eval_pods, ensure_pods)
 
 
 def invalid_spec(obj: dict[str, Any], pods: list[dict[str, Any]], error: SpecError) -> Plan:

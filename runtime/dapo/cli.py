@@ -56,6 +56,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="override one field of the settings, as for dapo run (repeatable)")
     p.add_argument("--json", default=None, help="write the figures as JSON here")
     p.add_argument("--samples", default=None, help="write every sample as a JSON line here")
+    p.add_argument("--store-result", action="store_true",
+                   help="store the result beside the checkpoint (evals/step-N.json), for the run that made it")
     p.set_defaults(func=lambda a: _lazy("dapo.evaluation.command", "main")(a))
 
 

@@ -396,6 +396,14 @@ class EvalSpec(_Model):
         description=("Also report unbiased pass@k and maj@k for each k (<= n), per data source "
                      "(val-core/<data_source>/acc/pass@k, .../maj@k) and over all prompts (val/pass@k)."),
     )
+    separate_pod: bool = Field(
+        False,
+        description=("On Kubernetes: evaluate committed checkpoints in their own pod (dapo eval, on the rollout pool: "
+                     "spec.rollout's image, resources and placement) while training goes on, instead of pausing "
+                     "the learner; the newest committed checkpoint is evaluated whenever no evaluation pod runs, and "
+                     "the results join the run's metrics and status. Needs an s3:// spec.checkpoint.uri. `dapo run` "
+                     "on one machine evaluates in process as usual."),
+    )
 
 
 class CheckpointSpec(_Model):
@@ -533,6 +541,13 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "self.rollout.genBatchSize >= self.learner.miniBatchSize",
         "",
         "spec.rollout.genBatchSize must be >= spec.learner.miniBatchSize (a generation batch must fill at least one optimizer step)",
+    ),
+    CrossFieldRule(
+        lambda s: not s.eval.separate_pod or (s.checkpoint.uri or "").startswith("s3://"),
+        "!has(self.eval.separatePod) || !self.eval.separatePod || "
+        "(has(self.checkpoint.uri) && self.checkpoint.uri.startsWith('s3://'))",
+        "",
+        "spec.eval.separatePod needs an s3:// spec.checkpoint.uri (the evaluation pods read the checkpoints from there)",
     ),
     CrossFieldRule(
         lambda s: all(k <= s.eval.n for k in s.eval.pass_k),

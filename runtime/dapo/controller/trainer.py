@@ -34,6 +34,7 @@ import torch
 from dapo.algo import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter, overlong_filter_mask
 from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
 from dapo.controller.pipeline import RolloutPipeline
+from dapo.controller.pod_evaluations import PodEvaluations
 from dapo.controller.state import (collection_from_state, collection_to_state, groups_from_state,
                                   groups_to_state)
 from dapo.controller.threads import thread_budget
@@ -166,6 +167,7 @@ class Trainer:
         metrics=None,
         progress=None,
         checkpointer=None,
+        eval_in_pods: bool = False,
     ):
         self.spec = spec
         self.engine = engine
@@ -178,6 +180,10 @@ class Trainer:
         self.metrics = metrics
         self.progress = progress
         self.checkpointer = checkpointer
+        # spec.eval.separatePod on a cluster: evaluation pods evaluate the committed checkpoints, and
+        # this trainer only reads their results back (controller/pod_evaluations.py); never in process
+        self.eval_in_pods = bool(eval_in_pods)
+        self.pod_evaluations = PodEvaluations(checkpointer.store, metrics) if eval_in_pods else None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ls = spec.learner
         # totalEpochs = passes over the training prompts (as verl, whose loop ends when its prompt
@@ -447,11 +453,17 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _eval_due(self, step: int | None = None) -> bool:
-        """Does step ``step`` (default: the current one) end with an evaluation?"""
+        """Does step ``step`` (default: the current one) end with an evaluation (in this process)?"""
         step = self.step if step is None else step
         every = self.spec.eval.every_steps
-        return bool(self.eval_records) and every > 0 and (step % every == 0 or step == self.total_steps
-                                                           or self.epochs_done())
+        return bool(self.eval_records) and not self.eval_in_pods and every > 0 and (
+            step % every == 0 or step == self.total_steps or self.epochs_done())
+
+    def _take_pod_evaluations(self, records: list[dict]) -> None:
+        """The newest evaluation pod's result is the status's val/acc/mean."""
+        for record in records:
+            if record["step"] >= int(self.last_val.get("step", -1)):
+                self.last_val = record
 
     def _checkpoint_due(self, step: int | None = None) -> bool:
         """Does step ``step`` (default: the current one) end with a checkpoint?"""
@@ -492,7 +504,7 @@ class Trainer:
         log.info("training steps %d -> %d (train prompts %d, eval prompts %d, weight version %d)",
                  self.step, self.total_steps, len(self.train_records), len(self.eval_records), self.weight_version)
         try:
-            if self.step == 0 and self.eval_records and self.spec.eval.before_train:
+            if self.step == 0 and self.eval_records and self.spec.eval.before_train and not self.eval_in_pods:
                 self.run_eval()
             if self.spec.rollout.max_staleness > 0 and self.step < self.total_steps and not self.epochs_done():
                 self.pipeline = RolloutPipeline(
@@ -512,6 +524,8 @@ class Trainer:
                 if self.checkpointer is not None and self._checkpoint_due():
                     info = self.checkpointer.save(self)
                     self.last_checkpoint = {"step": info.step, "uri": info.uri}
+                if self.pod_evaluations is not None:
+                    self._take_pod_evaluations(self.pod_evaluations.collect())
                 if self.pipeline is not None and self._pause_due(self.step):
                     self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
         except Exception as exc:
@@ -526,6 +540,11 @@ class Trainer:
             log.info("finished %d pass(es) over the %d training prompts in %d steps (at most %d were possible)",
                      self.epoch_limit, len(self.train_records), self.step, self.total_steps)
             self.total_steps = self.step
+        if self.pod_evaluations is not None and self.eval_records and self.last_checkpoint is not None:
+            # the last checkpoint's evaluation pod starts while this learner still reports "running"
+            final = int(self.last_checkpoint["step"])
+            self.message = f"waiting for the evaluation pod of checkpoint step {final}"
+            self._take_pod_evaluations(self.pod_evaluations.wait_for(final))
         self.state = "succeeded"
         self.message = f"finished {self.step} steps"
         return self.last_metrics

@@ -49,12 +49,13 @@ def default_run_dir(run: DAPORun) -> Path:
 
 
 def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None, policy=None,
-                       engine_factory=None, learner_factory=None) -> EmbeddedRun:
+                       engine_factory=None, learner_factory=None, eval_in_pods: bool = False) -> EmbeddedRun:
     """Wire a Trainer for one process. ``scorer`` / ``policy`` (model, tokenizer) replace the
     ones the run file names (tests use this to avoid worker processes or model loading).
     ``engine_factory(spec, model, tokenizer, device)`` / ``learner_factory(model, spec, device)``
     replace the in-process engine and learner of dapo.wiring (learner-0 of a distributed run passes
-    the remote rollout client and the distributed learner: `dapo.entry.roles`)."""
+    the remote rollout client and the distributed learner: `dapo.entry.roles`). ``eval_in_pods``:
+    evaluation pods evaluate the checkpoints (spec.eval.separatePod on a cluster)."""
     from dapo.storage.checkpointer import Checkpointer
     from dapo.data.sampler import PromptSampler
     from dapo.data.prompts import dataset_fingerprint, load_run_prompts
@@ -98,7 +99,9 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     metrics = MetricsWriter(run_dir, trackers=build_trackers(run, run_dir))
     trainer = Trainer(spec, engine=engine, learner=learner, scorer=scorer, tokenizer=tokenizer,
                       train_records=train_records, eval_records=eval_records, sampler=sampler,
-                      metrics=metrics, progress=ProgressLog(), checkpointer=checkpointer)
+                      metrics=metrics, progress=ProgressLog(), checkpointer=checkpointer, eval_in_pods=eval_in_pods)
+    if spec.eval.separate_pod and not eval_in_pods:
+        log.info("spec.eval.separatePod applies on Kubernetes (evaluation pods); this run evaluates in process")
 
     latest = store.latest()
     if latest is not None and not resume:

@@ -179,7 +179,8 @@ def run_controller(run: DAPORun, world_size: int) -> int:
                  " (resuming: gang generation > 0)" if resume else "")
         embedded = build_embedded_run(
             run, run_dir, resume=resume, scorer=scorer, engine_factory=remote_engine_factory(rollout_urls, run_dir),
-            learner_factory=lambda model, spec_, device: wiring.build_learner(model, spec_, device, world_size))
+            learner_factory=lambda model, spec_, device: wiring.build_learner(model, spec_, device, world_size),
+            eval_in_pods=spec.eval.separate_pod)
         trainer = embedded.trainer
         status.set_source(trainer.status, latest=trainer.metrics.latest_values)
         trainer.train()

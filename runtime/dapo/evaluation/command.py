@@ -10,8 +10,11 @@ top_p and the seeds of the trainer's own evaluation at the checkpoint's step
 run's val/acc/mean at step s.
 
 Prints one row per data source (avg@n, pass@k, maj@k for each k, mean score, mean response
-length, truncated share) and writes them as JSON (``--json``); ``--samples FILE`` writes every
-sample as a JSON line (prompt, response, score, acc, pred, data_source).
+length, truncated share) and writes them as JSON (``--json``), with the metrics a training run
+logs for an evaluation under their names (``val/acc/mean``, ``val-core/...``); ``--samples FILE``
+writes every sample as a JSON line (prompt, response, score, acc, pred, data_source);
+``--store-result`` stores the JSON beside the checkpoint (``{root}/evals/step-N.json``), where the
+run's learner picks it up (spec.eval.separatePod: what the evaluation pods run).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def main(args) -> int:
 
     from dapo import wiring
     from dapo.data.prompts import load_run_prompts
-    from dapo.evaluation.metrics import summarize
+    from dapo.evaluation.metrics import summarize, validation_metrics
     from dapo.evaluation.sampling import sample_prompts
     from dapo.seeding import seed_all
     from dapo.storage.sources import resolve_model_source
@@ -130,9 +133,13 @@ def main(args) -> int:
     print(format_table(summary))
     result = {"model": source.describe(), "data": args.data, "n": spec.eval.n, "k": ks, "step_seeds": step,
               "temperature": spec.eval.temperature, "top_p": spec.eval.top_p, "seconds": round(seconds, 3),
-              "by_source": summary}
+              "by_source": summary, "metrics": validation_metrics(prompts, spec.eval.n, ks)}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.store_result:
+        if source.store is None:
+            raise SpecError("--store-result: the model is not a committed checkpoint; nowhere to store the result")
+        log.info("result stored at %s", source.store.write_evaluation(step, result))
     if args.samples:
         with open(args.samples, "w") as fh:
             for p in prompts:

@@ -64,6 +64,8 @@ log = logging.getLogger("dapo.storage")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dapo-checkpoint/2"  # /2: data files under the attempt folder
 _STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+EVALS_DIR = "evals"
+_EVAL_FILE_RE = re.compile(r"^step-(\d{8,})\.json$")
 
 
 # --------------------------------------------------------------------------------------
@@ -368,6 +370,44 @@ class CheckpointStore:
         log_rate("fetched checkpoint", info.uri, total, time.perf_counter() - start, len(objects))
         verify_files(dest, info.manifest, verify=verify, checkpoint=where)
         return dest
+
+    # -- evaluation results (spec.eval.separatePod: evaluation pods write them next to the checkpoints)
+
+    def evaluation_uri(self, step: int) -> str:
+        """Where the evaluation of checkpoint ``step`` goes: ``{root}/evals/step-XXXXXXXX.json``."""
+        return join_uri(self.root_uri, EVALS_DIR, f"{step_dir_name(step)}.json")
+
+    def evaluated_steps(self) -> list[int]:
+        """Steps whose evaluation results exist, ascending."""
+        if self.is_s3:
+            objects = list_objects(join_uri(self.root_uri, EVALS_DIR) + "/", client=self.client)
+            names = [obj.key.rsplit("/", 1)[-1] for obj in objects]
+        else:
+            folder = Path(self.root_uri) / EVALS_DIR
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        return sorted(int(m.group(1)) for name in names if (m := _EVAL_FILE_RE.match(name)))
+
+    def write_evaluation(self, step: int, result: dict) -> str:
+        """Store the evaluation of checkpoint ``step`` (JSON); returns its URI."""
+        uri = self.evaluation_uri(step)
+        body = (json.dumps(result, indent=1) + "\n").encode()
+        if self.is_s3:
+            bucket, key = split_s3(uri)
+            self.client.put_object(Bucket=bucket, Key=key, Body=body)
+        else:
+            path = Path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.partial")
+            tmp.write_bytes(body)
+            os.replace(tmp, path)  # readers see the whole result or none
+        return uri
+
+    def read_evaluation(self, step: int) -> dict:
+        uri = self.evaluation_uri(step)
+        if self.is_s3:
+            bucket, key = split_s3(uri)
+            return json.loads(self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        return json.loads(Path(uri).read_text())
 
     def read_file(self, info: CheckpointInfo, rel: str) -> bytes:
         """One file of a committed checkpoint (``rel`` as the manifest names it, e.g. "run.yaml"),

@@ -39,6 +39,7 @@ class ModelSource:
     run_file: str | None = None
     checkpoint: CheckpointInfo | None = None
     checkpoint_folder: Path | None = None
+    store: CheckpointStore | None = None  # the checkpoint's store (where its evaluation result goes)
 
     def describe(self) -> str:
         if self.checkpoint is not None:
@@ -62,7 +63,7 @@ def _from_store(root: str, step: int | None, *, endpoint_url=None, region=None, 
     folder = Path(store.fetch(info))  # sha256 of every file checked against the manifest
     saved = folder / "run.yaml"
     return ModelSource(path=str(folder / "model"), run_file=saved.read_text() if saved.exists() else run_file,
-                       checkpoint=info, checkpoint_folder=folder)
+                       checkpoint=info, checkpoint_folder=folder, store=store)
 
 
 def resolve_model_source(ref: str, *, step: int | None = None, gguf_file: str | None = None,
