@@ -1,5 +1,6 @@
-"""Shared pieces of the multi-process tests (tests/test_distributed_e2e.py; tests/faults/ uses role_env):
-a tiny model folder, sum problems, a small run file and the env every role process gets."""
+"""Shared pieces of the multi-process tests (tests/test_distributed_e2e.py, test_vllm_e2e.py,
+test_dashboard.py; tests/faults/ uses role_env): a tiny model folder, sum problems and the env every
+role process gets. Their run file is tests/_run_files.py's ``processes`` preset."""
 
 from __future__ import annotations
 
@@ -31,26 +32,6 @@ def write_data(path: Path, count: int) -> Path:
         for i in range(count):
             fh.write(json.dumps({"problem": f"What is {i}+{i * 7 % 11}?", "answer": str(i + i * 7 % 11)}) + "\n")
     return path
-
-
-def run_doc(model_dir: Path, train: str, *, name: str, steps: int, checkpoint: dict, learners: int = 1,
-            rollouts: int = 1, rewards: int = 1) -> dict:
-    """A run file small enough for several processes on 2 cores: 4 prompts x 2 responses per step."""
-    return {
-        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": name},
-        "spec": {
-            "model": {"path": str(model_dir)},
-            "data": {"train": train, "promptTemplate": "none"},
-            "algorithm": {"overlong": {"enabled": True, "bufferLength": 4}, "dynamicSampling": {"enabled": False}},
-            "rollout": {"replicas": rollouts, "engine": "hf", "n": 2, "maxResponseLength": 6, "genBatchSize": 4},
-            "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
-                        "microBatchSize": 4, "lr": 1e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
-                        "weightDecay": 0.0},
-            "reward": {"replicas": rewards, "workers": 1, "timeoutSeconds": 5},
-            "eval": {"everySteps": 0, "beforeTrain": False},
-            "checkpoint": checkpoint,
-        },
-    }
 
 
 def role_env(extra: dict | None = None, *, weight_sync_timeout_s: int = 60, learner_timeout_s: int = 120) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import _run_files
 from dapo.contracts import (
     LEARNER_STATES,
     Env,
@@ -24,13 +25,7 @@ from dapo.spec import SpecError, StorageSpec, parse_run
 from dapo_operator.builders import pod_env
 from dapo_operator.status import compute_status, sanitize_learner_status
 
-RUN = {
-    "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "demo", "namespace": "ns1"},
-    "spec": {"model": {"path": "builtin:arith-tiny"}, "data": {"train": "s3://data/train.parquet"},
-             "rollout": {"replicas": 2, "maxResponseLength": 256, "genBatchSize": 8},
-             "algorithm": {"overlong": {"bufferLength": 64}},
-             "learner": {"replicas": 2, "trainBatchSize": 8, "miniBatchSize": 4}, "reward": {"replicas": 1}},
-}
+RUN = _run_files.run_doc(preset="cluster", reward={"replicas": 1})  # "demo" in ns1: 2 learners, 2 rollouts, 1 reward
 
 
 def _pod(name: str, role: str, ready: bool = True) -> dict:

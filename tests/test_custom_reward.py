@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import _run_files
 from dapo.reward import RewardScorer
 from dapo.reward.custom import ScorerImportError, load_function, read_score
 from dapo.reward.pool import ScorerFailedError
@@ -24,22 +25,15 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_doc(**reward) -> dict:
-    return {
-        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "custom"},
-        "spec": {
-            "model": {"path": "builtin:arith-tiny"},
-            "data": {"train": "examples/data/arith-train.jsonl"},
-            "rollout": {"maxResponseLength": 64, "genBatchSize": 8},
-            "learner": {"trainBatchSize": 4, "miniBatchSize": 4},
-            "algorithm": {"overlong": {"enabled": False}},
-            "reward": {"workers": 1, "timeoutSeconds": 2, **reward},
-        },
-    }
+# this module's run files: the minimal preset with these sections, and spec.reward = REWARD + the test's
+CUSTOM = dict(name="custom", data={"train": "examples/data/arith-train.jsonl"},
+              rollout={"maxResponseLength": 64, "genBatchSize": 8}, learner={"trainBatchSize": 4, "miniBatchSize": 4},
+              algorithm={"overlong": {"enabled": False}})
+REWARD = {"workers": 1, "timeoutSeconds": 2}
 
 
 def scorer_for(**reward) -> RewardScorer:
-    return RewardScorer.from_spec(parse_run(run_doc(**reward)).spec)
+    return RewardScorer.from_spec(parse_run(_run_files.run_doc(**CUSTOM, reward={**REWARD, **reward})).spec)
 
 
 @pytest.fixture()
@@ -53,6 +47,7 @@ def scorer_file(tmp_path):
     return path
 
 
+@pytest.mark.integration
 def test_rules_route_first_match_then_builtin_rules_then_default(scorer_file):
     """First matching glob wins (case-insensitive); unmatched rows fall back to the built-in
     data-source rules and then spec.reward.scorer; verl-style functions run unchanged."""
@@ -75,6 +70,7 @@ def test_rules_route_first_match_then_builtin_rules_then_default(scorer_file):
     assert all(r.acc for r in results[5:]) and all(r.error is None for r in results)
 
 
+@pytest.mark.integration
 def test_function_gets_verls_keyword_arguments():
     with scorer_for(scorers=[{"dataSource": "*", "function": "_custom_scorers:echo_kwargs"}]) as scorer:
         result = scorer.score_batch(["abcd"], ["x"], ["my-source"])[0]
@@ -82,6 +78,7 @@ def test_function_gets_verls_keyword_arguments():
     assert (result.score, result.acc, result.pred) == (0.5, True, "my-source|None|4")
 
 
+@pytest.mark.integration
 def test_function_gets_each_rows_extra_info_through_the_worker_pool():
     infos = [{"split": "train", "index": 3}, None]
     with scorer_for(scorers=[{"dataSource": "*", "function": "_custom_scorers:echo_kwargs"}]) as scorer:
@@ -89,6 +86,7 @@ def test_function_gets_each_rows_extra_info_through_the_worker_pool():
     assert [r.pred for r in results] == ["s1|{'split': 'train', 'index': 3}|4", "s2|None|2"]
 
 
+@pytest.mark.integration
 def test_relative_file_reference_resolves_against_the_start_directory(tmp_path, scorer_file, monkeypatch):
     monkeypatch.chdir(scorer_file.parent)
     with scorer_for(scorers=[{"dataSource": "*", "function": "my_reward.py:compute_score"}]) as scorer:
@@ -96,6 +94,7 @@ def test_relative_file_reference_resolves_against_the_start_directory(tmp_path, 
     assert result.scorer == f"{scorer_file}:compute_score" and result.score == 2.0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("function, error", [
     ("nan_score", "non-finite"),
     ("string_score", "returned a str"),
@@ -114,10 +113,12 @@ def test_bad_results_score_as_failed_and_are_counted_with_the_data_source(functi
     assert any("2 of 2 responses of data_source 'bad-a' failed in scorer " + ref in m for m in caplog.messages)
 
 
-def test_custom_scorer_gets_the_pools_time_bound_crash_isolation_and_input_cap():
-    doc = run_doc(scorers=[{"dataSource": "slow", "function": "_custom_scorers:sleepy"},
-                           {"dataSource": "crash", "function": "_custom_scorers:exits"},
-                           {"dataSource": "echo", "function": "_custom_scorers:echo_kwargs"}])
+@pytest.mark.integration
+def test_custom_scorer_gets_the_pools_time_bound_crash_isolation_and_input_cap(run_doc):
+    doc = run_doc(**CUSTOM, reward={**REWARD, "scorers": [
+        {"dataSource": "slow", "function": "_custom_scorers:sleepy"},
+        {"dataSource": "crash", "function": "_custom_scorers:exits"},
+        {"dataSource": "echo", "function": "_custom_scorers:echo_kwargs"}]})
     doc["spec"]["reward"]["timeoutSeconds"] = 1
     with RewardScorer.from_spec(parse_run(doc).spec, max_input_chars=100) as scorer:
         scorer.score_batch(["warm"], ["x"], ["echo"])
@@ -130,6 +131,7 @@ def test_custom_scorer_gets_the_pools_time_bound_crash_isolation_and_input_cap()
     assert elapsed < 1.0 + 6.0, elapsed
 
 
+@pytest.mark.integration
 def test_a_scorer_that_fails_every_response_stops_with_its_name():
     """Eight data rows (runs of responses with one ground truth) failed in a row stop the run;
     the count spans batches."""
@@ -142,6 +144,7 @@ def test_a_scorer_that_fails_every_response_stops_with_its_name():
             scorer.score_batch(["a"] * 9, rows(5, 3), ["s"] * 9)
 
 
+@pytest.mark.integration
 def test_one_poisoned_row_never_stops_the_run():
     """A row whose ground truth makes the scorer raise fails its n = 16 responses (more than the
     8-row stop) every time it is drawn, between rows that score: the run goes on."""
@@ -157,6 +160,7 @@ def test_one_poisoned_row_never_stops_the_run():
             scorer.score_batch(["x"] * 16, ["poison"] * 16, ["s"] * 16)
 
 
+@pytest.mark.integration
 def test_a_scorer_with_some_failures_keeps_running():
     """Failures that a success interrupts do not stop the run (only an unbroken run of them does)."""
     ref = "_custom_scorers:picky"
@@ -179,13 +183,13 @@ def test_unresolvable_function_is_a_run_file_error_naming_the_field(ref, message
                             {"dataSource": "*", "function": ref}])
 
 
-def test_import_time_exception_and_bad_shape_are_run_file_errors(tmp_path):
+def test_import_time_exception_and_bad_shape_are_run_file_errors(tmp_path, run_doc):
     broken = tmp_path / "broken.py"
     broken.write_text("raise ImportError('needs torch_geometric')\n")
     with pytest.raises(ScorerImportError, match=r"scorers\[0\].function: cannot import .*needs torch_geometric"):
         scorer_for(scorers=[{"dataSource": "*", "function": f"{broken}:f"}])
     with pytest.raises(SpecError, match=r"spec.reward.scorers\[0\].function: string should match pattern"):
-        parse_run(run_doc(scorers=[{"dataSource": "*", "function": "no colon here"}]))
+        parse_run(run_doc(**CUSTOM, reward={**REWARD, "scorers": [{"dataSource": "*", "function": "no colon here"}]}))
     with pytest.raises(ScorerImportError, match="not a function reference"):
         load_function("x", "spec.reward.scorers[0].function")
 
@@ -200,7 +204,7 @@ def test_read_score_accepts_numbers_and_mappings_only():
 
 
 def _write_run(tmp_path: Path, function: str) -> Path:
-    doc = run_doc(scorers=[{"dataSource": "*", "function": function}])
+    doc = _run_files.run_doc(**CUSTOM, reward={**REWARD, "scorers": [{"dataSource": "*", "function": function}]})
     doc["spec"]["data"]["train"] = str(REPO / "examples/data/arith-train.jsonl")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -213,6 +217,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.processes
 def test_dapo_run_refuses_an_unresolvable_scorer_before_loading_the_model(tmp_path):
     run = _write_run(tmp_path, "my_missing_pkg.rewards:compute_score")
     start = time.monotonic()
@@ -223,6 +228,7 @@ def test_dapo_run_refuses_an_unresolvable_scorer_before_loading_the_model(tmp_pa
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.processes
 def test_reward_role_fails_fast_with_the_message(tmp_path):
     """What the reward pod runs: exit code 2 and the message on stderr (the container's
     termination message; the operator turns it into the DAPORun's Failed condition)."""
@@ -232,6 +238,7 @@ def test_reward_role_fails_fast_with_the_message(tmp_path):
     assert "spec.reward.scorers[0].function" in done.stderr and "no such file" in done.stderr
 
 
+@pytest.mark.integration
 def test_example_format_scorer_through_the_pool(monkeypatch):
     """examples/custom-scorer.yaml's rule, as `dapo run` from the repository root resolves it."""
     from dapo.spec import load_run_file
@@ -245,6 +252,7 @@ def test_example_format_scorer_through_the_pool(monkeypatch):
     assert results[0].scorer == f"{REPO}/examples/scorers/even_answer.py:compute_score"
 
 
+@pytest.mark.integration
 def test_verl_code_row_reaches_the_scorer_as_data(tmp_path):
     """A verl-style code data set (parquet; reward_model.ground_truth = {"inputs", "outputs"},
     ~20 kB of JSON, past the old 4096-character cap): the row loads with its ground truth as a
@@ -283,8 +291,9 @@ def test_verl_code_row_reaches_the_scorer_as_data(tmp_path):
     assert "maxGroundTruthChars" in capped_result.error and capped_result.score == -1.0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-def test_scorer_workers_do_not_see_the_reward_process_credentials(monkeypatch, start_method):
+def test_scorer_workers_do_not_see_the_reward_process_credentials(monkeypatch, start_method, run_doc):
     """The reward process holds S3 keys, the remote reward headers and a tracker token; a run-file
     scorer's worker sees none of them (os.environ nor /proc/self/environ), only what
     spec.reward.passEnv lists."""
@@ -294,7 +303,7 @@ def test_scorer_workers_do_not_see_the_reward_process_credentials(monkeypatch, s
         monkeypatch.setenv(key, value)
     rule = [{"dataSource": "*", "function": "_custom_scorers:environment_report"}]
     for pass_env, expected in (([], "-"), (["SCORER_*"], "SCORER_SETTING")):
-        doc = run_doc(scorers=rule, passEnv=pass_env)
+        doc = run_doc(**CUSTOM, reward={**REWARD, "scorers": rule, "passEnv": pass_env})
         with RewardScorer.from_spec(parse_run(doc).spec, start_method=start_method) as scorer:
             (result,) = scorer.score_batch(["a"], ["1"], ["s"])
         assert result.error is None and result.pred == expected, (pass_env, result)

@@ -52,14 +52,16 @@ def learner_exported(tmp_path_factory) -> set[str]:
     reward pool), served by the StatusServer exactly as dapo.entry.roles.run_controller wires it."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from _dapo_runs import run_doc, write_data
+    from _dapo_runs import write_data
+    from _run_files import run_doc
     from _dapo_tiny import tiny_policy
     from dapo.entry.inprocess import build_embedded_run
     from dapo.controller.status_server import StatusServer
     from dapo.spec import parse_run
 
     tmp = tmp_path_factory.mktemp("learner")
-    doc = run_doc(tmp / "unused-model", str(write_data(tmp / "train.jsonl", 8)), name="dash", steps=1,
+    doc = run_doc("dash", "processes", model={"path": str(tmp / "unused-model")},
+                  data={"train": str(write_data(tmp / "train.jsonl", 8))}, learner={"totalSteps": 1},
                   checkpoint={"everySteps": 0})
     doc["spec"]["data"]["eval"] = str(write_data(tmp / "eval.jsonl", 2))
     doc["spec"]["eval"] = {"everySteps": 1, "beforeTrain": False, "n": 1}
@@ -82,6 +84,7 @@ def learner_exported(tmp_path_factory) -> set[str]:
     return {sample.name for family in families for sample in family.samples}
 
 
+@pytest.mark.integration
 def test_every_dashboard_metric_is_exported(learner_exported):
     exported = learner_exported | operator_exported()
     used = dashboard_metric_names()
@@ -89,6 +92,7 @@ def test_every_dashboard_metric_is_exported(learner_exported):
     assert used - exported == set(), f"dashboard queries metrics nobody exports: {sorted(used - exported)}"
 
 
+@pytest.mark.integration
 def test_learner_metrics_follow_verl_names(learner_exported):
     for name in ("dapo_step", "dapo_total_steps", "dapo_weight_version", "dapo_training_state",
                  "dapo_critic_score_mean", "dapo_train_acc_mean", "dapo_val_acc_mean", "dapo_actor_entropy",

@@ -395,6 +395,7 @@ def test_s3_uris_go_through_the_storage_seam(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.processes
 def test_local_loading_never_imports_storage(tmp_path):
     path = write_jsonl(tmp_path / "local.jsonl", [{"problem": "p", "answer": "1"}])
     code = (

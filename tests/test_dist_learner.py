@@ -25,13 +25,14 @@ from _checkpointable import LearnerCheckpointable
 from _dapo_tiny import tiny_policy
 from dapo.algo import RolloutCorrection
 from dapo.storage.checkpointer import MODEL_DIR, Checkpointer
-from dapo.learner.distributed import DistributedLearner, DistributedLearnerError, micro_batch_count, shard_bounds
+from dapo.learner.distributed import DistributedLearner, DistributedLearnerError, micro_batch_count
 from dapo.rollout.base import encode_prompt
 from dapo.learner.batch import make_batch
 from dapo.learner.torch_learner import TorchLearner
 from dapo.storage import CheckpointStore
 
 torch.set_num_threads(2)
+pytestmark = pytest.mark.processes  # every test starts learner ranks (torch.distributed over gloo)
 CTX = mp.get_context("forkserver")
 CTX.set_forkserver_preload(["torch", "transformers.models.qwen2.modeling_qwen2", "dapo.learner.torch_learner"])
 JOIN_TIMEOUT_S = 90
@@ -222,28 +223,6 @@ def float32_weight_tolerance(ref32: dict, dist_steps: list[dict] | None = None, 
         errors = [{name: max(err[name], other[name]) for name in err}
                   for err, other in zip(errors, gradient_errors(first, ref64["steps"]))]
     return update_tolerance(ref64["steps"], errors), ref64["steps"]
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def test_shard_bounds_cover_rows_once():
-    for rows in range(0, 11):
-        for world in range(1, 5):
-            spans = [shard_bounds(rows, world, r) for r in range(world)]
-            assert spans[0][0] == 0 and spans[-1][1] == rows
-            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-            sizes = [b - a for a, b in spans]
-            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-    assert micro_batch_count(5, 2) == 3 and micro_batch_count(0, 2) == 0 and micro_batch_count(4, 2) == 2
-
-
-def test_without_environment_the_error_names_the_variables(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    model, _ = _policy(torch.float32)
-    with pytest.raises(DistributedLearnerError, match="RANK"):
-        DistributedLearner(model, **LEARNER_ARGS)
 
 
 # --------------------------------------------------------------------------- two ranks == one rank

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,9 +29,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+import _run_files
 from _dapo_runs import final_checkpoint_weights, make_model, write_data
 from _dapo_runs import role_env as shared_role_env
-from _dapo_runs import run_doc as shared_run_doc
+
+pytestmark = pytest.mark.processes  # `dapo run --launcher processes` and its role processes
 
 CONTRACT_KEYS = ["step", "actor/pg_loss", "actor/pg_clipfrac", "actor/entropy", "critic/score/mean",
                  "train/acc/mean", "response_length/mean", "train/num_gen_batches", "timing_s/step"]
@@ -41,11 +42,6 @@ CONTRACT_KEYS = ["step", "actor/pg_loss", "actor/pg_clipfrac", "actor/entropy", 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-def run_doc(model_dir: Path, train: str, *, learners: int, rollouts: int, steps: int, checkpoint: dict) -> dict:
-    return shared_run_doc(model_dir, train, name="e2e", steps=steps, checkpoint=checkpoint, learners=learners,
-                          rollouts=rollouts)
 
 
 def role_env(extra: dict | None = None) -> dict:
@@ -66,8 +62,10 @@ def steps_of(run_dir: Path) -> list[dict]:
 def run_small(tmp_path: Path, model_dir: Path, *, learners: int, rollouts: int, steps: int, rollout: dict | None = None):
     """`dapo run --launcher processes` on 12 sum prompts, no checkpoints before the end; must exit 0.
     Returns (run file, output folder, the completed process)."""
-    doc = run_doc(model_dir, str(write_data(tmp_path / "train.jsonl", 12)), learners=learners, rollouts=rollouts,
-                  steps=steps, checkpoint={"everySteps": 0, "keep": 1})
+    doc = _run_files.run_doc(preset="processes", model={"path": str(model_dir)},
+                             data={"train": str(write_data(tmp_path / "train.jsonl", 12))},
+                             learner={"replicas": learners, "totalSteps": steps}, rollout={"replicas": rollouts},
+                             checkpoint={"everySteps": 0, "keep": 1})
     doc["spec"]["rollout"].update(rollout or {})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
@@ -108,41 +106,14 @@ def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
         assert "left the weight-sync group" in replica_log and "recvValue failed" not in replica_log, replica_log[-3000:]
 
 
-def test_processes_launcher_reports_the_failing_role(tmp_path, model_dir):
-    doc = run_doc(model_dir, str(tmp_path / "missing.jsonl"), learners=1, rollouts=1, steps=1,
-                  checkpoint={"everySteps": 0})
+def test_processes_launcher_reports_the_failing_role(tmp_path, model_dir, run_doc):
+    doc = run_doc(preset="processes", model={"path": str(model_dir)}, data={"train": str(tmp_path / "missing.jsonl")},
+                  learner={"totalSteps": 1}, checkpoint={"everySteps": 0})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
     result = dapo_run(run_file, tmp_path / "out", env=role_env(), timeout=180)
     assert result.returncode != 0
     assert "learner-0 exited with code" in result.stderr and "missing.jsonl" in result.stderr
-
-
-def test_parse_cpus_reads_cpu_lists_and_names_the_bad_option():
-    from dapo.entry.processes import parse_cpus
-    from dapo.errors import ConfigError
-
-    assert parse_cpus(["learner=0", "rollout,reward=1-2,4"], available={0, 1, 2, 3, 4}) == {
-        "learner": {0}, "rollout": {1, 2, 4}, "reward": {1, 2, 4}}
-    assert parse_cpus([" learner = 1 "], available={1}) == {"learner": {1}} and parse_cpus([], available=set()) == {}
-    for bad, says in [(["learner=7"], "CPUs [7] are not available"), (["learner"], "use ROLE=CPUS"),
-                      (["learner=3-1"], "the range 3-1 runs backwards: write 1-3"),
-                      (["learner=1-"], "'1-' is not a CPU number"), (["learner=0,,1"], "'' is not a CPU number"),
-                      (["learner=+1"], "'+1' is not a CPU number"), (["learner=1_0"], "'1_0' is not a CPU number"),
-                      (["learner=0-99999999"], "CPU 99999999 cannot exist"), (["critic=0"], "unknown role 'critic'"),
-                      (["learner=0", "learner,rollout=1"], "learner is pinned by an earlier --cpus too")]:
-        with pytest.raises(ConfigError, match=re.escape(says)):
-            parse_cpus(bad, available={0, 1, 2, 3})
-
-
-def test_cpus_option_needs_the_processes_launcher(tmp_path, capsys):
-    from dapo.cli import main as cli_main
-
-    run_file = tmp_path / "run.yaml"
-    run_file.write_text(yaml.safe_dump(run_doc(tmp_path, "train.jsonl", learners=1, rollouts=1, steps=1,
-                                               checkpoint={"everySteps": 0})))
-    assert cli_main(["run", str(run_file), "--cpus", "learner=0", "--output-dir", str(tmp_path / "x")]) == 2
-    assert "use it with --launcher processes" in capsys.readouterr().err
 
 
 def test_process_gang_pins_the_listed_roles_to_their_cpus(tmp_path):
@@ -193,11 +164,13 @@ def s3(tmp_path):
     server.stop()
 
 
-def test_s3_run_killed_after_a_checkpoint_resumes_at_the_same_data_position(tmp_path, model_dir, s3, monkeypatch):
+@pytest.mark.integration  # moto's S3 server and an uninterrupted in-process training as the reference
+def test_s3_run_killed_after_a_checkpoint_resumes_at_the_same_data_position(tmp_path, model_dir, s3, monkeypatch,
+                                                                            run_doc):
     client, s3_env = s3
     client.upload_file(str(write_data(tmp_path / "train.jsonl", 10)), "bucket", "data/train.jsonl")
-    doc = run_doc(model_dir, "s3://bucket/data/train.jsonl", learners=1, rollouts=1, steps=STEPS,
-                  checkpoint={"uri": "s3://bucket/run", "everySteps": 1, "keep": STEPS})
+    doc = run_doc(preset="processes", model={"path": str(model_dir)}, data={"train": "s3://bucket/data/train.jsonl"},
+                  learner={"totalSteps": STEPS}, checkpoint={"uri": "s3://bucket/run", "everySteps": 1, "keep": STEPS})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
     env = role_env({**s3_env, "DAPO_CACHE_DIR": str(tmp_path / "cache")})
@@ -263,7 +236,7 @@ def reference_states(run_file: Path, out: Path) -> list[dict]:
     from dapo.entry.inprocess import build_embedded_run
     from dapo.spec import load_run_file
 
-    from test_trainer import OverlapScorer
+    from _tiny_trainer import OverlapScorer
 
     run = load_run_file(run_file, ["spec.checkpoint.uri=" + str(out / "ck")])
     embedded = build_embedded_run(run, out, resume=False, scorer=OverlapScorer("wrong"))
@@ -280,6 +253,7 @@ def reference_states(run_file: Path, out: Path) -> list[dict]:
 # --------------------------------------------------------------------------- async rollout
 
 
+@pytest.mark.integration  # and an uninterrupted in-process training as the reference
 def test_processes_launcher_async_rollout_one_step_stale(tmp_path, model_dir):
     """maxStaleness 1 through the rollout service: learner-0's generator thread drives the
     replica; versions 1 and 2 reach it between collections (checksums equal the learner's), the
@@ -298,7 +272,7 @@ def test_processes_launcher_async_rollout_one_step_stale(tmp_path, model_dir):
     from dapo.entry.inprocess import build_embedded_run
     from dapo.spec import load_run_file
 
-    from test_trainer import OverlapScorer
+    from _tiny_trainer import OverlapScorer
 
     embedded = build_embedded_run(load_run_file(run_file, []), tmp_path / "ref", resume=False,
                                   scorer=OverlapScorer("wrong"))

@@ -38,6 +38,7 @@ def _reference_log_probs(model, prompt, response, temperature):
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
 
 
+@pytest.mark.integration
 def test_shapes_order_and_lengths(policy):
     model, tok = policy
     engine = HFEngine(model, tok, max_batch_rows=4)  # 3 prompts x 3 = 9 rows: three chunks
@@ -51,6 +52,7 @@ def test_shapes_order_and_lengths(policy):
         assert s.finish_reason in (FINISH_STOP, FINISH_LENGTH)
 
 
+@pytest.mark.integration
 def test_eos_stops_each_row_and_finish_reasons(policy):
     model, tok = policy
     engine = HFEngine(model, tok)
@@ -71,6 +73,7 @@ def test_eos_stops_each_row_and_finish_reasons(policy):
     assert all(len(s.response_ids) == 1 and s.finish_reason == FINISH_STOP for s in samples)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preallocate", [True, False])
 def test_finished_rows_leave_the_decode_batch_and_the_samples_stay(policy, preallocate):
     """Once half the rows have ended they leave the batch and its KV cache (fewer row passes);
@@ -93,6 +96,7 @@ def test_finished_rows_leave_the_decode_batch_and_the_samples_stay(policy, preal
     assert engines[0].last_stats.extra["row_passes"] < 0.8 * rows * passes
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_log_probs_are_model_log_softmax_at_temperature(policy, temperature):
     model, tok = policy
@@ -113,6 +117,7 @@ def test_top_p_filter_keeps_the_nucleus():
     assert torch.equal(top_p_filter(logits, 1.0), logits)  # top-p 1 filters nothing: the same tensor values
 
 
+@pytest.mark.integration
 def test_tiny_top_p_is_greedy(policy):
     model, tok = policy
     engine = HFEngine(model, tok)
@@ -128,6 +133,7 @@ def test_tiny_top_p_is_greedy(policy):
     assert samples[0].response_ids == ids[len(prompt):]
 
 
+@pytest.mark.integration
 def test_seed_determinism(policy):
     model, tok = policy
     engine = HFEngine(model, tok)
@@ -136,6 +142,7 @@ def test_seed_determinism(policy):
     assert run(42) != run(43)
 
 
+@pytest.mark.integration
 def test_update_weights_changes_outputs_and_version(policy):
     model, tok = policy
     engine = HFEngine(model, tok)
@@ -171,6 +178,7 @@ def test_engine_owns_its_copy_and_refuses_partial_updates(policy):
     assert engine.weight_version == 0
 
 
+@pytest.mark.integration
 def test_each_prompt_sample_has_its_own_reproducible_stream(policy):
     """Sample j of prompt i is the same whatever the chunking (max_batch_rows) and whatever other
     prompts share the call (equal-length prompts, so padding is the same); samples of one prompt
@@ -215,6 +223,7 @@ def test_row_uniforms_are_splitmix64_streams_and_uniform():
     assert abs(float(torch.corrcoef(torch.stack([many[:-1].flatten(), many[1:].flatten()]))[0, 1])) < 0.01
 
 
+@pytest.mark.integration
 def test_preallocated_kv_cache_samples_what_the_model_cache_samples(policy):
     """The preallocated KV cache gives the same tokens and log-probs as the model's own cache."""
     model, tok = policy
@@ -243,6 +252,7 @@ def test_inverse_cdf_sampling_never_draws_a_filtered_token_and_matches_frequenci
     torch.testing.assert_close(logp[tokens == 0], torch.full_like(logp[tokens == 0], float(torch.log(torch.tensor(0.5)))))
 
 
+@pytest.mark.integration
 def test_decode_chunks_grow_to_the_kv_budget_and_keep_the_samples(policy):
     """With a KV budget, a chunk holds as many rows as the budget's KV cache does (never fewer
     than max_batch_rows): the whole 9-row batch decodes in one chunk (fewer forward passes than

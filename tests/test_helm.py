@@ -341,6 +341,7 @@ def test_chart_crd_is_the_generated_crd(chart):
 # ----------------------------------------------------------------------------- image
 
 
+@pytest.mark.processes
 def test_operator_command_imports_no_heavy_stack():
     """The slim operator image installs the package with --no-deps: its code path must not need torch."""
     probe = ("import sys, dapo.cli, dapo.crd, dapo_operator.cli, dapo_operator.main\n"
@@ -394,6 +395,7 @@ def test_dockerfile_stages_run_as_non_root_and_keep_torch_out_of_the_operator():
     assert '".[gpu' in " ".join(stages["runtime"])
 
 
+@pytest.mark.processes
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
     if not Path(hadolint).exists():
@@ -467,6 +469,7 @@ def test_gitops_example_runs_are_valid_run_files():
         assert run.kind == "DAPORun"
 
 
+@pytest.mark.processes
 def test_e2e_script_is_valid_bash():
     script = ROOT / "tests" / "e2e" / "kind-e2e.sh"
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)

@@ -26,13 +26,12 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import _run_files
+from _crd_schema import cel_failures, schema_errors
 from dapo.data.prompts import load_prompts
 from dapo.spec import DAPORun, SpecError, load_run_file, parse_run
 
 ROOT = Path(__file__).resolve().parents[1]
-# The CRD test module holds the jsonschema / CEL evaluation of the API server; reuse it.
-sys.path.insert(0, str(ROOT / "tests" / "operator"))
-from test_crd import cel_failures, schema_errors  # noqa: E402
 
 FUZZ = settings(
     max_examples=250,
@@ -44,26 +43,23 @@ FUZZ = settings(
 
 
 def valid_run() -> dict[str, Any]:
-    """A valid run file touching most sections (what the mutations start from)."""
-    return {
-        "apiVersion": "dapo.dev/v1alpha1",
-        "kind": "DAPORun",
-        "metadata": {"name": "fuzz", "namespace": "ns1", "labels": {"team": "a"}},
-        "spec": {
-            "model": {"path": "builtin:arith-tiny", "dtype": "float32"},
-            "data": {"train": "train.jsonl", "columns": {"problem": "question"}},
-            "algorithm": {"epsLow": 0.2, "epsHigh": 0.28, "overlong": {"bufferLength": 64},
-                          "dynamicSampling": {"maxGenBatches": 4}},
-            "rollout": {"replicas": 2, "n": 4, "maxResponseLength": 256, "genBatchSize": 8,
-                        "resources": {"gpus": 1, "limits": {"memory": "8Gi"}},
-                        "tolerations": [{"key": "gpu", "operator": "Exists"}]},
-            "learner": {"replicas": 2, "trainBatchSize": 8, "miniBatchSize": 4, "lr": 1e-6, "strategy": "torch"},
-            "reward": {"replicas": 1, "timeoutSeconds": 5},
-            "eval": {"everySteps": 2},
-            "checkpoint": {"uri": "s3://ckpt/fuzz", "keep": 2},
-            "storage": {"credentialsSecret": "s3-creds"},
-        },
-    }
+    """A valid run file touching most sections (what the mutations start from): the minimal preset
+    (tests/_run_files.py) with every section given, in this order (the fuzzers draw keys in order)."""
+    return _run_files.run_doc(
+        "fuzz", namespace="ns1", metadata={"labels": {"team": "a"}},
+        model={"dtype": "float32"},
+        data={"columns": {"problem": "question"}},
+        algorithm={"epsLow": 0.2, "epsHigh": 0.28, "overlong": {"bufferLength": 64},
+                   "dynamicSampling": {"maxGenBatches": 4}},
+        rollout={"replicas": 2, "n": 4, "maxResponseLength": 256, "genBatchSize": 8,
+                 "resources": {"gpus": 1, "limits": {"memory": "8Gi"}},
+                 "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+        learner={"replicas": 2, "trainBatchSize": 8, "miniBatchSize": 4, "lr": 1e-6, "strategy": "torch"},
+        reward={"replicas": 1, "timeoutSeconds": 5},
+        eval={"everySteps": 2},
+        checkpoint={"uri": "s3://ckpt/fuzz", "keep": 2},
+        storage={"credentialsSecret": "s3-creds"},
+    )
 
 
 def all_paths(node: Any, prefix: tuple = ()) -> list[tuple]:
@@ -254,6 +250,7 @@ def test_load_run_file_hostile_files(hostile_dir, name):
     assert time.monotonic() - started < 5.0, "a hostile run file must be refused quickly"
 
 
+@pytest.mark.processes
 def test_cli_render_exits_2_without_traceback(hostile_dir):
     """`dapo-operator render` (no torch) on hostile files: exit code 2, the field on stderr, no traceback."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -475,6 +472,7 @@ def scorer():
         yield pool
 
 
+@pytest.mark.integration
 def test_scorer_survives_inputs_test_reward_does_not_cover(scorer):
     """Complements tests/test_reward.py (power towers, regex bombs, megabytes, crashes)."""
     nested_sqrt = "Answer: $" + "\\sqrt{" * 3000 + "2" + "}" * 3000 + "$"
@@ -503,6 +501,7 @@ def test_scorer_survives_inputs_test_reward_does_not_cover(scorer):
     assert scorer.score_batch(["Answer: 3"], ["3"])[0].acc is True  # the pool carries on
 
 
+@pytest.mark.integration
 def test_scorer_non_string_inputs_are_failed_not_raised(scorer):
     results = scorer.score_batch([None, b"Answer: 1", 7, "Answer: 2"], ["1", "1", "7", None])
     assert [r.acc for r in results] == [False, False, False, False]

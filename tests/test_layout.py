@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "runtime" / "dapo"
 OPERATOR_MODULE = re.compile(r"^dapo_operator(\.\w+)*$")
@@ -46,6 +48,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "dapo_operator" and sy
 """
 
 
+@pytest.mark.processes
 def test_runtime_cli_and_roles_run_without_the_operator_package():
     """`dapo` and the modules the pods' roles start from import, and `dapo crd` prints the CRD,
     with dapo_operator unimportable; none of its modules is loaded."""
@@ -55,6 +58,7 @@ def test_runtime_cli_and_roles_run_without_the_operator_package():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.processes
 def test_operator_command_renders_and_reports_a_bad_file_like_dapo(tmp_path):
     """`python -m dapo_operator render` prints the pods of a run file; a bad file is one line
     naming the field, exit 2."""

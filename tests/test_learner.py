@@ -169,6 +169,7 @@ def test_state_dict_round_trip(policy):
         torch.testing.assert_close(pa, pb, atol=0, rtol=0)
 
 
+@pytest.mark.integration
 def test_learner_log_probs_match_engine_sampling_log_probs(policy):
     """The batch layout lines up: recomputed old log-probs equal the engine's at the same weights."""
     model, tok = policy
@@ -384,12 +385,11 @@ def test_shuffle_trains_the_same_rows_in_an_order_fixed_by_seed_and_version(poli
     assert plain.shuffled(batch) is batch
 
 
-def test_shuffle_follows_the_run_file():
+def test_shuffle_follows_the_run_file(run_doc):
     from dapo.learner.torch_learner import learner_kwargs_from_spec
     from dapo.spec import parse_run
 
-    doc = {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "s"},
-           "spec": {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "learner": {"seed": 7}}}
+    doc = run_doc("s", model={"path": "m"}, data={"train": "t.jsonl"}, learner={"seed": 7})
     assert learner_kwargs_from_spec(parse_run(doc).spec)["shuffle_seed"] == 7
     doc["spec"]["learner"]["shuffle"] = False
     assert learner_kwargs_from_spec(parse_run(doc).spec)["shuffle_seed"] is None
@@ -424,3 +424,35 @@ def test_later_epochs_clip_against_the_log_probs_the_step_started_from(policy):
         assert m_taken[key] == pytest.approx(m_given[key], rel=1e-9, abs=1e-12), key
     for (name, a), (_, b) in zip(given.model.named_parameters(), taken.model.named_parameters()):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
+
+
+# --------------------------------------------------------------------------- dapo.learner.distributed without ranks
+# (the ranks themselves, over gloo in child processes, are tests/test_dist_learner.py: marker processes)
+
+
+def test_shard_bounds_cover_rows_once():
+    from dapo.learner.distributed import micro_batch_count, shard_bounds
+
+    for rows in range(0, 11):
+        for world in range(1, 5):
+            spans = [shard_bounds(rows, world, r) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            sizes = [b - a for a, b in spans]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert micro_batch_count(5, 2) == 3 and micro_batch_count(0, 2) == 0 and micro_batch_count(4, 2) == 2
+
+
+def test_without_environment_the_error_names_the_variables(monkeypatch):
+    from dapo.algo import RolloutCorrection
+    from dapo.learner.distributed import DistributedLearner, DistributedLearnerError
+
+    # the learner arguments of tests/test_dist_learner.py's ranks
+    learner_args = dict(lr=1e-2, weight_decay=0.0, warmup_steps=2, grad_clip=0.5, mini_batch_rows=4,
+                        micro_batch_rows=2, ppo_epochs=1, rollout_correction=RolloutCorrection(mode="none"))
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    model, _ = tiny_policy(hidden=32, layers=2, seed=0)
+    model = model.to(torch.float32)
+    with pytest.raises(DistributedLearnerError, match="RANK"):
+        DistributedLearner(model, **learner_args)

@@ -18,7 +18,7 @@ import torch
 
 from dapo import algo
 from dapo.spec import ADVANTAGE_ESTIMATOR_NAMES, POLICY_LOSS_NAMES, SpecError, parse_run
-from test_algo import random_batch, ref_group_advantages, ref_token_terms
+from _algo_refs import random_batch, ref_group_advantages, ref_token_terms
 
 L_MAX = 9  # Dr. GRPO's constant normaliser in these tests (>= every row length)
 # A weight capped at C = 2 is exp(log 2): 2.0 when exp is correctly rounded (libm, this machine's SIMD
@@ -328,22 +328,18 @@ def test_spec_choices_are_exactly_the_registries():
     assert algo.ADVANTAGE_ESTIMATORS["grpo"] is algo.group_advantages
 
 
-def _run_doc(**algorithm):
-    return {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "t"},
-            "spec": {"model": {"path": "builtin:arith-tiny"}, "data": {"train": "x.jsonl"}, "algorithm": algorithm}}
-
-
-def test_unknown_names_are_run_file_errors_listing_the_registered_ones():
+def test_unknown_names_are_run_file_errors_listing_the_registered_ones(run_doc):
     with pytest.raises(SpecError) as err:
-        parse_run(_run_doc(policyLoss="ppo"))
+        parse_run(run_doc("t", data={"train": "x.jsonl"}, algorithm={"policyLoss": "ppo"}))
     assert "spec.algorithm.policyLoss" in str(err.value) and all(n in str(err.value) for n in POLICY_LOSS_NAMES)
     with pytest.raises(SpecError) as err:
-        parse_run(_run_doc(advantageEstimator="gae"))
+        parse_run(run_doc("t", data={"train": "x.jsonl"}, algorithm={"advantageEstimator": "gae"}))
     assert "spec.algorithm.advantageEstimator" in str(err.value) and "rloo" in str(err.value)
     with pytest.raises(ValueError, match="registered: cispo, dapo, dr-grpo, grpo, gspo"):
         algo.compute_policy_loss("ppo", *mixed_batch(0)[:3], torch.ones(8, 7, dtype=torch.bool))
-    spec = parse_run(_run_doc(policyLoss="gspo", policyLossParams={"eps_low": 1e-4}, advantageEstimator="rloo",
-                              rolloutCorrection={"mode": "mask", "level": "sequence", "threshold": 3})).spec
+    spec = parse_run(run_doc("t", data={"train": "x.jsonl"}, algorithm={
+        "policyLoss": "gspo", "policyLossParams": {"eps_low": 1e-4}, "advantageEstimator": "rloo",
+        "rolloutCorrection": {"mode": "mask", "level": "sequence", "threshold": 3}})).spec
     assert spec.algorithm.policy_loss == "gspo" and spec.algorithm.rollout_correction.level == "sequence"
 
 

@@ -2,7 +2,7 @@
 are the engine's (not recomputed), they survive the checkpointed state, and the importance
 weight differs from 1 exactly where the sampling policy differs from the trained one.
 
-Set-up (see tests/test_trainer.py): trainBatchSize 2, genBatchSize 3, every group mixed, so
+Set-up (the ``tiny`` run file, tests/_run_files.py): trainBatchSize 2, genBatchSize 3, every group mixed, so
 step 1 trains 2 of 3 generated groups and carries 1 over (sampled by weight version 0); step 2
 trains that stale group next to 1 group freshly sampled by version 1.
 """
@@ -18,8 +18,9 @@ import torch
 
 from dapo.algo import log_probs_from_logits
 from dapo.controller.trainer import Group
-from test_trainer import OverlapScorer, _trainer
+from _tiny_trainer import OverlapScorer, tiny_trainer
 
+pytestmark = pytest.mark.integration  # the real Trainer and HFEngine in this process
 torch.set_num_threads(2)
 
 
@@ -55,10 +56,10 @@ def _log_probs(model, batch):
 @pytest.mark.parametrize("mode", ["none", "truncate"])
 def test_stale_surplus_is_trained_with_the_engines_log_probs(tmp_path, mode):
     # maxStaleness 1 lets one-version-old surplus train (train_step collects in line, synchronously)
-    trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 3, "maxStaleness": 1},
-                       eval={"beforeTrain": False, "everySteps": 0},
-                       algorithm={"rolloutCorrection": {"mode": mode, "level": "token", "threshold": 2.0}},
-                       learner={"shuffle": False})  # keep the stale rows first: the checks below index them
+    trainer = tiny_trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 3, "maxStaleness": 1},
+                           eval={"beforeTrain": False, "everySteps": 0},
+                           algorithm={"rolloutCorrection": {"mode": mode, "level": "token", "threshold": 2.0}},
+                           learner={"shuffle": False})  # keep the stale rows first: the checks below index them
     generated, corrected = _record(trainer)
     version0 = copy.deepcopy(trainer.learner.model)
     trainer.train_step()

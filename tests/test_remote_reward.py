@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import _run_files
 from dapo.reward import RewardScorer
 from dapo.reward.remote import HEADERS_ENV, RemoteReward, RemoteRewardError, headers_from_env
 from dapo.spec import SpecError, parse_run
@@ -104,6 +105,7 @@ def exact_match(body, _attempt):
     return 200, json.dumps({"results": results}).encode()
 
 
+@pytest.mark.integration
 def test_batches_follow_the_contract_with_headers_from_the_environment(judge_factory, monkeypatch):
     judge = judge_factory(exact_match)
     monkeypatch.setenv(HEADERS_ENV, json.dumps({"Authorization": "Bearer s3cret"}))
@@ -122,6 +124,7 @@ def test_batches_follow_the_contract_with_headers_from_the_environment(judge_fac
     assert all(h["Authorization"] == "Bearer s3cret" for h in judge.headers)
 
 
+@pytest.mark.integration
 def test_a_hanging_service_is_bounded_per_attempt_and_named(judge_factory):
     judge = judge_factory(lambda body, attempt: None)
     remote = RemoteReward(judge.url, timeout_s=0.5, max_retries=2, backoff_s=0.1)
@@ -133,6 +136,7 @@ def test_a_hanging_service_is_bounded_per_attempt_and_named(judge_factory):
     assert elapsed < 3 * 0.5 + 0.1 + 0.2 + 3.0, elapsed  # three bounded attempts plus backoff, loose for load
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("payload, what", [
     (b"<html>502 Bad Gateway</html>", "invalid JSON"),
     (b'{"scores": [1.0]}', "without a 'results' list"),
@@ -148,6 +152,7 @@ def test_garbage_answers_are_retried_then_name_the_url(judge_factory, payload, w
     assert what in str(info.value) and len(judge.bodies) == 2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("status", [503, 429, 408])
 def test_a_busy_or_rate_limited_service_succeeds_after_jittered_backoff(judge_factory, status):
     """503, 429 (rate limit) and 408 without Retry-After: retried after exponential backoff with
@@ -159,6 +164,7 @@ def test_a_busy_or_rate_limited_service_succeeds_after_jittered_backoff(judge_fa
     assert len(judge.bodies) == 3 and time.monotonic() - start >= 0.1 + 0.2  # at least half of 0.2 s + 0.4 s
 
 
+@pytest.mark.integration
 def test_retry_after_is_honoured(judge_factory):
     """A 429 with Retry-After: 1 (seconds) then success: the client waits the second the server
     asked for, not its own 0.05 s backoff; an HTTP-date Retry-After is read too."""
@@ -176,6 +182,7 @@ def test_retry_after_is_honoured(judge_factory):
     assert retry_after_seconds("86400") == MAX_RETRY_AFTER_S and retry_after_seconds("soon") is None
 
 
+@pytest.mark.integration
 def test_a_trickling_service_times_out_as_a_whole(judge_factory):
     """A server that sends one byte every 0.1 s never trips a per-read timeout; timeoutSeconds
     bounds the whole request, so each attempt ends after ~1 s."""
@@ -188,6 +195,7 @@ def test_a_trickling_service_times_out_as_a_whole(judge_factory):
     assert len(judge.bodies) == 2 and 2 * 1.0 <= elapsed < 2 * 1.0 + 0.05 + 3.0, elapsed  # 2 attempts, loose for load
 
 
+@pytest.mark.integration
 def test_a_refusing_service_is_not_retried(judge_factory):
     judge = judge_factory(lambda body, attempt: (401, b'{"error": "bad token"}'))
     remote = RemoteReward(judge.url, timeout_s=2, max_retries=3)
@@ -217,16 +225,14 @@ def test_headers_env_must_be_a_json_object_and_is_not_echoed(monkeypatch):
 
 
 def _spec(url: str, **reward):
-    return parse_run({
-        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "remote"},
-        "spec": {"model": {"path": "builtin:arith-tiny"}, "data": {"train": "x.jsonl"},
-                 "rollout": {"maxResponseLength": 10, "genBatchSize": 8},
-                 "learner": {"trainBatchSize": 4, "miniBatchSize": 4},
-                 "algorithm": {"overlong": {"bufferLength": 4}},
-                 "reward": {"workers": 1, "remote": {"url": url, "timeoutSeconds": 5, "batchSize": 8}, **reward}},
-    }).spec
+    """The minimal run file (tests/_run_files.py) scoring through the remote service at ``url``."""
+    return parse_run(_run_files.run_doc(
+        "remote", data={"train": "x.jsonl"}, rollout={"maxResponseLength": 10, "genBatchSize": 8},
+        learner={"trainBatchSize": 4, "miniBatchSize": 4}, algorithm={"overlong": {"bufferLength": 4}},
+        reward={"workers": 1, "remote": {"url": url, "timeoutSeconds": 5, "batchSize": 8}, **reward})).spec
 
 
+@pytest.mark.integration
 def test_reward_scorer_routes_unmatched_rows_to_the_service_and_shapes_them(judge_factory):
     """Run-file rules first, the remote service for every other row; overlong shaping on top."""
     judge = judge_factory(exact_match)
@@ -241,6 +247,7 @@ def test_reward_scorer_routes_unmatched_rows_to_the_service_and_shapes_them(judg
     assert len(judge.bodies) == 1 and len(judge.bodies[0]["requests"]) == 3
 
 
+@pytest.mark.integration
 def test_a_service_answering_only_garbage_entries_stops_the_run(judge_factory):
     judge = judge_factory(lambda body, attempt: (200, json.dumps({"results": ["?"] * len(body["requests"])}).encode()))
     with RewardScorer.from_spec(_spec(judge.url)) as scorer:

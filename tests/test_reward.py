@@ -324,6 +324,7 @@ def _timed_batch(scorer, responses, ground_truths, data_sources=None):
     return results, time.monotonic() - start
 
 
+@pytest.mark.integration
 def test_pool_scores_in_input_order(pool):
     # Unequal delays on two workers: results complete out of order but must come back in order.
     responses = [f"{0.3 if i % 3 == 0 else 0.0}|Answer: {i}" for i in range(9)]
@@ -335,6 +336,7 @@ def test_pool_scores_in_input_order(pool):
     assert [r.score for r in results] == [1.0 if i != 4 else -1.0 for i in range(9)]
 
 
+@pytest.mark.integration
 def test_pool_pathological_inputs_time_out_within_the_bound(pool):
     power_tower = FILLER + "\nAnswer: $9^{9^{9^{9}}}$"
     nested_braces = "Answer: $" + "{" * 5000 + "1" + "}" * 5000 + "$"
@@ -355,6 +357,7 @@ def test_pool_pathological_inputs_time_out_within_the_bound(pool):
     assert pool.score_batch(["Answer: 3"], ["3"])[0].acc is True
 
 
+@pytest.mark.integration
 def test_pool_megabyte_inputs(pool):
     megabyte = "x" * (1 << 20) + "\nAnswer: 12"
     # math_dapo: the tail cap keeps the answer, so a megabyte response scores quickly and right.
@@ -368,6 +371,7 @@ def test_pool_megabyte_inputs(pool):
     assert elapsed < 1.0
 
 
+@pytest.mark.integration
 def test_pool_uncapped_megabyte_latex_times_out():
     mega_latex = "$" + "\\frac{1}{2}+" * 90_000 + "1$"  # ~1 MB of LaTeX for math-verify to parse
     assert len(mega_latex) > 1_000_000
@@ -378,6 +382,7 @@ def test_pool_uncapped_megabyte_latex_times_out():
     assert elapsed < TIMEOUT_S + SLACK_S + 3.0  # includes the first worker's start
 
 
+@pytest.mark.integration
 def test_pool_recovers_from_worker_crash_and_scorer_errors(pool):
     started = pool.stats["workers_started"]
     results = pool.score_batch(
@@ -394,6 +399,7 @@ def test_pool_recovers_from_worker_crash_and_scorer_errors(pool):
     assert all(r.acc for r in pool.score_batch(["Answer: 5"] * 4, ["5"] * 4))
 
 
+@pytest.mark.integration
 def test_pool_one_worker_sends_many_responses_per_message_and_fails_only_the_bad_ones():
     """One worker, a batch larger than one message holds: a crash and a timeout in the middle
     fail only their own response; every other response is scored, in input order; the time
@@ -418,6 +424,7 @@ def test_pool_one_worker_sends_many_responses_per_message_and_fails_only_the_bad
         assert not any(r.timed_out for r in results) and all(r.acc for r in results)
 
 
+@pytest.mark.integration
 def test_pool_overlong_shaping():
     # L_max = 100, L_cache = 20: no penalty up to 80 tokens, a linear ramp to -1 at 100, -1 beyond.
     lengths = [50, 80, 90, 100, 150, 90]
@@ -434,6 +441,7 @@ def test_pool_overlong_shaping():
     assert results[2]["score"] == pytest.approx(0.5)  # mapping access
 
 
+@pytest.mark.integration
 def test_pool_overlong_factor_and_disabled():
     with RewardScorer(
         timeout_s=5.0, workers=1, max_response_length=100, overlong_buffer_length=20, overlong_penalty_factor=0.5

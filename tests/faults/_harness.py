@@ -27,11 +27,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from _dapo_runs import role_env as shared_role_env
+from _run_files import FAULT_STEPS
 
-STEPS = 4
+STEPS = FAULT_STEPS  # the faults run file's steps (tests/_run_files.py)
 
 # A ~10k-parameter arithmetic model (sums of one-digit numbers) warmed up for a few seconds: it
 # answers in the "Answer: N" format and is right about a fifth of the time at temperature 1.
@@ -61,37 +60,13 @@ def write_data(path: Path) -> Path:
     return path
 
 
-def run_doc(model_dir: Path, train: str, *, learners: int = 1, rollouts: int = 1, rewards: int = 1,
-            checkpoint_uri: str | None = None, steps: int = STEPS, name: str = "faults") -> dict:
-    """4 groups of 4 responses per step, generation batches of 8 prompts, dynamic sampling on
-    (about a third of the groups are all-wrong and dropped; the rest fill the batch and the
-    surplus is saved and dropped at the next step), two optimizer steps per training step, a checkpoint
-    every step."""
-    checkpoint = {"everySteps": 1, "keep": steps}
-    if checkpoint_uri:
-        checkpoint["uri"] = checkpoint_uri
-    return {
-        "apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": name},
-        "spec": {
-            "model": {"path": str(model_dir)},
-            "data": {"train": train, "promptTemplate": "none"},
-            "algorithm": {"overlong": {"enabled": True, "bufferLength": 2},
-                          "dynamicSampling": {"enabled": True, "maxGenBatches": 8}},
-            "rollout": {"replicas": rollouts, "engine": "hf", "n": 4, "maxPromptLength": 16, "maxResponseLength": 8,
-                        "genBatchSize": 8},
-            "learner": {"replicas": learners, "strategy": "torch", "trainBatchSize": 4, "miniBatchSize": 2,
-                        "microBatchSize": 4, "lr": 2e-3, "warmupSteps": 0, "totalSteps": steps, "seed": 5,
-                        "weightDecay": 0.0},
-            "reward": {"replicas": rewards, "workers": 1, "timeoutSeconds": 5, "scorer": "math_dapo"},
-            "eval": {"everySteps": 0, "beforeTrain": False},
-            "checkpoint": checkpoint,
-        },
-    }
-
-
-def write_run_file(path: Path, doc: dict) -> Path:
-    path.write_text(yaml.safe_dump(doc))
-    return path
+def arith_sections(model_dir: Path, train_file: Path) -> dict:
+    """The run-file sections naming the arithmetic model and its training sums: with tests/_run_files.py's
+    ``faults`` preset (4 groups of 4 responses per step, generation batches of 8 prompts, dynamic
+    sampling on: about a third of the groups are all-wrong and dropped, the rest fill the batch and
+    the surplus is saved and dropped at the next step; two optimizer steps per training step; a
+    checkpoint every step), ``run_doc(preset="faults", **arith_sections(model_dir, train_file))``."""
+    return {"model": {"path": str(model_dir)}, "data": {"train": str(train_file)}}
 
 
 def role_env(extra: dict | None = None) -> dict:

@@ -43,7 +43,8 @@ def train_file(tmp_path_factory):
 def reference_for(tmp_path_factory, model_dir, train_file):
     """``reference_for(learners=, rollouts=, steps=)``: the uninterrupted processes-launcher run of
     that run file (local checkpoints), run once per topology and session."""
-    from _harness import STEPS, role_env, run_doc, run_reference, write_run_file
+    from _harness import STEPS, arith_sections, role_env, run_reference
+    from _run_files import run_doc, write_run_file
 
     cache = {}
 
@@ -51,7 +52,9 @@ def reference_for(tmp_path_factory, model_dir, train_file):
         key = (learners, rollouts, steps)
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"reference-{learners}l{rollouts}r{steps}s")
-            doc = run_doc(model_dir, str(train_file), learners=learners, rollouts=rollouts, steps=steps)
+            doc = run_doc(preset="faults", **arith_sections(model_dir, train_file),
+                          learner={"replicas": learners, "totalSteps": steps}, rollout={"replicas": rollouts},
+                          checkpoint={"keep": steps})
             cache[key] = run_reference(write_run_file(folder / "run.yaml", doc), folder / "out", role_env(), model_dir)
         return cache[key]
 

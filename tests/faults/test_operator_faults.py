@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import yaml
 
-from operator_testkit import eventually, good_run, learner_answer
-from report import FaultResult, record
-from test_operator_kmock import (
-    EXPECTED, RUNS, all_running, api, create_run, declare_resources, no_pods, phase_is, pods, pods_named, run_status,
-    running_operator, sent, set_pod, start_running_run,
+from operator_testkit import (
+    EXPECTED, RUNS, all_running, api, create_run, declare_resources, eventually, learner_answer, no_pods, phase_is,
+    pods, pods_named, run_status, running_operator, sent, set_pod, start_running_run,
 )
+from report import FaultResult, record
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 GANG = {name for name in EXPECTED if "reward" not in name}
 
@@ -81,11 +83,11 @@ async def test_operator_restarted_mid_run_with_a_failure_while_down(kmock, fake_
     assert lost == 0
 
 
-async def test_run_edited_suspended_and_resumed_repeatedly(kmock, fake_learner):
+async def test_run_edited_suspended_and_resumed_repeatedly(kmock, fake_learner, run_doc):
     declare_resources(kmock)
     lost, recover = 0, []
     async with running_operator(kmock):
-        await create_run(kmock, good_run())
+        await create_run(kmock, run_doc(preset="operator"))
         await eventually(lambda: pods_named(kmock, EXPECTED))
         generation = 1
         for cycle in range(1, 4):

@@ -24,11 +24,12 @@ import uuid
 import pytest
 
 from _harness import (
-    STEPS, Launch, compare_with_reference, local_manifest, role_env, run_doc, steps_done, wait_for, write_run_file,
+    STEPS, Launch, arith_sections, compare_with_reference, local_manifest, role_env, steps_done, wait_for,
 )
+from _run_files import write_run_file
 from report import FaultResult, record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.faults, pytest.mark.processes]
 
 REAL_KILL = "real SIGKILL of the role's process (launcher: local processes)"
 
@@ -115,12 +116,13 @@ KILLS = {
 
 @pytest.mark.parametrize("role", list(KILLS))
 def test_killed_role_fails_loudly_and_resume_ends_in_the_uninterrupted_state(role, tmp_path, model_dir, train_file,
-                                                                            reference_for):
+                                                                            reference_for, run_doc):
     case = KILLS[role]
     learners, rollouts = case.get("learners", 1), case.get("rollouts", 1)
     reference = reference_for(learners=learners, rollouts=rollouts)
-    run_file = write_run_file(tmp_path / "run.yaml", run_doc(model_dir, str(train_file), learners=learners,
-                                                             rollouts=rollouts))
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="faults", **arith_sections(model_dir, train_file),
+                                                             learner={"replicas": learners},
+                                                             rollout={"replicas": rollouts}))
     out, env = tmp_path / "out", role_env()
 
     first = Launch(run_file, out, env)
@@ -143,9 +145,10 @@ def test_killed_role_fails_loudly_and_resume_ends_in_the_uninterrupted_state(rol
                      recovered_when="kill -> resumed run finished the interrupted step", test=f"kill {role}")
 
 
+@pytest.mark.integration
 def test_controller_killed_during_checkpoint_upload_leaves_no_torn_checkpoint(tmp_path, model_dir, train_file,
                                                                             reference_for, moto, bucket,
-                                                                            s3_credentials):
+                                                                            s3_credentials, run_doc):
     from _s3proxy import FaultProxy
 
     host, port, client = moto
@@ -159,8 +162,8 @@ def test_controller_killed_during_checkpoint_upload_leaves_no_torn_checkpoint(tm
             release.wait(60)
         return None
 
-    run_file = write_run_file(tmp_path / "run.yaml", run_doc(model_dir, str(train_file),
-                                                             checkpoint_uri=f"s3://{bucket}/run"))
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="faults", **arith_sections(model_dir, train_file),
+                                                             checkpoint={"uri": f"s3://{bucket}/run"}))
     out = tmp_path / "out"
     with FaultProxy(host, port, fault=hold_step2_upload) as proxy:
         env = s3_env(proxy.url)
@@ -191,8 +194,9 @@ def test_controller_killed_during_checkpoint_upload_leaves_no_torn_checkpoint(tm
 # --------------------------------------------------------------------------- S3 faults
 
 
+@pytest.mark.integration
 def test_s3_errors_for_a_while_are_retried_without_a_restart(tmp_path, model_dir, train_file, reference_for, moto,
-                                                             bucket, s3_credentials):
+                                                             bucket, s3_credentials, run_doc):
     from _s3proxy import RESET, FaultProxy
 
     host, port, client = moto
@@ -214,8 +218,8 @@ def test_s3_errors_for_a_while_are_retried_without_a_restart(tmp_path, model_dir
                 state["healed"] = time.monotonic()
             return None
 
-    run_file = write_run_file(tmp_path / "run.yaml", run_doc(model_dir, str(train_file),
-                                                             checkpoint_uri=f"s3://{bucket}/run"))
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="faults", **arith_sections(model_dir, train_file),
+                                                             checkpoint={"uri": f"s3://{bucket}/run"}))
     out = tmp_path / "out"
     with FaultProxy(host, port, fault=flaky_after_checkpoint1) as proxy:
         run = Launch(run_file, out, s3_env(proxy.url))
@@ -233,9 +237,10 @@ def test_s3_errors_for_a_while_are_retried_without_a_restart(tmp_path, model_dir
                      recovered_when="first fault -> first request served", test="s3 transient")
 
 
+@pytest.mark.integration
 def test_s3_unreachable_past_the_retry_budget_fails_clearly_and_resumes_later(tmp_path, model_dir, train_file,
                                                                               reference_for, moto, bucket,
-                                                                              s3_credentials):
+                                                                              s3_credentials, run_doc):
     from _s3proxy import RESET, FaultProxy
 
     host, port, client = moto
@@ -250,8 +255,8 @@ def test_s3_unreachable_past_the_retry_budget_fails_clearly_and_resumes_later(tm
             state["down"] = True
         return None
 
-    run_file = write_run_file(tmp_path / "run.yaml", run_doc(model_dir, str(train_file),
-                                                             checkpoint_uri=f"s3://{bucket}/run"))
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="faults", **arith_sections(model_dir, train_file),
+                                                             checkpoint={"uri": f"s3://{bucket}/run"}))
     out = tmp_path / "out"
     with FaultProxy(host, port, fault=down_after_checkpoint1) as proxy:
         env = s3_env(proxy.url, DAPO_S3_MAX_ATTEMPTS="3")
@@ -282,7 +287,7 @@ def test_s3_unreachable_past_the_retry_budget_fails_clearly_and_resumes_later(tm
 
 
 def test_weight_sync_peer_stops_answering_then_gang_restart_resumes_exactly(tmp_path, model_dir, train_file,
-                                                                           reference_for):
+                                                                           reference_for, run_doc):
     """rollout-1 is frozen (SIGSTOP) right after it applied weight version 1: it neither answers
     nor heart-beats, and the launcher cannot see it (the process has not exited). Its generation
     chunks time out and are retried on rollout-0; the broadcast of version 2 then finds rank 2
@@ -290,7 +295,8 @@ def test_weight_sync_peer_stops_answering_then_gang_restart_resumes_exactly(tmp_
     the gang (the frozen process included, by SIGKILL after the grace period). `--resume` is the
     gang restart; the final state must equal the uninterrupted run's."""
     reference = reference_for(rollouts=2)
-    run_file = write_run_file(tmp_path / "run.yaml", run_doc(model_dir, str(train_file), rollouts=2))
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="faults", **arith_sections(model_dir, train_file),
+                                                             rollout={"replicas": 2}))
     out = tmp_path / "out"
     env = role_env({"DAPO_WEIGHT_SYNC_TIMEOUT_S": "10", "DAPO_ROLLOUT_REQUEST_TIMEOUT_S": "5"})
     rollout_log = out / "logs" / "rollout-1.log"
@@ -333,14 +339,16 @@ SOAK_KILLS = 3
 SOAK_ROLES = ["learner-0", "learner-1", "rollout-0", "rollout-1", "reward-0"]
 
 
-def test_seeded_soak_of_random_kills_ends_in_the_uninterrupted_state(tmp_path, model_dir, train_file, reference_for):
+def test_seeded_soak_of_random_kills_ends_in_the_uninterrupted_state(tmp_path, model_dir, train_file, reference_for,
+                                                                     run_doc):
     """A small driver: start the run; once a randomly chosen checkpoint is committed, SIGKILL a
     random role; start `--resume` as soon as the launcher has exited; repeat; the attempt after
     the last kill runs to the end. The final state must equal the uninterrupted run's."""
     rng = random.Random(SOAK_SEED)
     reference = reference_for(learners=2, rollouts=2, steps=SOAK_STEPS)
-    run_file = write_run_file(tmp_path / "run.yaml", run_doc(model_dir, str(train_file), learners=2, rollouts=2,
-                                                             steps=SOAK_STEPS))
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="faults", **arith_sections(model_dir, train_file),
+                                                             learner={"replicas": 2, "totalSteps": SOAK_STEPS},
+                                                             rollout={"replicas": 2}, checkpoint={"keep": SOAK_STEPS}))
     out, env = tmp_path / "out", role_env()
     # distinct checkpoints to kill after, ascending: every attempt makes progress
     after = sorted(rng.sample(range(1, SOAK_STEPS), SOAK_KILLS))

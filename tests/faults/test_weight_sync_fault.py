@@ -22,6 +22,8 @@ import torch
 
 from report import FaultResult, record
 
+pytestmark = [pytest.mark.faults, pytest.mark.processes]  # receiver interpreters, one SIGKILLed
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 5.0
 

@@ -13,14 +13,16 @@ from dapo_operator.builders import Owner, build_all, build_pod, spec_warnings
 from dapo_operator.reconcile import CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchStatus, reconcile
 from dapo_operator.render import render_objects
 from dapo_operator.status import compute_status
-from operator_testkit import good_run, learner_answer
+import _run_files
+from _run_files import Replace
+from operator_testkit import learner_answer
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 OWNER = Owner("demo", "uid-1")
 
 
 def run_obj(**spec) -> dict[str, Any]:
-    doc = good_run(**spec)
+    doc = _run_files.run_doc(preset="operator", **spec)
     doc["metadata"].update(uid="uid-1", generation=1)
     return doc
 
@@ -29,8 +31,9 @@ def env_of(pod: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["spec"]["containers"][0]["env"]}
 
 
-def test_pod_contract_env_security_and_owner():
-    run = parse_run(good_run(storage={"credentialsSecret": "s3-creds", "endpointUrl": "http://minio:9000"}))
+def test_pod_contract_env_security_and_owner(run_doc):
+    run = parse_run(run_doc(preset="operator",
+                            storage={"credentialsSecret": "s3-creds", "endpointUrl": "http://minio:9000"}))
     pod = build_pod(run, "learner", 1, "ns1", gang_generation=2, image="img:op", owner=OWNER)
     env = env_of(pod)
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["MASTER_PORT"] == "29500"
@@ -54,9 +57,9 @@ def test_pod_contract_env_security_and_owner():
     assert pod["metadata"]["labels"]["dapo.dev/gang-generation"] == "2"
 
 
-def test_image_precedence_resources_and_placement(monkeypatch):
+def test_image_precedence_resources_and_placement(monkeypatch, run_doc):
     monkeypatch.setenv("DAPO_DEFAULT_IMAGE", "img:env")
-    run = parse_run(good_run(image="img:spec", rollout={
+    run = parse_run(run_doc(preset="operator", image="img:spec", rollout={
         "replicas": 1, "maxResponseLength": 256, "genBatchSize": 8, "image": "img:role",
         "resources": {"gpus": 2, "requests": {"cpu": 4}}, "nodeSelector": {"pool": "gpu"},
         "tolerations": [{"key": "gpu", "operator": "Exists"}], "priorityClassName": "high",
@@ -65,7 +68,8 @@ def test_image_precedence_resources_and_placement(monkeypatch):
     learner = build_pod(run, "learner", 0, "ns", 0)
     assert rollout["spec"]["containers"][0]["image"] == "img:role"
     assert learner["spec"]["containers"][0]["image"] == "img:spec"
-    assert build_pod(parse_run(good_run()), "reward", 0, "ns", 0)["spec"]["containers"][0]["image"] == "img:env"
+    reward = build_pod(parse_run(run_doc(preset="operator")), "reward", 0, "ns", 0)
+    assert reward["spec"]["containers"][0]["image"] == "img:env"
     res = rollout["spec"]["containers"][0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == "2" and res["requests"]["cpu"] == "4"
     assert rollout["spec"]["nodeSelector"] == {"pool": "gpu"} and rollout["spec"]["priorityClassName"] == "high"
@@ -74,8 +78,8 @@ def test_image_precedence_resources_and_placement(monkeypatch):
     assert "secretKeyRef" not in str(learner)  # no secret unless asked for
 
 
-def test_kueue_gang_hints():
-    doc = good_run()
+def test_kueue_gang_hints(run_doc):
+    doc = run_doc(preset="operator")
     doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "q"}
     run = parse_run(doc)
     pods = [o for o in build_all(run, "ns", gang_generation=3) if o["kind"] == "Pod"]
@@ -85,22 +89,22 @@ def test_kueue_gang_hints():
         assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "demo-g3"
         assert pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "5"
         assert pod["spec"]["schedulingGates"] == [{"name": "kueue.x-k8s.io/admission"}]
-    assert "schedulingGates" not in build_pod(parse_run(good_run()), "learner", 0, "ns", 0)["spec"]
+    assert "schedulingGates" not in build_pod(parse_run(run_doc(preset="operator")), "learner", 0, "ns", 0)["spec"]
 
 
-def test_render_uses_builders(tmp_path):
+def test_render_uses_builders(tmp_path, run_doc):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(good_run()))
+    path.write_text(yaml.safe_dump(run_doc(preset="operator")))
     objects = render_objects(str(path), namespace="ignored-because-file-sets-ns1", image="img:x")
     kinds = [o["kind"] for o in objects]
     assert kinds == ["ConfigMap", "Service", "Service", "Service", "Pod", "Pod", "Pod", "Pod", "Pod"]
     assert parse_run(yaml.safe_load(objects[0]["data"]["run.yaml"])).spec.learner.replicas == 2
 
 
-def test_render_bad_file_raises_spec_error(tmp_path):
+def test_render_bad_file_raises_spec_error(tmp_path, run_doc):
     from dapo.spec import SpecError
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(good_run(learner={"replicas": 0})))
+    path.write_text(yaml.safe_dump(run_doc(preset="operator", learner=Replace({"replicas": 0}))))
     with pytest.raises(SpecError, match="replicas"):
         render_objects(str(path))
 
@@ -220,25 +224,25 @@ def test_terminal_ttl_and_invalid_spec():
     assert plan.of(CreateObject) == []
 
 
-def test_compute_status_conditions_keep_transition_time():
-    run = parse_run(good_run())
+def test_compute_status_conditions_keep_transition_time(run_doc):
+    run = parse_run(run_doc(preset="operator"))
     first = compute_status(run, 1, [], None, {}, T0)
     later = compute_status(run, 1, [], None, first, T0 + dt.timedelta(minutes=1))
     progressing = [c for c in later["conditions"] if c["type"] == "Progressing"][0]
     assert progressing["status"] == "True" and progressing["lastTransitionTime"] == "2025-01-01T00:00:00Z"
     assert {c["type"] for c in later["conditions"]} == {"Ready", "Progressing", "Succeeded", "Failed", "Suspended"}
     assert later["warnings"] == []
-    no_ckpt = parse_run(good_run(checkpoint={}))
+    no_ckpt = parse_run(run_doc(preset="operator", checkpoint=Replace({})))
     assert "checkpoint.uri" in compute_status(no_ckpt, 1, [], None, {}, T0)["warnings"][0]
 
 
 # --------------------------------------------------------------------------- run-file scorers, remote reward, trackers
 
 
-def test_scorer_config_map_is_mounted_in_reward_pods_only():
+def test_scorer_config_map_is_mounted_in_reward_pods_only(run_doc):
     """spec.reward.scorerConfigMap: its files appear read-only at /etc/dapo/scorers in every reward
     pod (where a scorers[i].function '/etc/dapo/scorers/FILE.py:NAME' is loaded), nowhere else."""
-    run = parse_run(good_run(reward={"replicas": 2, "scorerConfigMap": "my-scorers", "scorers": [
+    run = parse_run(run_doc(preset="operator", reward={"replicas": 2, "scorerConfigMap": "my-scorers", "scorers": [
         {"dataSource": "*", "function": "/etc/dapo/scorers/judge.py:compute_score"}]}))
     objects = build_all(run, "ns1", owner=OWNER)
     pods = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Pod"}
@@ -259,8 +263,9 @@ def test_scorer_config_map_is_mounted_in_reward_pods_only():
     assert scorers == [{"dataSource": "*", "function": "/etc/dapo/scorers/judge.py:compute_score"}]
 
 
-def test_remote_headers_and_tracker_credentials_come_from_secrets():
-    run = parse_run(good_run(
+def test_remote_headers_and_tracker_credentials_come_from_secrets(run_doc):
+    run = parse_run(run_doc(
+        preset="operator",
         reward={"replicas": 1, "remote": {"url": "https://judge.example/score", "headersSecret": "judge-headers"}},
         tracking={"wandb": {"project": "p"}, "credentialsSecret": "tracker-keys"}))
     reward = build_pod(run, "reward", 0, "ns1", gang_generation=0)
@@ -345,13 +350,13 @@ def test_learner_status_run_file_error_fails_the_run_before_the_pod_exits():
     assert reconcile(obj2, observe(pods2, other)).status["phase"] != "Failed"
 
 
-def test_zero_with_one_learner_replica_is_a_status_warning():
+def test_zero_with_one_learner_replica_is_a_status_warning(run_doc):
     """strategy deepspeed-zero3 with one learner pod trains with plain torch: the status says so."""
-    one = parse_run(good_run(learner={"replicas": 1, "strategy": "deepspeed-zero3", "trainBatchSize": 8,
-                                      "miniBatchSize": 4}))
+    one = parse_run(run_doc(preset="operator", learner={"replicas": 1, "strategy": "deepspeed-zero3",
+                                                        "trainBatchSize": 8, "miniBatchSize": 4}))
     assert any("spec.learner.strategy deepspeed-zero3 with spec.learner.replicas 1" in w for w in spec_warnings(one))
-    two = parse_run(good_run(learner={"replicas": 2, "strategy": "deepspeed-zero3", "trainBatchSize": 8,
-                                      "miniBatchSize": 4}))
+    two = parse_run(run_doc(preset="operator", learner={"replicas": 2, "strategy": "deepspeed-zero3",
+                                                        "trainBatchSize": 8, "miniBatchSize": 4}))
     assert not any("spec.learner.strategy" in w for w in spec_warnings(two))
 
 

@@ -6,20 +6,15 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import celpy
-import jsonschema
 import pytest
 import yaml
 
+import _run_files
+from _crd_schema import cel_failures, root_schema, schema_errors
 from dapo.spec import CROSS_FIELD_RULES, IMMUTABLE_FIELDS, SpecError, parse_run
-from dapo.crd import apply_defaults, build_crd, render_crd
-from operator_testkit import good_run
+from dapo.crd import build_crd, render_crd
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def root_schema() -> dict[str, Any]:
-    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 def test_committed_crd_matches_the_spec_model():
@@ -70,65 +65,7 @@ def test_schema_is_structural():
     assert spec["model"]["properties"]["path"]["description"]
 
 
-def _strict(schema: Any) -> Any:
-    """jsonschema approximation of the API server: OpenAPI bits mapped, unknown fields rejected
-    (kubectl's strict field validation), nullable -> allows null."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes")}
-    for bound, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if out.get(bound) is True:
-            out[bound] = out.pop(inclusive)
-    if schema.get("x-kubernetes-int-or-string"):
-        out["type"] = ["integer", "string"]
-    if schema.get("nullable"):
-        out.pop("nullable")
-        if "type" in out:
-            out["type"] = [out["type"], "null"] if isinstance(out["type"], str) else out["type"] + ["null"]
-    if "properties" in out and not schema.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
-        out.pop("type")
-        out["type"] = "object"
-    return out
-
-
-def schema_errors(doc: dict[str, Any]) -> list[str]:
-    validator = jsonschema.Draft7Validator(_strict(root_schema()))
-    return [e.message for e in validator.iter_errors(doc)]
-
-
-def cel_failures(doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
-    """Evaluate every x-kubernetes-validations rule where it is attached, after defaulting.
-
-    Transition rules (oldSelf) run only when an old object exists, as in the API server."""
-    schema = root_schema()
-    doc = apply_defaults(schema, doc)
-    old = apply_defaults(schema, old) if old is not None else None
-    env = celpy.Environment()
-    failures = []
-
-    def visit(node: dict[str, Any], value: Any, old_value: Any) -> None:
-        for rule in node.get("x-kubernetes-validations", []):
-            uses_old = "oldSelf" in rule["rule"]
-            if uses_old and old_value is None:
-                continue
-            activation = {"self": celpy.json_to_cel(value)}
-            if uses_old:
-                activation["oldSelf"] = celpy.json_to_cel(old_value)
-            if not bool(env.program(env.compile(rule["rule"])).evaluate(activation)):
-                failures.append(rule["message"])
-        for name, child in (node.get("properties") or {}).items():
-            if isinstance(value, dict) and name in value:
-                visit(child, value[name], old_value.get(name) if isinstance(old_value, dict) else None)
-
-    visit(schema, doc, old)
-    return failures
-
-
-GOOD_FILES = [good_run(), yaml.safe_load((ROOT / "examples" / "k8s-run.yaml").read_text())]
+GOOD_FILES = [_run_files.run_doc(preset="operator"), yaml.safe_load((ROOT / "examples" / "k8s-run.yaml").read_text())]
 
 
 @pytest.mark.parametrize("doc", GOOD_FILES, ids=["small", "example"])
@@ -139,7 +76,7 @@ def test_good_files_pass_schema_and_cel(doc):
 
 
 def _bad(path: str, value: Any) -> dict[str, Any]:
-    doc = good_run()
+    doc = _run_files.run_doc(preset="operator")
     node = doc
     keys = path.split(".")
     for key in keys[:-1]:
@@ -165,8 +102,8 @@ def test_bad_fields_fail_schema_and_pydantic(path, value):
         parse_run(doc)
 
 
-def test_missing_required_fails_schema():
-    doc = good_run()
+def test_missing_required_fails_schema(run_doc):
+    doc = run_doc(preset="operator")
     del doc["spec"]["model"]
     assert schema_errors(doc)
 
@@ -186,15 +123,15 @@ def test_cel_rules_match_pydantic(path, value, rule_index):
         parse_run(doc)
 
 
-def test_cel_rules_see_defaults():
+def test_cel_rules_see_defaults(run_doc):
     """Omitted sections are defaulted before CEL runs (default {} on nested objects)."""
-    doc = good_run()
+    doc = run_doc(preset="operator")
     del doc["spec"]["algorithm"]  # default bufferLength 4096 vs maxResponseLength 256: must fail
     assert CROSS_FIELD_RULES[3].message in cel_failures(doc)
 
 
-def test_immutable_fields_are_transition_rules():
-    old = good_run()
+def test_immutable_fields_are_transition_rules(run_doc):
+    old = run_doc(preset="operator")
     new = copy.deepcopy(old)
     new["spec"]["learner"]["lr"] = 2e-6
     assert cel_failures(new, old) == []  # mutable field: fine
@@ -205,16 +142,16 @@ def test_immutable_fields_are_transition_rules():
         assert message not in cel_failures(changed)  # creation has no oldSelf
 
 
-def test_name_length_rule():
-    doc = good_run(name="x" * 41)
+def test_name_length_rule(run_doc):
+    doc = run_doc("x" * 41, "operator")
     assert any("metadata.name" in m for m in cel_failures(doc))
 
 
-def test_policy_loss_params_are_checked_at_admission_and_by_pydantic():
+def test_policy_loss_params_are_checked_at_admission_and_by_pydantic(run_doc):
     """A parameter the selected policy loss does not have fails the API server's CEL rule and the
     run-file parser (naming the parameter and the accepted ones); the loss's own parameters pass."""
     rule = CROSS_FIELD_RULES[-1]
-    bad = good_run()
+    bad = run_doc(preset="operator")
     bad["spec"]["algorithm"] = {**bad["spec"].get("algorithm", {}), "policyLoss": "gspo", "policyLossParams": {"foo": 1.0}}
     assert schema_errors(bad) == [] and rule.message in cel_failures(bad)
     with pytest.raises(SpecError, match=r"policy loss 'gspo' has no parameter\(s\) foo; it accepts: eps_low, eps_high"):

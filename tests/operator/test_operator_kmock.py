@@ -3,106 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from typing import Any
 
-import aiohttp
-import kopf
 import pytest
 import yaml
 
-from dapo_operator.handlers import OperatorConfig, build_registry
-from operator_testkit import NAMESPACE, eventually, good_run, learner_answer
+from operator_testkit import (
+    EXPECTED, NAMESPACE, PODS, RUNS, all_running, api, create_run, declare_resources, eventually, learner_answer,
+    no_pods, phase_is, pods, pods_named, run_status, running_operator, sent, set_pod, start_running_run,
+)
 
-RUNS = f"/apis/dapo.dev/v1alpha1/namespaces/{NAMESPACE}/daporuns"
-PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
-
-
-def declare_resources(kmock: Any) -> None:
-    verbs = ["list", "watch", "get", "create", "patch", "update", "delete"]
-    kmock.resources["dapo.dev/v1alpha1/daporuns"] = kmock.ResourceInfo(
-        kind="DAPORun", singular="daporun", namespaced=True, verbs=verbs, subresources=["status"])
-    for plural, kind in (("pods", "Pod"), ("configmaps", "ConfigMap"), ("services", "Service"), ("events", "Event")):
-        kmock.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=verbs,
-                                                             subresources=["status"] if plural == "pods" else [])
-    # kopf's backbone waits for these to be discoverable even with scanning disabled.
-    kmock.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=verbs)
-    kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
-        kind="CustomResourceDefinition", namespaced=False, verbs=verbs)
+pytestmark = pytest.mark.integration  # kopf against kmock's API server and a fake learner, both over HTTP
 
 
-@contextlib.asynccontextmanager
-async def running_operator(kmock: Any):
-    async def connection() -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"), insecure=True)
-
-    registry, _ = build_registry(OperatorConfig(image="img:test", poll_interval=0.2, status_timeout=0.5, connection=connection))
-    settings = kopf.OperatorSettings()
-    settings.scanning.disabled = True
-    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
-                                             namespaces=[NAMESPACE], clusterwide=False))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def api(kmock: Any, method: str, path: str, body: Any = None, content_type: str = "application/merge-patch+json"):
-    headers = {"Content-Type": content_type} if body is not None else {}
-    # A short-lived session per call: kmock's shared test client can stall after an operator
-    # restart (its pooled keep-alive connections); a fresh one keeps the tests independent.
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.request(method, str(kmock.url).rstrip("/") + path, json=body, headers=headers) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-
-async def pods(kmock: Any) -> dict[str, dict[str, Any]]:
-    _, answer = await api(kmock, "GET", PODS)
-    return {p["metadata"]["name"]: p for p in answer.get("items", [])}
-
-
-async def run_status(kmock: Any, name: str = "demo") -> dict[str, Any]:
-    status, answer = await api(kmock, "GET", f"{RUNS}/{name}")
-    return (answer.get("status") or {}) if status == 200 else {}
-
-
-async def set_pod(kmock: Any, name: str, phase: str, ready: bool = False, exit_code: int | None = None) -> None:
-    """Play the kubelet: write a pod's status."""
-    status: dict[str, Any] = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
-    if exit_code is not None:
-        status["containerStatuses"] = [{"name": "c", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]
-    code, _ = await api(kmock, "PATCH", f"{PODS}/{name}/status", {"status": status})
-    assert code == 200
-
-
-async def all_running(kmock: Any) -> None:
-    for name in list(await pods(kmock)):
-        await set_pod(kmock, name, "Running", ready=True)
-
-
-def sent(kmock: Any, method: str, path_suffix: str) -> list[Any]:
-    """Requests kmock received (its DSL iterates them) with this method and URL path ending."""
-    return [r for r in list(kmock) if getattr(r.method, "value", r.method) == method
-            and r.url.path.endswith(path_suffix)]
-
-
-EXPECTED = {"demo-learner-0", "demo-learner-1", "demo-rollout-0", "demo-rollout-1", "demo-reward-0"}
-
-
-async def create_run(kmock: Any, doc: dict[str, Any], uid: str = "uid-demo") -> None:
-    # kmock assigns no uid / resourceVersion; kopf's patches test resourceVersion.
-    doc = dict(doc, metadata=dict(doc["metadata"], uid=uid, generation=1, resourceVersion="1"))
-    code, _ = await api(kmock, "POST", RUNS, doc, content_type="application/json")
-    assert code in (200, 201)
-
-
-async def test_create_children_status_running_and_succeeded(kmock, fake_learner):
+async def test_create_children_status_running_and_succeeded(kmock, fake_learner, run_doc):
     declare_resources(kmock)
     async with running_operator(kmock):
-        await create_run(kmock, good_run())
+        await create_run(kmock, run_doc(preset="operator"))
         found = await eventually(lambda: pods_named(kmock, EXPECTED))
         for pod in found.values():
             ref = pod["metadata"]["ownerReferences"][0]
@@ -128,31 +46,6 @@ async def test_create_children_status_running_and_succeeded(kmock, fake_learner)
         await eventually(lambda: no_pods(kmock))
         events = [r for r in sent(kmock, "POST", "/events") if r.data.get("reason") == "Succeeded"]
         assert events, "phase transitions must post Kubernetes Events"
-
-
-async def pods_named(kmock, wanted):
-    found = await pods(kmock)
-    return found if set(found) == wanted else None
-
-
-async def phase_is(kmock, phase, name="demo"):
-    status = await run_status(kmock, name)
-    return status if status.get("phase") == phase else None
-
-
-async def no_pods(kmock):
-    return not await pods(kmock)
-
-
-async def start_running_run(kmock, fake_learner, step: int = 3) -> dict:
-    """Create the demo run, let the operator create its pods, mark them all Running and have
-    learner-0 report training at ``step``; returns the status once the phase is Running.
-    Call inside ``running_operator``."""
-    await create_run(kmock, good_run())
-    await eventually(lambda: pods_named(kmock, EXPECTED))
-    await all_running(kmock)
-    fake_learner.answers["demo"] = learner_answer("running", step=step)
-    return await eventually(lambda: phase_is(kmock, "Running"))
 
 
 async def test_learner_failure_restarts_gang_and_reward_failure_replaces_one_pod(kmock, fake_learner):
@@ -196,10 +89,10 @@ async def _status_where(kmock, predicate):
     return status if predicate(status) else None
 
 
-async def test_backoff_limit_fails_the_run(kmock, fake_learner):
+async def test_backoff_limit_fails_the_run(kmock, fake_learner, run_doc):
     declare_resources(kmock)
     async with running_operator(kmock):
-        await create_run(kmock, good_run(backoffLimit=0))
+        await create_run(kmock, run_doc(preset="operator", backoffLimit=0))
         await eventually(lambda: pods_named(kmock, EXPECTED))
         await set_pod(kmock, "demo-rollout-0", "Failed", exit_code=1)
         status = await eventually(lambda: phase_is(kmock, "Failed"))
@@ -241,10 +134,10 @@ async def test_suspend_resume_and_operator_restart(kmock, fake_learner):
         assert status["gangGeneration"] == 1 and status["restartCount"] == 0
 
 
-async def test_delete_run_stops_reconciling(kmock, fake_learner):
+async def test_delete_run_stops_reconciling(kmock, fake_learner, run_doc):
     declare_resources(kmock)
     async with running_operator(kmock):
-        await create_run(kmock, good_run())
+        await create_run(kmock, run_doc(preset="operator"))
         await eventually(lambda: pods_named(kmock, EXPECTED))
         code, _ = await api(kmock, "DELETE", f"{RUNS}/demo")
         assert code == 200
@@ -262,10 +155,10 @@ async def test_delete_run_stops_reconciling(kmock, fake_learner):
         assert not await pods(kmock)
 
 
-async def test_ttl_deletes_finished_run(kmock, fake_learner):
+async def test_ttl_deletes_finished_run(kmock, fake_learner, run_doc):
     declare_resources(kmock)
     async with running_operator(kmock):
-        await create_run(kmock, good_run(ttlSecondsAfterFinished=0))
+        await create_run(kmock, run_doc(preset="operator", ttlSecondsAfterFinished=0))
         await eventually(lambda: pods_named(kmock, EXPECTED))
         await set_pod(kmock, "demo-learner-0", "Succeeded")
 
