@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from _run_files import run_doc
 from dapo.evaluation.metrics import PromptSamples, maj_at_k, pass_at_k, summarize, validation_metrics
 
 torch.set_num_threads(2)
@@ -86,17 +87,18 @@ def _run_file(tmp_path: Path, name: str, model_dir: Path, *, lr: float = 1e-3, s
 
     train = write_data(tmp_path / "train.jsonl", 8)
     held_out = write_data(tmp_path / "eval.jsonl", 5)
-    doc = {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": name}, "spec": {
-        "model": {"path": str(model_dir)},
-        "data": {"train": str(train), "eval": str(held_out), "promptTemplate": "none"},
-        "algorithm": {"overlong": {"enabled": False}, "dynamicSampling": {"enabled": False}},
-        "rollout": {"engine": "hf", "n": 2, "maxResponseLength": 6, "genBatchSize": 2},
-        "learner": {"strategy": "torch", "trainBatchSize": 2, "miniBatchSize": 2, "microBatchSize": 4, "lr": lr,
-                    "warmupSteps": 0, "totalSteps": steps, "seed": 4, "weightDecay": 0.0},
-        "reward": {"workers": 1, "timeoutSeconds": 5,
-                   "scorers": [{"dataSource": "*", "function": "_custom_scorers:length_parity"}]},
-        "eval": {"everySteps": steps, "beforeTrain": False, "n": 4, "passK": [1, 2], "temperature": 1.0, "topP": 1.0},
-        "checkpoint": checkpoint or {"everySteps": steps, "keep": 2}}}
+    doc = run_doc(name, "minimal",
+                  model={"path": str(model_dir)},
+                  data={"train": str(train), "eval": str(held_out), "promptTemplate": "none"},
+                  algorithm={"overlong": {"enabled": False}, "dynamicSampling": {"enabled": False}},
+                  rollout={"engine": "hf", "n": 2, "maxResponseLength": 6, "genBatchSize": 2},
+                  learner={"strategy": "torch", "trainBatchSize": 2, "miniBatchSize": 2, "microBatchSize": 4, "lr": lr,
+                           "warmupSteps": 0, "totalSteps": steps, "seed": 4, "weightDecay": 0.0},
+                  reward={"workers": 1, "timeoutSeconds": 5,
+                          "scorers": [{"dataSource": "*", "function": "_custom_scorers:length_parity"}]},
+                  eval={"everySteps": steps, "beforeTrain": False, "n": 4, "passK": [1, 2], "temperature": 1.0,
+                        "topP": 1.0},
+                  checkpoint=checkpoint or {"everySteps": steps, "keep": 2})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -118,6 +120,7 @@ def trained(tmp_path_factory):
     return tmp, run_file, run_dir, last_eval
 
 
+@pytest.mark.integration  # trains a tiny model in process (reward worker pool, HF engine)
 def test_eval_of_the_final_checkpoint_reproduces_the_runs_last_evaluation(trained):
     """`dapo eval RUN_DIR` (its latest checkpoint, its run.yaml, n = 4) gives exactly the run's own
     val/acc/mean, val/score/mean, response length and pass@k at that step; --samples has n x
@@ -140,6 +143,7 @@ def test_eval_of_the_final_checkpoint_reproduces_the_runs_last_evaluation(traine
     assert main(["eval", str(run_dir), "--data", str(tmp / "eval.jsonl"), "--k", "8"]) == 2
 
 
+@pytest.mark.integration  # trains a tiny model in process (reward worker pool, HF engine)
 def test_export_is_a_plain_folder_with_the_checkpoints_logits_and_refuses_a_changed_file(trained, tmp_path):
     """`dapo export RUN_DIR OUT`: transformers loads OUT as it is (generation config included) and
     its logits equal the checkpoint model's, bit for bit; a checkpoint file changed after the
@@ -172,6 +176,7 @@ def test_export_is_a_plain_folder_with_the_checkpoints_logits_and_refuses_a_chan
     assert main(["export", str(damaged), str(tmp_path / "from-damaged")]) == 1
 
 
+@pytest.mark.integration  # trains tiny models in process and serves S3 (moto) in the test process
 def test_compare_labels_runs_by_what_differs_and_reads_checkpoint_prefixes(trained, tmp_path):
     """Three runs differing in spec.learner.lr, one read from its run folder, one from its local
     checkpoint prefix, one from an S3 prefix (moto) where only its checkpoints live: the table
@@ -221,6 +226,7 @@ def test_compare_labels_runs_by_what_differs_and_reads_checkpoint_prefixes(train
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration  # trains a tiny model in process (reward worker pool, HF engine)
 def test_an_evaluation_pods_result_joins_the_runs_metrics(trained, tmp_path):
     """spec.eval.separatePod: `dapo eval --store-result` of a checkpoint stores its result beside it
     (evals/step-N.json, the training run's metric names), and a trainer in evaluation-pod mode

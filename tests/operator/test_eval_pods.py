@@ -9,13 +9,14 @@ import pytest
 from dapo.spec import SpecError, parse_run
 from dapo_operator.builders import build_eval_pod
 from dapo_operator.reconcile import CreateObject, DeletePod, Observed, reconcile
-from operator_testkit import good_run, learner_answer
+from _run_files import run_doc
+from operator_testkit import learner_answer
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def eval_run(**spec):
-    doc = good_run(checkpoint={"uri": "s3://ckpt/demo", "everySteps": 10},
+    doc = run_doc(preset="operator", checkpoint={"uri": "s3://ckpt/demo", "everySteps": 10},
                    data={"train": "s3://data/train.parquet", "eval": "s3://data/aime.parquet"},
                    eval={"separatePod": True, "n": 8, "passK": [1, 4]}, **spec)
     doc["metadata"].update(uid="uid-1", generation=1)
@@ -76,6 +77,25 @@ def test_one_evaluation_pod_at_a_time_for_the_newest_checkpoint_and_finished_one
 
 
 def test_separate_pod_needs_an_s3_checkpoint_uri():
-    doc = good_run(eval={"separatePod": True}, checkpoint={"uri": "/cache/checkpoints"})  # a pod-local folder
+    doc = run_doc(preset="operator", eval={"separatePod": True}, checkpoint={"uri": "/cache/checkpoints"})  # a pod-local folder
     with pytest.raises(SpecError, match="spec.eval.separatePod needs an s3:// spec.checkpoint.uri"):
         parse_run(doc)
+
+
+def test_the_api_server_checks_the_evaluation_rules_too():
+    """The CEL twins of the two evaluation rules: separatePod needs an s3:// checkpoint uri,
+    passK values must be <= n; valid files pass them."""
+    from _crd_schema import cel_failures
+
+    from dapo.spec import CROSS_FIELD_RULES
+
+    messages = {rule.message for rule in CROSS_FIELD_RULES if "spec.eval" in rule.message}
+    assert len(messages) == 2
+    pod_rule = next(m for m in messages if "separatePod" in m)
+    pass_rule = next(m for m in messages if "passK" in m)
+    assert pod_rule in cel_failures(run_doc(preset="operator", eval={"separatePod": True}, checkpoint={"uri": "/cache/checkpoints"}))
+    assert pod_rule not in cel_failures(eval_run())
+    assert pass_rule in cel_failures(run_doc(preset="operator", eval={"n": 4, "passK": [1, 8]}))
+    assert pass_rule not in cel_failures(run_doc(preset="operator", eval={"n": 8, "passK": [1, 8]}))
+    with pytest.raises(SpecError, match="spec.eval.passK must hold values <= spec.eval.n"):
+        parse_run(run_doc(preset="operator", eval={"n": 4, "passK": [1, 8]}))
