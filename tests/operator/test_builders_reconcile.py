@@ -447,3 +447,21 @@ def test_phase_ensure_children_creates_patches_and_replaces():
     assert plan.status["createdGangGeneration"] == -1  # not all of gang 1 exists yet
     plan = ensure_pods(_pass(obj, []))
     assert len(plan.of(CreateObject)) == 5 and plan.status["createdGangGeneration"] == 0
+
+
+def test_operator_command_renders_in_process_and_refuses_a_bad_file(tmp_path, capsys, run_doc):
+    """`dapo-operator render FILE --set ...` (dapo_operator.cli, in this process): the pods of the
+    run file with the override applied, in the file's namespace (--namespace is for files without
+    one); a bad file is one line naming the field, exit 2."""
+    from dapo_operator.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_doc(preset="operator")))
+    assert main(["render", str(path), "--namespace", "ns2", "--set", "spec.rollout.replicas=3"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    pods = sorted(o["metadata"]["name"] for o in objects if o and o["kind"] == "Pod")
+    assert pods == ["demo-learner-0", "demo-learner-1", "demo-reward-0", "demo-rollout-0", "demo-rollout-1",
+                    "demo-rollout-2"]
+    assert {o["metadata"]["namespace"] for o in objects if o} == {"ns1"}  # the file's own
+    assert main(["render", str(path), "--set", "spec.learner.lr=fast"]) == 2
+    assert "spec.learner.lr" in capsys.readouterr().err
