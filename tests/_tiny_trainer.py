@@ -38,7 +38,7 @@ class OverlapScorer:
             acc = {"overlap": bool(set(text) & set(truth)), "alternate": i % 2 == 0, "right": True,
                    "wrong": False, "graded": True}[self.mode]
             score = 0.2 + 0.1 * (len(text) % 5) if self.mode == "graded" else 1.0 if acc else -1.0
-            out.append(SimpleNamespace(score=score, acc=acc, truncated=cut, correctness=score))
+            out.append(SimpleNamespace(score=score, acc=acc, truncated=cut, correctness=score, pred=text.strip()[:8]))
         return out
 
     def close(self):
