@@ -30,11 +30,17 @@ def ref_token_terms(d_raw: float, adv: float, eps_low: float, eps_high: float, c
     return loss, grad, clipped, lower, -d
 
 
-def ref_group_advantages(scores, ids, eps=1e-6):
-    """Literal GRPO advantages with statistics.mean / statistics.stdev (Bessel)."""
+def scores_by_group(scores, ids) -> dict:
+    """group id -> the scores of its responses, in order."""
     groups: dict = {}
     for s, g in zip(scores, ids):
         groups.setdefault(g, []).append(s)
+    return groups
+
+
+def ref_group_advantages(scores, ids, eps=1e-6):
+    """Literal GRPO advantages with statistics.mean / statistics.stdev (Bessel)."""
+    groups = scores_by_group(scores, ids)
     out = []
     for s, g in zip(scores, ids):
         vals = groups[g]

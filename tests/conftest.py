@@ -51,3 +51,23 @@ def run_doc(request):
         return _run_files.run_doc(name, preset, **kwargs)
 
     return build
+
+
+# The tiny GGUF model (tests/_gguf_tiny.py), its loaded policy and a checkpoint of it: shared by
+# the transformers test and the vLLM test of the GGUF path, built once per module that asks.
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory):
+    from _gguf_tiny import build_gguf_model
+    return build_gguf_model(tmp_path_factory.mktemp("gguf"))
+
+
+@pytest.fixture(scope="module")
+def gguf_policy(gguf_model):
+    from _gguf_tiny import load_gguf_policy
+    return load_gguf_policy(gguf_model)
+
+
+@pytest.fixture(scope="module")
+def gguf_checkpoint(gguf_policy, tmp_path_factory):
+    from _gguf_tiny import write_checkpoint
+    return write_checkpoint(gguf_policy, tmp_path_factory.mktemp("run"))

@@ -129,3 +129,22 @@ def test_http_bodies_are_one_model_each_and_refuse_what_the_hand_checks_refused(
     with pytest.raises(ValidationError, match="extra_infos must be null or a list as long as responses"):
         ScoreRequest.model_validate({"responses": ["a"], "ground_truths": [{"tests": [1]}], "extra_infos": []})
     assert list(ScoreResult.model_fields) == [f.name for f in dataclasses.fields(RewardResult)]
+
+
+def test_the_score_wire_body_has_exactly_the_reward_result_fields():
+    """/score answers carry RewardResult's fields: the wire model (contracts, which the operator
+    imports without the reward package) and the dataclass name the same fields, in the same order,
+    with the same types and defaults, so a field added to one and not the other fails here."""
+    import dataclasses
+    import typing
+
+    from dapo.contracts import ScoreResult as WireScoreResult
+    from dapo.reward.result import RewardResult
+
+    required = "required"  # dataclasses and pydantic spell "no default" differently
+    hints = typing.get_type_hints(RewardResult)
+    dataclass_fields = [(f.name, hints[f.name], required if f.default is dataclasses.MISSING else f.default)
+                        for f in dataclasses.fields(RewardResult)]
+    wire_fields = [(name, info.annotation, required if info.is_required() else info.default)
+                   for name, info in WireScoreResult.model_fields.items()]
+    assert wire_fields == dataclass_fields

@@ -6,32 +6,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
-from _gguf_tiny import TEXTS, build_gguf_model, load_gguf_policy, write_checkpoint
+from _gguf_tiny import TEXTS
 
 
-@pytest.fixture(scope="module")
-def gguf_model(tmp_path_factory):
-    return build_gguf_model(tmp_path_factory.mktemp("gguf"))
-
-
-@pytest.fixture(scope="module")
-def loaded(gguf_model):
-    return load_gguf_policy(gguf_model)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(loaded, tmp_path_factory):
-    return write_checkpoint(loaded, tmp_path_factory.mktemp("run"))
-
-
-def test_the_gguf_file_loads_as_the_plain_model_it_stores(gguf_model, loaded):
+def test_the_gguf_file_loads_as_the_plain_model_it_stores(gguf_model, gguf_policy):
     """spec.model {path, ggufFile}: the Llama config from the file's metadata, the byte-level
     BPE tokenizer from its vocabulary and merges, and exactly the weights the file stores
     (Q8_0 / Q4_1 dequantised, q/k rows back in HF order, lm_head tied to the embedding)."""
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = gguf_policy.model, gguf_policy.tokenizer
     cfg = model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == ("llama", 2, 128, 4, 2, 32, len(tok))
@@ -51,12 +35,12 @@ def test_the_gguf_file_loads_as_the_plain_model_it_stores(gguf_model, loaded):
     assert 0 < drift.abs().max() < 0.1
 
 
-def test_the_checkpoint_is_plain_and_reloads_without_the_gguf_file(loaded, checkpoint):
+def test_the_checkpoint_is_plain_and_reloads_without_the_gguf_file(gguf_policy, gguf_checkpoint):
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = json.loads((gguf_checkpoint / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["architectures"] == ["LlamaForCausalLM"]
-    back = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    mine = loaded.model.state_dict()
+    back = AutoModelForCausalLM.from_pretrained(gguf_checkpoint, dtype=torch.float32)
+    mine = gguf_policy.model.state_dict()
     assert all(torch.equal(t, mine[n]) for n, t in back.state_dict().items())  # saved and reloaded: exact

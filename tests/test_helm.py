@@ -8,7 +8,6 @@ in a real Lua 5.1 interpreter (lupa), the dialect of Argo CD's gopher-lua.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

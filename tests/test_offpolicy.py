@@ -18,7 +18,7 @@ import torch
 
 from dapo import algo
 from dapo.spec import ADVANTAGE_ESTIMATOR_NAMES, POLICY_LOSS_NAMES, SpecError, parse_run
-from _algo_refs import random_batch, ref_group_advantages, ref_token_terms
+from _algo_refs import random_batch, ref_group_advantages, ref_token_terms, scores_by_group
 
 L_MAX = 9  # Dr. GRPO's constant normaliser in these tests (>= every row length)
 # A weight capped at C = 2 is exp(log 2): 2.0 when exp is correctly rounded (libm, this machine's SIMD
@@ -289,9 +289,7 @@ def ref_advantages(name, scores, ids):
     """grpo: tests/test_algo.py's literal reference; dr-grpo: R - group mean; rloo: R - mean of the others."""
     if name == "grpo":
         return ref_group_advantages(scores, ids)
-    groups: dict = {}
-    for s, g in zip(scores, ids):
-        groups.setdefault(g, []).append(s)
+    groups = scores_by_group(scores, ids)
     out = []
     for s, g in zip(scores, ids):
         vals = groups[g]

@@ -10,7 +10,7 @@ import yaml
 
 from dapo.spec import parse_run
 from dapo_operator.builders import Owner, build_all, build_pod, spec_warnings
-from dapo_operator.reconcile import CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchStatus, reconcile
+from dapo_operator.reconcile import CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, reconcile
 from dapo_operator.render import render_objects
 from dapo_operator.status import compute_status
 import _run_files
