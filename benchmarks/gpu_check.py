@@ -52,7 +52,6 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here: never reach for the Hub
 
 #: dense bf16 peak (no sparsity) in TFLOPS from NVIDIA's datasheets, by a part of the name
 #: torch.cuda.get_device_name gives; the first match wins, so the specific names come first
@@ -534,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON here")
     args = parser.parse_args(argv)
 
+    os.environ["HF_HUB_OFFLINE"] = "1"  # everything is built here: never reach for the Hub (children inherit it)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the wiring picks cuda whenever one is visible
     import torch

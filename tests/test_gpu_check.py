@@ -54,7 +54,8 @@ def test_gpu_check_on_cpu_passes_and_prints_every_figure(tmp_path):
 
 def test_a_failing_section_fails_the_check(tmp_path, monkeypatch, capsys):
     """One section raising: the others still run, the summary names it, the exit code is 1."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # main() sets both: restored after the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ran = []
 
     def broken(ctx):
