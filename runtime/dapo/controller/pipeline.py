@@ -11,11 +11,15 @@ trainer's (step, weight version) when the pipeline starts (0, 0 for a fresh run)
 batch of that step (dynamic sampling's extra batches included) uses exactly that version, so every
 group's ``weight_version`` is exact and a run is reproducible whatever the threads' timing.
 
-Weights: after each update the learner publishes version v as a detached copy of its parameters
-(taken on the learner's thread, so ZeRO-3's gathers stay in rank order) when a later step will be
-generated with it; the generator thread loads it into the engine between two collections (never
-during a generation batch: it is the only thread that calls the engine while it runs). At most k
-such copies wait at once. The learner therefore never waits for the rollout to load weights, and
+Weights: after each update the learner publishes version v as a copy of its parameters in host
+memory (taken on the learner's thread, so ZeRO-3's gathers stay in rank order) when a later step
+will be generated with it; the generator thread loads it into the engine between two collections
+(never during a generation batch: it is the only thread that calls the engine while it runs). At
+most k + 1 such copies wait at once (when the learner publishes v, the steps not yet started need
+versions v - k .. v), and they are never on the learner's GPU: k unsharded copies of a
+ZeRO-3 model there would not fit beside the shards, optimizer states and activations the memory
+was planned for. On CUDA the host copies are pinned (the device-to-host copy runs at full PCIe
+speed and the engine's load reads them back as fast); `host_copy`. The learner therefore never waits for the rollout to load weights, and
 the rollout waits for the learner only when it is k steps ahead.
 
 Evaluation and checkpoints need a quiet engine and a consistent state: `drain()` waits until the
@@ -48,6 +52,18 @@ log = logging.getLogger("dapo.controller.pipeline")
 
 # How long close() waits for the generator thread: well inside Kubernetes' default 30 s grace period
 CLOSE_TIMEOUT_S = 10.0
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` in host memory, independent of later in-place updates of the original:
+    pinned when the original is on a CUDA device (a synchronous copy, so the learner may update
+    the original as soon as this returns)."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor.clone()
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
+    out.copy_(tensor)
+    return out
 
 
 def generation_version(step: int, *, max_staleness: int, start_step: int, start_version: int) -> int:
@@ -158,7 +174,7 @@ class RolloutPipeline:
         """The learner made ``version``: copy its weights for the generator if a step needs them."""
         weights = None
         if self.needs_version(version):
-            weights = [(name, t.detach().clone()) for name, t in named_tensors_fn()]
+            weights = [(name, host_copy(t)) for name, t in named_tensors_fn()]
         with self.cond:
             if weights is not None:
                 self.pending[version] = weights

@@ -27,6 +27,10 @@ class WeightReceiver:
         self._kept: dict[int, torch.Tensor] = {}
         #: last weight version applied completely; None before the first sync
         self.version: int | None = None
+        #: `state_checksum` of the tensors of the last complete sync when the group verifies
+        #: checksums (None otherwise): computed bucket by bucket as they arrive, so a caller that
+        #: compares it with the learner's need not keep the whole state (``retain``) for it
+        self.checksum: str | None = None
 
     def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
         """Persistent receive buffer ``slot``, grown once to the sender's bucket size."""
@@ -57,6 +61,15 @@ class WeightReceiver:
             self._kept[index] = buf
         return buf
 
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes of the receive buffers this receiver holds between syncs (on the group's device):
+        two buckets, the tensors larger than a bucket, and after ``receive(retain=True)`` one
+        buffer per bucket of the state."""
+        held = [b for b in self._buffers if b is not None]
+        held += list(self._direct.values()) + list(self._kept.values())
+        return sum(b.numel() * b.element_size() for b in held)
+
     def receive(self, load_fn: Callable[[list[tuple[str, torch.Tensor]]], None], *,
                 retain: bool = False) -> int:
         """Receive one sync: calls ``load_fn`` once per bucket with ``(name, tensor)`` views;
@@ -68,9 +81,11 @@ class WeightReceiver:
         own persistent buffer, so the views stay valid until the next ``receive``: a caller
         that needs the whole state at once (vLLM-CPU's reload, a checksum) keeps them instead
         of cloning each bucket (one state-sized copy and its page faults per sync saved; the
-        buffers hold one state's bytes between syncs)."""
+        buffers hold one state's bytes between syncs). With ``verify_checksums`` the state's
+        checksum is computed as the buckets arrive (`checksum`): verifying needs no ``retain``."""
         group = self._group
         group.check_usable()
+        self.checksum = None  # a failed sync may have loaded part of a state: no checksum names it
         sync = _ReceiveState()
         pending = None  # (manifest, work, data) of the bucket whose bytes are in flight
         buffered = 0
@@ -97,6 +112,7 @@ class WeightReceiver:
         sync.check_totals(manifest)
         self._acknowledge(sync)
         self.version = sync.version
+        self.checksum = combine_digests(sync.digests) if self.config.verify_checksums else None
         return sync.version
 
     def _receive_manifest(self, version: int | None) -> tuple[int, int, dict]:
@@ -138,6 +154,9 @@ class WeightReceiver:
             return
         try:
             batch = unpack(manifest, data, self.config.verify_checksums, group.describe(0))
+            if self.config.verify_checksums:
+                # before load_fn: a loader may consume the views (vLLM's CPU reload repacks them)
+                sync.digests.update((name, tensor_digest(name, tensor)) for name, tensor in batch)
             sync.tensors += len(batch)
             sync.bytes += sum(e[4] for e in manifest["tensors"])
             sync.buckets += 1
@@ -177,6 +196,7 @@ class _ReceiveState:
         self.buckets = self.tensors = self.bytes = 0
         self.error: str | None = None
         self.cause: BaseException | None = None
+        self.digests: dict[str, bytes] = {}  # name -> tensor_digest, with verify_checksums
 
     def note_version(self, version: int, applied: int | None, rank: int) -> None:
         if self.version is None:
@@ -221,19 +241,32 @@ def load_into_module(module: torch.nn.Module) -> Callable[[list[tuple[str, torch
     return load
 
 
+def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+    """SHA-256 of one named tensor: its name, dtype, shape and bytes."""
+    host = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{name}|{host.dtype}|{tuple(host.shape)}|".encode())
+    digest.update(memoryview(as_bytes(host).numpy()))
+    return digest.digest()
+
+
+def combine_digests(digests: Mapping[str, bytes]) -> str:
+    """The state's SHA-256 from its tensors' `tensor_digest`s, in name order (any arrival order)."""
+    digest = hashlib.sha256()
+    for name in sorted(digests):
+        digest.update(digests[name])
+    return digest.hexdigest()
+
+
 def state_checksum(source: torch.nn.Module | Mapping[str, torch.Tensor]
                    | Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every tensor, sorted by name; a module
-    contributes its ``state_dict()``. Equal digests <=> bit-identical named tensors."""
+    """SHA-256 over the `tensor_digest` (name, dtype, shape, bytes) of every tensor, sorted by
+    name; a module contributes its ``state_dict()``. Equal digests <=> bit-identical named
+    tensors. A digest per tensor, combined at the end, lets a receiver compute the same value
+    bucket by bucket in the sender's order (`WeightReceiver.checksum`)."""
     if isinstance(source, torch.nn.Module):
         items = source.state_dict().items()
     elif isinstance(source, Mapping):
         items = source.items()
     else:
         items = source
-    digest = hashlib.sha256()
-    for name, tensor in sorted(items, key=lambda item: item[0]):
-        host = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{host.dtype}|{tuple(host.shape)}|".encode())
-        digest.update(memoryview(as_bytes(host).numpy()))
-    return digest.hexdigest()
+    return combine_digests({name: tensor_digest(name, tensor) for name, tensor in items})
