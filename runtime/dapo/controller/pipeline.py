@@ -18,9 +18,10 @@ will be generated with it; the generator thread loads it into the engine between
 most k + 1 such copies wait at once (when the learner publishes v, the steps not yet started need
 versions v - k .. v), and they are never on the learner's GPU: k unsharded copies of a
 ZeRO-3 model there would not fit beside the shards, optimizer states and activations the memory
-was planned for. On CUDA the host copies are pinned (the device-to-host copy runs at full PCIe
-speed and the engine's load reads them back as fast); `host_copy`. The learner therefore never waits for the rollout to load weights, and
-the rollout waits for the learner only when it is k steps ahead.
+was planned for. On CUDA the host copies are pinned (`host_copy`: the device-to-host copy runs at
+full PCIe speed and the engine's load reads them back as fast). The learner therefore never waits
+for the rollout to load weights, and the rollout waits for the learner only when it is k steps
+ahead.
 
 Evaluation and checkpoints need a quiet engine and a consistent state: `drain()` waits until the
 generator has collected every step it may collect before version v exists (steps up to s + k - 1)
