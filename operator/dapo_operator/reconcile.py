@@ -25,7 +25,7 @@ from .builders import (Owner, build_config_map, build_eval_pod, build_pod, build
 from .status import (
     FAILED, SUSPENDED, TERMINAL, Outcome, compute_status, learner_succeeded, parse_time,
     pod_failure, pod_generation, pod_name_of, pod_phase, pod_run_file_error, pod_terminating, current_pods,
-    sanitize_learner_status,
+    sanitize_learner_status, stall_message, stalled_seconds,
 )
 
 
@@ -96,12 +96,29 @@ def _delete_all(pods: list[dict[str, Any]], reason: str) -> list[Action]:
     return [DeletePod(pod_name_of(p), reason) for p in pods if not pod_terminating(p)]
 
 
+#: Conditions whose turning True posts a Warning event (reason: the type) and whose clearing posts
+#: a Normal one (reason: the second name), each with the condition's message.
+_WATCHED_CONDITIONS = {"Degraded": "Restored", "Stalled": "Progressing"}
+
+
+def _condition_state(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
+
+
 def _transition_events(previous: dict[str, Any], status: dict[str, Any]) -> list[Action]:
+    """An event per phase change, and per Degraded / Stalled condition turning True or clearing."""
+    events: list[Action] = []
     before, after = previous.get("phase"), status.get("phase")
-    if before == after:
-        return []
-    kind = "Warning" if after == FAILED else "Normal"
-    return [EmitEvent(kind, after, f"phase {before or 'None'} -> {after}: {status.get('message', '')}")]
+    if before != after:
+        kind = "Warning" if after == FAILED else "Normal"
+        events.append(EmitEvent(kind, after, f"phase {before or 'None'} -> {after}: {status.get('message', '')}"))
+    for kind, cleared in _WATCHED_CONDITIONS.items():
+        was, now = _condition_state(previous, kind), _condition_state(status, kind)
+        if now.get("status") == "True" and was.get("status") != "True":
+            events.append(EmitEvent("Warning", kind, now.get("message", "")))
+        elif was.get("status") == "True" and now.get("status") != "True":
+            events.append(EmitEvent("Normal", cleared, f"{kind} cleared: {now.get('message', '')}"))
+    return events
 
 
 @dataclass
@@ -262,6 +279,18 @@ def gang_restart(p: Pass) -> Plan | None:
     return None
 
 
+def stalled_run_failed(p: Pass) -> Plan | None:
+    """spec.stallAction fail: a run that was Running with no step finished for
+    spec.stallTimeoutSeconds (and learner-0 still reports that step) is Failed, its pods deleted."""
+    if p.run.spec.stall_action != "fail" or stalled_seconds(p.run, p.previous, p.observed.now) is None:
+        return None
+    step = (sanitize_learner_status(p.learner_status) or {}).get("step")
+    if step is not None and step != p.previous.get("step"):
+        return None  # a step finished since the last pass: compute_status restarts the clock
+    p.actions += _delete_all(p.pods, "stalled")
+    return p.finish(outcome=Outcome(FAILED, "Stalled", stall_message(p.run, p.previous)))
+
+
 def ensure_config_and_services(p: Pass) -> Plan | None:
     """The run-file ConfigMap (created, or patched after a spec edit) and one Service per role."""
     owner = Owner(p.name, p.obj.get("metadata", {}).get("uid", ""))
@@ -336,8 +365,8 @@ def ensure_pods(p: Pass) -> Plan | None:
 
 
 #: The phases of a pass, in order; the first that returns a plan ends it (`ensure_pods` always does).
-PHASES = (finished, suspended, resumed, training_finished, run_file_failed, gang_restart, ensure_config_and_services,
-          ensure_eval_pods, ensure_pods)
+PHASES = (finished, suspended, resumed, training_finished, run_file_failed, gang_restart, stalled_run_failed,
+          ensure_config_and_services, ensure_eval_pods, ensure_pods)
 
 
 def invalid_spec(obj: dict[str, Any], pods: list[dict[str, Any]], error: SpecError) -> Plan:

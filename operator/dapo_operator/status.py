@@ -174,6 +174,42 @@ def ready_counts(run: DAPORun, pods: dict[str, dict[str, Any]]) -> dict[str, str
     return out
 
 
+def missing_replicas(run: DAPORun, pods: dict[str, dict[str, Any]], roles: tuple[str, ...] = ("rollout", "reward")
+                     ) -> list[str]:
+    """The wanted pods of ``roles`` that are not ready (absent, starting, stopped), by name."""
+    return [name for role, _, name in desired_pod_names(run)
+            if role in roles and not ((pod := pods.get(name)) and pod_ready(pod))]
+
+
+def progress_time(phase: str, step: Any, previous: dict[str, Any], stamp: str) -> str | None:
+    """When training last moved (status.lastProgressTime): ``stamp`` when the run enters Running or
+    its step advances, else the previous value. Outside Running the value is kept, not cleared (a
+    merge patch cannot drop a key by leaving it out); entering Running restarts the clock."""
+    if phase != RUNNING:
+        return previous.get("lastProgressTime")
+    if previous.get("phase") != RUNNING or previous.get("step") != step or not previous.get("lastProgressTime"):
+        return stamp
+    return previous["lastProgressTime"]
+
+
+def stalled_seconds(run: DAPORun, status: dict[str, Any], now: dt.datetime) -> float | None:
+    """Seconds since training last moved, when the run is Running and that reaches
+    spec.stallTimeoutSeconds; None otherwise (not running, no timeout set, or within it)."""
+    timeout = run.spec.stall_timeout_seconds
+    since = parse_time(status.get("lastProgressTime"))
+    if timeout is None or status.get("phase") != RUNNING or since is None:
+        return None
+    waited = (now - since).total_seconds()
+    return waited if waited >= timeout else None
+
+
+def stall_message(run: DAPORun, status: dict[str, Any]) -> str:
+    """The Stalled condition's / event's line (no clock in it, so the condition settles)."""
+    return (f"no training step finished since {status.get('lastProgressTime')} (step {status.get('step')}; "
+            f"spec.stallTimeoutSeconds={run.spec.stall_timeout_seconds}): check learner-0's log and the "
+            f"rollout / reward pods it waits on")
+
+
 def learner_succeeded(run: DAPORun, pods: dict[str, dict[str, Any]], learner_status: dict[str, Any] | None) -> bool:
     """Training finished: learner-0 says so, or learner-0 exited 0."""
     learner0 = pods.get(n.pod_name(run.metadata.name, "learner", 0))
@@ -275,6 +311,11 @@ def compute_status(
         status["startTime"] = stamp
     if phase in TERMINAL and not status.get("completionTime"):
         status["completionTime"] = stamp
+    status["lastProgressTime"] = progress_time(phase, status.get("step"), prev, stamp)
+    if status["lastProgressTime"] is None:
+        del status["lastProgressTime"]  # never Running yet: no key rather than null (see METRIC_FIELDS)
+    missing = missing_replicas(run, live) if phase == RUNNING else []
+    stalled = stalled_seconds(run, status, now) is not None
     previous_conditions = list(prev.get("conditions") or [])
     status["conditions"] = [
         _condition(previous_conditions, "Ready", phase == RUNNING, reason, message, stamp),
@@ -282,5 +323,12 @@ def compute_status(
         _condition(previous_conditions, "Succeeded", phase == SUCCEEDED, reason, message, stamp),
         _condition(previous_conditions, "Failed", phase == FAILED, reason, message, stamp),
         _condition(previous_conditions, "Suspended", phase == SUSPENDED, reason, message, stamp),
+        _condition(previous_conditions, "Degraded", bool(missing),
+                   "ReplicasNotReady" if missing else "AllReplicasReady",
+                   f"training below the asked size; not ready: {', '.join(missing)}" if missing
+                   else "every rollout and reward replica is ready, or the run is not training", stamp),
+        _condition(previous_conditions, "Stalled", stalled, "NoStepFinished" if stalled else "StepsFinishing",
+                   stall_message(run, status) if stalled else "training steps finish within "
+                   "spec.stallTimeoutSeconds, or the run is not training", stamp),
     ]
     return status

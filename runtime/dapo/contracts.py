@@ -386,7 +386,7 @@ STATUS_METRIC_FIELDS = {"score": "score", "acc": "acc", "response_length": "resp
 
 
 class Condition(_Contract):
-    type: str = Field(..., description="Ready, Progressing, Succeeded, Failed or Suspended.")
+    type: str = Field(..., description="Ready, Progressing, Succeeded, Failed, Suspended, Degraded or Stalled.")
     status: Literal["True", "False", "Unknown"]
     reason: str | None = Field(None, description="CamelCase machine-readable reason.")
     message: str | None = Field(None, description="Human-readable detail.")
@@ -421,6 +421,9 @@ class RunStatus(_Contract):
                                         description="Generation of the current set of gang pods.")
     created_gang_generation: int | None = Field(None, alias="createdGangGeneration",
                                                 description="Highest gang generation whose pods were all created.")
+    last_progress_time: str | None = Field(
+        None, alias="lastProgressTime", json_schema_extra={"format": "date-time"},
+        description="When training last moved: the run entered Running or the step advanced (the Stalled clock).")
     start_time: str | None = Field(None, alias="startTime", json_schema_extra={"format": "date-time"})
     completion_time: str | None = Field(None, alias="completionTime", json_schema_extra={"format": "date-time"})
     warnings: list[str] = Field(default_factory=list)

@@ -438,6 +438,13 @@ class DAPORunSpec(_Model):
     backoff_limit: int = Field(3, ge=0, description="Gang restarts allowed before the run is Failed.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DAPORun this long after it finished.")
     image: str | None = Field(None, description="Runtime image for every role unless the role sets its own.")
+    stall_timeout_seconds: int | None = Field(
+        None, ge=1, description="While Running, no training step finished for this long sets the Stalled "
+        "condition and posts a Stalled event (cleared by the next step); null: never. The operator's poll "
+        "interval (10 s) is its resolution. Size it above the slowest step, evaluation and checkpoint.")
+    stall_action: Literal["report", "fail"] = Field(
+        "report", description="On a stall: report (condition and event; the run keeps its pods) or fail (the "
+        "DAPORun is Failed with reason Stalled and its pods are deleted; checkpoints stay).")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "DAPORunSpec":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,9 @@ import pytest
 from aiohttp import web
 
 from _run_files import run_doc
+import _run_files
 from dapo_operator.handlers import OperatorConfig, build_registry
+from dapo_operator.reconcile import CreateObject, DeletePod, Observed
 
 NAMESPACE = "ns1"
 
@@ -191,3 +194,44 @@ async def start_running_run(kmock, fake_learner, step: int = 3) -> dict:
     await all_running(kmock)
     fake_learner.answers["demo"] = learner_answer("running", step=step)
     return await eventually(lambda: phase_is(kmock, "Running"))
+
+
+# --------------------------------------------------------------------------- pure reconcile passes (no API server)
+
+T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def run_obj(**spec) -> dict[str, Any]:
+    doc = _run_files.run_doc(preset="operator", **spec)
+    doc["metadata"].update(uid="uid-1", generation=1)
+    return doc
+
+
+def apply(obj: dict[str, Any], observed_pods: list[dict[str, Any]], plan) -> list[dict[str, Any]]:
+    """Play the API server for a plan: apply creates/deletes to the pod list, store status."""
+    pods = {p["metadata"]["name"]: p for p in observed_pods}
+    for action in plan.actions:
+        if isinstance(action, CreateObject) and action.obj["kind"] == "Pod":
+            assert action.obj["metadata"]["name"] not in pods, "duplicate pod created"
+            pods[action.obj["metadata"]["name"]] = action.obj
+        elif isinstance(action, DeletePod):
+            pods.pop(action.name)
+    obj["status"] = plan.status
+    return list(pods.values())
+
+
+def all_children():
+    return {"demo-spec"}, {"demo-learner", "demo-rollout", "demo-reward"}
+
+
+def observe(pods, learner=None, now=T0):
+    cms, svcs = all_children()
+    return Observed(pods=pods, config_maps=cms, services=svcs, learner_status=learner, now=now)
+
+
+def set_phase(pods, name, phase, ready=False):
+    for p in pods:
+        if p["metadata"]["name"] == name:
+            p["status"] = {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}]}
+
+

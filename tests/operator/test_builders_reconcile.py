@@ -13,18 +13,10 @@ from dapo_operator.builders import Owner, build_all, build_pod, spec_warnings
 from dapo_operator.reconcile import CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, reconcile
 from dapo_operator.render import render_objects
 from dapo_operator.status import compute_status
-import _run_files
 from _run_files import Replace
-from operator_testkit import learner_answer
+from operator_testkit import T0, apply, learner_answer, observe, run_obj, set_phase
 
-T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 OWNER = Owner("demo", "uid-1")
-
-
-def run_obj(**spec) -> dict[str, Any]:
-    doc = _run_files.run_doc(preset="operator", **spec)
-    doc["metadata"].update(uid="uid-1", generation=1)
-    return doc
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, Any]:
@@ -110,34 +102,6 @@ def test_render_bad_file_raises_spec_error(tmp_path, run_doc):
 
 
 # --------------------------------------------------------------------------- reconcile
-
-
-def apply(obj: dict[str, Any], observed_pods: list[dict[str, Any]], plan) -> list[dict[str, Any]]:
-    """Play the API server for a plan: apply creates/deletes to the pod list, store status."""
-    pods = {p["metadata"]["name"]: p for p in observed_pods}
-    for action in plan.actions:
-        if isinstance(action, CreateObject) and action.obj["kind"] == "Pod":
-            assert action.obj["metadata"]["name"] not in pods, "duplicate pod created"
-            pods[action.obj["metadata"]["name"]] = action.obj
-        elif isinstance(action, DeletePod):
-            pods.pop(action.name)
-    obj["status"] = plan.status
-    return list(pods.values())
-
-
-def all_children():
-    return {"demo-spec"}, {"demo-learner", "demo-rollout", "demo-reward"}
-
-
-def observe(pods, learner=None, now=T0):
-    cms, svcs = all_children()
-    return Observed(pods=pods, config_maps=cms, services=svcs, learner_status=learner, now=now)
-
-
-def set_phase(pods, name, phase, ready=False):
-    for p in pods:
-        if p["metadata"]["name"] == name:
-            p["status"] = {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}]}
 
 
 def test_first_reconcile_creates_everything_then_nothing():
@@ -230,7 +194,8 @@ def test_compute_status_conditions_keep_transition_time(run_doc):
     later = compute_status(run, 1, [], None, first, T0 + dt.timedelta(minutes=1))
     progressing = [c for c in later["conditions"] if c["type"] == "Progressing"][0]
     assert progressing["status"] == "True" and progressing["lastTransitionTime"] == "2025-01-01T00:00:00Z"
-    assert {c["type"] for c in later["conditions"]} == {"Ready", "Progressing", "Succeeded", "Failed", "Suspended"}
+    assert {c["type"] for c in later["conditions"]} == {"Ready", "Progressing", "Succeeded", "Failed", "Suspended",
+                                                        "Degraded", "Stalled"}
     assert later["warnings"] == []
     no_ckpt = parse_run(run_doc(preset="operator", checkpoint=Replace({})))
     assert "checkpoint.uri" in compute_status(no_ckpt, 1, [], None, {}, T0)["warnings"][0]
