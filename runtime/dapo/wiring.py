@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -132,10 +133,36 @@ def vllm_engine_kwargs(spec: DAPORunSpec, device: str) -> dict:
     return kwargs
 
 
+def cpu_thread_binds(cpus: list[int], tensor_parallel_size: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tensor_parallel_size`` vLLM-CPU workers on ``cpus``:
+    one contiguous share of the CPUs per worker ("0|1" for two workers on CPUs 0 and 1)."""
+    cpus = sorted(cpus)
+    if len(cpus) < tensor_parallel_size:
+        raise SpecError(f"spec.rollout.tensorParallelSize: {tensor_parallel_size} vLLM-CPU workers need as many CPUs, "
+                        f"this process may use {len(cpus)} ({','.join(map(str, cpus))}); lower tensorParallelSize")
+    share, extra = divmod(len(cpus), tensor_parallel_size)
+    groups, start = [], 0
+    for worker in range(tensor_parallel_size):
+        end = start + share + (1 if worker < extra else 0)
+        groups.append(",".join(map(str, cpus[start:end])))
+        start = end
+    return "|".join(groups)
+
+
+def prepare_vllm_cpu_environment(tensor_parallel_size: int) -> None:
+    """Environment vLLM-CPU reads at start-up, where the user has not set it. It keeps one core for
+    its front-end by default: with the 1-2 cores of a small machine that halves generation, and the
+    engine core is the only busy process here. With tensor parallelism its default thread binding
+    ('auto') wants one NUMA node per worker and refuses to start on a one-node machine ("Not enough
+    allowed NUMA nodes"): each worker gets its share of this process's CPUs instead."""
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if tensor_parallel_size > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binds(cpus, tensor_parallel_size)
+
+
 def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
     """`VLLMEngine` on the staged base model, sized from spec.rollout."""
-    import os
-
     from transformers import AutoTokenizer, GenerationConfig
 
     from dapo.rollout.vllm import VLLMEngine
@@ -146,9 +173,7 @@ def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
                         "point spec.model.path at a checkpoint's model/ folder (saved dequantised)")
     device = device or pick_device()
     if device == "cpu":
-        # vLLM-CPU keeps one core for its front-end by default: with the 1-2 cores of a small
-        # machine that halves generation; the engine core is the only busy process here
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        prepare_vllm_cpu_environment(spec.rollout.tensor_parallel_size)
     folder = resolve_model_dir(spec.model, cache_dir(spec))
     tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or folder)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

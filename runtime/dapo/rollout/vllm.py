@@ -644,7 +644,9 @@ class VLLMEngine(RolloutEngine):
         self._joined = True
         if len(set(ranks)) != len(ranks):
             raise VLLMEngineError(f"vLLM workers joined the weight-sync group with the same rank: {ranks}")
-        return [int(r) for r in ranks]
+        ranks = [int(r) for r in ranks]
+        log.info("vLLM workers joined the weight-sync group at %s:%d as ranks %s of %d", host, port, ranks, world_size)
+        return ranks
 
     def receive_weights(self) -> int:
         """Block until the learner sends the next version, load it, reset the prefix cache."""
