@@ -153,7 +153,7 @@ def test_seeds_reproduce_and_every_prompt_sample_pair_has_its_own_stream(engine)
 
 @requires_vllm
 def test_update_weights_in_process_reaches_the_tied_lm_head_and_resets_the_prefix_cache(engine, model_dir):
-    """update_weights sends a safetensors blob (no tensors inside collective_rpc's untyped args),
+    """update_weights sends the tensors' bytes in pieces (no tensors inside collective_rpc's untyped args),
     the CPU worker reloads and repacks, the tied lm_head follows the embedding, and a prompt
     whose KV blocks were cached under the old weights is recomputed."""
     tokenizer = tiny_tokenizer()

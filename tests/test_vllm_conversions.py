@@ -1,25 +1,23 @@
 """dapo.rollout.vllm's pure parts, without vLLM: finish reasons, the sampled tokens' log-probs
 picked from vLLM's outputs, samples in prompt-major order, sampling settings and per-sample seeds,
-the packing of tensors for the CPU weight reload, and the engine settings the run file gives per
-device. The real engine is tested in tests/test_engine_vllm.py (marker vllm)."""
+and the engine settings the run file gives per device. The pieces the in-process weight update
+travels in are tested in tests/test_vllm_gpu_path.py; the real engine in tests/test_engine_vllm.py
+(marker vllm)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP
 from dapo.rollout.vllm import (
     VLLMEngineError,
     finish_reason,
-    pack_tensors,
     sample_seed,
     sampled_log_probs,
     samples_from_outputs,
     sampling_kwargs,
-    unpack_tensors,
 )
 
 
@@ -96,15 +94,6 @@ def test_sample_seeds_are_distinct_per_prompt_and_sample_and_reproducible():
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
     assert sample_seed(5, 3, 2) == sample_seed(5, 3, 2) != sample_seed(6, 3, 2)
     assert all(sample_seed(5, i + 1, j) != sample_seed(5, i, j + 1) for i in range(50) for j in range(15))
-
-
-def test_pack_tensors_round_trip_through_bytes():
-    named = [("a.weight", torch.randn(3, 4)), ("b.bias", torch.arange(5, dtype=torch.int64)),
-             ("c", torch.randn(2, 2).to(torch.bfloat16))]
-    blob = pack_tensors(named)
-    assert isinstance(blob, bytes)
-    back = dict(unpack_tensors(blob))
-    assert all(torch.equal(back[n], t) and back[n].dtype == t.dtype for n, t in named)  # bytes round trip: exact
 
 
 def test_vllm_settings_from_the_run_file_per_device():

@@ -41,28 +41,35 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
-def vllm_run_file(tmp_path: Path, *, name: str, steps: int) -> Path:
+def vllm_run_file(tmp_path: Path, *, name: str, steps: int, tensor_parallel_size: int = 1) -> Path:
     """A run file for the tiny model with the vLLM engine (float32, a small KV cache), no checkpoints."""
     doc = _run_files.run_doc(name, "processes", model={"path": str(make_model(tmp_path / "model"))},
                              data={"train": str(write_data(tmp_path / "train.jsonl", 12))},
                              learner={"totalSteps": steps}, checkpoint={"everySteps": 0, "keep": 1})
     doc["spec"]["model"]["dtype"] = "float32"
-    doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25})
+    doc["spec"]["rollout"].update({"engine": "vllm", "maxPromptLength": 64, "kvCacheGiB": 0.25,
+                                   "tensorParallelSize": tensor_parallel_size})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
     return run_file
 
 
-def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_processes_launcher_with_a_vllm_rollout_replica(tmp_path, tp):
+    """tp 2: the replica's two vLLM workers join the learner's group of 1 + 1 x 2 ranks as ranks 1
+    and 2 (the rollout role gives each its share of the CPUs), and every verified sync lands in both."""
     from dapo.weightsync import state_checksum
 
-    run_file = vllm_run_file(tmp_path, name="vllm-e2e", steps=3)
+    run_file = vllm_run_file(tmp_path, name="vllm-e2e", steps=3, tensor_parallel_size=tp)
     out = tmp_path / "out"
     env = role_env({"DAPO_VERIFY_WEIGHT_SYNC": "1", "DAPO_SERVICE_WAIT_S": "600"})
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # the rollout role binds the TP workers itself
     result = subprocess.run([sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out),
                              "--launcher", "processes"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "VLLMEngine engine ready" in (out / "logs" / "rollout-0.log").read_text()
+    rollout_log = (out / "logs" / "rollout-0.log").read_text()
+    assert "VLLMEngine engine ready" in rollout_log
+    assert f"as ranks {list(range(1, 1 + tp))} of {1 + tp}" in rollout_log
 
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "actor/pg_loss" in line]
     assert [s["step"] for s in steps] == [1, 2, 3]

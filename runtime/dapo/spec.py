@@ -242,6 +242,18 @@ class RolloutSpec(PodPlacement):
                     "(train/surplus_dropped, async/stale_samples_dropped), so 0 trains on-policy only.",
     )
 
+    @model_validator(mode="after")
+    def _tensor_parallel_needs_vllm(self) -> "RolloutSpec":
+        # each tensor-parallel worker is a rank of the weight-sync group (1 + replicas x TP ranks),
+        # which learner and rollout pods must size alike: with engine auto the engine, and so the
+        # group's size, would depend on what each machine has installed; only vLLM shards a model
+        if self.tensor_parallel_size > 1 and self.engine != "vllm":
+            raise ValueError(f"spec.rollout.tensorParallelSize: {self.tensor_parallel_size} needs spec.rollout.engine: "
+                             f"vllm (got {self.engine}): only vLLM splits a model across devices, and the weight-sync "
+                             "group's size (1 + replicas x tensorParallelSize) must not depend on the machine; set "
+                             "engine: vllm or tensorParallelSize: 1")
+        return self
+
 
 class LearnerSpec(PodPlacement):
     strategy: Literal["deepspeed-zero2", "deepspeed-zero3", "torch"] = Field(

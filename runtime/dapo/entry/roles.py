@@ -34,16 +34,24 @@ log = logging.getLogger("dapo.entry.roles")
 env = Env()
 
 
-def weight_sync_config(rank: int, rollout_replicas: int, verify: bool = False):
-    """The weight-sync group of this run from DAPO_WEIGHT_SYNC_ADDR: rank 0 = learner-0,
-    rollout replica i = rank i + 1; None when the variable is unset."""
+def replica_first_rank(index: int, tensor_parallel_size: int = 1) -> int:
+    """Weight-sync rank of rollout replica ``index``'s first worker: rank 0 is learner-0, replica i
+    holds ranks 1 + i x TP .. (i + 1) x TP (one per tensor-parallel worker of its vLLM engine,
+    each of which receives and loads its own shard; `dapo.rollout.vllm.receiver_rank`)."""
+    return 1 + index * tensor_parallel_size
+
+
+def weight_sync_config(rank: int, rollout_replicas: int, verify: bool = False, tensor_parallel_size: int = 1):
+    """The weight-sync group of this run from DAPO_WEIGHT_SYNC_ADDR: 1 + replicas x
+    tensor_parallel_size ranks, ``rank`` this process's (0 = learner-0, a replica's first rank:
+    `replica_first_rank`); None when the variable is unset."""
     from dapo.weightsync import WeightSyncConfig
 
     address = env.host_port(EnvVar.WEIGHT_SYNC_ADDR)
     if address is None:
         return None
     host, port = address
-    return WeightSyncConfig(host=host, port=port, world_size=1 + rollout_replicas, rank=rank,
+    return WeightSyncConfig(host=host, port=port, world_size=1 + rollout_replicas * tensor_parallel_size, rank=rank,
                             timeout_s=env.float(EnvVar.WEIGHT_SYNC_TIMEOUT_S, 600.0),
                             verify_checksums=verify or env.flag(EnvVar.VERIFY_WEIGHT_SYNC))
 
@@ -101,7 +109,9 @@ def run_rollout(run: DAPORun) -> int:
     engine = wiring.build_engine(spec, share_policy=True)
     log.info("rollout replica %d/%d: %s engine ready in %.1fs", index, replicas, type(engine).__name__,
              time.perf_counter() - t0)
-    service = RolloutService(engine, sync_config=weight_sync_config(index + 1, replicas, spec.rollout.verify_weight_sync),
+    tp = spec.rollout.tensor_parallel_size
+    service = RolloutService(engine, sync_config=weight_sync_config(replica_first_rank(index, tp), replicas,
+                                                                    spec.rollout.verify_weight_sync, tp),
                              replica=index)
     host, port = http_address()
     return serve_forever(service.make_app, host, port, on_stop=service.close)
@@ -128,7 +138,8 @@ def remote_engine_factory(rollout_urls: list[str], run_dir: Path):
 
     def factory(spec, model, tokenizer, device):
         verify = spec.rollout.verify_weight_sync or env.flag(EnvVar.VERIFY_WEIGHT_SYNC)
-        engine = RemoteRolloutEngine(rollout_urls, sync_config=weight_sync_config(0, len(rollout_urls), verify),
+        group = weight_sync_config(0, len(rollout_urls), verify, spec.rollout.tensor_parallel_size)
+        engine = RemoteRolloutEngine(rollout_urls, sync_config=group,
                                      verify=verify, sync_log=run_dir / "weight_sync.jsonl" if verify else None,
                                      request_timeout_s=env.float(EnvVar.ROLLOUT_REQUEST_TIMEOUT_S, 3600.0))
         engine.wait_ready(env.float(EnvVar.SERVICE_WAIT_S, 1800.0))

