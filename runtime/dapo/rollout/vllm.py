@@ -322,11 +322,12 @@ def _answers_errors(method):
 #: ran): in the worker ``receive_s`` (the group's broadcasts, wire checks and acknowledgement),
 #: ``unpack_s`` (the in-process update's pieces reassembled), ``load_s`` (GPU ``load_weights``), ``reload_s`` (CPU
 #: ``reload_weights``: loader + oneDNN repacking), ``gemm_dispatch_s`` (CPU: the tied lm_head's
-#: packed copy redone), ``checksum_s``, ``worker_s`` (all of the worker's part); in the driver
+#: packed copy redone), ``worker_s`` (all of the worker's part: with verifyWeightSync it includes
+#: hashing each bucket as it arrives); in the driver
 #: ``prefix_cache_reset_s``, ``rpc_s`` (collective_rpc round trip, worker included) and
 #: ``total_s`` (receive_weights / update_weights end to end).
-SYNC_PHASES = ("receive_s", "unpack_s", "load_s", "reload_s", "gemm_dispatch_s", "checksum_s",
-               "worker_s", "prefix_cache_reset_s", "rpc_s", "total_s")
+SYNC_PHASES = ("receive_s", "unpack_s", "load_s", "reload_s", "gemm_dispatch_s", "worker_s", "prefix_cache_reset_s",
+               "rpc_s", "total_s")
 
 
 def _add_time(timings: dict, key: str, start: float) -> None:
@@ -422,22 +423,14 @@ class WeightSyncWorkerExtension:
     @_answers_errors
     def dapo_receive_weights(self) -> tuple[int, str | None, dict[str, float]]:
         """Receive one sync (blocks until the learner sends) and load it; returns its version,
-        when the group verifies checksums the SHA-256 of the state received (`state_checksum`),
-        and the seconds of each phase (`SYNC_PHASES`)."""
-        from dapo.weightsync import state_checksum
-
+        when the group verifies checksums the SHA-256 of the state received (the receiver's
+        `checksum`, computed bucket by bucket as they arrive: verifying keeps no whole state on
+        the device), and the seconds of each phase (`SYNC_PHASES`)."""
         receiver = self.dapo_receiver
         timings: dict[str, float] = {}
-        received: list[tuple[str, torch.Tensor]] = []
         start = time.perf_counter()
         if not self._dapo_loads_per_bucket():
-            version = self._dapo_receive_while_reloading(receiver, received, timings)
-        elif receiver.config.verify_checksums:
-            # a checksum needs every tensor: the receiver keeps every bucket in its own
-            # persistent buffer (retain), valid until the next sync without a copy
-            version = receiver.receive(received.extend, retain=True)
-            timings["receive_s"] = time.perf_counter() - start
-            self.dapo_load(received, timings)
+            version = self._dapo_receive_while_reloading(receiver, timings)
         else:
             # load_weights copies each bucket; from the first one on, a failure leaves a mixed model
             version = receiver.receive(lambda batch: self.dapo_load(batch, timings))
@@ -445,14 +438,10 @@ class WeightSyncWorkerExtension:
         self._dapo_finish_load()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        began = time.perf_counter()
-        checksum = state_checksum(received) if receiver.config.verify_checksums else None
-        if checksum is not None:
-            _add_time(timings, "checksum_s", began)
         timings["worker_s"] = time.perf_counter() - start
-        return version, checksum, timings
+        return version, receiver.checksum, timings
 
-    def _dapo_receive_while_reloading(self, receiver, received: list, timings: dict) -> int:
+    def _dapo_receive_while_reloading(self, receiver, timings: dict) -> int:
         """CPU: vLLM's reload takes every weight in one call but processes (and repacks) each
         layer as soon as all of its weights came in, so it consumes the buckets while the next
         ones are still in transit: the receive runs in a thread into retained buffers (valid
@@ -484,7 +473,6 @@ class WeightSyncWorkerExtension:
                 def in_arrival_order():
                     batch = first
                     while batch is not None:
-                        received.extend(batch)
                         yield from batch
                         batch = arrived.get()
 
