@@ -106,7 +106,7 @@ def test_tensor_parallel_above_one_needs_engine_vllm_at_parse_time():
 
     assert parse_run(_run_doc(engine="vllm", tensorParallelSize=2)).spec.rollout.tensor_parallel_size == 2
     for engine in ("auto", "hf"):
-        with pytest.raises(SpecError, match=r"spec.rollout.tensorParallelSize: 2 needs spec.rollout.engine: vllm"):
+        with pytest.raises(SpecError, match=r"spec.rollout.tensorParallelSize must be 1 unless spec.rollout.engine is vllm"):
             parse_run(_run_doc(engine=engine, tensorParallelSize=2))
     assert parse_run(_run_doc(engine="auto", tensorParallelSize=1)).spec.rollout.engine == "auto"
 

@@ -242,18 +242,6 @@ class RolloutSpec(PodPlacement):
                     "(train/surplus_dropped, async/stale_samples_dropped), so 0 trains on-policy only.",
     )
 
-    @model_validator(mode="after")
-    def _tensor_parallel_needs_vllm(self) -> "RolloutSpec":
-        # each tensor-parallel worker is a rank of the weight-sync group (1 + replicas x TP ranks),
-        # which learner and rollout pods must size alike: with engine auto the engine, and so the
-        # group's size, would depend on what each machine has installed; only vLLM shards a model
-        if self.tensor_parallel_size > 1 and self.engine != "vllm":
-            raise ValueError(f"spec.rollout.tensorParallelSize: {self.tensor_parallel_size} needs spec.rollout.engine: "
-                             f"vllm (got {self.engine}): only vLLM splits a model across devices, and the weight-sync "
-                             "group's size (1 + replicas x tensorParallelSize) must not depend on the machine; set "
-                             "engine: vllm or tensorParallelSize: 1")
-        return self
-
 
 class LearnerSpec(PodPlacement):
     strategy: Literal["deepspeed-zero2", "deepspeed-zero3", "torch"] = Field(
@@ -554,6 +542,17 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "!self.algorithm.overlong.enabled || self.algorithm.overlong.bufferLength < self.rollout.maxResponseLength",
         "",
         "spec.algorithm.overlong.bufferLength must be < spec.rollout.maxResponseLength (lower bufferLength or raise maxResponseLength)",
+    ),
+    CrossFieldRule(
+        # each tensor-parallel worker is a rank of the weight-sync group (1 + replicas x TP ranks),
+        # which learner and rollout pods must size alike: with engine auto the engine, and so the
+        # group's size, would depend on what each machine has installed; only vLLM shards a model
+        lambda s: s.rollout.tensor_parallel_size <= 1 or s.rollout.engine == "vllm",
+        "self.tensorParallelSize <= 1 || self.engine == 'vllm'",
+        "rollout",
+        "spec.rollout.tensorParallelSize must be 1 unless spec.rollout.engine is vllm (only vLLM splits a model "
+        "across devices, and the weight-sync group's size, 1 + replicas x tensorParallelSize, must not depend on "
+        "the machine); set engine: vllm or tensorParallelSize: 1",
     ),
     CrossFieldRule(
         lambda s: s.rollout.gen_batch_size >= s.learner.mini_batch_size,

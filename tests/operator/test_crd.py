@@ -113,7 +113,8 @@ def test_missing_required_fails_schema(run_doc):
     ("spec.learner.miniBatchSize", 3, 1),        # 8 % 3 != 0
     ("spec.algorithm.epsHigh", 0.1, 2),          # < epsLow 0.2
     ("spec.algorithm.overlong.bufferLength", 256, 3),  # == maxResponseLength
-    ("spec.rollout.genBatchSize", 2, 4),         # < miniBatchSize
+    ("spec.rollout.tensorParallelSize", 2, 4),   # engine is not vllm
+    ("spec.rollout.genBatchSize", 2, 5),         # < miniBatchSize
 ])
 def test_cel_rules_match_pydantic(path, value, rule_index):
     doc = _bad(path, value)
