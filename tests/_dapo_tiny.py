@@ -43,3 +43,17 @@ def tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Q
 def tiny_policy(hidden: int = 64, layers: int = 2, seed: int = 0):
     tok = tiny_tokenizer()
     return tiny_model(tok, hidden, layers, seed), tok
+
+
+def inject_tiny_policy(monkeypatch, hidden: int = 32, layers: int = 2, seed: int = 0) -> None:
+    """Make `dapo run`'s model the tiny policy: dapo.model.loading.load_policy returns it, and the
+    check `dapo run` runs first (dapo.preflight) reads its config and tokenizer."""
+    import dapo.model.loading
+    import dapo.preflight
+
+    monkeypatch.setattr(dapo.model.loading, "load_policy",
+                        lambda spec, device="cpu", cache_dir=None: tiny_policy(hidden, layers, seed))
+    tokenizer = tiny_tokenizer()
+    config = tiny_model(tokenizer, hidden, layers, seed).config
+    monkeypatch.setattr(dapo.preflight, "load_model_facts",
+                        lambda spec, scratch: dapo.preflight.ModelFacts(config, tokenizer, "the injected tiny policy"))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import dapo.model.loading
 import dapo.wiring
-from _dapo_tiny import tiny_policy
+from _dapo_tiny import inject_tiny_policy
 from dapo.cli import main as cli_main
 from dapo.controller.pipeline import generation_version
 from dapo.controller.trainer import Trainer
@@ -25,7 +25,7 @@ from _tiny_trainer import OverlapScorer, checkpoint_folder, final_weights, read_
 def recorded(monkeypatch):
     """`dapo run` with the tiny policy and the OverlapScorer; records every collection as
     (step, version asked for, version the engine served, the groups' versions, uids)."""
-    monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    inject_tiny_policy(monkeypatch)
     monkeypatch.setattr(dapo.wiring, "build_scorer", lambda spec: OverlapScorer())
     calls: list[dict] = []
     original = Trainer.collect_groups

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dapo.model.loading
-from _dapo_tiny import tiny_policy
+from _dapo_tiny import inject_tiny_policy
 from dapo.cli import main as cli_main
 from dapo.controller.metrics import MetricsWriter
 from dapo.spec import SpecError, load_run_file, parse_run
@@ -84,7 +83,7 @@ def test_quickstart_run_feeds_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    inject_tiny_policy(monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_SILENT", "true")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -19,7 +19,7 @@ import torch
 
 import dapo.model.loading
 import dapo.wiring
-from _dapo_tiny import tiny_policy
+from _dapo_tiny import inject_tiny_policy
 from _run_files import Replace, write_run_file
 from _tiny_trainer import OverlapScorer, checkpoint_folder, final_weights, read_lines, tiny_trainer
 from dapo.cli import main as cli_main
@@ -41,7 +41,7 @@ CONTRACT_KEYS = [
 @pytest.fixture
 def patched(monkeypatch):
     """`dapo run` with the tiny policy and the OverlapScorer; records each step's prompt uids."""
-    monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    inject_tiny_policy(monkeypatch)
     monkeypatch.setattr(dapo.wiring, "build_scorer", lambda spec: OverlapScorer())
     batches: list[list[str]] = []
     original = Trainer.collect_groups
@@ -291,7 +291,7 @@ def test_without_dynamic_sampling_groups_are_taken_as_they_come(tmp_path):
 def test_real_reward_scorer_all_wrong_cap_through_dapo_run(tmp_path, monkeypatch, run_doc):
     """The real RewardScorer (math_dapo in worker processes): a random model never writes
     'Answer: <n>', every group is all-wrong, and `dapo run` exits 1 with the explanation."""
-    monkeypatch.setattr(dapo.model.loading, "load_policy", lambda spec, device="cpu", cache_dir=None: tiny_policy(32, 2, 0))
+    inject_tiny_policy(monkeypatch)
     doc = run_doc(preset="tiny", algorithm={"dynamicSampling": {"enabled": True, "maxGenBatches": 1}},
                   eval={"beforeTrain": False})
     run_dir = tmp_path / "real"

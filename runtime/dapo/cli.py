@@ -30,6 +30,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _lazy("dapo.entry.inprocess", "main_run")(a))
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check a run file without training: schema, model, data, scorers, memory (exit 2 on a problem)")
+    p.add_argument("file", help="run file (YAML, kind DAPORun)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override one field, as for dapo run (repeatable)")
+    p.set_defaults(func=lambda a: _lazy("dapo.preflight", "main")(a))
+
+
 def _add_crd(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("crd", help="print the DAPORun CustomResourceDefinition generated from the spec model")
     p.set_defaults(func=lambda a: _lazy("dapo.crd", "main")(a))
@@ -93,7 +101,7 @@ def _lazy(module: str, attr: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo", description="DAPO reinforcement learning, on one machine or on Kubernetes")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_eval, _add_export, _add_compare, _add_crd, _add_plot, _add_role):
+    for add in (_add_run, _add_check, _add_eval, _add_export, _add_compare, _add_crd, _add_plot, _add_role):
         add(sub)
     return parser
 
@@ -108,7 +116,11 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except (SpecError, ConfigError) as exc:  # a bad run file / setting: the message names it and the fix
-        print(f"error: {exc}", file=sys.stderr)
+        from dapo.preflight import PreflightError
+
+        lines = str(exc).splitlines() if isinstance(exc, PreflightError) else [str(exc)]
+        for line in lines:  # `dapo run`'s check: one error line per problem
+            print(f"error: {line}", file=sys.stderr)
         return RUN_FILE_ERROR_EXIT_CODE
     except DapoError as exc:  # the platform refused at run time and says why: no traceback
         print(f"error: {exc}", file=sys.stderr)

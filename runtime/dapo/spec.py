@@ -56,6 +56,12 @@ class ResourcesSpec(_Model):
     requests: dict[str, str | int] = Field(default_factory=dict, description="Resource requests, e.g. {cpu: '8', memory: 64Gi}.")
     limits: dict[str, str | int] = Field(default_factory=dict, description="Resource limits, e.g. {memory: 64Gi}.")
     gpus: int = Field(0, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu limit).")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0.0, le=4096.0, alias="gpuMemoryGiB",
+        description="Memory of one GPU of the role's node pool in GiB (80 for an H100 80GB; rollout and learner). `dapo check` (and "
+        "`dapo run` before it starts) compares the role's estimated memory per GPU with it and refuses a run "
+        "that does not fit (learner: weights, gradients and AdamW states under spec.learner.strategy; rollout: "
+        "weights and the KV cache of maxPromptLength + n x maxResponseLength tokens). Omitted: the estimate is printed, not checked.")
 
 
 class PodPlacement(_Model):

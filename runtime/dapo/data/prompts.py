@@ -545,7 +545,7 @@ def _no_usable_rows_message(uri: str, report: LoadReport, mapping: Mapping[str, 
             "unusable answer": f"the answer column {mapping['answer']!r} must hold strings, numbers, lists or objects (data.columns.answer)",
             "empty prompt": f"check the problem column {mapping['problem']!r} (data.columns.problem)",
             "malformed prompt": f"column {mapping['problem']!r} must hold a string or a list of {{role, content}} messages (data.columns.problem)",
-            "too long": "raise the prompt length limit",
+            "too long": "raise the prompt length limit (spec.rollout.maxPromptLength)",
             _INVALID_JSON: "each line must be one JSON object",
         }.get(reason, "")
         return f"{uri}: no usable rows: {reason} in {scope} rows" + (f"; {hint}" if hint else "")
@@ -560,15 +560,23 @@ def load_run_prompts(spec, field: str, uri: str, max_prompts: int | None, tokeni
     """The prompts of a run's data set ``field`` ("train" or "eval") as every consumer of a run
     file loads them (the trainer, `dapo eval`): the run's template, columns and prompt-length
     limit in the policy's tokens. SpecError names ``spec.data.FIELD``."""
+    return load_run_prompts_with_report(spec, field, uri, max_prompts, tokenizer, cache_dir)[0]
+
+
+def load_run_prompts_with_report(spec, field: str, uri: str, max_prompts: int | None, tokenizer,
+                                 cache_dir: str | Path | None = None) -> tuple[list[PromptRecord], LoadReport]:
+    """:func:`load_run_prompts` and its :class:`LoadReport` (what `dapo check` prints). With
+    ``tokenizer`` None the prompt-length limit is not applied (the caller says so)."""
     from dapo.rollout.base import encode_prompt
     from dapo.spec import SpecError
 
     data = spec.data
+    length = {} if tokenizer is None else dict(
+        max_prompt_length=spec.rollout.max_prompt_length,
+        prompt_length=lambda messages: len(encode_prompt(tokenizer, messages)))
     try:
         # Eval sets are de-duplicated too: repeated copies (AIME's 32) would multiply eval.n.
-        records, _ = load_prompts(uri, template=data.prompt_template, columns=data.columns, max_prompts=max_prompts,
-                                  cache_dir=cache_dir, max_prompt_length=spec.rollout.max_prompt_length,
-                                  prompt_length=lambda messages: len(encode_prompt(tokenizer, messages)))
+        return load_prompts(uri, template=data.prompt_template, columns=data.columns, max_prompts=max_prompts,
+                            cache_dir=cache_dir, **length)
     except (ValueError, OSError) as exc:
         raise SpecError(f"spec.data.{field}: {exc}") from None
-    return records

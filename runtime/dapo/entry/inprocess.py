@@ -124,6 +124,7 @@ def main_run(args) -> int:
     """Entry point of `dapo run` (see dapo.cli)."""
     from dapo.controller.metrics import remove_handlers, setup_run_logging
     from dapo.controller.trainer import DynamicSamplingError
+    from dapo.preflight import preflight_run
 
     run = load_run_file(args.file, list(getattr(args, "overrides", None) or []))
     run_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_run_dir(run)
@@ -131,10 +132,13 @@ def main_run(args) -> int:
     if getattr(args, "launcher", "inprocess") == "processes":
         from dapo.entry.processes import parse_cpus, run_processes
 
-        return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)), cpus=parse_cpus(cpu_options))
+        cpus = parse_cpus(cpu_options)
+        preflight_run(run, str(args.file))  # a run file `dapo check` refuses never starts
+        return run_processes(run, run_dir, resume=bool(getattr(args, "resume", False)), cpus=cpus)
     if cpu_options:
         raise ConfigError("--cpus pins role processes: use it with --launcher processes (in process, every role "
                           "shares this process's CPUs; use taskset to pin the whole run)")
+    preflight_run(run, str(args.file))
     run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_run_logging(run_dir)
     # SIGTERM (kill, a closing terminal, a job scheduler) ends the run like Ctrl-C: through the

@@ -190,12 +190,11 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(recipe: ArithRecipe, vocab_size: int, pad_id: int, eos_id: int):
-    """A freshly initialised Qwen2ForCausalLM of the recipe's size (seeded, so reproducible)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def model_config(recipe: ArithRecipe, vocab_size: int, pad_id: int, eos_id: int):
+    """The Qwen2Config of the recipe's model (what `dapo check` reads without building the model)."""
+    from transformers import Qwen2Config
 
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=recipe.hidden_size,
         num_hidden_layers=recipe.layers,
@@ -209,6 +208,14 @@ def build_model(recipe: ArithRecipe, vocab_size: int, pad_id: int, eos_id: int):
         bos_token_id=None,
         use_sliding_window=False,
     )
+
+
+def build_model(recipe: ArithRecipe, vocab_size: int, pad_id: int, eos_id: int):
+    """A freshly initialised Qwen2ForCausalLM of the recipe's size (seeded, so reproducible)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    config = model_config(recipe, vocab_size, pad_id, eos_id)
     torch.manual_seed(recipe.seed)
     return Qwen2ForCausalLM(config)
 
