@@ -268,6 +268,7 @@ def test_a_scorer_returning_no_score_exits_2(tmp_path):
                for line in error_lines(out)), out
 
 
+@pytest.mark.integration  # the check's scorer calls start the reward worker pool
 def test_a_missing_data_column_exits_2_naming_the_set_and_the_column_key(tmp_path):
     """Training rows without the column the template reads: exit 2, the line names
     spec.data.train, the missing column and data.columns.problem."""
@@ -307,6 +308,7 @@ def _seven_b_run(tmp_path: Path, **learner) -> Path:
     return write_yaml(tmp_path / "run7b.yaml", doc)
 
 
+@pytest.mark.integration  # the check's scorer calls start the reward worker pool
 def test_a_model_too_large_for_the_declared_learner_pool_exits_2_naming_the_field_and_the_fixes(tmp_path):
     """A 7.6B model on one 80 GiB learner GPU with plain torch (weights + gradients + AdamW in
     bfloat16: ~57 GiB) does not fit 40 GiB: exit 2 naming spec.learner.resources.gpuMemoryGiB;
@@ -326,6 +328,7 @@ def test_a_model_too_large_for_the_declared_learner_pool_exits_2_naming_the_fiel
     assert "memory per learner GPU: ~19.50 GiB" in out  # ZeRO-2: whole weights, the rest / 8
 
 
+@pytest.mark.integration  # the check's scorer calls start the reward worker pool
 def test_the_rollout_kv_cache_is_checked_against_gpu_memory_times_utilization(tmp_path):
     """Rollout of the 7.6B model: weights 14.19 GiB + KV cache of 2048 + 16 x 20480 tokens
     (17.61 GiB) = 31.79 GiB. 80 GiB x 0.85 fits; 80 x 0.39 = 31.2 GiB does not (gpuMemoryUtilization
@@ -341,8 +344,10 @@ def test_the_rollout_kv_cache_is_checked_against_gpu_memory_times_utilization(tm
     code, out = check(str(run_file), "--set", "spec.rollout.gpuMemoryUtilization=0.39",
                       "--set", "spec.rollout.tensorParallelSize=2")
     assert not error_lines(out), out
+    assert "memory per rollout GPU: ~15.90 GiB" in out  # weights and KV cache both split over 2 GPUs
 
 
+@pytest.mark.integration  # the check's scorer calls start the reward worker pool
 def test_without_declared_gpu_memory_the_estimate_is_printed_and_not_checked(tmp_path):
     """No gpuMemoryGiB: the estimate is printed with 'not checked' naming the field, exit 0 even
     for a 7.6B model on one plain-torch learner."""
@@ -364,6 +369,7 @@ def test_schema_problems_are_one_line_each(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("error: spec.rollout.n: ") and lines[1].startswith("error: spec.learner.lr: ")
 
 
+@pytest.mark.integration  # the check's scorer calls start the reward worker pool
 def test_legal_but_surprising_settings_are_warnings_not_errors():
     """ZeRO with one learner replica: a warning line (dapo.spec.run_warnings), exit 0."""
     code, out = check(str(EXAMPLES / "quickstart.yaml"), "--set", "spec.learner.strategy=deepspeed-zero3")
