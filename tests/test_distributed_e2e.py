@@ -107,13 +107,18 @@ def test_processes_launcher_two_learners_two_rollouts(tmp_path, model_dir):
 
 
 def test_processes_launcher_reports_the_failing_role(tmp_path, model_dir, run_doc):
-    doc = run_doc(preset="processes", model={"path": str(model_dir)}, data={"train": str(tmp_path / "missing.jsonl")},
-                  learner={"totalSteps": 1}, checkpoint={"everySteps": 0})
+    # a failure only the learner meets (its checkpoint store on an S3 endpoint nothing listens
+    # on): what `dapo run`'s check sees (missing data, a bad model path) stops before any process
+    doc = run_doc(preset="processes", model={"path": str(model_dir)},
+                  data={"train": str(write_data(tmp_path / "train.jsonl", 8))},
+                  learner={"totalSteps": 1}, checkpoint={"everySteps": 0, "uri": "s3://no-store/ckpt"})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
-    result = dapo_run(run_file, tmp_path / "out", env=role_env(), timeout=180)
+    env = role_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+                    "DAPO_S3_MAX_ATTEMPTS": "1"})
+    result = dapo_run(run_file, tmp_path / "out", env=env, timeout=180)
     assert result.returncode != 0
-    assert "learner-0 exited with code" in result.stderr and "missing.jsonl" in result.stderr
+    assert "learner-0 exited with code" in result.stderr and "s3://no-store/ckpt" in result.stderr
 
 
 def test_process_gang_pins_the_listed_roles_to_their_cpus(tmp_path):

@@ -102,9 +102,9 @@ def storage_environment(spec: DAPORunSpec):
             os.environ.pop(name, None)
 
 
-def stage_model_metadata(uri: str, dest: Path) -> Path:
+def stage_model_metadata(uri: str, dest: Path) -> tuple[Path, int]:
     """Download the files of the model folder at the s3:// prefix ``uri`` that are not weights
-    (config.json, tokenizer files) into ``dest``."""
+    (config.json, tokenizer files) into ``dest``; (dest, weight files left out)."""
     from dapo.storage import download_file, list_objects, split_s3
 
     bucket, key = split_s3(uri)
@@ -112,12 +112,14 @@ def stage_model_metadata(uri: str, dest: Path) -> Path:
     objects = list_objects(f"s3://{bucket}/{prefix}")
     if not objects:
         raise SpecError(f"spec.model.path: nothing at {uri} (no objects under the prefix); fix the URI")
+    skipped = 0
     for obj in objects:
         rel = obj.key[len(prefix):]
         if "/" in rel or rel.lower().endswith(WEIGHT_SUFFIXES):
+            skipped += 1
             continue
         download_file(f"s3://{bucket}/{obj.key}", dest / rel)
-    return dest
+    return dest, skipped
 
 
 def load_model_facts(spec: DAPORunSpec, scratch: Path) -> ModelFacts:
@@ -139,8 +141,8 @@ def load_model_facts(spec: DAPORunSpec, scratch: Path) -> ModelFacts:
         config = model_config(BUILTINS[name], len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         return ModelFacts(config, tokenizer, f"{model.path} (the recipe's config; dapo run builds it on first use)")
     if model.path.startswith("s3://") and not model.gguf_file:
-        folder = stage_model_metadata(model.path, scratch / "model")
-        source = f"{model.path} (config and tokenizer files only)"
+        folder, skipped = stage_model_metadata(model.path, scratch / "model")
+        source = f"{model.path} (config and tokenizer files only; {skipped} weight files not downloaded)"
     else:  # a GGUF file holds the config and tokenizer beside the weights: it has to be read
         folder = resolve_model_dir(model, resolve_cache_dir(spec.storage))
         source = str(folder / model.gguf_file) if model.gguf_file else str(folder)
@@ -431,13 +433,12 @@ def check_run(run: DAPORun, *, call_scorers: bool = True, cluster: bool = True) 
         if call_scorers:
             check_scorers(spec, records, report)
         else:
-            try:
-                from dapo.reward.routing import ScorerRoutes
+            from dapo.errors import DapoError
+            from dapo.reward.routing import ScorerRoutes
 
+            try:  # imports every run-file function; an unknown spec.reward.scorer is refused too
                 ScorerRoutes([(r.data_source, r.function) for r in spec.reward.scorers], None, spec.reward.scorer)
-            except SpecError as exc:
-                report.problems.append(str(exc))
-            except KeyError as exc:  # UnknownScorerError: an unknown spec.reward.scorer
+            except DapoError as exc:
                 report.problems.append(str(exc))
         if facts is not None:
             check_memory(spec, facts.config, report)
