@@ -308,3 +308,14 @@ def test_scorer_workers_do_not_see_the_reward_process_credentials(monkeypatch, s
             (result,) = scorer.score_batch(["a"], ["1"], ["s"])
         assert result.error is None and result.pred == expected, (pass_env, result)
     assert all(os.environ[key] == value for key, value in secrets.items()), "this process keeps its environment"
+
+
+def test_the_scrubbed_environment_keeps_compute_settings_and_drops_the_rest():
+    """Thread counts and torch's CPU kernel choice reach the scorer workers (and every process the
+    shared fork server starts later); credentials and other names do not, unless passed."""
+    from dapo.reward.isolation import scorer_environment
+
+    environ = {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "PATH": "/bin",
+               "AWS_SECRET_ACCESS_KEY": "s3-key", "SCORER_SETTING": "strict"}
+    assert scorer_environment(environ) == {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "PATH": "/bin"}
+    assert scorer_environment(environ, ["SCORER_*"])["SCORER_SETTING"] == "strict"

@@ -28,9 +28,13 @@ from collections.abc import Iterator, Mapping, Sequence
 __all__ = ["WORKER_ENV_KEEP", "scorer_environment", "start_scrubbed"]
 
 #: Environment names (globs) a worker keeps: paths, locale, time zone, temp folders, Python's own
-#: settings and thread counts. Anything else must be listed in spec.reward.passEnv.
+#: settings, thread counts and torch's CPU kernel choice (ATEN_CPU_CAPABILITY: the fork server is
+#: shared by every forkserver process of the run's process, learner ranks included, so dropping it
+#: would give them other float kernels than the process that started them). Anything else must be
+#: listed in spec.reward.passEnv.
 WORKER_ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TEMP", "TMP",
-                   "PYTHON*", "VIRTUAL_ENV", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                   "PYTHON*", "VIRTUAL_ENV", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                   "ATEN_CPU_CAPABILITY")
 
 _LOCK = threading.Lock()
 _forkserver_env: dict[str, str] | None = None  # the environment the fork server was started with, if by us
