@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -38,6 +39,17 @@ def tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Q
     model = Qwen2ForCausalLM(config)
     model.train()
     return model
+
+
+def write_tiny_model_folder(folder: Path, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A Hugging Face folder (config, weights, tokenizer) of `tiny_model`, its generation config
+    ending at the tokenizer's eos: what the vLLM engine tests start engines on."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, hidden=hidden, layers=layers, seed=seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def tiny_policy(hidden: int = 64, layers: int = 2, seed: int = 0):

@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 
-from _dapo_tiny import tiny_model, tiny_tokenizer
+from _dapo_tiny import tiny_tokenizer, write_tiny_model_folder
 from dapo.rollout.base import FINISH_LENGTH, FINISH_STOP
 from dapo.rollout.vllm import VLLMEngineError
 from dapo.weightsync import WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
@@ -52,13 +52,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vllm-model")
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer, hidden=128, layers=2, seed=0)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_model_folder(tmp_path_factory.mktemp("vllm-model"))
 
 
 @pytest.fixture(scope="module")

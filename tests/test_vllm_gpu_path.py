@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dapo_tiny import tiny_model, tiny_tokenizer
+from _dapo_tiny import tiny_tokenizer, write_tiny_model_folder
 from dapo.rollout.vllm import (UPDATE_PIECE_BYTES, VLLM_VERSIONS, PieceAssembler, VLLMEngineError,
                                bucket_load_refusal, check_vllm_version, receiver_rank, tensor_pieces)
 
@@ -226,13 +226,7 @@ assert PIECE_BYTES < UPDATE_PIECE_BYTES
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vllm-tp-model")
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer, hidden=128, layers=2, seed=0)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_model_folder(tmp_path_factory.mktemp("vllm-tp-model"))
 
 
 @pytest.fixture(scope="module")
