@@ -18,8 +18,7 @@ warnings and notes (what was found) to a :class:`CheckReport`:
   scorer that finds the row's own answer wrong is a warning (the data's answer format and the
   scorer disagree). Rows routed to spec.reward.remote are not sent: the check calls no service;
 - memory per GPU (:func:`memory_estimates`) against spec.{learner,rollout}.resources.gpuMemoryGiB;
-- the legal but surprising combinations (dapo.spec.run_warnings; on Kubernetes also the
-  operator's spec_warnings) as warnings.
+- the legal but surprising combinations (dapo.spec.run_warnings) as warnings.
 
 `dapo run` runs :func:`check_run` first without the scorer calls (they start a worker pool; the
 run scores its first batch seconds later anyway).
@@ -405,28 +404,20 @@ def check_memory(spec: DAPORunSpec, config, report: CheckReport) -> None:
 # --------------------------------------------------------------------------- warnings
 
 
-def check_warnings(run: DAPORun, report: CheckReport, *, cluster: bool) -> None:
-    """dapo.spec.run_warnings; with ``cluster``, the operator's warnings too when its package is
-    installed (the runtime image does not carry it)."""
-    warnings = run_warnings(run.spec)
-    if cluster:
-        try:
-            from dapo_operator.builders import spec_warnings
-        except ImportError:
-            pass
-        else:
-            warnings = [w if w in warnings else f"on Kubernetes: {w}" for w in spec_warnings(run)]
-    report.warnings.extend(warnings)
+def check_warnings(run: DAPORun, report: CheckReport) -> None:
+    """dapo.spec.run_warnings (the operator's own spec warnings reach the DAPORun's status; the
+    runtime never imports the operator package: tests/test_layout.py)."""
+    report.warnings.extend(run_warnings(run.spec))
 
 
 # --------------------------------------------------------------------------- all of it
 
 
-def check_run(run: DAPORun, *, call_scorers: bool = True, cluster: bool = True) -> CheckReport:
+def check_run(run: DAPORun, *, call_scorers: bool = True) -> CheckReport:
     """Every check of a validated run file (module docstring)."""
     report = CheckReport()
     spec = run.spec
-    check_warnings(run, report, cluster=cluster)
+    check_warnings(run, report)
     with tempfile.TemporaryDirectory(prefix="dapo-check-") as scratch, storage_environment(spec):
         facts = check_model(spec, Path(scratch), report)
         records = check_data(spec, facts.tokenizer if facts else None, report)
@@ -477,7 +468,7 @@ def main(args) -> int:
 
 def preflight_run(run: DAPORun, source: str) -> None:
     """`dapo run`'s check before anything starts: PreflightError listing the problems."""
-    report = check_run(run, call_scorers=False, cluster=False)
+    report = check_run(run, call_scorers=False)
     for warning in report.warnings:
         log.warning("%s", warning)
     if report.problems:  # one line per problem, as dapo check prints them
