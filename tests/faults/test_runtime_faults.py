@@ -315,7 +315,10 @@ def test_weight_sync_peer_stops_answering_then_gang_restart_resumes_exactly(tmp_
     detected_s = time.monotonic() - frozen_at
     text = first.text()
     assert code == 1 and "learner-0 exited with code 1" in text, text[-4000:]
-    assert re.search(r"WeightSyncError: .*rank 2", text), text[-4000:]
+    # the freeze lands after rollout-1 logged version 1 as applied: usually before the next
+    # broadcast, which then names rank 2; on a loaded machine sometimes before its /sync answer
+    # to version 1 left, which the learner then reports as that replica's /sync timing out
+    assert re.search(r"WeightSyncError: .*(rank 2|/sync timed out)", text), text[-4000:]
     assert 2 not in steps_done(out), "step 2 must not have completed without rollout-1's sync"
 
     recover_s, from_step = resume(run_file, out, role_env(), injected_at=frozen_at, interrupted=2)
