@@ -85,6 +85,19 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def _reap(child) -> None:
+    """Wait a minute for a section's child process to end, then kill it."""
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+
+
+def _raise_child_error(answer: dict, who: str) -> None:
+    """A child's answer carrying its traceback ends the section with it."""
+    if "error" in answer:
+        raise RuntimeError(f"{who} failed:\n{answer['error']}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -314,11 +327,8 @@ def _sync_round(tensors: list, bucket_bytes: int, verify: bool, device: str, syn
         finally:
             sender.close()
     finally:
-        child.join(60)
-        if child.is_alive():
-            child.kill()
-    if "error" in answer:
-        raise RuntimeError(f"the receiver process failed:\n{answer['error']}")
+        _reap(child)
+    _raise_child_error(answer, "the receiver process")
     return stats, answer
 
 
@@ -421,11 +431,8 @@ def section_deepspeed(ctx) -> dict:
     try:
         answer = answers.get(timeout=ctx.deepspeed_timeout_s)
     finally:
-        child.join(60)
-        if child.is_alive():
-            child.kill()
-    if "error" in answer:
-        raise RuntimeError(f"the DeepSpeed learner process failed:\n{answer['error']}")
+        _reap(child)
+    _raise_child_error(answer, "the DeepSpeed learner process")
     problems = []
     if answer["backend"] != "DeepSpeedBackend" or answer["strategy"] != "deepspeed-zero2":
         problems.append(f"trained with {answer['backend']} ({answer['strategy']}), not DeepSpeed ZeRO-2")
