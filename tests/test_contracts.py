@@ -72,11 +72,11 @@ def test_learner_status_document_round_trips_through_the_operator_sanitiser():
     doc = LearnerStatus(state="running", step=4, total_steps=9, weight_version=4,
                         metrics={"critic/score/mean": 0.1}, message="training").document()
     assert set(doc) == {"state", "step", "totalSteps", "weightVersion", "metrics", "lastCheckpoint", "message",
-                        "runFileError", "updatedAt"}
+                        "runFileError", "guardrail", "updatedAt"}
     clean = sanitize_learner_status({**doc, "environment": {"AWS_SECRET_ACCESS_KEY": "x"}})
     assert "environment" not in clean
     assert clean["state"] == "running" and clean["step"] == 4 and clean["metrics"] == {"critic/score/mean": 0.1}
-    assert set(LEARNER_STATES) == {"starting", "running", "succeeded", "failed"}
+    assert set(LEARNER_STATES) == {"starting", "running", "succeeded", "failed", "suspended"}
     with pytest.raises(ValidationError):
         LearnerStatus(state="exploded")
 

@@ -345,8 +345,32 @@ class CheckpointRef(_Contract):
 # operator fails the DAPORun instead of restarting the gang.
 RUN_FILE_ERROR_EXIT_CODE = 2
 
-LearnerState = Literal["starting", "running", "succeeded", "failed"]
+# A guardrail with action fail / suspend stopped training (the learner's /status says which in
+# ``guardrail``; the termination message's last line starts "guardrail:"). Distinct codes because the
+# operator may see the exit before it reads /status: fail ends the DAPORun Failed, suspend sets
+# spec.suspend; neither restarts the gang (it would trip again).
+GUARDRAIL_FAIL_EXIT_CODE = 3
+GUARDRAIL_SUSPEND_EXIT_CODE = 4
+
+LearnerState = Literal["starting", "running", "succeeded", "failed", "suspended"]
 LEARNER_STATES: tuple[str, ...] = LearnerState.__args__  # type: ignore[attr-defined]
+
+
+class GuardrailTrip(_Contract):
+    """One guardrail firing, as learner-0 reports it and the DAPORun's GuardrailTripped condition shows it."""
+
+    metric: str
+    value: float | None = Field(None, description="The checked value (the metric, or its change); None if not finite.")
+    step: int = Field(..., ge=0, description="The training step whose metrics tripped it.")
+    action: Literal["rollback", "suspend", "fail"]
+    rule: str = Field(..., description="The guardrail in words, e.g. 'actor/entropy below 0.05 for 3 steps'.")
+    message: str = Field("", description="What was done: rolled back to which checkpoint, suspended, failed.")
+    rollbacks: int = Field(0, ge=0, description="Rollbacks this run has made so far.")
+
+    def line(self) -> str:
+        """One line for logs, events and the condition message."""
+        shown = "non-finite" if self.value is None else f"{self.value:.6g}"
+        return f"guardrail {self.rule} tripped at step {self.step} ({self.metric} {shown}): {self.message}"
 
 
 class LearnerStatus(_Contract):
@@ -361,6 +385,8 @@ class LearnerStatus(_Contract):
     message: str = ""
     # state "failed" because of the run file or configuration (exit RUN_FILE_ERROR_EXIT_CODE follows)
     run_file_error: bool = Field(False, alias="runFileError")
+    # the newest guardrail firing of this learner process (None: none fired)
+    guardrail: GuardrailTrip | None = None
     updated_at: str = Field(default_factory=now_rfc3339, alias="updatedAt")
 
     def document(self) -> dict[str, Any]:
@@ -386,7 +412,8 @@ STATUS_METRIC_FIELDS = {"score": "score", "acc": "acc", "response_length": "resp
 
 
 class Condition(_Contract):
-    type: str = Field(..., description="Ready, Progressing, Succeeded, Failed, Suspended, Degraded or Stalled.")
+    type: str = Field(..., description="Ready, Progressing, Succeeded, Failed, Suspended, Degraded, "
+                      "Stalled, Validated or GuardrailTripped.")
     status: Literal["True", "False", "Unknown"]
     reason: str | None = Field(None, description="CamelCase machine-readable reason.")
     message: str | None = Field(None, description="Human-readable detail.")

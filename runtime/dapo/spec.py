@@ -429,6 +429,51 @@ class StorageSpec(_Model):
     cache_dir: str = Field("/cache", description="Local folder (in pods) where datasets and models are staged.")
 
 
+class GuardrailSpec(_Model):
+    """One guardrail: a metric the run writes, a bound, how many steps in a row, and what to do."""
+
+    metric: str = Field(..., min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_./@:-]+$", description=(
+        "A metric the run writes each step (metrics.jsonl names: actor/entropy, actor/grad_norm, "
+        "training/rollout_probs_diff_max, rollout_corr/..., critic/score/mean), or val/... (checked at "
+        "evaluation steps only)."))
+    above: float | None = Field(None, description="Trips when the value is above this. Set exactly one of above / below.")
+    below: float | None = Field(None, description="Trips when the value is below this. Set exactly one of above / below.")
+    measure: Literal["value", "change"] = Field("value", description=(
+        "value: the metric itself; change: this step's value minus the previous step's (a cliff in "
+        "critic/score/mean is `measure: change, below: -0.3`)."))
+    for_steps: int = Field(1, ge=1, le=1000, description="Trips after this many checked steps in a row out of bounds.")
+    action: Literal["rollback", "suspend", "fail"] = Field(..., description=(
+        "rollback: restore the newest checkpoint at which every guardrail held, scale the learning rate by "
+        "learningRateScale and go on (at most maxRollbacks times, then fail); suspend: stop, keep the "
+        "checkpoints, set spec.suspend (a person decides); fail: the run ends Failed."))
+    learning_rate_scale: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "rollback: multiply the learning rate by this at each rollback (1: unchanged)."))
+    max_rollbacks: int = Field(2, ge=1, le=100, description=(
+        "rollback: rollbacks this guardrail may make; tripping once more fails the run."))
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "GuardrailSpec":
+        if (self.above is None) == (self.below is None):
+            raise ValueError(f"spec.guardrails (metric {self.metric}): set exactly one of above / below")
+        return self
+
+    def describe(self) -> str:
+        """e.g. ``actor/entropy below 0.05 for 3 steps``."""
+        what = self.metric if self.measure == "value" else f"change of {self.metric}"
+        bound = f"above {self.above:g}" if self.above is not None else f"below {self.below:g}"
+        return f"{what} {bound}" + (f" for {self.for_steps} steps" if self.for_steps > 1 else "")
+
+
+class PreflightSpec(_Model):
+    """The `dapo check` the operator runs in a CPU pod before any GPU pod of the run."""
+
+    enabled: bool = Field(True, description=(
+        "Run `dapo check` in a CPU pod before the first learner / rollout pod; a problem fails the run "
+        "(condition Validated=False) without scheduling a GPU pod."))
+    timeout_seconds: int = Field(900, ge=10, le=86400, description=(
+        "A check pod still running after this long fails the run (reason ValidationTimeout)."))
+
+
 class DAPORunSpec(_Model):
     model: ModelSpec
     data: DataSpec
@@ -451,6 +496,10 @@ class DAPORunSpec(_Model):
     stall_action: Literal["report", "fail"] = Field(
         "report", description="On a stall: report (condition and event; the run keeps its pods) or fail (the "
         "DAPORun is Failed with reason Stalled and its pods are deleted; checkpoints stay).")
+    guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=32, description=(
+        "Rules over the run's metrics that act on a collapse (rollback, suspend, fail); none by default "
+        "(docs/observability.md lists a recommended set for DAPO)."))
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "DAPORunSpec":
@@ -578,6 +627,13 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "!has(self.passK) || self.passK.all(k, k <= self.n)",
         "eval",
         "spec.eval.passK must hold values <= spec.eval.n (pass@k draws k of the n samples of a problem)",
+    ),
+    CrossFieldRule(
+        # pydantic's own check (GuardrailSpec) names the guardrail; this is its API-server twin
+        lambda s: all((g.above is None) != (g.below is None) for g in s.guardrails),
+        "!has(self.guardrails) || self.guardrails.all(g, has(g.above) != has(g.below))",
+        "",
+        "spec.guardrails: every guardrail sets exactly one of above / below",
     ),
     CrossFieldRule(
         # pydantic's own check (AlgorithmSpec) names the unknown parameter; this is its API-server twin

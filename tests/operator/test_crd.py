@@ -164,3 +164,19 @@ def test_policy_loss_params_are_checked_at_admission_and_by_pydantic(run_doc):
     dapo_with_param = copy.deepcopy(good)
     dapo_with_param["spec"]["algorithm"]["policyLoss"] = "dapo"  # dapo's clip range is epsLow / epsHigh, no params
     assert rule.message in cel_failures(dapo_with_param)
+
+
+def test_guardrail_bounds_are_checked_at_admission_and_by_pydantic(run_doc):
+    """A guardrail with both above and below (or neither) fails the API server's CEL rule and the
+    run-file parser; one bound passes both."""
+    rule = next(r for r in CROSS_FIELD_RULES if "guardrails" in r.cel)
+    good = run_doc(preset="operator")
+    good["spec"]["guardrails"] = [{"metric": "actor/entropy", "below": 0.05, "action": "fail"}]
+    assert schema_errors(good) == [] and rule.message not in cel_failures(good)
+    assert parse_run(good).spec.guardrails[0].below == 0.05
+    for bounds in ({"above": 1.0, "below": 0.05}, {}):
+        bad = copy.deepcopy(good)
+        bad["spec"]["guardrails"] = [{"metric": "actor/entropy", "action": "fail", **bounds}]
+        assert schema_errors(bad) == [] and rule.message in cel_failures(bad)
+        with pytest.raises(SpecError, match="metric actor/entropy.*exactly one of above / below"):
+            parse_run(bad)
