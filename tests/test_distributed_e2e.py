@@ -290,3 +290,23 @@ def test_processes_launcher_async_rollout_one_step_stale(tmp_path, model_dir):
     # dynamic sampling is off: the prompts follow the sampler alone, whatever floats the runs computed
     assert [s["train/prompt_uids_digest"] for s in steps] == [s["train/prompt_uids_digest"] for s in reference]
     assert [s["async/version_lag_mean"] for s in reference] == [0, 1, 1, 1]
+
+
+def test_processes_launcher_exits_with_the_suspend_guardrails_code(tmp_path, model_dir):
+    """A suspend guardrail tripping at step 1 (actor/lr above 0: always) stops learner-0 with
+    GUARDRAIL_SUSPEND_EXIT_CODE, which the launcher passes on; learner-0's log has the guardrail
+    line and no checkpoint of the tripped step was committed."""
+    from dapo.contracts import GUARDRAIL_SUSPEND_EXIT_CODE
+
+    doc = _run_files.run_doc(preset="processes", model={"path": str(model_dir)},
+                             data={"train": str(write_data(tmp_path / "train.jsonl", 8))},
+                             learner={"totalSteps": 3}, checkpoint={"everySteps": 1, "keep": 3},
+                             guardrails=[{"metric": "actor/lr", "above": 0.0, "action": "suspend"}])
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    result = dapo_run(run_file, out, env=role_env())
+    assert result.returncode == GUARDRAIL_SUSPEND_EXIT_CODE, result.stderr[-4000:]
+    learner_log = (out / "logs" / "learner-0.log").read_text()
+    assert "guardrail: guardrail actor/lr above 0 tripped at step 1" in learner_log, learner_log[-3000:]
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*/manifest.json"))

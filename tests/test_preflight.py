@@ -134,7 +134,7 @@ def _example_run_files() -> list[Path]:
 # What each example needs from its environment that a test machine does not have, replaced with
 # --set (everything else of the file is checked as written): a model to download or install, data
 # inside the runtime image, a cluster's S3 (moto here, holding a 7B-shaped config and DAPO rows).
-LOCAL_AS_IS = {"quickstart.yaml", "custom-scorer.yaml", "graded-scorer.yaml"}
+LOCAL_AS_IS = {"quickstart.yaml", "custom-scorer.yaml", "graded-scorer.yaml", "guardrail-rollback.yaml"}
 S3_EXAMPLES = {"k8s-run.yaml", "qwen-math-7b.yaml"}
 
 
@@ -148,7 +148,7 @@ def test_the_example_table_covers_every_run_file_in_examples():
 @pytest.mark.integration  # the scorer calls run in the reward worker pool
 @pytest.mark.parametrize("name", sorted(LOCAL_AS_IS))
 def test_local_examples_pass_as_written(name):
-    """quickstart / custom-scorer / graded-scorer: exit 0, with the model, both data sets, the
+    """quickstart / custom-scorer / graded-scorer / guardrail-rollback: exit 0, with the model, both data sets, the
     scorers and the memory estimate reported."""
     code, out = check(str(EXAMPLES / name))
     assert code == 0, out

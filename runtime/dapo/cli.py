@@ -123,8 +123,9 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"error: {line}", file=sys.stderr)
         return RUN_FILE_ERROR_EXIT_CODE
     except DapoError as exc:  # the platform refused at run time and says why: no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        # a guardrail that stopped the run has its own label and exit code (dapo.controller.guardrails)
+        print(f"{getattr(exc, 'label', 'error')}: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 1))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 
 from dapo.algo import ADVANTAGE_ESTIMATORS, dynamic_sampling_filter, overlong_filter_mask
 from dapo.contracts import LearnerMetrics, LearnerStatus, finite_or_none
+from dapo.controller.guardrails import GuardrailStop, Guardrails, unknown_metric_error
 from dapo.controller.pipeline import RolloutPipeline
 from dapo.controller.pod_evaluations import PodEvaluations
 from dapo.controller.state import (collection_from_state, collection_to_state, groups_from_state,
@@ -42,12 +43,13 @@ from dapo.errors import DapoError
 from dapo.learner.base import Learner
 from dapo.data.sampler import steps_for_epochs
 from dapo.learner.batch import TrainBatch, make_batch
+from dapo.learner.torch_learner import scale_learning_rate
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 from dapo.evaluation.metrics import validation_metrics
 from dapo.evaluation.sampling import sample_prompts
 from dapo.seeding import GENERATION, seed_for
-from dapo.spec import dynamic_sampling_metric
+from dapo.spec import SpecError, dynamic_sampling_metric
 from dapo.storage.checkpointer import CheckpointContents
 
 log = logging.getLogger("dapo.controller.trainer")
@@ -213,6 +215,11 @@ class Trainer:
         self.pipeline: RolloutPipeline | None = None
         self.ds_metric = dynamic_sampling_metric(spec)  # what must vary within a kept group
         self.in_flight: list[BatchCollection] = []
+        # spec.guardrails (controller/guardrails.py): checked after every step
+        self.guardrails = Guardrails(spec.guardrails)
+        self._guardrail_names_checked = False
+        self._held = True  # every guardrail held at the last step: recorded in its checkpoint
+        self._rollback_from: tuple[int, float] | None = None  # (weight version, lr scale) during a rollback
 
     # ------------------------------------------------------------------ data helpers
 
@@ -506,36 +513,17 @@ class Trainer:
         try:
             if self.step == 0 and self.eval_records and self.spec.eval.before_train and not self.eval_in_pods:
                 self.run_eval()
-            if self.spec.rollout.max_staleness > 0 and self.step < self.total_steps and not self.epochs_done():
-                self.pipeline = RolloutPipeline(
-                    engine=self.engine, collect=self._pipeline_collect(self.step, self.weight_version),
-                    max_staleness=self.spec.rollout.max_staleness, start_step=self.step,
-                    start_version=self.weight_version, total_steps=self.total_steps, in_flight=self.in_flight)
-                self.in_flight = []
-            while self.step < self.total_steps and not self.epochs_done():
-                metrics = self.train_step()
-                self.last_metrics = metrics
-                if self.metrics is not None:
-                    self.metrics.write(metrics)
-                if self._eval_due():
-                    self.run_eval()
-                if self.progress is not None:
-                    self.progress.step(metrics, self.total_steps, self.last_val.get("val/acc/mean"))
-                if self.checkpointer is not None and self._checkpoint_due():
-                    info = self.checkpointer.save(self)
-                    self.last_checkpoint = {"step": info.step, "uri": info.uri}
-                if self.pod_evaluations is not None:
-                    self._take_pod_evaluations(self.pod_evaluations.collect())
-                if self.pipeline is not None and self._pause_due(self.step):
-                    self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
+            self._save_start_checkpoint()
+            while self._train_until_done_or_rollback():
+                pass  # a guardrail rolled training back to a checkpoint: go on from there
+        except GuardrailStop as exc:
+            self.state = "suspended" if exc.suspend else "failed"
+            self.message = str(exc)
+            raise
         except Exception as exc:
             self.state = "failed"
             self.message = str(exc)
             raise
-        finally:
-            if self.pipeline is not None:
-                self.pipeline.close()
-                self.pipeline = None
         if self.epochs_done():
             log.info("finished %d pass(es) over the %d training prompts in %d steps (at most %d were possible)",
                      self.epoch_limit, len(self.train_records), self.step, self.total_steps)
@@ -548,6 +536,129 @@ class Trainer:
         self.state = "succeeded"
         self.message = f"finished {self.step} steps"
         return self.last_metrics
+
+    def _train_until_done_or_rollback(self) -> bool:
+        """Train steps until the run is done (False) or a rollback guardrail tripped and training
+        was rolled back to a checkpoint (True: call again)."""
+        rollback = None
+        try:
+            if self.spec.rollout.max_staleness > 0 and self.step < self.total_steps and not self.epochs_done():
+                self.pipeline = RolloutPipeline(
+                    engine=self.engine, collect=self._pipeline_collect(self.step, self.weight_version),
+                    max_staleness=self.spec.rollout.max_staleness, start_step=self.step,
+                    start_version=self.weight_version, total_steps=self.total_steps, in_flight=self.in_flight)
+                self.in_flight = []
+            while self.step < self.total_steps and not self.epochs_done():
+                metrics = self.train_step()
+                if self.guardrails:
+                    metrics.update({"guardrail/lr_scale": self.guardrails.lr_scale,
+                                    "guardrail/rollbacks": sum(self.guardrails.rollbacks)})
+                self.last_metrics = metrics
+                if self.metrics is not None:
+                    self.metrics.write(metrics)
+                if self._eval_due():
+                    self.run_eval()
+                if self.progress is not None:
+                    self.progress.step(metrics, self.total_steps, self.last_val.get("val/acc/mean"))
+                rollback = self._check_guardrails(metrics)  # suspend / fail raise GuardrailStop
+                if rollback is not None:
+                    break  # this step's state is the collapse: no checkpoint of it
+                if self.checkpointer is not None and self._checkpoint_due():
+                    info = self.checkpointer.save(self)
+                    self.last_checkpoint = {"step": info.step, "uri": info.uri}
+                if self.pod_evaluations is not None:
+                    self._take_pod_evaluations(self.pod_evaluations.collect())
+                if self.pipeline is not None and self._pause_due(self.step):
+                    self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
+        finally:
+            if self.pipeline is not None:
+                self.pipeline.close()
+                self.pipeline = None
+        if rollback is None:
+            return False
+        self._roll_back(rollback)
+        return True
+
+    # ------------------------------------------------------------------ guardrails
+
+    def _save_start_checkpoint(self) -> None:
+        """A rollback guardrail needs a checkpoint to return to: a fresh run commits step 0 first."""
+        if (self.guardrails.can_roll_back and self.checkpointer is not None and self.step == 0
+                and self.checkpointer.store.latest() is None):
+            info = self.checkpointer.save(self)
+            self.last_checkpoint = {"step": info.step, "uri": info.uri}
+
+    def _check_guardrails(self, metrics: dict[str, Any]):
+        """spec.guardrails on this step's metrics (and its evaluation's): None, or (index, trip) of a
+        rollback guardrail to carry out; suspend and fail raise `GuardrailStop`."""
+        if not self.guardrails:
+            return None
+        if not self._guardrail_names_checked:
+            self._guardrail_names_checked = True
+            problem = unknown_metric_error(self.guardrails.rules, metrics)
+            if problem:
+                raise SpecError(problem)
+        evaluated = self.last_val if self.last_val.get("step") == self.step else {}
+        verdict = self.guardrails.observe(self.step, {**metrics, **evaluated})
+        self._held = verdict.held
+        trip = verdict.trip
+        if trip is None:
+            return None
+        if trip.action == "rollback":
+            counted = self.guardrails.begin_rollback(verdict.trip_index, trip)
+            if counted is not None:
+                return verdict.trip_index, counted
+            rule = self.guardrails.rules[verdict.trip_index]
+            self._stop(trip.model_copy(update={"action": "fail", "message": (
+                f"it tripped again after spec.guardrails[{verdict.trip_index}].maxRollbacks={rule.max_rollbacks} "
+                "rollbacks: the run fails (raise maxRollbacks, or lower learningRateScale or spec.learner.lr)")}))
+        if trip.action == "suspend":
+            self._stop(trip.model_copy(update={"message": (
+                "training suspended with its checkpoints kept; look at the run, then resume (spec.suspend: false on a "
+                "cluster, `dapo run --resume` here) from the last checkpoint")}))
+        self._stop(trip.model_copy(update={"message": "the run fails (spec.guardrails action fail)"}))
+
+    def _announce(self, trip) -> None:
+        """Every firing: kept in the guardrail state (the learner's /status), a metrics line, a log line."""
+        self.guardrails.record(trip)
+        if self.metrics is not None:
+            self.metrics.write({"step": trip.step, "guardrail/tripped": 1, "guardrail/metric": trip.metric,
+                                "guardrail/value": trip.value, "guardrail/action": trip.action,
+                                "guardrail/rollbacks": trip.rollbacks, "guardrail/lr_scale": self.guardrails.lr_scale})
+        log.warning("%s", trip.line())
+
+    def _stop(self, trip) -> None:
+        self._announce(trip)
+        raise GuardrailStop(trip)
+
+    def _roll_back(self, tripped: tuple[int, Any]) -> None:
+        """Restore the newest committed checkpoint at which every guardrail held, from before the
+        breach began; the weight versions go on upwards (rollout engines refuse older ones) and the
+        learning rate is the run file's times every rollback's learningRateScale so far."""
+        index, trip = tripped
+        rule = self.guardrails.rules[index]
+        first_bad = trip.step - rule.for_steps + 1
+        healthy = [c for c in self.checkpointer.store.list_committed() if c.step < first_bad
+                   and c.manifest.get("meta", {}).get("guardrails_held", True)]
+        if not healthy:
+            self._stop(trip.model_copy(update={"action": "fail", "message": (
+                f"no committed checkpoint before step {first_bad} at which every guardrail held is left to roll back "
+                "to (spec.checkpoint.keep / everySteps keep too few): the run fails")}))
+        target = healthy[-1]
+        for newer in self.checkpointer.store.list_committed():
+            if newer.step > target.step:  # trained again from the target: committed again later
+                self.checkpointer.store.uncommit(newer.step)
+        kept = self.guardrails.state_dict()
+        self._rollback_from = (self.weight_version, self.guardrails.lr_scale)
+        try:
+            self.checkpointer.restore(self, target)
+        finally:
+            self._rollback_from = None
+        self.guardrails.load_state_dict(kept)
+        self._held = True
+        self._announce(trip.model_copy(update={"message": (
+            f"rolled back to checkpoint step {target.step} (weight version now {self.weight_version}); learning rate "
+            f"x{self.guardrails.lr_scale:g} of spec.learner.lr")}))
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -567,6 +678,7 @@ class Trainer:
             "trained_consumed": self.trained_consumed,
             "last_val": self.last_val,
             "python_random": _encode_py_random(self.rng.getstate()),
+            "guardrails": self.guardrails.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -580,6 +692,21 @@ class Trainer:
         self.last_val = dict(state.get("last_val") or {})
         if "python_random" in state:
             self.rng.setstate(_decode_py_random(state["python_random"]))
+        self.guardrails.load_state_dict(state.get("guardrails"))
+        if self._rollback_from is not None:
+            self._renumber_versions(self._rollback_from[0] + 1 - self.weight_version)
+
+    def _renumber_versions(self, offset: int) -> None:
+        """Shift every weight version (the trainer's, and the sampling version of every restored
+        group) by ``offset``: after a rollback the restored weights are published as a new,
+        higher version, and the restored groups keep their lag behind it."""
+        self.weight_version += offset
+        groups = list(self.surplus) + [g for c in self.in_flight for g in c.groups]
+        for group in groups:
+            group.weight_version += offset
+            for sample in group.samples:
+                if sample.weight_version is not None:
+                    sample.weight_version = int(sample.weight_version) + offset
 
     def _in_flight(self) -> list[BatchCollection]:
         """Collected, untrained batches; with the pipeline running, after it has drained (so the
@@ -601,13 +728,18 @@ class Trainer:
         return CheckpointContents(model=self.learner.model, model_state=model_state,
                                   learner_state=self.learner.state_dict(), trainer_state=trainer_state,
                                   trainer_tensors=tensors,
-                                  meta={"weight_version": self.weight_version, "total_steps": self.total_steps})
+                                  meta={"weight_version": self.weight_version, "total_steps": self.total_steps,
+                                        **({"guardrails_held": self._held} if self.guardrails else {})})
 
     def load_model_weights(self, state) -> None:
         self.learner.load_model_weights(state)
 
     def load_checkpoint_state(self, learner_state: dict, trainer_state: dict,
                               trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if self._rollback_from is not None:  # the learning rate the guardrails now want, warm-up intact
+            saved_scale = float((trainer_state.get("guardrails") or {}).get("lr_scale", 1.0))
+            if self._rollback_from[1] != saved_scale:
+                learner_state = scale_learning_rate(learner_state, self._rollback_from[1] / saved_scale)
         self.learner.load_state_dict(learner_state)
         self.load_state_dict(trainer_state, trainer_tensors)
 
@@ -627,6 +759,7 @@ class Trainer:
         return LearnerStatus(
             state=self.state, step=self.step, total_steps=self.total_steps, weight_version=self.weight_version,
             metrics=metrics, last_checkpoint=self.last_checkpoint, message=self.message,
+            guardrail=self.guardrails.last_trip,
         ).document()
 
 

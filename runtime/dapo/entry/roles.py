@@ -169,6 +169,7 @@ def run_controller(run: DAPORun, world_size: int) -> int:
     from dapo.entry.inprocess import build_embedded_run
     from dapo.services.http import parse_urls
     from dapo.services.reward import RemoteScorer
+    from dapo.controller.guardrails import GuardrailStop
     from dapo.controller.status_server import StatusServer, placeholder_status
 
     spec = run.spec
@@ -197,6 +198,10 @@ def run_controller(run: DAPORun, world_size: int) -> int:
         trainer.train()
         code = 0
         log.info("training finished: %d steps", trainer.step)
+    except GuardrailStop as exc:  # suspend / fail: its own exit code, so the operator never restarts the gang
+        log.error("guardrail: %s", exc)
+        code = exc.exit_code
+        status.set_override(embedded.trainer.status())  # state suspended / failed, with the trip
     except Exception as exc:  # noqa: BLE001 - reported through /status and the exit code
         run_file_error = isinstance(exc, (SpecError, ConfigError))
         if run_file_error:  # the file or a setting: one line naming it (as `dapo run` prints), no traceback

@@ -70,7 +70,7 @@ class DeepSpeedBackend(DataParallelBackend):
         self.engine = engine
         self.model = engine.module
         self.optimizer = optimizer
-        self._apply_schedule()
+        self.apply_schedule()
 
     @property
     def partitioned_weights(self) -> bool:
@@ -99,11 +99,12 @@ class DeepSpeedBackend(DataParallelBackend):
 
     def advance_schedule(self) -> None:
         super().advance_schedule()
-        self._apply_schedule()
+        self.apply_schedule()
 
-    def _apply_schedule(self) -> None:
-        """The lr schedule lives on the client optimizer; DeepSpeed's wrapper has its own groups."""
-        lr = self.settings.lr * warmup_factor(self.scheduler.last_epoch, self.settings.warmup_steps)
+    def apply_schedule(self) -> None:
+        """The lr schedule lives on the client optimizer; DeepSpeed's wrapper has its own groups.
+        The base lr is the schedule's (a guardrail rollback may have scaled it), not the spec's."""
+        lr = self.scheduler.base_lrs[0] * warmup_factor(self.scheduler.last_epoch, self.settings.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -177,7 +178,7 @@ class DeepSpeedBackend(DataParallelBackend):
         # the checkpoint's position, not rank 0's
         self.scheduler.load_state_dict(ranks.broadcast_object(state["scheduler"] if ranks.is_controller else None,
                                                               "the lr schedule"))
-        self._apply_schedule()
+        self.apply_schedule()
 
 
 _DS_CPU_USABLE: bool | None = None

@@ -157,6 +157,15 @@ class TorchBackend:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_schedule()
+
+    def apply_schedule(self) -> None:
+        """Set every group's lr from the schedule (base lr x warm-up at its position). The groups'
+        saved lr already equals this on a plain resume; after a guardrail rollback scaled the
+        schedule's base lr (`scale_learning_rate`) it is what makes the next update use it."""
+        factor = warmup_factor(self.scheduler.last_epoch, self.settings.warmup_steps)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
 
 
 BackendFactory = Callable[[torch.nn.Module, OptimizerSettings, torch.device], LearnerBackend]
@@ -479,6 +488,15 @@ class TorchLearner:
 
     def load_state_dict(self, state: dict | None) -> None:
         self.backend.load_state_dict(state)
+
+
+def scale_learning_rate(learner_state: dict, factor: float) -> dict:
+    """A learner state (`Learner.state_dict()`: every strategy keeps the torch LambdaLR state under
+    "scheduler") whose schedule's base learning rate is ``factor`` times the saved one: loading it
+    (`load_state_dict`, on every rank) makes the following updates use lr x factor, warm-up intact."""
+    scheduler = dict(learner_state["scheduler"])
+    scheduler["base_lrs"] = [float(lr) * factor for lr in scheduler["base_lrs"]]
+    return {**learner_state, "scheduler": scheduler}
 
 
 def learner_kwargs_from_spec(spec) -> dict:
