@@ -242,7 +242,7 @@ def test_status_document_follows_the_contract_without_secrets(monkeypatch):
         doc = get("/status")
         assert doc["state"] == "starting" and doc["lastCheckpoint"] is None
         assert set(doc) == {"state", "step", "totalSteps", "weightVersion", "metrics", "lastCheckpoint", "message",
-                            "runFileError", "updatedAt"}
+                            "runFileError", "guardrail", "updatedAt"}
         assert set(doc["metrics"]) == {"critic/score/mean", "train/acc/mean", "response_length/mean", "val/acc/mean",
                                        "async/version_lag_mean"}
         assert doc["updatedAt"].endswith("Z")
@@ -411,3 +411,56 @@ def test_replicas_leave_the_group_on_close_and_join_a_restarted_controllers_grou
         for server, replica in zip(servers, replicas):
             server.stop()
             replica.close()
+
+
+@pytest.mark.integration
+def test_a_frozen_replica_is_taken_out_of_rotation_its_share_rescored_and_it_rejoins_when_it_answers():
+    """Replica 0 accepts connections and never answers (what a SIGSTOPped process looks like from
+    outside). With liveness 1 s the first batch is scored within a few seconds (its share
+    re-dispatched to replica 1), not after the 60 s request timeout; the next batch does not wait
+    on replica 0 at all; once a service answers on replica 0's port again it is back in rotation."""
+    from dapo.reward import RewardScorer
+
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(16)
+    port = frozen.getsockname()[1]
+    frozen_url = f"http://127.0.0.1:{port}"
+    service = RewardService(RewardScorer(timeout_s=1.0, workers=1, overlong_enabled=False))
+    healthy = serve(service)
+    thawed = None
+    batch = (["Answer: 7", "Answer: 3", "Answer: 8", "Answer: 9"], ["7", "3", "1", "9"])
+    try:
+        remote = RemoteScorer([frozen_url, healthy.url], timeout_s=1.0, liveness_s=1.0)
+        start = time.monotonic()
+        results = remote.score_batch(*batch)
+        first = time.monotonic() - start
+        assert [r.acc for r in results] == [True, True, False, True]
+        assert first < 1.0 + 4.0, first  # liveness + one probe interval, loaded machine; the timeout is 64 s
+        assert remote.pool.out_of_rotation() == [frozen_url]
+        start = time.monotonic()
+        assert [r.acc for r in remote.score_batch(*batch)] == [True, True, False, True]
+        assert time.monotonic() - start < 1.0 + 2.0  # at most one 1 s probe of replica 0, no request to it
+        frozen.close()
+        thawed = AppThread(service.make_app, port=port).start()
+        time.sleep(1.0)  # replica 0 is probed again at most once per liveness_s
+        remote.score_batch(*batch)
+        assert remote.pool.out_of_rotation() == []
+    finally:
+        frozen.close()
+        for server in (healthy, thawed):
+            if server is not None:
+                server.stop()
+        service.close()
+
+
+def test_replica_liveness_comes_from_the_environment(monkeypatch):
+    from dapo.entry.roles import replica_liveness_s
+    from dapo.services.http import REPLICA_LIVENESS_S
+
+    monkeypatch.delenv("DAPO_REPLICA_LIVENESS_S", raising=False)
+    assert replica_liveness_s() == REPLICA_LIVENESS_S
+    monkeypatch.setenv("DAPO_REPLICA_LIVENESS_S", "2.5")
+    assert replica_liveness_s() == 2.5
+    monkeypatch.setenv("DAPO_REPLICA_LIVENESS_S", "0")
+    assert replica_liveness_s() is None

@@ -74,6 +74,9 @@ class EnvVar:
     STATUS_GRACE_S = "DAPO_STATUS_GRACE_S"
     SERVICE_WAIT_S = "DAPO_SERVICE_WAIT_S"
     ROLLOUT_REQUEST_TIMEOUT_S = "DAPO_ROLLOUT_REQUEST_TIMEOUT_S"  # one replica's answer to /generate
+    # a replica with a request outstanding and /healthz silent this long is taken out of rotation
+    # (dapo.services.http.ReplicaPool); 0 turns the watch off
+    REPLICA_LIVENESS_S = "DAPO_REPLICA_LIVENESS_S"
     WEIGHT_SYNC_TIMEOUT_S = "DAPO_WEIGHT_SYNC_TIMEOUT_S"
     LEARNER_TIMEOUT_S = "DAPO_LEARNER_TIMEOUT_S"
     VERIFY_WEIGHT_SYNC = "DAPO_VERIFY_WEIGHT_SYNC"

@@ -132,6 +132,14 @@ def run_reward(run: DAPORun) -> int:
 # --------------------------------------------------------------------------- learner
 
 
+def replica_liveness_s() -> float | None:
+    """DAPO_REPLICA_LIVENESS_S (default `REPLICA_LIVENESS_S`; 0: off) for the rollout and reward pools."""
+    from dapo.services.http import REPLICA_LIVENESS_S
+
+    seconds = env.float(EnvVar.REPLICA_LIVENESS_S, REPLICA_LIVENESS_S)
+    return seconds if seconds > 0 else None
+
+
 def remote_engine_factory(rollout_urls: list[str], run_dir: Path):
     """``engine_factory`` for build_embedded_run: the rollout replicas behind a RemoteRolloutEngine."""
     from dapo.services.rollout import RemoteRolloutEngine
@@ -141,7 +149,8 @@ def remote_engine_factory(rollout_urls: list[str], run_dir: Path):
         group = weight_sync_config(0, len(rollout_urls), verify, spec.rollout.tensor_parallel_size)
         engine = RemoteRolloutEngine(rollout_urls, sync_config=group,
                                      verify=verify, sync_log=run_dir / "weight_sync.jsonl" if verify else None,
-                                     request_timeout_s=env.float(EnvVar.ROLLOUT_REQUEST_TIMEOUT_S, 3600.0))
+                                     request_timeout_s=env.float(EnvVar.ROLLOUT_REQUEST_TIMEOUT_S, 3600.0),
+                                     liveness_s=replica_liveness_s())
         engine.wait_ready(env.float(EnvVar.SERVICE_WAIT_S, 1800.0))
         return engine
 
@@ -184,7 +193,7 @@ def run_controller(run: DAPORun, world_size: int) -> int:
         resume = env.int(EnvVar.GANG_GENERATION, 0) > 0
         rollout_urls = parse_urls(env.str(EnvVar.ROLLOUT_URLS), EnvVar.ROLLOUT_URLS)
         scorer = RemoteScorer(parse_urls(env.str(EnvVar.REWARD_URLS), EnvVar.REWARD_URLS),
-                              timeout_s=spec.reward.timeout_seconds)
+                              timeout_s=spec.reward.timeout_seconds, liveness_s=replica_liveness_s())
         scorer.wait_ready(env.float(EnvVar.SERVICE_WAIT_S, 1800.0))
         log.info("controller: %d learner rank(s), %d rollout replica(s), %d reward replica(s), run dir %s%s",
                  world_size, len(rollout_urls), len(scorer.urls), run_dir,

@@ -217,20 +217,34 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
+#: Default of DAPO_REPLICA_LIVENESS_S: a replica with a request outstanding whose /healthz has not
+#: answered for this long is taken out of rotation (a frozen process: alive for Kubernetes and the
+#: launcher, silent for its peers), and the request goes to another replica.
+REPLICA_LIVENESS_S = 6.0
+
+
 class ReplicaPool:
     """The replicas of one role, with the order to try them in and the failures seen.
 
     A replica that failed recently goes to the back of every candidate list (it is still tried
-    when nothing else is left: it may have been a blip)."""
+    when nothing else is left: it may have been a blip). While a request is outstanding, the pool
+    watches the replica's GET /healthz (``liveness_s``): the services answer it from their event
+    loop while the work runs in an executor, so a replica that stops answering it is frozen or
+    gone, not busy. It is taken out of rotation at once and the request is re-dispatched (chunks
+    are seeded by their content, so another replica's answer is the same). A replica out of
+    rotation rejoins when its /healthz answers again (checked at most every ``liveness_s``)."""
 
-    def __init__(self, urls: Sequence[str], role: str):
+    def __init__(self, urls: Sequence[str], role: str, *, liveness_s: float | None = REPLICA_LIVENESS_S):
         self.urls = list(urls)
         self.role = role
+        self.liveness_s = liveness_s
         self._failed_at: dict[str, float] = {}
+        self._out: dict[str, float] = {}  # out of rotation (liveness): url -> when last probed
         self._lock = threading.Lock()
 
     def candidates(self, preferred: int) -> list[str]:
         """Every URL, starting at ``preferred`` (round robin), recently failed ones last."""
+        self._probe_out_of_rotation()
         ring = [self.urls[(preferred + k) % len(self.urls)] for k in range(len(self.urls))]
         with self._lock:
             return sorted(ring, key=lambda u: self._failed_at.get(u, 0.0))
@@ -242,14 +256,23 @@ class ReplicaPool:
     def mark_ok(self, url: str) -> None:
         with self._lock:
             self._failed_at.pop(url, None)
+            self._out.pop(url, None)
+
+    def out_of_rotation(self) -> list[str]:
+        with self._lock:
+            return sorted(self._out)
 
     def call(self, what: str, preferred: int, attempt: Callable[[str], Any], max_retries: int) -> Any:
-        """Run ``attempt(url)`` on the preferred replica; on a RetryableError on the next one, at
-        most ``max_retries`` more times. Raises ServiceError naming every URL tried and why."""
+        """Run ``attempt(url)`` on the preferred replica; on a RetryableError (a stalled replica
+        included) on the next one, at most ``max_retries`` more times. Raises ServiceError naming
+        every URL tried and why."""
         tried: list[str] = []
-        for url in self.candidates(preferred)[: max_retries + 1]:
+        urls = self.candidates(preferred)[: max_retries + 1]
+        for k, url in enumerate(urls):
             try:
-                result = attempt(url)
+                # watched only while another replica is left to re-dispatch to: the last one is
+                # waited for up to the request's own timeout (a slow answer beats no answer)
+                result = self._watched(url, attempt) if k + 1 < len(urls) else attempt(url)
             except RetryableError as exc:
                 self.mark_failed(url)
                 tried.append(str(exc))
@@ -261,6 +284,62 @@ class ReplicaPool:
         raise ServiceError(f"{what} failed on {len(tried)} {self.role} replica(s) "
                            f"(max retries {max_retries}): " + "; ".join(tried)
                            + f". Check those {self.role} pods / processes (logs, OOM kills).")
+
+    def _watched(self, url: str, attempt: Callable[[str], Any]) -> Any:
+        """``attempt(url)`` in a worker thread while this thread probes the replica's /healthz; a
+        replica silent for ``liveness_s`` raises RetryableError (the worker thread is left to its
+        own request timeout: urllib cannot be interrupted from outside)."""
+        if self.liveness_s is None:
+            return attempt(url)
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome["value"] = attempt(url)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"{self.role}-request", daemon=True).start()
+        interval = max(0.2, self.liveness_s / 3)
+        last_answer = time.monotonic()
+        while not done.wait(interval):
+            if self._answers(url, timeout_s=interval):
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer >= self.liveness_s:
+                silent = time.monotonic() - last_answer
+                with self._lock:
+                    self._out[url] = time.monotonic()
+                log.warning("%s replica %s taken out of rotation: a request is outstanding and its /healthz has not "
+                            "answered for %.1f s (frozen or unreachable); re-dispatching", self.role, url, silent)
+                raise RetryableError(f"{url} stopped answering (/healthz silent for {silent:.1f} s with a request "
+                                     f"outstanding; DAPO_REPLICA_LIVENESS_S={self.liveness_s:g})")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    @staticmethod
+    def _answers(url: str, timeout_s: float) -> bool:
+        try:
+            get_json(url + "/healthz", timeout_s=timeout_s)
+            return True
+        except ServiceError:
+            return False
+
+    def _probe_out_of_rotation(self) -> None:
+        """Put a replica taken out of rotation back once its /healthz answers (a thawed or
+        replaced process); each is probed at most once per ``liveness_s``."""
+        now = time.monotonic()
+        with self._lock:
+            due = [u for u, probed in self._out.items() if now - probed >= (self.liveness_s or 0.0)]
+            for url in due:
+                self._out[url] = now
+        for url in due:
+            if self._answers(url, timeout_s=min(1.0, self.liveness_s or 1.0)):
+                log.info("%s replica %s answers again: back in rotation", self.role, url)
+                self.mark_ok(url)
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.5) -> None:
         """Block until every replica answers GET /healthz, at most ``timeout_s``."""

@@ -28,7 +28,7 @@ from dapo.contracts import ScoreAnswer, ScoreRequest, ScoreResult, contract_viol
 from dapo.reward.failures import ScorerFailedError
 from dapo.reward.remote import RemoteRewardError
 from dapo.reward.result import RewardResult
-from dapo.services.http import ReplicaPool, RetryableError, ServiceError, post_json, split_evenly
+from dapo.services.http import REPLICA_LIVENESS_S, ReplicaPool, RetryableError, ServiceError, post_json, split_evenly
 
 log = logging.getLogger("dapo.services.reward")
 
@@ -119,10 +119,10 @@ class RemoteScorer:
     is ``base_timeout_s + k * timeout_s``."""
 
     def __init__(self, urls: Sequence[str], *, timeout_s: float = 5.0, max_retries: int = 2,
-                 base_timeout_s: float = 60.0):
+                 base_timeout_s: float = 60.0, liveness_s: float | None = REPLICA_LIVENESS_S):
         if not urls:
             raise ServiceError("RemoteScorer needs at least one reward replica URL (DAPO_REWARD_URLS)")
-        self.pool = ReplicaPool(urls, "reward")
+        self.pool = ReplicaPool(urls, "reward", liveness_s=liveness_s)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.base_timeout_s = base_timeout_s

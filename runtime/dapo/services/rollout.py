@@ -53,7 +53,7 @@ from dapo.contracts import (GenerateAnswer, GenerateRequest, LeaveAnswer, SyncAn
                             contract_violation)
 from dapo.controller.threads import thread_budget
 from dapo.rollout.base import RolloutEngine, Sample
-from dapo.services.http import ReplicaPool, RetryableError, ServiceError, get_json, post_json, split_evenly
+from dapo.services.http import REPLICA_LIVENESS_S, ReplicaPool, RetryableError, ServiceError, get_json, post_json, split_evenly
 from dapo.weightsync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
 
 log = logging.getLogger("dapo.services.rollout")
@@ -294,10 +294,10 @@ class RemoteRolloutEngine(RolloutEngine):
 
     def __init__(self, urls: Sequence[str], *, sync_config: WeightSyncConfig | None = None, max_retries: int = 2,
                  request_timeout_s: float = 3600.0, verify: bool = False, sync_log: str | os.PathLike | None = None,
-                 initial_version: int = 0):
+                 initial_version: int = 0, liveness_s: float | None = REPLICA_LIVENESS_S):
         if not urls:
             raise ServiceError("RemoteRolloutEngine needs at least one rollout replica URL (DAPO_ROLLOUT_URLS)")
-        self.pool = ReplicaPool(urls, "rollout")
+        self.pool = ReplicaPool(urls, "rollout", liveness_s=liveness_s)
         self.sync_config = sync_config
         self.max_retries = max_retries
         self.request_timeout_s = request_timeout_s
