@@ -220,7 +220,7 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
 #: Default of DAPO_REPLICA_LIVENESS_S: a replica with a request outstanding whose /healthz has not
 #: answered for this long is taken out of rotation (a frozen process: alive for Kubernetes and the
 #: launcher, silent for its peers), and the request goes to another replica.
-REPLICA_LIVENESS_S = 6.0
+REPLICA_LIVENESS_S = 5.0
 
 
 class ReplicaPool:
@@ -303,12 +303,16 @@ class ReplicaPool:
                 done.set()
 
         threading.Thread(target=work, name=f"{self.role}-request", daemon=True).start()
+        # a probe every `interval` (a silent one takes that long itself): out after liveness_s
         interval = max(0.2, self.liveness_s / 3)
         last_answer = time.monotonic()
-        while not done.wait(interval):
+        next_probe = last_answer + interval
+        while not done.wait(max(0.0, next_probe - time.monotonic())):
+            probe_at = time.monotonic()
+            next_probe = probe_at + interval
             if self._answers(url, timeout_s=interval):
-                last_answer = time.monotonic()
-            elif time.monotonic() - last_answer >= self.liveness_s:
+                last_answer = probe_at
+            elif time.monotonic() - last_answer >= self.liveness_s - 0.05:
                 silent = time.monotonic() - last_answer
                 with self._lock:
                     self._out[url] = time.monotonic()
