@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -215,6 +216,32 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
             ranges.append((start, stop))
         start = stop
     return ranges
+
+
+class RequestThreads:
+    """Runs client requests each in its own daemon thread and hands back a Future.
+
+    Not a ThreadPoolExecutor: Python joins an executor's threads at exit, so one request blocked
+    on a frozen replica (up to its HTTP timeout) kept a failed controller alive for that long
+    after its error; a daemon thread ends with the process. Requests are few (one per replica and
+    call), so a thread each costs nothing."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - the caller's future.result() raises it
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=self.name, daemon=True).start()
+        return future
 
 
 #: Default of DAPO_REPLICA_LIVENESS_S: a replica with a request outstanding whose /healthz has not

@@ -28,7 +28,7 @@ from dapo.contracts import ScoreAnswer, ScoreRequest, ScoreResult, contract_viol
 from dapo.reward.failures import ScorerFailedError
 from dapo.reward.remote import RemoteRewardError
 from dapo.reward.result import RewardResult
-from dapo.services.http import REPLICA_LIVENESS_S, ReplicaPool, RetryableError, ServiceError, post_json, split_evenly
+from dapo.services.http import REPLICA_LIVENESS_S, ReplicaPool, RequestThreads, RetryableError, ServiceError, post_json, split_evenly
 
 log = logging.getLogger("dapo.services.reward")
 
@@ -126,7 +126,7 @@ class RemoteScorer:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.base_timeout_s = base_timeout_s
-        self._threads = ThreadPoolExecutor(max(2, len(urls)), thread_name_prefix="reward-client")
+        self._threads = RequestThreads("reward-client")
 
     @property
     def urls(self) -> list[str]:
@@ -165,4 +165,4 @@ class RemoteScorer:
         return self.pool.call(f"score (responses {start}..{stop - 1})", k, attempt, self.max_retries)
 
     def close(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: each request runs in its own daemon thread (`RequestThreads`)."""

@@ -53,7 +53,7 @@ from dapo.contracts import (GenerateAnswer, GenerateRequest, LeaveAnswer, SyncAn
                             contract_violation)
 from dapo.controller.threads import thread_budget
 from dapo.rollout.base import RolloutEngine, Sample
-from dapo.services.http import REPLICA_LIVENESS_S, ReplicaPool, RetryableError, ServiceError, get_json, post_json, split_evenly
+from dapo.services.http import REPLICA_LIVENESS_S, ReplicaPool, RequestThreads, RetryableError, ServiceError, get_json, post_json, split_evenly
 from dapo.weightsync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
 
 log = logging.getLogger("dapo.services.rollout")
@@ -305,7 +305,7 @@ class RemoteRolloutEngine(RolloutEngine):
         self.sync_log = sync_log
         self._version = int(initial_version)
         self._sender: WeightSender | None = None
-        self._threads = ThreadPoolExecutor(max(2, len(urls)), thread_name_prefix="rollout-client")
+        self._threads = RequestThreads("rollout-client")
         self.last_sync: dict | None = None
 
     @property
@@ -430,4 +430,4 @@ class RemoteRolloutEngine(RolloutEngine):
                     log.info("%s did not leave the weight-sync group (%s); closing it anyway", url, exc)
             self._sender.close()
             self._sender = None
-        self._threads.shutdown(wait=False, cancel_futures=True)
+
