@@ -205,3 +205,28 @@ def test_the_cli_prints_the_guardrail_line_and_exits_with_its_code(capsys):
     assert run_command(SimpleNamespace(func=stop)) == GUARDRAIL_SUSPEND_EXIT_CODE
     assert capsys.readouterr().err.strip() == (
         "guardrail: guardrail actor/entropy below 0.05 tripped at step 7 (actor/entropy 0.01): training suspended")
+
+
+@pytest.mark.integration
+def test_a_resume_trains_at_the_edited_learning_rate_times_the_guardrail_scale(tmp_path):
+    """After a rollback at learningRateScale 0.5 (step 3, lr 7.5e-4 -> checkpoint 2), the run is
+    resumed from its last checkpoint with spec.learner.lr edited from 1e-3 to 4e-4: the resumed
+    steps train at 4e-4 x 0.5 x warm-up (a person's edit after a suspend must apply; the scale the
+    guardrail chose too), and the rollback count survives the resume."""
+    from _dapo_tiny import tiny_policy
+    from _run_files import run_doc
+    from dapo.entry.inprocess import build_embedded_run
+    from dapo.spec import parse_run
+
+    guard = [lr_guardrail(action="rollback", learningRateScale=0.5)]
+    first = lr_run(tmp_path, guard, steps=4)
+    first.train()
+    assert [x["actor/lr"] for x in step_lines(first)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 3.75e-4, 5e-4])
+    doc = run_doc(preset="tiny", folder=tmp_path, learner={"totalSteps": 6, "warmupSteps": 4, "lr": 4e-4},
+                  checkpoint={"everySteps": 1, "keep": 10}, eval={"beforeTrain": False, "everySteps": 0},
+                  guardrails=guard)
+    resumed = build_embedded_run(parse_run(doc), tmp_path / "out", resume=True, scorer=OverlapScorer("alternate"),
+                                 policy=tiny_policy(32, 2, 0)).trainer
+    assert resumed.step == 4 and resumed.guardrails.rollbacks == [1] and resumed.guardrails.lr_scale == 0.5
+    resumed.train()
+    assert [x["actor/lr"] for x in step_lines(resumed)][-2:] == pytest.approx([2e-4, 2e-4])

@@ -43,7 +43,7 @@ from dapo.errors import DapoError
 from dapo.learner.base import Learner
 from dapo.data.sampler import steps_for_epochs
 from dapo.learner.batch import TrainBatch, make_batch
-from dapo.learner.torch_learner import scale_learning_rate
+from dapo.learner.torch_learner import with_learning_rate
 from dapo.reward.base import Scorer
 from dapo.rollout.base import RolloutEngine, Sample, encode_prompt
 from dapo.evaluation.metrics import validation_metrics
@@ -736,11 +736,12 @@ class Trainer:
 
     def load_checkpoint_state(self, learner_state: dict, trainer_state: dict,
                               trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
-        if self._rollback_from is not None:  # the learning rate the guardrails now want, warm-up intact
-            saved_scale = float((trainer_state.get("guardrails") or {}).get("lr_scale", 1.0))
-            if self._rollback_from[1] != saved_scale:
-                learner_state = scale_learning_rate(learner_state, self._rollback_from[1] / saved_scale)
-        self.learner.load_state_dict(learner_state)
+        # The base learning rate is the run file's (edited before a resume: the edit applies) times
+        # the guardrails' scale: the rollback's own, else the checkpoint's. Unchanged run file and
+        # no rollback: exactly the saved one.
+        scale = self._rollback_from[1] if self._rollback_from is not None else \
+            float((trainer_state.get("guardrails") or {}).get("lr_scale", 1.0))
+        self.learner.load_state_dict(with_learning_rate(learner_state, self.spec.learner.lr * scale))
         self.load_state_dict(trainer_state, trainer_tensors)
 
     def after_restore(self, step: int, uri: str) -> str:

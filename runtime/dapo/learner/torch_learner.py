@@ -161,8 +161,9 @@ class TorchBackend:
 
     def apply_schedule(self) -> None:
         """Set every group's lr from the schedule (base lr x warm-up at its position). The groups'
-        saved lr already equals this on a plain resume; after a guardrail rollback scaled the
-        schedule's base lr (`scale_learning_rate`) it is what makes the next update use it."""
+        saved lr already equals this on a resume of an unchanged run file; after a guardrail
+        rollback or an edited spec.learner.lr changed the schedule's base lr (`with_learning_rate`)
+        it is what makes the next update use it."""
         factor = warmup_factor(self.scheduler.last_epoch, self.settings.warmup_steps)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor
@@ -490,12 +491,12 @@ class TorchLearner:
         self.backend.load_state_dict(state)
 
 
-def scale_learning_rate(learner_state: dict, factor: float) -> dict:
+def with_learning_rate(learner_state: dict, lr: float) -> dict:
     """A learner state (`Learner.state_dict()`: every strategy keeps the torch LambdaLR state under
-    "scheduler") whose schedule's base learning rate is ``factor`` times the saved one: loading it
-    (`load_state_dict`, on every rank) makes the following updates use lr x factor, warm-up intact."""
+    "scheduler") whose schedule's base learning rate is ``lr``: loading it (`load_state_dict`, on
+    every rank) makes the following updates use ``lr`` x warm-up at the saved position."""
     scheduler = dict(learner_state["scheduler"])
-    scheduler["base_lrs"] = [float(lr) * factor for lr in scheduler["base_lrs"]]
+    scheduler["base_lrs"] = [float(lr)] * len(scheduler["base_lrs"])
     return {**learner_state, "scheduler": scheduler}
 
 
