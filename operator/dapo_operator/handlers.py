@@ -24,7 +24,8 @@ from . import metrics
 from . import naming as n
 from .kube import KubeClient, core_path, pod_path, run_path
 from .reconcile import (
-    CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchObject, PatchStatus, Plan, reconcile,
+    GUARDRAIL_TRIPPED, CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchObject, PatchRun, PatchStatus,
+    Plan, reconcile,
 )
 from .status import TERMINAL, pod_phase
 
@@ -134,11 +135,16 @@ class Operator:
             elif isinstance(action, PatchObject):
                 await client.merge_patch(core_path(action.kind, namespace, action.name), action.patch)
                 log.info("patched %s %s/%s: %s", action.kind, namespace, action.name, action.reason)
+            elif isinstance(action, PatchRun):
+                await client.merge_patch(run_path(namespace, name), action.patch)
+                log.warning("patched DAPORun %s/%s %s: %s", namespace, name, action.patch, action.reason)
             elif isinstance(action, PatchStatus):
                 refreshed = await client.merge_patch(run_path(namespace, name, status=True), {"status": action.status})
             elif isinstance(action, EmitEvent):
                 if action.reason == "GangRestart":
                     metrics.GANG_RESTARTS.labels(namespace=namespace).inc()
+                elif action.reason == GUARDRAIL_TRIPPED:
+                    metrics.GUARDRAIL_TRIPS.labels(namespace=namespace).inc()
                 log.log(logging.WARNING if action.type == "Warning" else logging.INFO,
                         "run %s/%s: %s: %s", namespace, name, action.reason, action.message)
                 try:
@@ -168,6 +174,12 @@ class Operator:
                     metrics.record_phase(namespace, name, plan.status.get("phase"))
                     if refreshed is None and plan.of(DeleteRun):
                         return
+                    if plan.of(PatchRun):
+                        # the spec changed under this loop (a guardrail set spec.suspend): read it
+                        # back, or the next pass would take the old spec for a resume
+                        obj = await client.get(run_path(namespace, name))
+                        if obj is None:
+                            return
                     obj = dict(obj, status=plan.status)
                     if not plan.of(DeletePod) and not plan.of(CreateObject):
                         break
