@@ -26,7 +26,7 @@ from .builders import (Owner, build_check_pod, build_config_map, build_eval_pod,
 from .status import (
     FAILED, MAX_MESSAGE_CHARS, PENDING, SUSPENDED, TERMINAL, Outcome, Validation, compute_status, error_lines,
     guardrail_key, guardrail_line, learner_succeeded, parse_time, pod_exit, pod_failure, pod_generation,
-    pod_guardrail_stop, pod_name_of, pod_phase, pod_run_file_error, pod_terminating, current_pods,
+    pod_guardrail_stop, pod_name_of, pod_phase, pod_run_file_error, pod_stuck, pod_terminating, current_pods,
     sanitize_learner_status, stall_message, stalled_seconds,
 )
 
@@ -365,9 +365,10 @@ def preflight_check(p: Pass) -> Plan | None:
     the pass ends here (Pending, Validated=Unknown); it passing (Validated=True, kept in the
     status so no later pass, restart, resume or edit checks again) deletes it and hands on to the
     gang; a problem (exit RUN_FILE_ERROR_EXIT_CODE) fails the run with the check's lines
-    (ValidationFailed), any other stop with the pod's failure (ValidationError: not retried, the
-    same image and run file would stop the same way, and a person should look), and a check still
-    running after spec.preflight.timeoutSeconds with ValidationTimeout."""
+    (ValidationFailed), any other stop, or a container that cannot start (image pull back-off,
+    a missing Secret key), with the pod's failure (ValidationError: not retried, the same image
+    and run file would stop the same way, and a person should look), and a check still running
+    after spec.preflight.timeoutSeconds with ValidationTimeout."""
     name = n.check_pod_name(p.name)
     check = p.by_name().get(name)
     validated = _condition_state(p.previous, "Validated").get("status") == "True"
@@ -401,10 +402,11 @@ def preflight_check(p: Pass) -> Plan | None:
         return _validation_failed(p, "ValidationTimeout", (
             f"{name} did not finish dapo check within spec.preflight.timeoutSeconds={timeout} (pod phase {phase}): "
             "a check that long usually waits on storage or a scorer that hangs; raise the timeout or fix that"))
-    if phase == "Failed":
+    stuck = pod_stuck(check) if phase == "Pending" else None
+    if phase == "Failed" or stuck:
         tail = (message.strip().splitlines() or [""])[-1]
         return _validation_failed(p, "ValidationError", (
-            f"{name} stopped without checking the run file: {pod_failure(check)}"
+            f"{name} stopped without checking the run file: {stuck or pod_failure(check)}"
             + (f"; last line: {tail}" if tail else "")
             + "; fix that (image, memory, node) and create the run again, or set spec.preflight.enabled to false"))
     return _checking(p, name, f"pod phase {phase}", False)

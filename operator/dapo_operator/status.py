@@ -195,6 +195,21 @@ def pod_exit(pod: dict[str, Any]) -> tuple[int | None, str]:
     return (code if isinstance(code, int) and not isinstance(code, bool) else None), str(term.get("message") or "")
 
 
+#: Container waiting reasons that do not clear on their own: the image cannot be pulled (after the
+#: kubelet's retry), its name is invalid, or the container cannot be configured (e.g. a Secret key
+#: it names does not exist).
+STUCK_WAITING_REASONS = ("ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
+
+
+def pod_stuck(pod: dict[str, Any]) -> str | None:
+    """Why a pod's container cannot start (a STUCK_WAITING_REASONS reason and its message), or None."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING_REASONS:
+            return _cut(f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "), MAX_MESSAGE_CHARS)
+    return None
+
+
 def error_lines(message: str) -> list[str]:
     """The ``error: ...`` lines of a log tail (how `dapo` prints each problem), prefix removed."""
     return [line.strip().removeprefix("error:").strip() for line in message.splitlines()

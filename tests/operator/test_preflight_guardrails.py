@@ -115,7 +115,7 @@ def test_no_gang_pod_before_the_check_passed_and_validated_survives_restarts_res
     assert _condition(plan.status, "Validated")["status"] == "True"
 
 
-@pytest.mark.parametrize("case", ["problems", "oom", "timeout"])
+@pytest.mark.parametrize("case", ["problems", "oom", "image", "timeout"])
 def test_a_failed_check_fails_the_run_without_a_gang_pod(case):
     obj, pods, _ = _checking()
     now = _at(30)
@@ -126,14 +126,19 @@ def test_a_failed_check_fails_the_run_without_a_gang_pod(case):
     elif case == "oom":
         pods[0]["status"] = check_done(137, "")
         pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = "OOMKilled"
+    elif case == "image":  # a container that cannot start keeps the pod Pending: not a wait until the timeout
+        pods[0]["status"] = {"phase": "Pending", "containerStatuses": [{"name": "check", "state": {"waiting": {
+            "reason": "ImagePullBackOff", "message": "Back-off pulling image \"img:typo\""}}}]}
     else:  # still running past spec.preflight.timeoutSeconds (default 900)
         set_phase(pods, "demo-check", "Running")
         assert reconcile(obj, observe(pods, now=_at(899))).status["phase"] == "Pending"
         now = _at(900)
     plan = reconcile(obj, observe(pods, now=now))
-    reason = {"problems": "ValidationFailed", "oom": "ValidationError", "timeout": "ValidationTimeout"}[case]
+    reason = {"problems": "ValidationFailed", "oom": "ValidationError", "image": "ValidationError",
+              "timeout": "ValidationTimeout"}[case]
     message = {"problems": "spec.reward.scorers[0].function: cannot import 'nope'\nspec.data.train: not found",
                "oom": "demo-check stopped without checking the run file: exit code 137 (OOMKilled)",
+               "image": 'demo-check stopped without checking the run file: ImagePullBackOff: Back-off pulling image "img:typo"',
                "timeout": "within spec.preflight.timeoutSeconds=900"}[case]
     assert plan.status["phase"] == "Failed" and plan.status["reason"] == reason and message in plan.status["message"]
     validated = _condition(plan.status, "Validated")
