@@ -17,7 +17,7 @@ from dapo_operator.reconcile import CreateObject, DeletePod, EmitEvent, Observed
 from dapo_operator.status import sanitize_learner_status
 from _run_files import run_doc, write_tiny_prompts
 from operator_testkit import (
-    EXPECTED, RUNS, T0, all_running, api, apply, check_done, check_passes, create_run, declare_resources, eventually,
+    EXPECTED, RUNS, T0, all_running, api, apply, check_done, create_run, declare_resources, eventually,
     learner_answer, no_pods, observe, phase_is, pods_named, run_check_command, run_obj, run_status,
     running_operator, sent, set_phase, start_running_run,
 )
@@ -252,22 +252,15 @@ def test_a_suspend_exit_code_suspends_the_run_through_its_spec():
 @pytest.mark.integration
 async def test_a_scorer_that_does_not_import_fails_the_run_before_any_gang_pod(kmock, fake_learner, tmp_path):
     """The check pod really runs `dapo check` on the ConfigMap's run file (operator_testkit plays
-    the kubelet with the container's command): a scorer module that does not exist ends the run
-    Failed with Validated=False and no learner / rollout pod ever created. Then a run whose check
-    pod exits 0 gets Validated=True and its gang. (That check pod's exit is the emulated kubelet's
-    default, not a real `dapo check`: a passing check calls the scorers in a fresh worker pool,
-    ~10 s of process start on the 2-core CI machine, for nothing the operator does differently.)"""
+    the kubelet with the container's command, in a child process): a scorer module that does not
+    exist ends the run Failed with Validated=False, and no learner, rollout or reward pod was ever
+    created. (The passing check, Validated=True then the gang, is the next test's start.)"""
     declare_resources(kmock)
     train = write_tiny_prompts(tmp_path, 4, "train.jsonl")
-
-    async def kubelet(pod, run_file):
-        runner = run_check_command if pod["metadata"]["name"] == "bad-check" else check_passes
-        return await runner(pod, run_file)
-
-    async with running_operator(kmock, check=kubelet):
-        await create_run(kmock, run_doc("bad", preset="operator", data={"train": str(train)}, reward={"scorers": [
-            {"dataSource": "*", "function": "dapo_test_no_such_scorer_module:compute_score"}]}), uid="uid-bad")
-        status = await eventually(lambda: phase_is(kmock, "Failed", "bad"), timeout=60)
+    async with running_operator(kmock, check=run_check_command):
+        await create_run(kmock, run_doc(preset="operator", data={"train": str(train)}, reward={"scorers": [
+            {"dataSource": "*", "function": "dapo_test_no_such_scorer_module:compute_score"}]}))
+        status = await eventually(lambda: phase_is(kmock, "Failed"), timeout=60)
         assert status["reason"] == "ValidationFailed"
         assert "spec.reward.scorers[0].function: cannot import 'dapo_test_no_such_scorer_module'" in status["message"]
         validated = _condition(status, "Validated")
@@ -275,20 +268,18 @@ async def test_a_scorer_that_does_not_import_fails_the_run_before_any_gang_pod(k
         await eventually(lambda: no_pods(kmock))
         failed_events = [r.data for r in sent(kmock, "POST", "/events") if r.data.get("reason") == "Failed"]
         assert failed_events and failed_events[0]["type"] == "Warning"
-
-        await create_run(kmock, run_doc(preset="operator", data={"train": str(train)}))
-        await eventually(lambda: pods_named(kmock, EXPECTED), timeout=60)
-        assert _condition(await run_status(kmock), "Validated")["status"] == "True"
-        created = [r.data["metadata"]["name"] for r in sent(kmock, "POST", "/pods")]
-        assert created[:1] == ["bad-check"] and sorted(created[1:]) == sorted(["demo-check", *EXPECTED])
-        assert created.index("demo-check") < min(created.index(name) for name in EXPECTED)
+        assert [r.data["metadata"]["name"] for r in sent(kmock, "POST", "/pods")] == ["demo-check"]
 
 
 @pytest.mark.integration
 async def test_a_suspend_guardrail_suspends_the_run_and_spec_suspend_false_resumes_it(kmock, fake_learner):
     declare_resources(kmock)
-    async with running_operator(kmock):
+    async with running_operator(kmock):  # its kubelet: check pods exit 0
         await start_running_run(kmock, fake_learner, step=6)
+        # the check pod came first, passed (Validated=True) and is gone
+        created = [r.data["metadata"]["name"] for r in sent(kmock, "POST", "/pods")]
+        assert created[0] == "demo-check" and sorted(created[1:]) == sorted(EXPECTED)
+        assert _condition(await run_status(kmock), "Validated")["status"] == "True"
         fake_learner.answers["demo"] = _answer("suspended", trip("suspend", step=6, value=-0.4))
         status = await eventually(lambda: phase_is(kmock, "Suspended"))
         assert status["reason"] == "GuardrailTripped" and "resume: set spec.suspend to false" in status["message"]
