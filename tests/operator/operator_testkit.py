@@ -144,7 +144,7 @@ async def run_check_command(pod: dict[str, Any], run_file: str) -> tuple[int, st
     return int(child.returncode or 0), termination_message(out.decode(errors="replace"))
 
 
-async def play_check_pods(kmock: Any, runner: CheckRunner, interval: float = 0.05) -> None:
+async def play_check_pods(kmock: Any, runner: CheckRunner, interval: float = 0.2) -> None:
     """The kubelet's part for check pods (role "check"): each new one is run by ``runner`` on its
     run file (the ConfigMap's run.yaml) and gets the terminated state: phase, exit code, message."""
     busy: set[str] = set()
