@@ -201,6 +201,7 @@ def test_a_rollback_trip_sets_the_condition_and_one_event_per_trip_and_training_
     pods = apply(obj, pods, plan)
     again = reconcile(obj, observe(pods, _answer("running", trip("rollback"), step=8)))
     assert not _events(again, "GuardrailTripped")  # the same trip: no second event
+    assert _condition(again.status, "GuardrailTripped") == tripped  # kept as it was
     pods = apply(obj, pods, again)
     later = reconcile(obj, observe(pods, _answer("running", trip("rollback", step=7, rollbacks=1))))
     assert len(_events(later, "GuardrailTripped")) == 1  # a new trip (one more rollback)
@@ -227,6 +228,10 @@ def test_a_fail_trip_fails_the_run_without_a_gang_restart(through):
     tripped = _condition(plan.status, "GuardrailTripped")
     assert tripped["reason"] == "Fail" and tripped["message"] == line
     assert len(_events(plan, "GuardrailTripped")) == 1
+    pods = apply(obj, pods, plan)
+    later = reconcile(obj, observe(pods))  # Failed is sticky, and so is the trip's condition
+    assert later.status["reason"] == "GuardrailTripped" and _condition(later.status, "GuardrailTripped") == tripped
+    assert not _events(later, "GuardrailTripped") and later.of(CreateObject) == []
 
 
 def test_a_suspend_exit_code_suspends_the_run_through_its_spec():
