@@ -382,6 +382,10 @@ def preflight_check(p: Pass) -> Plan | None:
             owner = Owner(p.name, p.obj.get("metadata", {}).get("uid", ""))
             p.actions.append(CreateObject(build_check_pod(p.run, p.namespace, p.image, owner)))
         return _checking(p, name, "created" if restart else "waiting for the previous check pod to go", restart)
+    if any(isinstance(a, PatchObject) and a.kind == "ConfigMap" for a in p.actions):
+        # The spec was edited while the check ran: its verdict is about the old run file.
+        p.actions.append(DeletePod(name, "the run file changed while it was checked"))
+        return _checking(p, name, "the run file changed: checking it again", False)
     phase = pod_phase(check)
     if phase == "Succeeded":
         p.validation = Validation("True", "CheckPassed", f"dapo check passed in {name}")

@@ -115,6 +115,21 @@ def test_no_gang_pod_before_the_check_passed_and_validated_survives_restarts_res
     assert _condition(plan.status, "Validated")["status"] == "True"
 
 
+def test_a_spec_edit_while_the_check_runs_checks_the_edited_run_file():
+    obj, pods, _ = _checking()
+    pods[0]["status"] = check_done(0)  # a verdict about the run file before the edit
+    obj["spec"]["learner"]["lr"] = 3e-6
+    cms, svcs = {"demo-spec"}, {"demo-learner", "demo-rollout", "demo-reward"}
+    stale = {"demo-spec": {"run.yaml": "the run file before the edit"}}
+    plan = reconcile(obj, Observed(pods=pods, config_maps=cms, services=svcs, now=_at(5), config_map_data=stale))
+    assert [a.name for a in plan.of(DeletePod)] == ["demo-check"] and _created_pods(plan) == []
+    assert _condition(plan.status, "Validated")["status"] == "Unknown"
+    pods = apply(obj, pods, plan, check_exit=None)
+    plan = reconcile(obj, observe(pods, now=_at(6)))  # the new check pod, on the edited file
+    assert _created_pods(plan) == ["demo-check"]
+    assert _condition(plan.status, "Validated")["lastTransitionTime"] == "2025-01-01T00:00:06Z"  # its own clock
+
+
 @pytest.mark.parametrize("case", ["problems", "oom", "image", "timeout"])
 def test_a_failed_check_fails_the_run_without_a_gang_pod(case):
     obj, pods, _ = _checking()
