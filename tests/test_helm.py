@@ -27,7 +27,7 @@ RELEASE, NAMESPACE = "dapo", "dapo-system"
 # The exact permissions the operator needs on namespaced resources (see templates/_helpers.tpl).
 EXPECTED_NAMESPACED_PERMISSIONS = {
     # exactly what dapo_operator does: kopf watches runs and pods, patches runs (finalizer,
-    # progress annotations) and their status, deletes runs past ttlSecondsAfterFinished;
+    # progress annotations; spec.suspend when a guardrail suspends the run) and their status, deletes runs past ttlSecondsAfterFinished;
     # the reconciler lists and creates the ConfigMap and Services (and patches the ConfigMap
     # when the DAPORun is edited), creates and deletes pods.
     ("dapo.dev", "daporuns"): {"get", "list", "watch", "patch", "delete"},

@@ -298,6 +298,53 @@ def build_eval_pod(run: DAPORun, step: int, namespace: str, image: str | None = 
     return pod
 
 
+#: The check pod's share of a CPU node: enough for the tokenizer, a few data rows and the scorer
+#: worker pool (`dapo check` loads no weights); its memory limit keeps a runaway scorer from
+#: starving the node.
+CHECK_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+
+
+def build_check_pod(run: DAPORun, namespace: str, image: str | None = None,
+                    owner: Owner | None = None) -> dict[str, Any]:
+    """Pod RUN-check (spec.preflight): `dapo check` of the mounted run file on a CPU node, before
+    any learner / rollout pod exists, so a run file that cannot work never holds a GPU.
+
+    It sees what the check reads: the run file, the scorer files (spec.reward.scorerConfigMap),
+    the storage credentials (data and the model's config / tokenizer may be s3://) and the cache
+    volume; never the tracker credentials or the remote reward headers (the check calls neither).
+    The reward pods' image (where user scorer code is importable), no GPU, no placement of the
+    GPU pools, no Service name or ports, no gang label, not part of a Kueue pod group."""
+    pod = build_pod(run, "reward", 0, namespace, 0, image, owner)
+    name = n.check_pod_name(run.metadata.name)
+    meta = pod["metadata"]
+    meta["name"] = name
+    meta["labels"] = n.child_labels(run.metadata.name, n.CHECK_ROLE)
+    meta.pop("annotations", None)
+    spec = pod["spec"]
+    for key in ("hostname", "subdomain", "schedulingGates", "nodeSelector", "affinity", "tolerations",
+                "priorityClassName"):
+        spec.pop(key, None)
+    # The kubelet stops it at the deadline too (reason DeadlineExceeded), should the operator be down.
+    spec["activeDeadlineSeconds"] = run.spec.preflight.timeout_seconds
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "shm"]
+    container = spec["containers"][0]
+    container["name"] = n.CHECK_ROLE
+    container["command"] = ["dapo", "check", n.RUN_FILE]
+    container["resources"] = {kind: dict(values) for kind, values in CHECK_RESOURCES.items()}
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "shm"]
+    env = [e for e in container["env"] if e["name"] != EnvVar.REWARD_REMOTE_HEADERS]
+    if run.spec.storage.credentials_secret:
+        # unlike a reward pod, the check reads the data sets and the model's small files
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": run.spec.storage.credentials_secret,
+                                                                    "key": key}}})
+    container["env"] = env
+    container.pop("envFrom", None)
+    for key in ("ports", "readinessProbe"):
+        container.pop(key, None)
+    return pod
+
+
 def desired_pod_names(run: DAPORun) -> list[tuple[str, int, str]]:
     """(role, index, pod name) of every pod the run wants, learner-0 first."""
     return [

@@ -24,7 +24,8 @@ from . import metrics
 from . import naming as n
 from .kube import KubeClient, core_path, pod_path, run_path
 from .reconcile import (
-    CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchObject, PatchStatus, Plan, reconcile,
+    GUARDRAIL_TRIPPED, CreateObject, DeletePod, DeleteRun, EmitEvent, Observed, PatchObject, PatchRun, PatchStatus,
+    Plan, reconcile,
 )
 from .status import TERMINAL, pod_phase
 
@@ -134,11 +135,16 @@ class Operator:
             elif isinstance(action, PatchObject):
                 await client.merge_patch(core_path(action.kind, namespace, action.name), action.patch)
                 log.info("patched %s %s/%s: %s", action.kind, namespace, action.name, action.reason)
+            elif isinstance(action, PatchRun):
+                await client.merge_patch(run_path(namespace, name), action.patch)
+                log.warning("patched DAPORun %s/%s %s: %s", namespace, name, action.patch, action.reason)
             elif isinstance(action, PatchStatus):
                 refreshed = await client.merge_patch(run_path(namespace, name, status=True), {"status": action.status})
             elif isinstance(action, EmitEvent):
                 if action.reason == "GangRestart":
                     metrics.GANG_RESTARTS.labels(namespace=namespace).inc()
+                elif action.reason == GUARDRAIL_TRIPPED:
+                    metrics.GUARDRAIL_TRIPS.labels(namespace=namespace).inc()
                 log.log(logging.WARNING if action.type == "Warning" else logging.INFO,
                         "run %s/%s: %s: %s", namespace, name, action.reason, action.message)
                 try:
@@ -161,13 +167,22 @@ class Operator:
                 client = await self.client()
                 obj = await client.get(run_path(namespace, name))
                 for _ in range(self.config.max_passes):
-                    if obj is None:
+                    if obj is None or obj.get("metadata", {}).get("deletionTimestamp"):
+                        # Gone or going (the garbage collector removes the children): nothing to
+                        # observe. Returning at once keeps the per-run lock short, so kopf's timer
+                        # stops in time and it releases its finalizer without waiting a minute.
                         return
                     plan = reconcile(obj, await self.observe(obj), image=self.config.image)
                     refreshed = await self.execute(obj, plan)
                     metrics.record_phase(namespace, name, plan.status.get("phase"))
                     if refreshed is None and plan.of(DeleteRun):
                         return
+                    if plan.of(PatchRun):
+                        # the spec changed under this loop (a guardrail set spec.suspend): read it
+                        # back, or the next pass would take the old spec for a resume
+                        obj = await client.get(run_path(namespace, name))
+                        if obj is None:
+                            return
                     obj = dict(obj, status=plan.status)
                     if not plan.of(DeletePod) and not plan.of(CreateObject):
                         break
@@ -201,6 +216,9 @@ def build_registry(config: OperatorConfig | None = None) -> tuple[kopf.OperatorR
         settings.posting.reporting_component = "dapo-operator"
         settings.scanning.disabled = True  # no CRD/namespace scanning: needs fewer RBAC rights
         settings.watching.server_timeout = 300
+        # A DAPORun deleted while its poll timer runs a pass: kopf keeps its finalizer until the
+        # timer exited and looks again only after this many seconds (default 60).
+        settings.background.cancellation_polling = 1.0
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

@@ -12,6 +12,8 @@ PHASES = (PENDING, STARTING, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 
 RUNS = Gauge("dapo_operator_runs", "DAPORuns known to this operator, by phase", ["phase"])
 GANG_RESTARTS = Counter("dapo_operator_gang_restarts_total", "Gang restarts after a learner or rollout pod died", ["namespace"])
+GUARDRAIL_TRIPS = Counter("dapo_operator_guardrail_trips_total",
+                          "GuardrailTripped events: a new guardrail trip of a run's learner", ["namespace"])
 RECONCILE_ERRORS = Counter("dapo_operator_reconcile_errors_total", "Reconciles that raised", ["namespace"])
 RECONCILE_SECONDS = Histogram(
     "dapo_operator_reconcile_seconds", "Time of one reconcile (observe, plan, act)",

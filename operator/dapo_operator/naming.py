@@ -16,6 +16,7 @@ LABEL_ROLE = "dapo.dev/role"
 LABEL_GANG = "dapo.dev/gang-generation"
 LABEL_EVAL_STEP = "dapo.dev/eval-step"  # the checkpoint an evaluation pod evaluates
 EVAL_ROLE = "eval"  # the role label of evaluation pods (not a gang role: they never restart the gang)
+CHECK_ROLE = "check"  # the role label of the preflight pod (`dapo check` on CPU before any GPU pod)
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
@@ -33,6 +34,11 @@ def pod_name(run: str, role: str, index: int) -> str:
 def eval_pod_name(run: str, step: int) -> str:
     """The evaluation pod of checkpoint ``step`` (spec.eval.separatePod)."""
     return f"{run}-eval-{step}"
+
+
+def check_pod_name(run: str) -> str:
+    """The preflight pod (spec.preflight): one per run, before the first gang."""
+    return f"{run}-check"
 
 
 def service_name(run: str, role: str) -> str:

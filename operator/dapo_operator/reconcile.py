@@ -1,7 +1,8 @@
 """The whole control logic as pure functions: `reconcile(run, observed) -> Plan`.
 
 A pass parses the DAPORun, then runs its ordered phases (`PHASES`: finished, suspended, resumed,
-training finished, run-file error, gang restart, config and services, pods), each a pure
+training finished, guardrail stop, run-file error, gang restart, stall, config and services,
+preflight check, evaluation pods, pods), each a pure
 function of the pass state that either ends the pass with a plan or hands it on; each is tested
 alone (tests/operator/test_builders_reconcile.py).
 
@@ -20,11 +21,12 @@ from typing import Any
 from dapo.spec import DAPORun, SpecError, parse_run
 
 from . import naming as n
-from .builders import (Owner, build_config_map, build_eval_pod, build_pod, build_service, desired_pod_names,
-                       gang_roles)
+from .builders import (Owner, build_check_pod, build_config_map, build_eval_pod, build_pod, build_service,
+                       desired_pod_names, gang_roles)
 from .status import (
-    FAILED, SUSPENDED, TERMINAL, Outcome, compute_status, learner_succeeded, parse_time,
-    pod_failure, pod_generation, pod_name_of, pod_phase, pod_run_file_error, pod_terminating, current_pods,
+    FAILED, MAX_MESSAGE_CHARS, PENDING, SUSPENDED, TERMINAL, Outcome, Validation, compute_status, error_lines,
+    guardrail_key, guardrail_line, learner_succeeded, parse_time, pod_exit, pod_failure, pod_generation,
+    pod_guardrail_stop, pod_name_of, pod_phase, pod_run_file_error, pod_stuck, pod_terminating, current_pods,
     sanitize_learner_status, stall_message, stalled_seconds,
 )
 
@@ -67,7 +69,17 @@ class DeleteRun:
     reason: str
 
 
-Action = CreateObject | DeletePod | PatchObject | PatchStatus | EmitEvent | DeleteRun
+@dataclass(frozen=True)
+class PatchRun:
+    """A JSON merge patch of the DAPORun itself (not its status): a guardrail with action suspend
+    sets spec.suspend, as Kueue does to the Jobs it suspends, so resuming is the usual
+    spec.suspend=false."""
+
+    patch: dict[str, Any]
+    reason: str
+
+
+Action = CreateObject | DeletePod | PatchObject | PatchStatus | EmitEvent | DeleteRun | PatchRun
 
 
 @dataclass
@@ -96,6 +108,8 @@ def _delete_all(pods: list[dict[str, Any]], reason: str) -> list[Action]:
     return [DeletePod(pod_name_of(p), reason) for p in pods if not pod_terminating(p)]
 
 
+GUARDRAIL_TRIPPED = "GuardrailTripped"  # the condition type, the event reason and a stopped run's reason
+
 #: Conditions whose turning True posts a Warning event (reason: the type) and whose clearing posts
 #: a Normal one (reason: the second name), each with the condition's message.
 _WATCHED_CONDITIONS = {"Degraded": "Restored", "Stalled": "Progressing"}
@@ -118,6 +132,12 @@ def _transition_events(previous: dict[str, Any], status: dict[str, Any]) -> list
             events.append(EmitEvent("Warning", kind, now.get("message", "")))
         elif was.get("status") == "True" and now.get("status") != "True":
             events.append(EmitEvent("Normal", cleared, f"{kind} cleared: {now.get('message', '')}"))
+    # Once per trip: a new trip (step, rollbacks, rule) from learner-0, or the condition turning
+    # True or changing its action (a stop seen only through the learner's exit code).
+    was, now = _condition_state(previous, "GuardrailTripped"), _condition_state(status, "GuardrailTripped")
+    new_trip = status.get("guardrail") and guardrail_key(status.get("guardrail")) != guardrail_key(previous.get("guardrail"))
+    if now.get("status") == "True" and (new_trip or was.get("status") != "True" or was.get("reason") != now.get("reason")):
+        events.append(EmitEvent("Warning", "GuardrailTripped", now.get("message", "")))
     return events
 
 
@@ -138,6 +158,7 @@ class Pass:
     created: int  # the newest gang generation whose pods were all created
     actions: list[Action] = field(default_factory=list)
     learner_status: dict[str, Any] | None = None
+    validation: Validation | None = None  # the Validated condition this pass sets (None: kept as it was)
 
     @property
     def name(self) -> str:
@@ -157,7 +178,7 @@ class Pass:
     def finish(self, outcome: Outcome | None = None, learner_status: dict[str, Any] | None = None) -> Plan:
         """The pass's plan: its actions, a phase-transition event, the status patch."""
         status = compute_status(self.run, self.obj.get("metadata", {}).get("generation"), self.pods, learner_status,
-                                self.work, self.observed.now, outcome)
+                                self.work, self.observed.now, outcome, self.validation)
         actions = self.actions + _transition_events(self.previous, status)
         if status != self.previous:
             actions.append(PatchStatus(status))
@@ -203,10 +224,13 @@ def finished(p: Pass) -> Plan | None:
 
 
 def suspended(p: Pass) -> Plan | None:
-    """spec.suspend: no pods; status and checkpoints stay."""
+    """spec.suspend: no pods; status and checkpoints stay. A suspension a guardrail made keeps its
+    reason (GuardrailTripped) and line until a person resumes the run."""
     if not p.run.spec.suspend:
         return None
     p.actions += _delete_all(p.pods, "spec.suspend is true")
+    if p.previous.get("phase") == SUSPENDED and p.previous.get("reason") == GUARDRAIL_TRIPPED:
+        return p.finish(outcome=Outcome(SUSPENDED, GUARDRAIL_TRIPPED, p.previous.get("message", "")))
     return p.finish()
 
 
@@ -229,6 +253,33 @@ def training_finished(p: Pass) -> Plan | None:
         return None
     p.actions += _delete_all(p.pods, "training finished")
     return p.finish(learner_status=p.learner_status)
+
+
+def guardrail_stopped(p: Pass) -> Plan | None:
+    """Learner-0 stopped training on a guardrail (its /status: state suspended, or failed with a
+    trip whose action is fail; or its pod exited GUARDRAIL_SUSPEND_EXIT_CODE /
+    GUARDRAIL_FAIL_EXIT_CODE). No gang restart, which would train into the same trip: suspend sets
+    the DAPORun's own spec.suspend (a person decides; spec.suspend=false resumes), fail ends it
+    Failed. Either way the pods go."""
+    learner0 = current_pods(p.run, p.pods, p.gen).get(n.pod_name(p.name, "learner", 0))
+    if learner0 is None:
+        return None
+    status = sanitize_learner_status(p.learner_status) or {}
+    trip = status.get("guardrail")
+    stop = pod_guardrail_stop(learner0) if pod_phase(learner0) == "Failed" else None
+    if status.get("state") == "suspended" or (stop and stop[0] == "suspend"):
+        line = guardrail_line(trip) if trip else (stop[1] if stop else "learner-0 suspended the run on a guardrail")
+        # The spec patch comes first: if it is refused, nothing else happens and the next pass retries.
+        p.actions.append(PatchRun({"spec": {"suspend": True}}, f"guardrail: {line}"))
+        p.actions += _delete_all(p.pods, "a guardrail suspended the run")
+        return p.finish(outcome=Outcome(SUSPENDED, GUARDRAIL_TRIPPED, f"{line} (resume: set spec.suspend to false)"),
+                        learner_status=p.learner_status)
+    failed = status.get("state") == "failed" and trip and trip.get("action") == "fail"
+    if failed or (stop and stop[0] == "fail"):
+        line = guardrail_line(trip) if failed else stop[1]  # type: ignore[index]
+        p.actions += _delete_all(p.pods, "a guardrail failed the run")
+        return p.finish(outcome=Outcome(FAILED, GUARDRAIL_TRIPPED, line), learner_status=p.learner_status)
+    return None
 
 
 def run_file_failed(p: Pass) -> Plan | None:
@@ -309,6 +360,75 @@ def ensure_config_and_services(p: Pass) -> Plan | None:
     return None
 
 
+def preflight_check(p: Pass) -> Plan | None:
+    """spec.preflight: `dapo check` in a CPU pod (RUN-check) before any gang pod. Until it passed
+    the pass ends here (Pending, Validated=Unknown); it passing (Validated=True, kept in the
+    status so no later pass, restart, resume or edit checks again) deletes it and hands on to the
+    gang; a problem (exit RUN_FILE_ERROR_EXIT_CODE) fails the run with the check's lines
+    (ValidationFailed), any other stop, or a container that cannot start (image pull back-off,
+    a missing Secret key), with the pod's failure (ValidationError: not retried, the same image
+    and run file would stop the same way, and a person should look), and a check still running
+    after spec.preflight.timeoutSeconds with ValidationTimeout."""
+    name = n.check_pod_name(p.name)
+    check = p.by_name().get(name)
+    validated = _condition_state(p.previous, "Validated").get("status") == "True"
+    if not p.run.spec.preflight.enabled or validated:
+        if check is not None and not pod_terminating(check):
+            p.actions.append(DeletePod(name, "the run file was checked" if validated else "spec.preflight.enabled is false"))
+        return None
+    if check is None or pod_terminating(check):
+        restart = check is None
+        if restart:
+            owner = Owner(p.name, p.obj.get("metadata", {}).get("uid", ""))
+            p.actions.append(CreateObject(build_check_pod(p.run, p.namespace, p.image, owner)))
+        return _checking(p, name, "created" if restart else "waiting for the previous check pod to go", restart)
+    if any(isinstance(a, PatchObject) and a.kind == "ConfigMap" for a in p.actions):
+        # The spec was edited while the check ran: its verdict is about the old run file.
+        p.actions.append(DeletePod(name, "the run file changed while it was checked"))
+        return _checking(p, name, "the run file changed: checking it again", False)
+    phase = pod_phase(check)
+    if phase == "Succeeded":
+        p.validation = Validation("True", "CheckPassed", f"dapo check passed in {name}")
+        p.actions.append(DeletePod(name, "the run file was checked"))
+        p.actions.append(EmitEvent("Normal", "Validated", f"dapo check passed in {name}: creating the learner, "
+                                                          "rollout and reward pods"))
+        return None
+    code, message = pod_exit(check)
+    if phase == "Failed" and code == n.SPEC_ERROR_EXIT_CODE:
+        tail = message.strip().splitlines()[-1:]
+        lines = error_lines(message) or tail or [f"{name} exited with code {code} and no termination message"]
+        return _validation_failed(p, "ValidationFailed", "\n".join(lines))
+    timeout = p.run.spec.preflight.timeout_seconds
+    reason = (check.get("status") or {}).get("reason")
+    started = parse_time(_condition_state(p.previous, "Validated").get("lastTransitionTime"))
+    timed_out = started is not None and (p.observed.now - started).total_seconds() >= timeout
+    if reason == "DeadlineExceeded" or (phase != "Failed" and timed_out):
+        return _validation_failed(p, "ValidationTimeout", (
+            f"{name} did not finish dapo check within spec.preflight.timeoutSeconds={timeout} (pod phase {phase}): "
+            "a check that long usually waits on storage or a scorer that hangs; raise the timeout or fix that"))
+    stuck = pod_stuck(check) if phase == "Pending" else None
+    if phase == "Failed" or stuck:
+        tail = (message.strip().splitlines() or [""])[-1]
+        return _validation_failed(p, "ValidationError", (
+            f"{name} stopped without checking the run file: {stuck or pod_failure(check)}"
+            + (f"; last line: {tail}" if tail else "")
+            + "; fix that (image, memory, node) and create the run again, or set spec.preflight.enabled to false"))
+    return _checking(p, name, f"pod phase {phase}", False)
+
+
+def _checking(p: Pass, name: str, state: str, restart: bool) -> Plan:
+    message = f"dapo check runs in {name} ({state}); no learner or rollout pod before it passes"
+    p.validation = Validation("Unknown", "Checking", message, restart=restart)
+    return p.finish(outcome=Outcome(PENDING, "Validating", message))
+
+
+def _validation_failed(p: Pass, reason: str, message: str) -> Plan:
+    message = message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
+    p.validation = Validation("False", reason, message)
+    p.actions += _delete_all(p.pods, reason)
+    return p.finish(outcome=Outcome(FAILED, reason, message))
+
+
 def ensure_eval_pods(p: Pass) -> Plan | None:
     """spec.eval.separatePod: an evaluation pod for learner-0's newest committed checkpoint when no
     evaluation pod runs (checkpoints committed meanwhile are skipped: evaluation never queues up);
@@ -356,8 +476,9 @@ def ensure_pods(p: Pass) -> Plan | None:
             p.actions.append(EmitEvent("Warning", "RewardPodReplaced",
                                        f"{pod_name} stopped ({pod_failure(pod)}); recreating it"))
     for pod in p.pods:
-        evaluation = pod["metadata"].get("labels", {}).get(n.LABEL_ROLE) == n.EVAL_ROLE  # ensure_eval_pods' own
-        if pod_name_of(pod) not in wanted and not pod_terminating(pod) and not evaluation:
+        # evaluation pods are ensure_eval_pods' own, the check pod preflight_check's
+        own_phase = pod["metadata"].get("labels", {}).get(n.LABEL_ROLE) in (n.EVAL_ROLE, n.CHECK_ROLE)
+        if pod_name_of(pod) not in wanted and not pod_terminating(pod) and not own_phase:
             p.actions.append(DeletePod(pod_name_of(pod), "no longer wanted by the spec (replicas lowered)"))
     if gang_complete and p.created < p.gen:
         p.work["createdGangGeneration"] = p.gen
@@ -365,8 +486,8 @@ def ensure_pods(p: Pass) -> Plan | None:
 
 
 #: The phases of a pass, in order; the first that returns a plan ends it (`ensure_pods` always does).
-PHASES = (finished, suspended, resumed, training_finished, run_file_failed, gang_restart, stalled_run_failed,
-          ensure_config_and_services, ensure_eval_pods, ensure_pods)
+PHASES = (finished, suspended, resumed, training_finished, guardrail_stopped, run_file_failed, gang_restart,
+          stalled_run_failed, ensure_config_and_services, preflight_check, ensure_eval_pods, ensure_pods)
 
 
 def invalid_spec(obj: dict[str, Any], pods: list[dict[str, Any]], error: SpecError) -> Plan:

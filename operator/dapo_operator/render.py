@@ -13,14 +13,20 @@ import yaml
 
 from dapo.spec import load_run_file
 
-from .builders import build_all
+from .builders import build_all, build_check_pod
 
 
 def render_objects(file: str, namespace: str = "default", image: str | None = None,
                    overrides: list[str] | None = None) -> list[dict[str, Any]]:
-    """Validate the run file (raises SpecError) and build its ConfigMap, Services and Pods."""
+    """Validate the run file (raises SpecError) and build its ConfigMap, Services and Pods: the
+    check pod first (spec.preflight.enabled; the operator creates the others once it passed)."""
     run = load_run_file(file, overrides or [])
-    return build_all(run, run.metadata.namespace or namespace, gang_generation=0, image=image)
+    namespace = run.metadata.namespace or namespace
+    objects = build_all(run, namespace, gang_generation=0, image=image)
+    if run.spec.preflight.enabled:
+        first_pod = next(i for i, o in enumerate(objects) if o["kind"] == "Pod")
+        objects.insert(first_pod, build_check_pod(run, namespace, image))
+    return objects
 
 
 def main(args: Any) -> int:

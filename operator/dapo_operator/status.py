@@ -10,7 +10,10 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from dapo.contracts import LEARNER_STATES, PHASES, STATUS_METRIC_FIELDS, LearnerMetrics, finite_or_none
+import typing
+
+from dapo.contracts import (GUARDRAIL_FAIL_EXIT_CODE, GUARDRAIL_SUSPEND_EXIT_CODE, LEARNER_STATES, PHASES,
+                            STATUS_METRIC_FIELDS, GuardrailTrip, LearnerMetrics, finite_or_none)
 from dapo.spec import DAPORun
 
 from . import naming as n
@@ -26,6 +29,8 @@ METRIC_FIELDS = {LearnerMetrics.model_fields[name].alias: target for name, targe
 # learner message is a human line, so a long one is cut rather than breaking every patch.
 MAX_MESSAGE_CHARS = 1024
 MAX_URI_CHARS = 2048
+MAX_NAME_CHARS = 256  # a guardrail's metric name and rule
+GUARDRAIL_ACTIONS: tuple[str, ...] = typing.get_args(GuardrailTrip.model_fields["action"].annotation)
 _INT64_MAX = 2**63 - 1
 
 
@@ -69,7 +74,53 @@ def sanitize_learner_status(answer: Any) -> dict[str, Any] | None:
         clean["message"] = _cut(answer["message"], MAX_MESSAGE_CHARS)
     if answer.get("runFileError") is True:
         clean["runFileError"] = True
+    trip = sanitize_guardrail(answer.get("guardrail"))
+    if trip is not None:
+        clean["guardrail"] = trip
     return clean
+
+
+def sanitize_guardrail(trip: Any) -> dict[str, Any] | None:
+    """Only dapo.contracts.GuardrailTrip's fields, typed and cut; None when a required one
+    (metric, step, action, rule) is missing or wrong (a half trip would show a misleading line).
+    A non-finite value is left out rather than null: in a merge patch null deletes the key, so the
+    status would never settle."""
+    if not isinstance(trip, dict):
+        return None
+    metric, step, action, rule = trip.get("metric"), _count(trip.get("step")), trip.get("action"), trip.get("rule")
+    if not isinstance(metric, str) or not metric or step is None or action not in GUARDRAIL_ACTIONS \
+            or not isinstance(rule, str):
+        return None
+    clean: dict[str, Any] = {"metric": _cut(metric, MAX_NAME_CHARS), "step": step, "action": action,
+                             "rule": _cut(rule, MAX_NAME_CHARS)}
+    if _finite(trip.get("value")) is not None:
+        clean["value"] = _finite(trip["value"])
+    clean["message"] = _cut(trip["message"], MAX_MESSAGE_CHARS) if isinstance(trip.get("message"), str) else ""
+    clean["rollbacks"] = _count(trip.get("rollbacks")) or 0
+    return clean
+
+
+def guardrail_line(trip: dict[str, Any]) -> str:
+    """The trip's one line (GuardrailTrip.line: rule, step, metric and value, what was done)."""
+    return _cut(GuardrailTrip.model_validate(trip).line(), MAX_MESSAGE_CHARS)
+
+
+def guardrail_key(trip: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    """What makes a trip a new one (its event is posted once): the step, the rollback count, the rule."""
+    if not trip:
+        return None
+    return trip.get("step"), trip.get("rollbacks"), trip.get("action"), trip.get("metric"), trip.get("rule")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The Validated condition a pass sets (spec.preflight): True / False / Unknown, and whether
+    its clock restarts (a new check pod: the timeout counts from its creation)."""
+
+    status: str
+    reason: str
+    message: str
+    restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +184,49 @@ def pod_failure(pod: dict[str, Any]) -> str:
     if term:
         return f"exit code {term.get('exitCode')} ({term.get('reason', 'Error')})"
     return status.get("reason") or status.get("message") or "no reason reported"
+
+
+def pod_exit(pod: dict[str, Any]) -> tuple[int | None, str]:
+    """The exit code and termination message (the log tail) of a pod's stopped container."""
+    term = _terminated(pod)
+    if not term:
+        return None, ""
+    code = term.get("exitCode")
+    return (code if isinstance(code, int) and not isinstance(code, bool) else None), str(term.get("message") or "")
+
+
+#: Container waiting reasons that do not clear on their own: the image cannot be pulled (after the
+#: kubelet's retry), its name is invalid, or the container cannot be configured (e.g. a Secret key
+#: it names does not exist).
+STUCK_WAITING_REASONS = ("ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
+
+
+def pod_stuck(pod: dict[str, Any]) -> str | None:
+    """Why a pod's container cannot start (a STUCK_WAITING_REASONS reason and its message), or None."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING_REASONS:
+            return _cut(f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "), MAX_MESSAGE_CHARS)
+    return None
+
+
+def error_lines(message: str) -> list[str]:
+    """The ``error: ...`` lines of a log tail (how `dapo` prints each problem), prefix removed."""
+    return [line.strip().removeprefix("error:").strip() for line in message.splitlines()
+            if line.strip().startswith("error:")]
+
+
+def pod_guardrail_stop(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(action, line) of a learner pod that stopped on a guardrail (exit GUARDRAIL_FAIL_EXIT_CODE
+    or GUARDRAIL_SUSPEND_EXIT_CODE; its last log line starts "guardrail:"), or None."""
+    code, message = pod_exit(pod)
+    action = {GUARDRAIL_FAIL_EXIT_CODE: "fail", GUARDRAIL_SUSPEND_EXIT_CODE: "suspend"}.get(code)  # type: ignore[arg-type]
+    if action is None:
+        return None
+    lines = [line.strip() for line in message.splitlines() if line.strip().startswith("guardrail:")]
+    line = lines[-1].removeprefix("guardrail:").strip() if lines else \
+        f"{pod_name_of(pod)} exited with code {code}: a guardrail with action {action} tripped"
+    return action, _cut(line, MAX_MESSAGE_CHARS)
 
 
 def pod_run_file_error(pod: dict[str, Any]) -> str | None:
@@ -232,10 +326,12 @@ def observed_phase(run: DAPORun, pods: dict[str, dict[str, Any]], learner_status
     return RUNNING if all(pod_ready(pods[name]) for name in wanted) else STARTING
 
 
-def _condition(previous: list[dict[str, Any]], kind: str, true: bool, reason: str, message: str, now: str) -> dict[str, Any]:
-    status = "True" if true else "False"
+def _condition(previous: list[dict[str, Any]], kind: str, true: bool | str, reason: str, message: str, now: str,
+               restart: bool = False) -> dict[str, Any]:
+    status = true if isinstance(true, str) else ("True" if true else "False")
     before = next((c for c in previous if c.get("type") == kind), None)
-    since = before["lastTransitionTime"] if before and before.get("status") == status and before.get("lastTransitionTime") else now
+    kept = before and before.get("status") == status and before.get("lastTransitionTime") and not restart
+    since = before["lastTransitionTime"] if kept else now
     return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
 
 
@@ -247,11 +343,13 @@ def compute_status(
     previous: dict[str, Any] | None,
     now: dt.datetime,
     outcome: Outcome | None = None,
+    validation: Validation | None = None,
 ) -> dict[str, Any]:
     """The new status. Terminal phases are sticky; ``outcome`` forces a phase (reconciler's call).
 
     ``previous`` carries the counters the reconciler owns (gangGeneration, restartCount,
-    createdGangGeneration); everything else is recomputed or carried forward.
+    createdGangGeneration); everything else is recomputed or carried forward. ``validation`` sets
+    the Validated condition (spec.preflight); without it the previous one, if any, is kept.
     """
     prev = dict(previous or {})
     stamp = rfc3339(now)
@@ -307,6 +405,9 @@ def compute_status(
                 status[target] = metrics[source]
         if learner_status.get("lastCheckpoint"):
             status["lastCheckpoint"] = learner_status["lastCheckpoint"]
+        if learner_status.get("guardrail"):
+            # the newest trip is kept after the learner that reported it is gone (restart, resume)
+            status["guardrail"] = learner_status["guardrail"]
     if not status.get("startTime") and (live or phase not in (PENDING,)) and phase != SUSPENDED:
         status["startTime"] = stamp
     if phase in TERMINAL and not status.get("completionTime"):
@@ -331,4 +432,33 @@ def compute_status(
                    stall_message(run, status) if stalled else "training steps finish within "
                    "spec.stallTimeoutSeconds, or the run is not training", stamp),
     ]
+    if validation is not None:
+        status["conditions"].append(_condition(previous_conditions, "Validated", validation.status, validation.reason,
+                                               validation.message, stamp, restart=validation.restart))
+    elif (validated := _find(previous_conditions, "Validated")) is not None:
+        status["conditions"].append(validated)
+    tripped = _guardrail_condition(status.get("guardrail"), prev.get("guardrail"), outcome, previous_conditions, stamp)
+    if tripped is not None:
+        status["conditions"].append(tripped)
     return status
+
+
+def _find(conditions: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == kind), None)
+
+
+def _guardrail_condition(trip: dict[str, Any] | None, trip_before: dict[str, Any] | None, outcome: Outcome | None,
+                         previous: list[dict[str, Any]], stamp: str) -> dict[str, Any] | None:
+    """GuardrailTripped (True, reason the action: Rollback / Suspend / Fail, message the trip's
+    line) from learner-0's newest trip; the condition stays as it is until a new trip. When the
+    operator stopped the run on the learner's exit code alone (its /status not read after the
+    trip), the reason and line come from that outcome."""
+    before = _find(previous, "GuardrailTripped")
+    if outcome is not None and outcome.reason == "GuardrailTripped":
+        action = "fail" if outcome.phase == FAILED else "suspend"
+        if not trip or trip.get("action") != action:
+            return _condition(previous, "GuardrailTripped", True, action.capitalize(), outcome.message, stamp)
+    if trip and (before is None or guardrail_key(trip) != guardrail_key(trip_before)):
+        return _condition(previous, "GuardrailTripped", True, str(trip["action"]).capitalize(), guardrail_line(trip),
+                          stamp)
+    return before

@@ -457,6 +457,8 @@ class RunStatus(_Contract):
     start_time: str | None = Field(None, alias="startTime", json_schema_extra={"format": "date-time"})
     completion_time: str | None = Field(None, alias="completionTime", json_schema_extra={"format": "date-time"})
     warnings: list[str] = Field(default_factory=list)
+    guardrail: GuardrailTrip | None = Field(None, description=(
+        "The newest guardrail trip learner-0 reported (condition GuardrailTripped), kept after the learner is gone."))
 
 
 # --------------------------------------------------------------------------- the local cache

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from typing import Any
+import os
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import kopf
@@ -17,8 +18,9 @@ from aiohttp import web
 
 from _run_files import run_doc
 import _run_files
+from dapo.contracts import RUN_FILE
 from dapo_operator.handlers import OperatorConfig, build_registry
-from dapo_operator.reconcile import CreateObject, DeletePod, Observed
+from dapo_operator.reconcile import CreateObject, DeletePod, Observed, reconcile
 
 NAMESPACE = "ns1"
 
@@ -70,8 +72,11 @@ def learner_answer(state: str, step: int = 3, total: int = 10) -> dict[str, Any]
     }
 
 
-async def eventually(check, timeout: float = 5.0, interval: float = 0.05):
-    """Await until ``check()`` (sync or async) returns a truthy value; return it or fail."""
+async def eventually(check, timeout: float = 10.0, interval: float = 0.05):
+    """Await until ``check()`` (sync or async) returns a truthy value; return it or fail.
+
+    The bound only matters when the check fails: on the shared 2-core CI machine, kopf's handling
+    of a run (now with the check pod's round before the gang) took over 5 s under load."""
     deadline = asyncio.get_running_loop().time() + timeout
     last = None
     while True:
@@ -104,8 +109,66 @@ def declare_resources(kmock: Any) -> None:
         kind="CustomResourceDefinition", namespaced=False, verbs=verbs)
 
 
+CheckRunner = Callable[[dict[str, Any], str], Awaitable[tuple[int, str]]]
+
+
+async def check_passes(pod: dict[str, Any], run_file: str) -> tuple[int, str]:
+    """The default check pod: `dapo check` passes at once (the tests of other features)."""
+    return 0, f"dapo check {RUN_FILE}: ok (0 warning(s)) in 0.0s"
+
+
+def termination_message(log: str) -> str:
+    """What FallbackToLogsOnError keeps of a failed container's log: the last 80 lines, at most 2048 bytes."""
+    tail = "\n".join(log.splitlines()[-80:])
+    return tail.encode()[-2048:].decode(errors="ignore")
+
+
+async def run_check_command(pod: dict[str, Any], run_file: str) -> tuple[int, str]:
+    """Really run the check pod's container command (`dapo check /etc/dapo/run.yaml`), as a
+    child process (in this one, the operator and the check would share the GIL: twice as slow),
+    on a copy of the run file the ConfigMap holds; returns its exit code and termination message
+    (the output's tail)."""
+    import sys
+    import tempfile
+
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:2] == ["dapo", "check"], command
+    with tempfile.TemporaryDirectory(prefix="dapo-check-pod-") as folder:
+        path = os.path.join(folder, "run.yaml")
+        with open(path, "w") as fh:
+            fh.write(run_file)
+        args = [path if arg == RUN_FILE else arg for arg in command[1:]]
+        child = await asyncio.create_subprocess_exec(sys.executable, "-m", "dapo.cli", *args,
+                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await child.communicate()
+    return int(child.returncode or 0), termination_message(out.decode(errors="replace"))
+
+
+async def play_check_pods(kmock: Any, runner: CheckRunner, interval: float = 0.2) -> None:
+    """The kubelet's part for check pods (role "check"): each new one is run by ``runner`` on its
+    run file (the ConfigMap's run.yaml) and gets the terminated state: phase, exit code, message."""
+    busy: set[str] = set()
+    while True:
+        for name, pod in (await pods(kmock)).items():
+            labels = pod["metadata"].get("labels", {})
+            if labels.get("dapo.dev/role") != "check" or name in busy or pod["metadata"].get("deletionTimestamp") \
+                    or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            busy.add(name)
+            try:
+                config_map = pod["spec"]["volumes"][0]["configMap"]["name"]
+                _, answer = await api(kmock, "GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps/{config_map}")
+                code, message = await runner(pod, answer["data"]["run.yaml"])
+                await api(kmock, "PATCH", f"{PODS}/{name}/status", {"status": check_done(code, message)})
+            finally:
+                busy.discard(name)
+        await asyncio.sleep(interval)
+
+
 @contextlib.asynccontextmanager
-async def running_operator(kmock: Any):
+async def running_operator(kmock: Any, check: CheckRunner | None = check_passes):
+    """The operator (real kopf) against kmock, and the kubelet for check pods: ``check`` decides
+    their result (default: they pass at once; None: nothing plays them)."""
     async def connection() -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"), insecure=True)
 
@@ -114,12 +177,15 @@ async def running_operator(kmock: Any):
     settings.scanning.disabled = True
     task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
                                              namespaces=[NAMESPACE], clusterwide=False))
+    kubelet = asyncio.create_task(play_check_pods(kmock, check)) if check is not None else None
     try:
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for running in (kubelet, task):
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
 
 
 async def api(kmock: Any, method: str, path: str, body: Any = None, content_type: str = "application/merge-patch+json"):
@@ -207,8 +273,21 @@ def run_obj(**spec) -> dict[str, Any]:
     return doc
 
 
-def apply(obj: dict[str, Any], observed_pods: list[dict[str, Any]], plan) -> list[dict[str, Any]]:
-    """Play the API server for a plan: apply creates/deletes to the pod list, store status."""
+def check_done(exit_code: int = 0, message: str = "") -> dict[str, Any]:
+    """A check pod's status after `dapo check` exited (what the kubelet writes)."""
+    return {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [
+        {"name": "check", "state": {"terminated": {"exitCode": exit_code, "message": message,
+                                                   "reason": "Completed" if exit_code == 0 else "Error"}}}]}
+
+
+def apply(obj: dict[str, Any], observed_pods: list[dict[str, Any]], plan, check_exit: int | None = 0
+          ) -> list[dict[str, Any]]:
+    """Play the API server for a plan: apply creates/deletes to the pod list, store status.
+
+    And the kubelet for the check pod (spec.preflight, on by default): a check pod the plan
+    created exits ``check_exit`` at once and the next pass (same clock) is applied too, so a
+    first pass followed by `apply` leaves the gang created as before the check existed. None
+    leaves the check pod as created (tests of the check itself)."""
     pods = {p["metadata"]["name"]: p for p in observed_pods}
     for action in plan.actions:
         if isinstance(action, CreateObject) and action.obj["kind"] == "Pod":
@@ -217,6 +296,13 @@ def apply(obj: dict[str, Any], observed_pods: list[dict[str, Any]], plan) -> lis
         elif isinstance(action, DeletePod):
             pods.pop(action.name)
     obj["status"] = plan.status
+    checks = [a.obj["metadata"]["name"] for a in plan.of(CreateObject)
+              if a.obj["metadata"]["labels"].get("dapo.dev/role") == "check"]
+    if checks and check_exit is not None:
+        pods[checks[0]] = dict(pods[checks[0]], status=check_done(check_exit))
+        validated = next(c for c in plan.status["conditions"] if c["type"] == "Validated")
+        now = dt.datetime.fromisoformat(validated["lastTransitionTime"].replace("Z", "+00:00"))
+        return apply(obj, list(pods.values()), reconcile(obj, observe(list(pods.values()), now=now)), check_exit)
     return list(pods.values())
 
 

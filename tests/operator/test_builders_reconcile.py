@@ -89,7 +89,8 @@ def test_render_uses_builders(tmp_path, run_doc):
     path.write_text(yaml.safe_dump(run_doc(preset="operator")))
     objects = render_objects(str(path), namespace="ignored-because-file-sets-ns1", image="img:x")
     kinds = [o["kind"] for o in objects]
-    assert kinds == ["ConfigMap", "Service", "Service", "Service", "Pod", "Pod", "Pod", "Pod", "Pod"]
+    assert kinds == ["ConfigMap", "Service", "Service", "Service", "Pod", "Pod", "Pod", "Pod", "Pod", "Pod"]
+    assert objects[4]["metadata"]["name"] == "demo-check"  # what the operator creates first
     assert parse_run(yaml.safe_load(objects[0]["data"]["run.yaml"])).spec.learner.replicas == 2
 
 
@@ -104,13 +105,16 @@ def test_render_bad_file_raises_spec_error(tmp_path, run_doc):
 # --------------------------------------------------------------------------- reconcile
 
 
-def test_first_reconcile_creates_everything_then_nothing():
+def test_first_reconcile_creates_config_services_and_the_check_pod_then_the_gang_then_nothing():
     obj = run_obj()
     plan = reconcile(obj, Observed(now=T0))
     created = [a.obj["metadata"]["name"] for a in plan.of(CreateObject)]
-    assert created[:4] == ["demo-spec", "demo-learner", "demo-rollout", "demo-reward"]
-    assert len(created) == 9 and plan.status["phase"] == "Pending" and plan.status["createdGangGeneration"] == 0
-    pods = apply(obj, [], plan)
+    assert created == ["demo-spec", "demo-learner", "demo-rollout", "demo-reward", "demo-check"]
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == "Validating"
+    pods = apply(obj, [], plan)  # the check pod passes (apply plays the kubelet); the next pass makes the gang
+    assert sorted(p["metadata"]["name"] for p in pods) == sorted(
+        ["demo-learner-0", "demo-learner-1", "demo-rollout-0", "demo-rollout-1", "demo-reward-0"])
+    assert obj["status"]["createdGangGeneration"] == 0
     again = reconcile(obj, observe(pods))
     assert again.of(CreateObject) == [] and again.of(DeletePod) == []
 
@@ -425,8 +429,8 @@ def test_operator_command_renders_in_process_and_refuses_a_bad_file(tmp_path, ca
     assert main(["render", str(path), "--namespace", "ns2", "--set", "spec.rollout.replicas=3"]) == 0
     objects = list(yaml.safe_load_all(capsys.readouterr().out))
     pods = sorted(o["metadata"]["name"] for o in objects if o and o["kind"] == "Pod")
-    assert pods == ["demo-learner-0", "demo-learner-1", "demo-reward-0", "demo-rollout-0", "demo-rollout-1",
-                    "demo-rollout-2"]
+    assert pods == ["demo-check", "demo-learner-0", "demo-learner-1", "demo-reward-0", "demo-rollout-0",
+                    "demo-rollout-1", "demo-rollout-2"]
     assert {o["metadata"]["namespace"] for o in objects if o} == {"ns1"}  # the file's own
     assert main(["render", str(path), "--set", "spec.learner.lr=fast"]) == 2
     assert "spec.learner.lr" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from dapo.spec import SpecError, parse_run
 from dapo_operator.builders import build_eval_pod
 from dapo_operator.reconcile import CreateObject, DeletePod, Observed, reconcile
 from _run_files import run_doc
-from operator_testkit import learner_answer
+from operator_testkit import apply, learner_answer
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -24,12 +24,9 @@ def eval_run(**spec):
 
 
 def _running(obj):
-    pods = []
-    for action in reconcile(obj, Observed(now=T0)).actions:
-        if isinstance(action, CreateObject) and action.obj["kind"] == "Pod":
-            pods.append(dict(action.obj, status={"phase": "Running",
-                                                 "conditions": [{"type": "Ready", "status": "True"}]}))
-    return pods
+    """The gang created (the check pod passed: operator_testkit.apply plays it) and running."""
+    return [dict(pod, status={"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]})
+            for pod in apply(obj, [], reconcile(obj, Observed(now=T0)))]
 
 
 def _observe(pods, checkpoint_step=None):
