@@ -246,6 +246,17 @@ def build_pod(
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
         ],
     }
+    if role == "reward":
+        # A reward replica that stops answering (frozen, deadlocked) is taken out of rotation by the
+        # learner at once (dapo.services.http.ReplicaPool); the kubelet then kills it (the pod
+        # fails: restartPolicy Never) and the operator replaces that pod alone. Reward replicas
+        # are stateless, so this costs nothing; a gang pod gets no liveness probe, since killing one
+        # restarts the gang (a frozen learner or rollout is caught by the weight-sync and learner
+        # timeouts instead). The startup probe gives the scorer pool its start-up time first.
+        container["startupProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5,
+                                     "failureThreshold": 120}
+        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                                      "timeoutSeconds": 5, "failureThreshold": 3}
     if role == "reward" and run.spec.reward.scorer_config_map:
         # run-file scorers shipped as files: spec.reward.scorers[i].function = /etc/dapo/scorers/FILE.py:NAME
         container["volumeMounts"].append({"name": "scorers", "mountPath": SCORER_MOUNT_DIR, "readOnly": True})
@@ -293,7 +304,7 @@ def build_eval_pod(run: DAPORun, step: int, namespace: str, image: str | None = 
     container["command"] = ["dapo", "eval", checkpoint_uri(run), "--step", str(step), "--data", run.spec.data.eval or "",
                             "--run-file", n.RUN_FILE, "--store-result",
                             *(["--k", ",".join(map(str, ev.pass_k))] if ev.pass_k else [])]
-    for key in ("ports", "readinessProbe"):
+    for key in ("ports", "readinessProbe", "startupProbe", "livenessProbe"):
         container.pop(key, None)
     return pod
 
@@ -340,7 +351,7 @@ def build_check_pod(run: DAPORun, namespace: str, image: str | None = None,
                                                                     "key": key}}})
     container["env"] = env
     container.pop("envFrom", None)
-    for key in ("ports", "readinessProbe"):
+    for key in ("ports", "readinessProbe", "startupProbe", "livenessProbe"):
         container.pop(key, None)
     return pod
 

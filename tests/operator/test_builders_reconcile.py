@@ -49,6 +49,25 @@ def test_pod_contract_env_security_and_owner(run_doc):
     assert pod["metadata"]["labels"]["dapo.dev/gang-generation"] == "2"
 
 
+def test_only_reward_pods_get_a_liveness_probe(run_doc):
+    """A frozen reward replica is killed by the kubelet and replaced alone (stateless); a liveness
+    kill of a learner or rollout pod would restart the whole gang, so they have none. Evaluation
+    and check pods (one-shot) have none either."""
+    from dapo_operator.builders import build_check_pod
+
+    run = parse_run(run_doc(preset="operator"))
+    reward = build_pod(run, "reward", 0, "ns1", 0)["spec"]["containers"][0]
+    assert reward["livenessProbe"] == {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                                       "timeoutSeconds": 5, "failureThreshold": 3}
+    assert reward["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert reward["startupProbe"]["periodSeconds"] * reward["startupProbe"]["failureThreshold"] >= 600
+    for role in ("learner", "rollout"):
+        container = build_pod(run, role, 0, "ns1", 0)["spec"]["containers"][0]
+        assert "livenessProbe" not in container and "startupProbe" not in container
+    check = build_check_pod(run, "ns1", None, OWNER)["spec"]["containers"][0]
+    assert "livenessProbe" not in check and "startupProbe" not in check
+
+
 def test_image_precedence_resources_and_placement(monkeypatch, run_doc):
     monkeypatch.setenv("DAPO_DEFAULT_IMAGE", "img:env")
     run = parse_run(run_doc(preset="operator", image="img:spec", rollout={
