@@ -79,6 +79,22 @@ class PodPlacement(_Model):
 # --------------------------------------------------------------------------- what to train
 
 
+class LoraSpec(_Model):
+    """Low-rank adapters (peft's LoraConfig) on the frozen base model: only the adapters train, sync and
+    are checkpointed."""
+
+    rank: int = Field(16, ge=1, le=1024, description="Rank r of each adapter pair (A: r x in, B: out x r).")
+    alpha: float = Field(32.0, gt=0.0, description=(
+        "Scaling numerator: an adapter adds (alpha / rank) x B A x to its layer's output. LoRA usually wants a "
+        "learning rate ~10x the full fine-tuning one."))
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Dropout on each adapter's input in training forward passes (peft's lora_dropout); 0 keeps the "
+        "learner's training forward equal to the rollout's."))
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=64, description=(
+        "Module names (the last part of the name, e.g. q_proj, v_proj) that get adapters; empty: every linear "
+        "layer except the output head (peft's all-linear)."))
+
+
 class ModelSpec(_Model):
     path: str = Field(
         ...,
@@ -94,6 +110,9 @@ class ModelSpec(_Model):
         "auto", description="Parameter dtype; auto is bfloat16 on GPU and float32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    lora: LoraSpec | None = Field(None, description=(
+        "Train low-rank adapters instead of every weight (LoRA, through peft); absent: full fine-tuning. For now "
+        "with one learner rank, the hf engine and `dapo run` in one process."))
 
 
 class DataSpec(_Model):
@@ -629,6 +648,22 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "spec.eval.passK must hold values <= spec.eval.n (pass@k draws k of the n samples of a problem)",
     ),
     CrossFieldRule(
+        # the data-parallel and DeepSpeed learners sync, gather and checkpoint full weights only
+        lambda s: s.model.lora is None or s.learner.replicas == 1,
+        "!has(self.model.lora) || self.learner.replicas == 1",
+        "",
+        "spec.model.lora needs spec.learner.replicas 1 (the data-parallel and DeepSpeed learners do not train "
+        "adapters yet); set spec.learner.replicas: 1 or remove spec.model.lora",
+    ),
+    CrossFieldRule(
+        # vLLM would need enable_lora and a LoRA request per weight version; only the HF engine applies adapters
+        lambda s: s.model.lora is None or s.rollout.engine == "hf",
+        "!has(self.model.lora) || self.rollout.engine == 'hf'",
+        "",
+        "spec.model.lora needs spec.rollout.engine hf (the vLLM engine does not serve adapters yet); set "
+        "spec.rollout.engine: hf or remove spec.model.lora",
+    ),
+    CrossFieldRule(
         # pydantic's own check (GuardrailSpec) names the guardrail; this is its API-server twin
         lambda s: all((g.above is None) != (g.below is None) for g in s.guardrails),
         "!has(self.guardrails) || self.guardrails.all(g, has(g.above) != has(g.below))",
@@ -644,6 +679,16 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in POLICY_LOSS_PARAMS.items()) + ")",
     ),
 ]
+
+
+def refuse_lora_outside_one_process(spec: "DAPORunSpec", launcher: str) -> None:
+    """SpecError for a LoRA run file started by ``launcher`` in separate processes (the processes
+    launcher, role pods, the operator): their rollout engines get weights over the weight-sync group,
+    which sends and receives full weights only."""
+    if spec.model.lora is not None:
+        raise SpecError(f"spec.model.lora: {launcher} runs the rollout engines in other processes, which receive "
+                        "full weights only (LoRA weight sync is wired for `dapo run` in one process); run it with "
+                        "`dapo run FILE` (launcher inprocess) or remove spec.model.lora")
 
 
 # Fields a running training cannot take a new value of: the operator's CRD rejects the edit.

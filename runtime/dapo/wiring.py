@@ -195,6 +195,23 @@ def load_policy(spec: DAPORunSpec, device: str | None = None):
     return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
 
 
+def apply_lora(spec: DAPORunSpec, model):
+    """The policy with spec.model.lora's adapters (dapo.model.lora), or ``model`` itself for full
+    fine-tuning. Seeded with the run's seed first: the adapters' initialisation is then the same in
+    every run of the run file, whatever drew from the RNG while the base loaded."""
+    if spec.model.lora is None:
+        return model
+    from dapo.model.lora import apply_lora as wrap
+    from dapo.seeding import seed_all
+
+    seed_all(spec.learner.seed)
+    model = wrap(model, spec.model.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d alpha %g on %s: %.2fM trainable parameters", spec.model.lora.rank, spec.model.lora.alpha,
+             ", ".join(spec.model.lora.target_modules) or "every linear layer", trainable / 1e6)
+    return model
+
+
 def load_tokenizer(spec: DAPORunSpec):
     """The tokenizer of spec.model alone (for an engine that loads the model itself, vLLM)."""
     from transformers import AutoTokenizer
