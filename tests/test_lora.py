@@ -12,7 +12,7 @@ import torch
 
 from _dapo_tiny import tiny_policy
 from _run_files import run_doc, write_run_file
-from _tiny_trainer import OverlapScorer, checkpoint_folder
+from _tiny_trainer import OverlapScorer, checkpoint_folder, read_lines
 from dapo.learner.batch import make_batch
 from dapo.learner.torch_learner import TorchLearner, has_dropout
 from dapo.model.lora import adapter_parameters, apply_lora, base_weights_sha256
@@ -148,7 +148,10 @@ def test_adapter_only_sync_makes_engine_log_probs_equal_the_learners():
 
 
 def _final_state(run_dir: Path) -> dict:
-    return _harness.final_state(str(run_dir / "checkpoints"), run_dir)
+    """The fault suite's final state, less the last evaluation's wall-clock seconds (a measurement, not state)."""
+    state = _harness.final_state(str(run_dir / "checkpoints"), run_dir)
+    state["trainer"]["last_val"].pop("timing_s/eval")
+    return state
 
 
 @pytest.mark.integration
@@ -168,7 +171,7 @@ def test_lora_resume_equals_uninterrupted_and_export_merges(tmp_path, monkeypatc
 
     doc = run_doc(preset="tiny", folder=tmp_path, model={"lora": {"rank": 4, "alpha": 16}},
                   learner={"lr": 0.05, "totalSteps": 2}, checkpoint={"everySteps": 1},
-                  eval={"beforeTrain": False, "everySteps": 0})
+                  eval={"beforeTrain": False, "everySteps": 2})
     run_file = write_run_file(tmp_path / "run.yaml", doc)
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     assert cli_main(["run", str(run_file), "--output-dir", str(full_dir)]) == 0
@@ -181,6 +184,15 @@ def test_lora_resume_equals_uninterrupted_and_export_merges(tmp_path, monkeypatc
     assert _harness.differences(want, got) == []  # adapters, optimizer, sampler, RNGs: bit for bit
     lines = [line for line in _harness.step_lines(full_dir)]
     assert all(0 < line["perf/weight_sync_bytes"] == lines[0]["perf/weight_sync_bytes"] for line in lines)
+
+    # `dapo eval` of the LoRA checkpoint (base + adapters) reproduces the run's own evaluation at that step
+    import json
+
+    last_eval = read_lines(full_dir)[1][-1]
+    assert last_eval["step"] == 2
+    assert cli_main(["eval", str(full_dir), "--data", str(tmp_path / "eval.jsonl"), "--json", str(tmp_path / "e.json")]) == 0
+    (row,) = json.loads((tmp_path / "e.json").read_text())["by_source"].values()
+    assert (row["avg@2"], row["score"]) == (last_eval["val/acc/mean"], last_eval["val/score/mean"])
 
     # the merged export loads without peft and gives the learner's log-probs (adapters applied)
     out = tmp_path / "export"

@@ -82,9 +82,8 @@ def export_merged_lora(source, reference: dict, out: Path) -> dict:
 
     from dapo import wiring
     from dapo.model.loading import load_policy
-    from dapo.model.lora import apply_lora, check_base, load_adapter_state
+    from dapo.model.lora import policy_with_checkpoint_adapters
     from dapo.spec import parse_run
-    from dapo.storage.checkpointer import read_model_state
 
     if source.run_file is None:
         raise SpecError(f"checkpoint {source.checkpoint.uri} holds LoRA adapters but no run.yaml naming their base "
@@ -97,9 +96,7 @@ def export_merged_lora(source, reference: dict, out: Path) -> dict:
     # the base as training loaded it (same path, dtype, GGUF dequantisation, cache); then its
     # adapters, checked against the recorded base before they are merged into it
     base, _ = load_policy(spec.model, device="cpu", cache_dir=wiring.cache_dir(spec))
-    model = apply_lora(base, spec.model.lora)
-    check_base(model, reference, f"checkpoint {source.checkpoint.uri}")
-    load_adapter_state(model, read_model_state(source.path))
+    model = policy_with_checkpoint_adapters(base, spec.model.lora, Path(source.path), f"checkpoint {source.checkpoint.uri}")
     merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; plain modules again
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)

@@ -131,3 +131,16 @@ def check_base(model, reference: dict, where: str) -> None:
         raise RuntimeError(f"{where}: its adapters were trained on base model {reference.get('path')} with weights "
                            f"sha256 {str(reference.get('sha256'))[:16]}..., this spec.model loads weights sha256 "
                            f"{got[:16]}...; point spec.model.path at that base model")
+
+
+def policy_with_checkpoint_adapters(base, lora, model_dir: Path, where: str):
+    """``base`` (the run file's spec.model, loaded) with the adapters of a LoRA checkpoint's model/
+    folder: checked against the base the checkpoint recorded first. What `dapo eval` samples from
+    and `dapo export` merges."""
+    from dapo.storage.checkpointer import read_model_state
+
+    reference = read_base_reference(model_dir)
+    model = apply_lora(base, lora)
+    check_base(model, reference, where)
+    load_adapter_state(model, read_model_state(model_dir))
+    return model
