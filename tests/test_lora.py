@@ -67,12 +67,12 @@ def test_lora_spec_parses_and_unsupported_combinations_name_the_field_and_fix(tm
         parse_run(run_doc_tiny(model={"lora": {"rank": 0}}))
 
 
-def test_pod_and_process_launchers_refuse_a_lora_run_file(tmp_path):
+def test_the_operator_refuses_a_lora_run_file(tmp_path):
     from dapo_operator.render import render_objects
 
     path = write_run_file(tmp_path / "run.yaml", run_doc(preset="operator", model={"lora": {"rank": 8}},
                                                          rollout={"engine": "hf"}, learner={"replicas": 1}))
-    with pytest.raises(SpecError, match=r"spec.model.lora: the operator .* remove spec.model.lora"):
+    with pytest.raises(SpecError, match=r"spec.model.lora: the operator does not start LoRA runs .* remove spec.model.lora"):
         render_objects(str(path))
 
 
@@ -220,3 +220,42 @@ def test_lora_resume_equals_uninterrupted_and_export_merges(tmp_path, monkeypatc
         other.model.norm.weight[0] += 1.0
     with pytest.raises(RuntimeError, match=r"trained on base model builtin:test-tiny .* point spec.model.path"):
         build_embedded_run(parse_run(doc), full_dir, resume=True, scorer=OverlapScorer(), policy=(other, tok))
+
+
+@pytest.mark.processes
+def test_processes_launcher_sends_adapters_only_to_rollout_processes(tmp_path):
+    """`dapo run --launcher processes` of a LoRA run file: the rollout processes load the base once
+    and apply the adapters each sync brings; every sync's checksum (DAPO_VERIFY_WEIGHT_SYNC) is the
+    same on the learner and on both replicas, it changes every step (the adapters train), and each
+    sync sends the adapters' bytes only."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from _dapo_runs import make_model, role_env, write_data
+    from dapo.model.lora import adapter_parameters, apply_lora
+
+    model_dir = make_model(tmp_path / "model")
+    doc = run_doc(preset="processes", model={"path": str(model_dir), "lora": {"rank": 4}},
+                  data={"train": str(write_data(tmp_path / "train.jsonl", 12))},
+                  learner={"totalSteps": 2, "lr": 0.05}, rollout={"replicas": 2}, checkpoint={"everySteps": 0, "keep": 1})
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "dapo.cli", "run", str(run_file), "--output-dir", str(out),
+                             "--launcher", "processes"], env=role_env({"DAPO_VERIFY_WEIGHT_SYNC": "1"}),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    syncs = [json.loads(line) for line in (out / "weight_sync.jsonl").read_text().splitlines()]
+    assert [s["version"] for s in syncs] == [1, 2]
+    for sync in syncs:
+        assert len(sync["replicas"]) == 2 and set(sync["replicas"].values()) == {sync["learner"]}, sync
+    assert syncs[0]["learner"] != syncs[1]["learner"]
+    from transformers import AutoModelForCausalLM
+
+    adapters = dict(adapter_parameters(apply_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraSpec(rank=4))))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "actor/pg_loss" in line]
+    assert {line["perf/weight_sync_bytes"] for line in lines} == {sum(t.numel() * t.element_size()
+                                                                      for t in adapters.values())}

@@ -17,7 +17,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from dapo.spec import DAPORun, SpecError, parse_run, refuse_lora_outside_one_process
+from dapo.spec import DAPORun, SpecError, parse_run, refuse_lora_on_a_cluster
 
 from . import naming as n
 from .builders import (Owner, build_config_map, build_eval_pod, build_pod, build_service, desired_pod_names,
@@ -398,7 +398,7 @@ def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None)
                         observed.config_map_data)
     try:
         run = parse_run({k: v for k, v in obj.items() if k != "status"}, source=f"DAPORun {namespace}/{name}")
-        refuse_lora_outside_one_process(run.spec, "the operator")
+        refuse_lora_on_a_cluster(run.spec)
     except SpecError as exc:
         return invalid_spec(obj, own, exc)
     work = dict(previous)

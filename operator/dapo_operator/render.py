@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from dapo.spec import load_run_file, refuse_lora_outside_one_process
+from dapo.spec import load_run_file, refuse_lora_on_a_cluster
 
 from .builders import build_all
 
@@ -20,7 +20,7 @@ def render_objects(file: str, namespace: str = "default", image: str | None = No
                    overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """Validate the run file (raises SpecError) and build its ConfigMap, Services and Pods."""
     run = load_run_file(file, overrides or [])
-    refuse_lora_outside_one_process(run.spec, "the operator")
+    refuse_lora_on_a_cluster(run.spec)
     return build_all(run, run.metadata.namespace or namespace, gang_generation=0, image=image)
 
 

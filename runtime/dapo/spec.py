@@ -112,7 +112,7 @@ class ModelSpec(_Model):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     lora: LoraSpec | None = Field(None, description=(
         "Train low-rank adapters instead of every weight (LoRA, through peft); absent: full fine-tuning. For now "
-        "with one learner rank, the hf engine and `dapo run` in one process."))
+        "with one learner rank and the hf engine, started by `dapo run` (in one process or --launcher processes)."))
 
 
 class DataSpec(_Model):
@@ -681,14 +681,14 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
 ]
 
 
-def refuse_lora_outside_one_process(spec: "DAPORunSpec", launcher: str) -> None:
-    """SpecError for a LoRA run file started by ``launcher`` in separate processes (the processes
-    launcher, role pods, the operator): their rollout engines get weights over the weight-sync group,
-    which sends and receives full weights only."""
+def refuse_lora_on_a_cluster(spec: "DAPORunSpec") -> None:
+    """SpecError for a LoRA run file given to the operator: its pods run the same roles as
+    `dapo run --launcher processes` (where LoRA is tested), but no cluster run of LoRA has been
+    tested yet, so the operator refuses it rather than half-work."""
     if spec.model.lora is not None:
-        raise SpecError(f"spec.model.lora: {launcher} runs the rollout engines in other processes, which receive "
-                        "full weights only (LoRA weight sync is wired for `dapo run` in one process); run it with "
-                        "`dapo run FILE` (launcher inprocess) or remove spec.model.lora")
+        raise SpecError("spec.model.lora: the operator does not start LoRA runs yet (tested: `dapo run FILE` in one "
+                        "process and `dapo run FILE --launcher processes`); run it with dapo run, or remove "
+                        "spec.model.lora")
 
 
 # Fields a running training cannot take a new value of: the operator's CRD rejects the edit.

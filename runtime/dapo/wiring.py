@@ -105,8 +105,9 @@ def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, s
         return build_vllm_engine(spec, device)
     from dapo.rollout.hf import HFEngine
 
-    if policy is None:
-        policy = load_policy(spec, device)
+    if policy is None:  # a rollout process's own model: with spec.model.lora the same adapters as the learner's
+        model, tokenizer = load_policy(spec, device)
+        policy = (apply_lora(spec, model), tokenizer)
     model, tokenizer = policy
     return HFEngine(model, tokenizer, device=device, copy_model=not share_policy, **engine_chunking(device))
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from dapo.contracts import ROLES, Addresses, EnvVar, cache_dir, role_environment
 from dapo.entry.inprocess import interrupt
 from dapo.errors import ConfigError
-from dapo.spec import DAPORun, dump_run, refuse_lora_outside_one_process
+from dapo.spec import DAPORun, dump_run
 
 log = logging.getLogger("dapo.entry.inprocess")
 
@@ -299,7 +299,6 @@ def run_processes(run: DAPORun, run_dir: Path, *, resume: bool, cpus: dict[str, 
     ``cpus`` pins each listed role kind's processes to a CPU set (parse_cpus)."""
     from dapo.controller.metrics import remove_handlers, setup_run_logging
 
-    refuse_lora_outside_one_process(run.spec, "--launcher processes")
     preflight(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_run_logging(run_dir)

@@ -24,7 +24,7 @@ from pathlib import Path
 from dapo import wiring
 from dapo.contracts import HTTP_PORT, ROLES, RUN_FILE_ERROR_EXIT_CODE, Env, EnvVar
 from dapo.errors import ConfigError
-from dapo.spec import DAPORun, SpecError, load_run_file, refuse_lora_outside_one_process
+from dapo.spec import DAPORun, SpecError, load_run_file
 
 log = logging.getLogger("dapo.entry.roles")
 
@@ -242,5 +242,4 @@ def main(args) -> int:
         raise SpecError("no run file: pass --config FILE or set DAPO_RUN_FILE (the operator mounts it at "
                         "/etc/dapo/run.yaml)")
     run = resolved_run(load_run_file(path))
-    refuse_lora_outside_one_process(run.spec, f"dapo role {role}")
     return {"learner": run_learner, "rollout": run_rollout, "reward": run_reward}[role](run)
