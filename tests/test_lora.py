@@ -59,8 +59,10 @@ def test_lora_spec_parses_and_unsupported_combinations_name_the_field_and_fix(tm
                                                             "targetModules": ["q_proj"]}})).spec
     assert spec.model.lora == LoraSpec(rank=4, alpha=8.0, dropout=0.1, target_modules=["q_proj"])
     assert parse_run(run_doc_tiny()).spec.model.lora is None  # absent: full fine-tuning
-    with pytest.raises(SpecError, match=r"spec.model.lora needs spec.learner.replicas 1.*set spec.learner.replicas: 1"):
-        parse_run(run_doc_tiny(model={"lora": {}}, learner={"replicas": 2}))
+    with pytest.raises(SpecError, match=r"spec.model.lora with several learner ranks needs spec.learner.strategy torch"
+                                        r".*set spec.learner.strategy: torch"):
+        parse_run(run_doc_tiny(model={"lora": {}}, learner={"replicas": 2, "strategy": "deepspeed-zero2"}))
+    assert parse_run(run_doc_tiny(model={"lora": {}}, learner={"replicas": 2})).spec.learner.strategy == "torch"
     with pytest.raises(SpecError, match=r"spec.model.lora needs spec.rollout.engine hf.*set spec.rollout.engine: hf"):
         parse_run(run_doc_tiny(model={"lora": {}}, rollout={"engine": "vllm"}))
     with pytest.raises(SpecError, match=r"spec.model.lora.rank"):
@@ -224,8 +226,9 @@ def test_lora_resume_equals_uninterrupted_and_export_merges(tmp_path, monkeypatc
 
 @pytest.mark.processes
 def test_processes_launcher_sends_adapters_only_to_rollout_processes(tmp_path):
-    """`dapo run --launcher processes` of a LoRA run file: the rollout processes load the base once
-    and apply the adapters each sync brings; every sync's checksum (DAPO_VERIFY_WEIGHT_SYNC) is the
+    """`dapo run --launcher processes` of a LoRA run file with two data-parallel learner ranks (each
+    wraps its own base with the same adapters; rank 0's reach the other): the rollout processes
+    load the base once and apply the adapters each sync brings; every sync's checksum (DAPO_VERIFY_WEIGHT_SYNC) is the
     same on the learner and on both replicas, it changes every step (the adapters train), and each
     sync sends the adapters' bytes only."""
     import json
@@ -240,7 +243,8 @@ def test_processes_launcher_sends_adapters_only_to_rollout_processes(tmp_path):
     model_dir = make_model(tmp_path / "model")
     doc = run_doc(preset="processes", model={"path": str(model_dir), "lora": {"rank": 4}},
                   data={"train": str(write_data(tmp_path / "train.jsonl", 12))},
-                  learner={"totalSteps": 2, "lr": 0.05}, rollout={"replicas": 2}, checkpoint={"everySteps": 0, "keep": 1})
+                  learner={"totalSteps": 2, "lr": 0.05, "replicas": 2}, rollout={"replicas": 2},
+                  checkpoint={"everySteps": 0, "keep": 1})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
@@ -259,3 +263,9 @@ def test_processes_launcher_sends_adapters_only_to_rollout_processes(tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "actor/pg_loss" in line]
     assert {line["perf/weight_sync_bytes"] for line in lines} == {sum(t.numel() * t.element_size()
                                                                       for t in adapters.values())}
+    # the final checkpoint: the adapters and their AdamW state only (the data-parallel learner's rank 0)
+    store_state = _harness.final_state(str(out / "checkpoints"), tmp_path)
+    assert store_state["checkpoint step"] == 2 and set(store_state["model"]) == {
+        name.replace(".default", "") for name in adapters}
+    assert len(store_state["optimizer and scheduler"]["optimizer"]["state"]) == len(adapters)
+    assert "learner rank 1/2 following the controller" in (out / "logs" / "learner-1.log").read_text()

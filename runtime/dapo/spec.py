@@ -112,7 +112,8 @@ class ModelSpec(_Model):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     lora: LoraSpec | None = Field(None, description=(
         "Train low-rank adapters instead of every weight (LoRA, through peft); absent: full fine-tuning. For now "
-        "with one learner rank and the hf engine, started by `dapo run` (in one process or --launcher processes)."))
+        "with the hf engine and the torch learner strategy (one rank, or data-parallel ranks), started by "
+        "`dapo run` (in one process or --launcher processes)."))
 
 
 class DataSpec(_Model):
@@ -648,12 +649,13 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "spec.eval.passK must hold values <= spec.eval.n (pass@k draws k of the n samples of a problem)",
     ),
     CrossFieldRule(
-        # the data-parallel and DeepSpeed learners sync, gather and checkpoint full weights only
-        lambda s: s.model.lora is None or s.learner.replicas == 1,
-        "!has(self.model.lora) || self.learner.replicas == 1",
+        # the DeepSpeed ZeRO learners gather, sync and checkpoint full weights only
+        lambda s: s.model.lora is None or s.learner.replicas == 1 or s.learner.strategy == "torch",
+        "!has(self.model.lora) || self.learner.replicas == 1 || self.learner.strategy == 'torch'",
         "",
-        "spec.model.lora needs spec.learner.replicas 1 (the data-parallel and DeepSpeed learners do not train "
-        "adapters yet); set spec.learner.replicas: 1 or remove spec.model.lora",
+        "spec.model.lora with several learner ranks needs spec.learner.strategy torch (the DeepSpeed ZeRO learners "
+        "do not train adapters yet); set spec.learner.strategy: torch, spec.learner.replicas: 1, or remove "
+        "spec.model.lora",
     ),
     CrossFieldRule(
         # vLLM would need enable_lora and a LoRA request per weight version; only the HF engine applies adapters

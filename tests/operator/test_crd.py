@@ -183,7 +183,7 @@ def test_guardrail_bounds_are_checked_at_admission_and_by_pydantic(run_doc):
 
 
 def test_lora_combinations_are_checked_at_admission_and_by_pydantic(run_doc):
-    """spec.model.lora with several learner ranks or the vLLM engine fails the API server's CEL rule
+    """spec.model.lora with several DeepSpeed learner ranks or the vLLM engine fails the API server's CEL rule
     and the run-file parser alike; with one rank and the hf engine both accept it (and the lora
     fields pass the schema: rank, alpha, dropout, targetModules)."""
     replicas = next(r for r in CROSS_FIELD_RULES if "self.model.lora" in r.cel and "replicas" in r.cel)
@@ -198,11 +198,15 @@ def test_lora_combinations_are_checked_at_admission_and_by_pydantic(run_doc):
     del plain["spec"]["model"]["lora"]
     plain["spec"]["learner"]["replicas"], plain["spec"]["rollout"]["engine"] = 2, "vllm"
     assert cel_failures(plain) == []  # full fine-tuning: neither rule applies
+    data_parallel = copy.deepcopy(good)
+    data_parallel["spec"]["learner"].update({"replicas": 2, "strategy": "torch"})
+    assert cel_failures(data_parallel) == []  # several ranks of the torch strategy train adapters
+    parse_run(data_parallel)
     for rule, path, value in ((replicas, "learner", {"replicas": 2}), (engine, "rollout", {"engine": "vllm"})):
         bad = copy.deepcopy(good)
         bad["spec"][path].update(value)
         assert schema_errors(bad) == [] and cel_failures(bad) == [rule.message]
-        with pytest.raises(SpecError, match=f"spec.model.lora needs spec.{path}"):
+        with pytest.raises(SpecError, match=f"spec.model.lora .*needs spec.{path}"):
             parse_run(bad)
     defaulted = copy.deepcopy(good)
     del defaulted["spec"]["rollout"]["engine"]  # the default, auto, is not hf: refused at admission too

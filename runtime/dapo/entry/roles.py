@@ -160,7 +160,7 @@ def run_follower(run: DAPORun, world_size: int) -> int:
     spec = run.spec
     device = wiring.pick_device()
     model, _ = wiring.load_policy(spec, device)
-    wiring.build_learner(model, spec, device, world_size).follow()
+    wiring.build_learner(wiring.apply_lora(spec, model), spec, device, world_size).follow()
     return 0
 
 
