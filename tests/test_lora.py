@@ -63,8 +63,11 @@ def test_lora_spec_parses_and_unsupported_combinations_name_the_field_and_fix(tm
                                         r".*set spec.learner.strategy: torch"):
         parse_run(run_doc_tiny(model={"lora": {}}, learner={"replicas": 2, "strategy": "deepspeed-zero2"}))
     assert parse_run(run_doc_tiny(model={"lora": {}}, learner={"replicas": 2})).spec.learner.strategy == "torch"
-    with pytest.raises(SpecError, match=r"spec.model.lora needs spec.rollout.engine hf.*set spec.rollout.engine: hf"):
-        parse_run(run_doc_tiny(model={"lora": {}}, rollout={"engine": "vllm"}))
+    remote_vllm = parse_run(run_doc_tiny(model={"lora": {}}, rollout={"engine": "vllm"}))  # fine in one process
+    from dapo.entry.processes import run_processes
+
+    with pytest.raises(SpecError, match=r"spec.model.lora with rollout processes running vLLM.*engine: hf"):
+        run_processes(remote_vllm, tmp_path / "never", resume=False)
     with pytest.raises(SpecError, match=r"spec.model.lora.rank"):
         parse_run(run_doc_tiny(model={"lora": {"rank": 0}}))
 
@@ -144,6 +147,15 @@ def test_adapter_only_sync_makes_engine_log_probs_equal_the_learners():
         engine.update_weights([("base_model.model.model.norm.weight", torch.ones(32))], 2)
     with pytest.raises(ValueError, match="refusing to serve a partial update"):
         engine.update_weights(sent[:-1], 2)
+
+
+def test_vllm_lora_rank_slots():
+    """vLLM serves adapters in rank slots of fixed sizes: the smallest that holds spec.model.lora.rank."""
+    from dapo.rollout.vllm import VLLMEngineError, vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 16, 512)] == [1, 8, 8, 16, 16, 512]
+    with pytest.raises(VLLMEngineError, match="spec.model.lora.rank 600"):
+        vllm_lora_rank(LoraSpec(rank=600).rank)
 
 
 # --------------------------------------------------------------------------- checkpoints, resume, export

@@ -112,8 +112,8 @@ class ModelSpec(_Model):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     lora: LoraSpec | None = Field(None, description=(
         "Train low-rank adapters instead of every weight (LoRA, through peft); absent: full fine-tuning. For now "
-        "with the hf engine and the torch learner strategy (one rank, or data-parallel ranks), started by "
-        "`dapo run` (in one process or --launcher processes)."))
+        "with the torch learner strategy (one rank, or data-parallel ranks), started by `dapo run`: in one "
+        "process (hf or vllm engine) or with --launcher processes (hf engine)."))
 
 
 class DataSpec(_Model):
@@ -656,14 +656,6 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "spec.model.lora with several learner ranks needs spec.learner.strategy torch (the DeepSpeed ZeRO learners "
         "do not train adapters yet); set spec.learner.strategy: torch, spec.learner.replicas: 1, or remove "
         "spec.model.lora",
-    ),
-    CrossFieldRule(
-        # vLLM would need enable_lora and a LoRA request per weight version; only the HF engine applies adapters
-        lambda s: s.model.lora is None or s.rollout.engine == "hf",
-        "!has(self.model.lora) || self.rollout.engine == 'hf'",
-        "",
-        "spec.model.lora needs spec.rollout.engine hf (the vLLM engine does not serve adapters yet); set "
-        "spec.rollout.engine: hf or remove spec.model.lora",
     ),
     CrossFieldRule(
         # pydantic's own check (GuardrailSpec) names the guardrail; this is its API-server twin

@@ -183,7 +183,8 @@ def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
     except OSError:  # no generation_config.json
         extra = None
     eos.update([extra] if isinstance(extra, int) else (extra or []))
-    return VLLMEngine(str(folder), eos_ids=eos, seed=spec.learner.seed, **vllm_engine_kwargs(spec, device))
+    return VLLMEngine(str(folder), eos_ids=eos, seed=spec.learner.seed, lora=spec.model.lora,
+                      **vllm_engine_kwargs(spec, device))
 
 
 def load_policy(spec: DAPORunSpec, device: str | None = None):
@@ -194,6 +195,14 @@ def load_policy(spec: DAPORunSpec, device: str | None = None):
 
     seed_all(spec.learner.seed)
     return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
+
+
+def refuse_lora_in_remote_vllm(spec: DAPORunSpec) -> None:
+    """SpecError for a LoRA run whose rollout processes would run vLLM: its adapters reach vLLM
+    only in the learner's process (`VLLMEngine.update_adapters`), not over the weight-sync group."""
+    if spec.model.lora is not None and engine_kind(spec) == "vllm":
+        raise SpecError("spec.model.lora with rollout processes running vLLM: adapters reach vLLM only in one "
+                        "process (`dapo run FILE`); set spec.rollout.engine: hf for --launcher processes")
 
 
 def apply_lora(spec: DAPORunSpec, model):

@@ -104,6 +104,7 @@ def run_rollout(run: DAPORun) -> int:
     replicas = env.int(EnvVar.REPLICAS, spec.rollout.replicas)
     if not 0 <= index < replicas:
         raise ConfigError(f"DAPO_REPLICA_INDEX={index} is outside 0..{replicas - 1} (DAPO_REPLICAS={replicas})")
+    wiring.refuse_lora_in_remote_vllm(spec)
     t0 = time.perf_counter()
     # the rollout pod's only model: the HF engine samples from it in place (no copy)
     engine = wiring.build_engine(spec, share_policy=True)
