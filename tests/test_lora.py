@@ -115,6 +115,16 @@ def test_only_adapters_train_and_hold_optimizer_state():
     moved = [n for n, p in adapter_parameters(model) if not torch.equal(p, adapters_before[n])]
     assert moved, "no adapter moved"
     assert len(learner.state_dict()["optimizer"]["state"]) == len(adapters_before)
+    saved = learner.full_state_dict_for_save()
+    assert set(saved) == {n for n, _ in adapter_parameters(model)}  # the adapters alone, under the module's names
+    other, _ = _lora_policy(rank=4, seed=1)
+    from dapo.model.lora import adapter_state, load_adapter_state
+    from peft import get_peft_model_state_dict
+
+    load_adapter_state(other, get_peft_model_state_dict(model))  # the saved format round-trips exactly
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(other).values(), adapter_state(model).values()))
+    with pytest.raises(ValueError, match=r"adapters: missing \['base_model.model.model.layers.0.mlp.down_proj"):
+        learner.load_model_weights({})  # nothing loaded: the names are checked first
 
 
 @pytest.mark.integration

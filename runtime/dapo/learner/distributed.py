@@ -57,7 +57,7 @@ import torch.distributed as dist
 from dapo.errors import DapoError
 from dapo.learner.base import LearnerBackend, WeightedStats
 from dapo.learner.batch import TrainBatch, mini_batch_normalisers, split_rows
-from dapo.model.lora import adapter_parameters
+from dapo.model.lora import adapter_parameters, check_adapter_names, is_lora
 from dapo.learner.torch_learner import (METRIC_KEYS, OptimizerSettings, TorchBackend, TorchLearner,
                                         learner_kwargs_from_spec)
 from dapo.learner.weights import check_weight_names
@@ -532,7 +532,10 @@ class DistributedLearner:
         rank's module. The names are checked before the followers are called in, so a mismatch
         (ValueError) leaves them waiting for the next command instead of half-way in collectives."""
         self._require_controller("load_model_weights()")
-        check_weight_names(self.model, state.keys())
+        if is_lora(self.model):  # a LoRA checkpoint holds the adapters only
+            check_adapter_names(self.model, state.keys())
+        else:
+            check_weight_names(self.model, state.keys())
         self.channel.post(CMD_LOAD_WEIGHTS)
         self.learner.load_model_weights(state)
 

@@ -69,19 +69,28 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.state_dict().items() if ADAPTER_MARK in name}
 
 
-def load_adapter_state(model, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy saved adapters (peft's format, a checkpoint's adapter_model.safetensors) into ``model``
-    in place, so the optimizer keeps holding the same parameters. ValueError names adapters the
-    state lacks or tensors this model has no adapter for (another rank or targetModules)."""
-    from peft import set_peft_model_state_dict
+def check_adapter_names(model, names) -> None:
+    """ValueError unless ``names`` (a checkpoint's tensor names, peft's saved format) are exactly
+    ``model``'s adapters: checked before anything is loaded (a data-parallel learner checks on
+    rank 0 before it calls the other ranks in)."""
+    from peft import get_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, dict(state))
-    missing = sorted(k for k in result.missing_keys if ADAPTER_MARK in k)
-    unexpected = sorted(result.unexpected_keys)
+    expected, names = set(get_peft_model_state_dict(model)), set(names)
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
     if missing or unexpected:
         raise ValueError(f"adapters: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                          "(spec.model.lora rank / targetModules differ from the checkpoint's)")
+
+
+def load_adapter_state(model, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy saved adapters (peft's format, a checkpoint's adapter_model.safetensors) into ``model``
+    in place, so the optimizer keeps holding the same parameters. ValueError (`check_adapter_names`)
+    names adapters the state lacks or tensors this model has no adapter for."""
+    from peft import set_peft_model_state_dict
+
+    check_adapter_names(model, state.keys())
+    set_peft_model_state_dict(model, dict(state))
 
 
 def base_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
