@@ -185,7 +185,7 @@ def test_checkpointer_saves_and_restores_through_checkpointable_alone(tmp_path):
     """Save a trained step and restore it into a fresh trainer, each seen only through the
     `Checkpointable` members: the restored trainer has the step, the version, the weights, and
     its engine serves those weights under that version."""
-    assert _OnlyCheckpointable.MEMBERS == {"step", "checkpoint_contents", "load_model_weights",
+    assert _OnlyCheckpointable.MEMBERS == {"step", "checkpoint_contents", "load_model_weights", "check_base_model",
                                            "load_checkpoint_state", "after_restore"}
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     quiet = dict(eval={"beforeTrain": False, "everySteps": 0})

@@ -18,7 +18,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from dapo.spec import DAPORun, SpecError, parse_run
+from dapo.spec import DAPORun, SpecError, parse_run, refuse_lora_on_a_cluster
 
 from . import naming as n
 from .builders import (Owner, build_check_pod, build_config_map, build_eval_pod, build_pod, build_service,
@@ -519,6 +519,7 @@ def reconcile(obj: dict[str, Any], observed: Observed, image: str | None = None)
                         observed.config_map_data)
     try:
         run = parse_run({k: v for k, v in obj.items() if k != "status"}, source=f"DAPORun {namespace}/{name}")
+        refuse_lora_on_a_cluster(run.spec)
     except SpecError as exc:
         return invalid_spec(obj, own, exc)
     work = dict(previous)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from dapo.spec import load_run_file
+from dapo.spec import load_run_file, refuse_lora_on_a_cluster
 
 from .builders import build_all, build_check_pod
 
@@ -21,6 +21,7 @@ def render_objects(file: str, namespace: str = "default", image: str | None = No
     """Validate the run file (raises SpecError) and build its ConfigMap, Services and Pods: the
     check pod first (spec.preflight.enabled; the operator creates the others once it passed)."""
     run = load_run_file(file, overrides or [])
+    refuse_lora_on_a_cluster(run.spec)
     namespace = run.metadata.namespace or namespace
     objects = build_all(run, namespace, gang_generation=0, image=image)
     if run.spec.preflight.enabled:

@@ -7,6 +7,11 @@ against the manifest), and every file written to OUT_DIR is checked again agains
 manifest after the copy ("verified on the way out"), so what leaves the platform is byte for byte
 what the run committed. A checkpoint without a generation_config.json gets one from the model's
 config (its eos / pad / bos tokens).
+
+A LoRA checkpoint (spec.model.lora: adapters + base_model.json, `dapo.model.lora`) exports the
+MERGED model: the base its run file names is loaded, its weights' sha256 checked against the one the
+checkpoint recorded, the (manifest-checked) adapters applied and folded into the base weights
+(W + alpha / r x B A), and the result saved as a plain folder that loads without peft.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 from dapo.errors import DapoError
+from dapo.model.lora import read_base_reference
 from dapo.spec import SpecError
 
 log = logging.getLogger("dapo.export")
@@ -44,6 +50,9 @@ def export_checkpoint(source_ref: str, out_dir: str | Path, *, step: int | None 
                         "a Hugging Face folder is already exported")
     manifest_files = source.checkpoint.manifest["files"]
     model_dir = Path(source.path)
+    reference = read_base_reference(model_dir)
+    if reference is not None:
+        return export_merged_lora(source, reference, out)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for path in sorted(model_dir.iterdir()):
@@ -67,11 +76,45 @@ def export_checkpoint(source_ref: str, out_dir: str | Path, *, step: int | None 
     return {"step": source.checkpoint.step, "uri": source.checkpoint.uri, "files": written}
 
 
+def export_merged_lora(source, reference: dict, out: Path) -> dict:
+    """Base + adapters of a LoRA checkpoint merged into one plain Hugging Face folder at ``out``."""
+    from transformers import AutoTokenizer
+
+    from dapo import wiring
+    from dapo.model.loading import load_policy
+    from dapo.model.lora import policy_with_checkpoint_adapters
+    from dapo.spec import parse_run
+
+    if source.run_file is None:
+        raise SpecError(f"checkpoint {source.checkpoint.uri} holds LoRA adapters but no run.yaml naming their base "
+                        f"model ({reference.get('path')}) and spec.model.lora; it cannot be merged")
+    import yaml
+
+    spec = parse_run(yaml.safe_load(source.run_file), source=f"{source.checkpoint.uri}/run.yaml").spec
+    if spec.model.lora is None:
+        raise SpecError(f"checkpoint {source.checkpoint.uri}: adapters without spec.model.lora in its run.yaml")
+    # the base as training loaded it (same path, dtype, GGUF dequantisation, cache); then its
+    # adapters, checked against the recorded base before they are merged into it
+    base, _ = load_policy(spec.model, device="cpu", cache_dir=wiring.cache_dir(spec))
+    model = policy_with_checkpoint_adapters(base, spec.model.lora, Path(source.path), f"checkpoint {source.checkpoint.uri}")
+    merged = model.merge_and_unload()  # W <- W + (alpha / r) B A in every adapted layer; plain modules again
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source.path).save_pretrained(out)
+    from dapo.storage.checkpoints import sha256_file
+
+    written = {path.name: sha256_file(path) for path in sorted(out.iterdir()) if path.is_file()}
+    log.info("exported LoRA checkpoint step %d (%s) merged into base %s (sha256 %s...) to %s", source.checkpoint.step,
+             source.checkpoint.uri, reference.get("path"), str(reference.get("sha256"))[:16], out)
+    return {"step": source.checkpoint.step, "uri": source.checkpoint.uri, "files": written, "merged_lora": True}
+
+
 def main(args) -> int:
     """Entry point of `dapo export` (see dapo.cli)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     done = export_checkpoint(args.source, args.out_dir, step=args.step)
-    print(f"exported step {done['step']} of {done['uri']} to {args.out_dir} ({len(done['files'])} files, "
-          "each sha256-checked against the checkpoint's manifest)")
+    checked = ("LoRA adapters merged into their sha256-checked base" if done.get("merged_lora")
+               else "each sha256-checked against the checkpoint's manifest")
+    print(f"exported step {done['step']} of {done['uri']} to {args.out_dir} ({len(done['files'])} files, {checked})")
     return 0

@@ -79,6 +79,22 @@ class PodPlacement(_Model):
 # --------------------------------------------------------------------------- what to train
 
 
+class LoraSpec(_Model):
+    """Low-rank adapters (peft's LoraConfig) on the frozen base model: only the adapters train, sync and
+    are checkpointed."""
+
+    rank: int = Field(16, ge=1, le=1024, description="Rank r of each adapter pair (A: r x in, B: out x r).")
+    alpha: float = Field(32.0, gt=0.0, description=(
+        "Scaling numerator: an adapter adds (alpha / rank) x B A x to its layer's output. LoRA usually wants a "
+        "learning rate ~10x the full fine-tuning one."))
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Dropout on each adapter's input in training forward passes (peft's lora_dropout); 0 keeps the "
+        "learner's training forward equal to the rollout's."))
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=64, description=(
+        "Module names (the last part of the name, e.g. q_proj, v_proj) that get adapters; empty: every linear "
+        "layer except the output head (peft's all-linear)."))
+
+
 class ModelSpec(_Model):
     path: str = Field(
         ...,
@@ -94,6 +110,10 @@ class ModelSpec(_Model):
         "auto", description="Parameter dtype; auto is bfloat16 on GPU and float32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    lora: LoraSpec | None = Field(None, description=(
+        "Train low-rank adapters instead of every weight (LoRA, through peft); absent: full fine-tuning. For now "
+        "with the torch learner strategy (one rank, or data-parallel ranks), started by `dapo run`: in one "
+        "process (hf or vllm engine) or with --launcher processes (hf engine)."))
 
 
 class DataSpec(_Model):
@@ -629,6 +649,15 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "spec.eval.passK must hold values <= spec.eval.n (pass@k draws k of the n samples of a problem)",
     ),
     CrossFieldRule(
+        # the DeepSpeed ZeRO learners gather, sync and checkpoint full weights only
+        lambda s: s.model.lora is None or s.learner.replicas == 1 or s.learner.strategy == "torch",
+        "!has(self.model.lora) || self.learner.replicas == 1 || self.learner.strategy == 'torch'",
+        "",
+        "spec.model.lora with several learner ranks needs spec.learner.strategy torch (the DeepSpeed ZeRO learners "
+        "do not train adapters yet); set spec.learner.strategy: torch, spec.learner.replicas: 1, or remove "
+        "spec.model.lora",
+    ),
+    CrossFieldRule(
         # pydantic's own check (GuardrailSpec) names the guardrail; this is its API-server twin
         lambda s: all((g.above is None) != (g.below is None) for g in s.guardrails),
         "!has(self.guardrails) || self.guardrails.all(g, has(g.above) != has(g.below))",
@@ -644,6 +673,16 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in POLICY_LOSS_PARAMS.items()) + ")",
     ),
 ]
+
+
+def refuse_lora_on_a_cluster(spec: "DAPORunSpec") -> None:
+    """SpecError for a LoRA run file given to the operator: its pods run the same roles as
+    `dapo run --launcher processes` (where LoRA is tested), but no cluster run of LoRA has been
+    tested yet, so the operator refuses it rather than half-work."""
+    if spec.model.lora is not None:
+        raise SpecError("spec.model.lora: the operator does not start LoRA runs yet (tested: `dapo run FILE` in one "
+                        "process and `dapo run FILE --launcher processes`); run it with dapo run, or remove "
+                        "spec.model.lora")
 
 
 # Fields a running training cannot take a new value of: the operator's CRD rejects the edit.

@@ -105,8 +105,9 @@ def build_engine(spec: DAPORunSpec, *, policy=None, device: str | None = None, s
         return build_vllm_engine(spec, device)
     from dapo.rollout.hf import HFEngine
 
-    if policy is None:
-        policy = load_policy(spec, device)
+    if policy is None:  # a rollout process's own model: with spec.model.lora the same adapters as the learner's
+        model, tokenizer = load_policy(spec, device)
+        policy = (apply_lora(spec, model), tokenizer)
     model, tokenizer = policy
     return HFEngine(model, tokenizer, device=device, copy_model=not share_policy, **engine_chunking(device))
 
@@ -182,7 +183,8 @@ def build_vllm_engine(spec: DAPORunSpec, device: str | None = None):
     except OSError:  # no generation_config.json
         extra = None
     eos.update([extra] if isinstance(extra, int) else (extra or []))
-    return VLLMEngine(str(folder), eos_ids=eos, seed=spec.learner.seed, **vllm_engine_kwargs(spec, device))
+    return VLLMEngine(str(folder), eos_ids=eos, seed=spec.learner.seed, lora=spec.model.lora,
+                      **vllm_engine_kwargs(spec, device))
 
 
 def load_policy(spec: DAPORunSpec, device: str | None = None):
@@ -193,6 +195,31 @@ def load_policy(spec: DAPORunSpec, device: str | None = None):
 
     seed_all(spec.learner.seed)
     return load(spec.model, device=device or pick_device(), cache_dir=cache_dir(spec))
+
+
+def refuse_lora_in_remote_vllm(spec: DAPORunSpec) -> None:
+    """SpecError for a LoRA run whose rollout processes would run vLLM: its adapters reach vLLM
+    only in the learner's process (`VLLMEngine.update_adapters`), not over the weight-sync group."""
+    if spec.model.lora is not None and engine_kind(spec) == "vllm":
+        raise SpecError("spec.model.lora with rollout processes running vLLM: adapters reach vLLM only in one "
+                        "process (`dapo run FILE`); set spec.rollout.engine: hf for --launcher processes")
+
+
+def apply_lora(spec: DAPORunSpec, model):
+    """The policy with spec.model.lora's adapters (dapo.model.lora), or ``model`` itself for full
+    fine-tuning. Seeded with the run's seed first: the adapters' initialisation is then the same in
+    every run of the run file, whatever drew from the RNG while the base loaded."""
+    if spec.model.lora is None:
+        return model
+    from dapo.model.lora import apply_lora as wrap
+    from dapo.seeding import seed_all
+
+    seed_all(spec.learner.seed)
+    model = wrap(model, spec.model.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d alpha %g on %s: %.2fM trainable parameters", spec.model.lora.rank, spec.model.lora.alpha,
+             ", ".join(spec.model.lora.target_modules) or "every linear layer", trainable / 1e6)
+    return model
 
 
 def load_tokenizer(spec: DAPORunSpec):

@@ -48,11 +48,14 @@ def reference_for(tmp_path_factory, model_dir, train_file):
 
     cache = {}
 
-    def get(*, learners: int = 1, rollouts: int = 1, steps: int = STEPS):
-        key = (learners, rollouts, steps)
+    def get(*, learners: int = 1, rollouts: int = 1, steps: int = STEPS, lora: dict | None = None):
+        key = (learners, rollouts, steps, tuple(sorted((lora or {}).items())))
         if key not in cache:
-            folder = tmp_path_factory.mktemp(f"reference-{learners}l{rollouts}r{steps}s")
-            doc = run_doc(preset="faults", **arith_sections(model_dir, train_file),
+            folder = tmp_path_factory.mktemp(f"reference-{learners}l{rollouts}r{steps}s{'-lora' if lora else ''}")
+            sections = arith_sections(model_dir, train_file)
+            if lora is not None:
+                sections["model"]["lora"] = lora
+            doc = run_doc(preset="faults", **sections,
                           learner={"replicas": learners, "totalSteps": steps}, rollout={"replicas": rollouts},
                           checkpoint={"keep": steps})
             cache[key] = run_reference(write_run_file(folder / "run.yaml", doc), folder / "out", role_env(), model_dir)

@@ -145,6 +145,37 @@ def test_killed_role_fails_loudly_and_resume_ends_in_the_uninterrupted_state(rol
                      recovered_when="kill -> resumed run finished the interrupted step", test=f"kill {role}")
 
 
+def test_killed_lora_run_resumes_to_the_uninterrupted_state(tmp_path, model_dir, train_file, reference_for, run_doc):
+    """A LoRA run (spec.model.lora) with two data-parallel learner ranks: learner-1 killed after
+    checkpoint 1, `--resume` ends with the adapters, their AdamW state, the sampler, surplus and RNG
+    equal to the uninterrupted LoRA run's (checkpoints hold the adapters and the base's sha256)."""
+    lora = {"rank": 4, "alpha": 8.0}
+    reference = reference_for(learners=2, lora=lora)
+    assert all("lora_" in name for name in reference.state["model"])
+    sections = arith_sections(model_dir, train_file)
+    sections["model"]["lora"] = lora
+    run_file = write_run_file(tmp_path / "run.yaml", run_doc(preset="faults", **sections, learner={"replicas": 2}))
+    out, env = tmp_path / "out", role_env()
+
+    first = Launch(run_file, out, env)
+    wait_for(lambda: local_manifest(out, 1) or first.proc.poll() is not None, 180, "checkpoint step 1")
+    killed_at = first.kill("learner-1")
+    code = first.wait(120)
+    detected_s = time.monotonic() - killed_at
+    assert code == 128 + signal.SIGKILL, first.text()[-3000:]
+    interrupted = max(steps_done(out)) + 1
+    assert interrupted <= STEPS, "the run finished before the kill landed"
+
+    recover_s, from_step = resume(run_file, out, env, injected_at=killed_at, interrupted=interrupted)
+    problems = compare_with_reference(reference, out, str(out / "checkpoints"))
+    record_and_check(problems, scenario="LoRA run, learner rank killed mid-step",
+                     injected="SIGKILL learner-1 (of 2) of a spec.model.lora run after checkpoint 1", injection=REAL_KILL,
+                     outcome=f"launcher exited {code} naming learner-1, stopped the gang; `--resume` continued from "
+                             f"checkpoint {from_step}",
+                     detect_s=detected_s, recover_s=recover_s,
+                     recovered_when="kill -> resumed run finished the interrupted step", test="kill learner-1 (LoRA)")
+
+
 @pytest.mark.integration
 def test_controller_killed_during_checkpoint_upload_leaves_no_torn_checkpoint(tmp_path, model_dir, train_file,
                                                                             reference_for, moto, bucket,

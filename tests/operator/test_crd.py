@@ -180,3 +180,30 @@ def test_guardrail_bounds_are_checked_at_admission_and_by_pydantic(run_doc):
         assert schema_errors(bad) == [] and rule.message in cel_failures(bad)
         with pytest.raises(SpecError, match="metric actor/entropy.*exactly one of above / below"):
             parse_run(bad)
+
+
+def test_lora_with_deepspeed_ranks_is_checked_at_admission_and_by_pydantic(run_doc):
+    """spec.model.lora with several DeepSpeed learner ranks fails the API server's CEL rule and the
+    run-file parser alike; one rank, or ranks of the torch strategy, pass both (and the lora fields
+    pass the schema: rank, alpha, dropout, targetModules)."""
+    rule = next(r for r in CROSS_FIELD_RULES if "self.model.lora" in r.cel)
+    good = run_doc(preset="operator")
+    good["spec"]["model"]["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"]}
+    good["spec"]["learner"]["replicas"] = 1
+    assert schema_errors(good) == [] and cel_failures(good) == []
+    parse_run(good)
+    data_parallel = copy.deepcopy(good)
+    data_parallel["spec"]["learner"].update({"replicas": 2, "strategy": "torch"})
+    assert cel_failures(data_parallel) == []
+    parse_run(data_parallel)
+    bad = copy.deepcopy(good)
+    bad["spec"]["learner"]["replicas"] = 2  # the default strategy, deepspeed-zero3
+    assert schema_errors(bad) == [] and cel_failures(bad) == [rule.message]
+    with pytest.raises(SpecError, match="spec.model.lora with several learner ranks needs spec.learner.strategy torch"):
+        parse_run(bad)
+    plain = copy.deepcopy(bad)
+    del plain["spec"]["model"]["lora"]
+    assert cel_failures(plain) == []  # full fine-tuning: the rule does not apply
+    bad_rank = copy.deepcopy(good)
+    bad_rank["spec"]["model"]["lora"]["rank"] = 0
+    assert schema_errors(bad_rank)

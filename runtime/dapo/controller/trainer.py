@@ -41,6 +41,7 @@ from dapo.controller.state import (collection_from_state, collection_to_state, g
 from dapo.controller.threads import thread_budget
 from dapo.errors import DapoError
 from dapo.learner.base import Learner
+from dapo.model.lora import base_reference, check_base, is_lora
 from dapo.data.sampler import steps_for_epochs
 from dapo.learner.batch import TrainBatch, make_batch
 from dapo.learner.torch_learner import with_learning_rate
@@ -220,6 +221,16 @@ class Trainer:
         self._guardrail_names_checked = False
         self._held = True  # every guardrail held at the last step: recorded in its checkpoint
         self._rollback_from: tuple[int, float] | None = None  # (weight version, lr scale) during a rollback
+        self.last_sync_bytes: int | None = None  # tensor bytes of the last weight sync (perf/weight_sync_bytes)
+
+    def sync_tensors(self):
+        """The learner's weights for the rollout engine (`Learner.named_parameters_for_sync`),
+        counting their bytes into ``last_sync_bytes`` as the engine (or the pipeline's copy) takes
+        them: a LoRA run sends its adapters only, and this is where that shows."""
+        self.last_sync_bytes = 0
+        for name, tensor in self.learner.named_parameters_for_sync():
+            self.last_sync_bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
 
     # ------------------------------------------------------------------ data helpers
 
@@ -380,9 +391,9 @@ class Trainer:
         lags = [self.weight_version - v for g in collection.groups for v in g.sample_versions()]
         self.weight_version += 1
         if self.pipeline is None:
-            self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+            self.engine.update_weights(self.sync_tensors(), self.weight_version)
         elif not self._pause_due(self.step + 1):  # else train() publishes after evaluation / checkpoint
-            self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
+            self.pipeline.publish(self.weight_version, self.sync_tensors)
         t_synced = time.perf_counter()
         self.step += 1
 
@@ -411,6 +422,7 @@ class Trainer:
             "timing_s/step": step_seconds,
             **self._async_metrics(collection, lags, sync_idle=(t_collected - t_step, t_synced - t_collected)),
             "perf/throughput": total_tokens / step_seconds if step_seconds > 0 else 0.0,
+            "perf/weight_sync_bytes": self.last_sync_bytes,  # the last sync's (async: the newest published)
             "perf/torch_threads": torch.get_num_threads(),  # dapo.controller.threads: the CPUs this step had
             "perf/gen_tokens_per_s": (collection.gen_tokens / collection.gen_seconds
                                       if collection.gen_seconds > 0 else 0.0),
@@ -492,7 +504,7 @@ class Trainer:
             # evaluate the current weights: let the generator finish what it may generate with older
             # ones, then load the current version into the now idle engine (the generator needs it next)
             self.pipeline.drain()
-            self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+            self.engine.update_weights(self.sync_tensors(), self.weight_version)
             self.pipeline.engine_loaded(self.weight_version)
         drained = time.perf_counter() - t0
         val = self.evaluate()
@@ -569,7 +581,7 @@ class Trainer:
                 if self.pod_evaluations is not None:
                     self._take_pod_evaluations(self.pod_evaluations.collect())
                 if self.pipeline is not None and self._pause_due(self.step):
-                    self.pipeline.publish(self.weight_version, self.learner.named_parameters_for_sync)
+                    self.pipeline.publish(self.weight_version, self.sync_tensors)
         finally:
             if self.pipeline is not None:
                 self.pipeline.close()
@@ -725,7 +737,8 @@ class Trainer:
         model_state = self.learner.full_state_dict_for_save()
         tensors: dict[str, torch.Tensor] = {}
         trainer_state = self.state_dict(tensors)
-        return CheckpointContents(model=self.learner.model, model_state=model_state,
+        base = base_reference(self.learner.model, self.spec.model.path) if is_lora(self.learner.model) else None
+        return CheckpointContents(model=self.learner.model, model_state=model_state, base_model=base,
                                   learner_state=self.learner.state_dict(), trainer_state=trainer_state,
                                   trainer_tensors=tensors,
                                   meta={"weight_version": self.weight_version, "total_steps": self.total_steps,
@@ -733,6 +746,12 @@ class Trainer:
 
     def load_model_weights(self, state) -> None:
         self.learner.load_model_weights(state)
+
+    def check_base_model(self, reference: dict, where: str) -> None:
+        if not is_lora(self.learner.model):
+            raise RuntimeError(f"{where}: holds LoRA adapters (base {reference.get('path')}); this run file trains every "
+                               "weight: set spec.model.lora as in the run that saved it")
+        check_base(self.learner.model, reference, where)
 
     def load_checkpoint_state(self, learner_state: dict, trainer_state: dict,
                               trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -747,7 +766,7 @@ class Trainer:
     def after_restore(self, step: int, uri: str) -> str:
         """The engine serves the restored weights under the restored version; the checkpoint is
         the last one; returns where the run stands."""
-        self.engine.update_weights(self.learner.named_parameters_for_sync(), self.weight_version)
+        self.engine.update_weights(self.sync_tensors(), self.weight_version)
         self.last_checkpoint = {"step": step, "uri": uri}
         return (f"weight version {self.weight_version}, sampler epoch {self.sampler.epoch} position "
                 f"{self.sampler.position}, {len(self.surplus)} surplus groups")

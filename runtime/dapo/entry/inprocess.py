@@ -76,6 +76,7 @@ def build_embedded_run(run: DAPORun, run_dir: Path, *, resume: bool, scorer=None
     if policy is None:
         policy = wiring.load_policy(spec, device)
     model, tokenizer = policy
+    model = wiring.apply_lora(spec, model)
     log.info("policy %s loaded in %.1fs: %.1fM parameters on %s", spec.model.path, time.perf_counter() - t0,
              sum(p.numel() for p in model.parameters()) / 1e6, device)
 

@@ -299,6 +299,9 @@ def run_processes(run: DAPORun, run_dir: Path, *, resume: bool, cpus: dict[str, 
     ``cpus`` pins each listed role kind's processes to a CPU set (parse_cpus)."""
     from dapo.controller.metrics import remove_handlers, setup_run_logging
 
+    from dapo.wiring import refuse_lora_in_remote_vllm
+
+    refuse_lora_in_remote_vllm(run.spec)  # before any process starts
     preflight(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_run_logging(run_dir)

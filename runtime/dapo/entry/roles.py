@@ -104,6 +104,7 @@ def run_rollout(run: DAPORun) -> int:
     replicas = env.int(EnvVar.REPLICAS, spec.rollout.replicas)
     if not 0 <= index < replicas:
         raise ConfigError(f"DAPO_REPLICA_INDEX={index} is outside 0..{replicas - 1} (DAPO_REPLICAS={replicas})")
+    wiring.refuse_lora_in_remote_vllm(spec)
     t0 = time.perf_counter()
     # the rollout pod's only model: the HF engine samples from it in place (no copy)
     engine = wiring.build_engine(spec, share_policy=True)
@@ -169,7 +170,7 @@ def run_follower(run: DAPORun, world_size: int) -> int:
     spec = run.spec
     device = wiring.pick_device()
     model, _ = wiring.load_policy(spec, device)
-    wiring.build_learner(model, spec, device, world_size).follow()
+    wiring.build_learner(wiring.apply_lora(spec, model), spec, device, world_size).follow()
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from dapo.model.lora import policy_with_checkpoint_adapters, read_base_reference
 from dapo.spec import DAPORun, SpecError, apply_overrides, parse_run
 
 log = logging.getLogger("dapo.evaluation")
@@ -45,6 +46,11 @@ def parse_ks(text: str | None) -> list[int]:
     return ks
 
 
+def lora_checkpoint(source) -> bool:
+    """Whether ``source`` is a LoRA checkpoint (adapters + a base reference, dapo.model.lora)."""
+    return not source.path.startswith("builtin:") and read_base_reference(Path(source.path)) is not None
+
+
 def eval_run(source, args) -> DAPORun:
     """The run file the evaluation follows: the checkpoint's own, --run-file, or defaults; with the
     model, the data, n and the engine from the command line and --set overrides applied."""
@@ -55,7 +61,12 @@ def eval_run(source, args) -> DAPORun:
     else:
         doc = {"apiVersion": "dapo.dev/v1alpha1", "kind": "DAPORun", "metadata": {"name": "eval"}, "spec": {}}
     spec = doc.setdefault("spec", {})
-    spec["model"] = {**spec.get("model", {}), "path": source.path}
+    if lora_checkpoint(source):  # the run file's base and spec.model.lora; `main` puts the adapters on
+        if not spec.get("model", {}).get("lora"):
+            raise SpecError(f"{source.describe()}: holds LoRA adapters; evaluate it with the run file that trained "
+                            "it (the checkpoint's run.yaml, or --run-file naming its base and spec.model.lora)")
+    else:
+        spec["model"] = {**spec.get("model", {}), "path": source.path}
     if source.gguf_file:
         spec["model"]["ggufFile"] = source.gguf_file
     spec["data"] = {**spec.get("data", {}), "eval": args.data}
@@ -112,6 +123,9 @@ def main(args) -> int:
     seed_all(spec.learner.seed)
     device = wiring.pick_device()
     policy = wiring.load_policy(spec, device) if wiring.engine_kind(spec) == "hf" else None
+    if lora_checkpoint(source):  # spec.model.lora needs the hf engine, so the policy is loaded here
+        policy = (policy_with_checkpoint_adapters(policy[0], spec.model.lora, Path(source.path), source.describe()),
+                  policy[1])
     engine = wiring.build_engine(spec, policy=policy, device=device, share_policy=True)
     tokenizer = policy[1] if policy is not None else wiring.load_tokenizer(spec)
     records = load_run_prompts(spec, "eval", spec.data.eval, spec.data.eval_max_prompts, tokenizer,

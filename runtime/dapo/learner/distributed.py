@@ -57,6 +57,7 @@ import torch.distributed as dist
 from dapo.errors import DapoError
 from dapo.learner.base import LearnerBackend, WeightedStats
 from dapo.learner.batch import TrainBatch, mini_batch_normalisers, split_rows
+from dapo.model.lora import adapter_parameters, check_adapter_names, is_lora
 from dapo.learner.torch_learner import (METRIC_KEYS, OptimizerSettings, TorchBackend, TorchLearner,
                                         learner_kwargs_from_spec)
 from dapo.learner.weights import check_weight_names
@@ -179,10 +180,13 @@ class RankGroup:
                 f"Another learner rank probably died or hangs; check the logs of every learner rank. The "
                 f"collective timeout is {self.timeout_s:g} s (init_process_group timeout)") from exc
 
-    def broadcast_module(self, model: torch.nn.Module) -> None:
-        """Copy rank 0's parameters and buffers to every rank."""
+    def broadcast_module(self, model: torch.nn.Module, *, adapters_only: bool = False) -> None:
+        """Copy rank 0's parameters and buffers to every rank (``adapters_only``: a LoRA model's
+        adapters, whose frozen base every rank loaded itself)."""
+        named = (list(adapter_parameters(model)) if adapters_only
+                 else list(model.named_parameters()) + list(model.named_buffers()))
         with torch.no_grad():
-            for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            for name, tensor in named:
                 buf = tensor.detach().to(self.comm_device).contiguous()
                 self.collective(dist.broadcast, buf, 0, what=f"broadcast of parameter {name}")
                 if self.rank != 0:
@@ -304,7 +308,7 @@ class DataParallelBackend(TorchBackend):
         """Rank 0 copies ``state`` into its module, then every rank takes rank 0's."""
         if self.ranks.is_controller:
             super().load_model_weights(state)
-        self.ranks.broadcast_module(self.model)
+        self.ranks.broadcast_module(self.model, adapters_only=self.lora)  # LoRA: a checkpoint restores adapters only
 
     def load_state_dict(self, state: dict | None) -> None:
         """Rank 0's optimizer + schedule state (the same on every rank: replicated) to every rank."""
@@ -528,7 +532,10 @@ class DistributedLearner:
         rank's module. The names are checked before the followers are called in, so a mismatch
         (ValueError) leaves them waiting for the next command instead of half-way in collectives."""
         self._require_controller("load_model_weights()")
-        check_weight_names(self.model, state.keys())
+        if is_lora(self.model):  # a LoRA checkpoint holds the adapters only
+            check_adapter_names(self.model, state.keys())
+        else:
+            check_weight_names(self.model, state.keys())
         self.channel.post(CMD_LOAD_WEIGHTS)
         self.learner.load_model_weights(state)
 

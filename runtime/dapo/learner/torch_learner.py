@@ -31,6 +31,7 @@ from dapo.learner.base import LearnerBackend, WeightedStats
 from dapo.learner.batch import (TrainBatch, by_length, in_row_order, mini_batch_normalisers, padded_columns,
                                 split_rows)
 from dapo.learner.weights import check_weight_names, parameter_aliases, persistent_buffers, weight_for
+from dapo.model.lora import adapter_parameters, adapter_state, is_lora, load_adapter_state
 from dapo.seeding import MINI_BATCH_ORDER, seed_for
 
 # the token-weighted per-micro-batch metrics (the loss and the grad norm are per mini-batch)
@@ -78,6 +79,8 @@ class TorchBackend:
         self.device = torch.device(device)
         self.model = model.to(self.device).train()
         self.settings = settings
+        # a LoRA policy (dapo.model.lora) has a frozen base: only its adapters train and hold AdamW state
+        self.lora = is_lora(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas,
                                            weight_decay=settings.weight_decay)
@@ -133,16 +136,21 @@ class TorchBackend:
 
     # -- weights and state
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, param in self.model.named_parameters():
+        """Every parameter; with LoRA the adapters alone (the engine keeps its copy of the frozen base)."""
+        named = adapter_parameters(self.model) if self.lora else self.model.named_parameters()
+        for name, param in named:
             yield name, param.detach()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The module's own tensors, no copy."""
-        return self.model.state_dict()
+        """The module's own tensors, no copy; with LoRA the adapters alone (a checkpoint refers to the base)."""
+        return adapter_state(self.model) if self.lora else self.model.state_dict()
 
     def load_model_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy full weights into the module in place (the optimizer keeps holding the same
-        parameters). ValueError names missing / unexpected tensors."""
+        """Copy full weights (LoRA: the saved adapters) into the module in place (the optimizer keeps
+        holding the same parameters). ValueError names missing / unexpected tensors."""
+        if self.lora:
+            load_adapter_state(self.model, state)
+            return
         check_weight_names(self.model, state.keys())
         aliases = parameter_aliases(self.model)
         with torch.no_grad():

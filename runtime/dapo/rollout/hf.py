@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dapo.model.lora import ADAPTER_MARK, adapter_parameters, is_lora
 from dapo.rollout.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -220,11 +221,16 @@ class HFEngine(RolloutEngine):
     def update_weights(self, named_tensors, version: int) -> None:
         """Copy tensors into the engine's model by name. Every parameter and buffer the sender
         names must exist here, and every parameter here must be sent: a partial update would
-        serve a mix of two policies, so it fails loudly instead."""
+        serve a mix of two policies, so it fails loudly instead. A LoRA policy (a PeftModel, whose
+        base this engine loaded once and keeps) takes its adapter tensors, all of them, and nothing else."""
         own = dict(self.model.named_parameters())
         own.update(dict(self.model.named_buffers()))
+        lora = is_lora(self.model)  # only adapters may arrive: the base is frozen on both sides
         seen: set[str] = set()
         for name, tensor in named_tensors:
+            if lora and ADAPTER_MARK not in name:
+                raise KeyError(f"weight sync: the rollout policy is LoRA (spec.model.lora) and takes adapter tensors "
+                               f"only; the learner sent {name!r} (learner and rollout must both train adapters)")
             if name not in own:
                 raise KeyError(f"weight sync: the rollout model has no tensor named {name!r} "
                                "(learner and rollout must load the same architecture)")
@@ -234,7 +240,8 @@ class HFEngine(RolloutEngine):
                                  f"but {tuple(target.shape)} in the rollout model")
             target.copy_(tensor.detach().to(device=target.device, dtype=target.dtype))
             seen.add(name)
-        missing = [n for n, _ in self.model.named_parameters() if n not in seen]
+        expected = adapter_parameters(self.model) if lora else self.model.named_parameters()
+        missing = [n for n, _ in expected if n not in seen]
         # tied weights appear once under one name: a missing alias of a sent tensor is fine
         missing = [n for n in missing if not _is_tied_alias(self.model, n, seen)]
         if missing:

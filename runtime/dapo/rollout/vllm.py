@@ -178,6 +178,20 @@ def samples_from_outputs(request_outputs: Sequence[Any], n: int, weight_version:
     return samples
 
 
+#: the adapter ranks vLLM's LoRA kernels are built for (vllm.config.lora.MaxLoRARanks, 0.32)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """``max_lora_rank`` for adapters of ``rank``: the smallest rank vLLM supports that holds them
+    (a smaller adapter is padded into the slot); VLLMEngineError above vLLM's largest."""
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fitting:
+        raise VLLMEngineError(f"spec.model.lora.rank {rank}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}; "
+                              "lower the rank or use spec.rollout.engine: hf")
+    return fitting[0]
+
+
 def check_vllm_version(installed: str) -> None:
     """Refuse a vLLM outside `VLLM_VERSIONS`, naming the installed one and the fix."""
     from packaging.specifiers import SpecifierSet
@@ -560,7 +574,7 @@ class VLLMEngine(RolloutEngine):
     carries (`tensor_pieces`)."""
 
     def __init__(self, model_path: str, *, eos_ids: Iterable[int], seed: int = 0, enable_prefix_caching: bool = True,
-                 update_piece_bytes: int = UPDATE_PIECE_BYTES, **llm_kwargs):
+                 update_piece_bytes: int = UPDATE_PIECE_BYTES, lora=None, **llm_kwargs):
         try:
             import vllm
         except ImportError as exc:
@@ -580,6 +594,13 @@ class VLLMEngine(RolloutEngine):
         kwargs = dict(model=str(model_path), worker_extension_cls=WORKER_EXTENSION, seed=seed,
                       enable_prefix_caching=enable_prefix_caching, logprobs_mode="processed_logprobs",
                       skip_tokenizer_init=False)
+        #: spec.model.lora (a `dapo.spec.LoraSpec`): the base stays as loaded, each version's adapters
+        #: are served through vLLM's LoRA support (`update_weights` writes them, a LoRARequest names them)
+        self.lora = lora
+        self._lora_request = None  # None: the base alone (version 0: peft's B = 0 adapters add nothing)
+        self._adapter_root: str | None = None
+        if lora is not None:
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora.rank))
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
         self._version = 0
@@ -616,7 +637,7 @@ class VLLMEngine(RolloutEngine):
                 params.append(SamplingParams(**sampling_kwargs(
                     n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                     seed=sample_seed(seed, i, j), stop_token_ids=self.eos_ids)))
-        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False, lora_request=self._lora_request)
         return samples_from_outputs(outputs, n, self._version)
 
     # -- weights
@@ -627,6 +648,10 @@ class VLLMEngine(RolloutEngine):
         """Join the learner's weight-sync group: ``rank`` is this replica's first rank, each of its
         tensor-parallel workers joins as ``rank`` + its TP rank (`receiver_rank`), so the group
         has 1 + replicas x tensor_parallel_size ranks. Returns the workers' ranks."""
+        if self.lora is not None:  # the worker extension loads full weights into the model's own parameters
+            raise VLLMEngineError("spec.model.lora: adapters reach the vLLM engine in the learner's process only "
+                                  "(`dapo run FILE`); a rollout process cannot receive them over the weight-sync "
+                                  "group yet: use spec.rollout.engine: hf with --launcher processes")
         ranks = self._rpc("dapo_join_weight_sync", host, port, world_size, rank, backend, timeout_s, bucket_bytes,
                           verify_checksums)
         self._joined = True
@@ -659,7 +684,11 @@ class VLLMEngine(RolloutEngine):
         """In-process update (`dapo run` in one process): the tensors' bytes go to the workers in
         pieces of at most ``update_piece_bytes`` (collective_rpc cannot carry tensors, and one
         bytes object must stay under 4 GiB: see the module docstring). A failure after the
-        workers started loading blocks `generate` until the next good update."""
+        workers started loading blocks `generate` until the next good update. With ``lora`` the
+        tensors are the adapters (`update_adapters`)."""
+        if self.lora is not None:
+            self.update_adapters(named_tensors, int(version))
+            return
         start = time.perf_counter()
         pieces = 0
         try:
@@ -675,6 +704,48 @@ class VLLMEngine(RolloutEngine):
         self.last_update_pieces = pieces
         self._checksum = None
         self._after_update(int(version), _slowest(answers), rpc_s, start)
+
+    def update_adapters(self, named_tensors, version: int) -> None:
+        """A LoRA run's sync: the adapters, in peft's saved format (adapter_config.json +
+        adapter_model.safetensors, what vLLM's LoRA loader reads) in a folder of this version, and
+        a new LoRARequest for it: vLLM loads it on the next generate, and its prefix cache keys
+        blocks by adapter, so nothing cached under an older version is reused. The base model is
+        never touched. The previous version's folder goes (vLLM holds its tensors once loaded)."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        from dapo.model.lora import ADAPTER_MARK, lora_config
+
+        start = time.perf_counter()
+        tensors = {}
+        for name, tensor in named_tensors:
+            if ADAPTER_MARK not in name:
+                raise VLLMEngineError(f"weight sync: the rollout policy is LoRA (spec.model.lora) and takes adapter "
+                                      f"tensors only; the learner sent {name!r}")
+            # peft's saved names drop the adapter name ("default") that the live module's names carry
+            tensors[name.replace(".default.", ".")] = tensor.detach().to("cpu").contiguous()
+        if not tensors:
+            raise VLLMEngineError(f"weight sync for version {version} carried no adapter tensors")
+        if self._adapter_root is None:
+            self._adapter_root = tempfile.mkdtemp(prefix="dapo-vllm-lora-")
+        folder = Path(self._adapter_root) / f"v{version:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        lora_config(self.lora).save_pretrained(str(folder))
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        previous = self._lora_request
+        # LoRA ids must be > 0 and new per version: vLLM caches a loaded adapter by its id
+        self._lora_request = LoRARequest(f"dapo-v{version}", version + 1, str(folder))
+        if previous is not None:
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self._unusable = None
+        self._checksum = None
+        self._version = version
+        self._timings = {"total_s": time.perf_counter() - start}
+        log.info("vLLM engine serves weight version %d (LoRA adapters, %d tensors)", version, len(tensors))
 
     def _rpc(self, method: str, *args) -> list:
         """``collective_rpc`` of a dapo worker method: every worker's answer, or the workers'
@@ -728,6 +799,11 @@ class VLLMEngine(RolloutEngine):
         shutdown of its own: its engine core (model, KV cache, threads) otherwise lives until the
         interpreter exits, even after the engine is dropped. Idempotent; the engine is unusable after."""
         self.leave_weight_sync()
+        if self._adapter_root is not None:  # the adapters written for vLLM's LoRA loader
+            import shutil
+
+            shutil.rmtree(self._adapter_root, ignore_errors=True)
+            self._adapter_root = None
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()

@@ -53,7 +53,9 @@ from dapo.contracts import (GenerateAnswer, GenerateRequest, LeaveAnswer, SyncAn
                             contract_violation)
 from dapo.controller.threads import thread_budget
 from dapo.rollout.base import RolloutEngine, Sample
-from dapo.services.http import REPLICA_LIVENESS_S, ReplicaPool, RequestThreads, RetryableError, ServiceError, get_json, post_json, split_evenly
+from dapo.model.lora import adapter_parameters, is_lora
+from dapo.services.http import (REPLICA_LIVENESS_S, ReplicaPool, RequestThreads, RetryableError, ServiceError, get_json,
+                               post_json, split_evenly)
 from dapo.weightsync import WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, state_checksum
 
 log = logging.getLogger("dapo.services.rollout")
@@ -78,7 +80,8 @@ def engine_checksum(engine) -> str | None:
         return own()
     model = getattr(engine, "model", None)
     if isinstance(model, torch.nn.Module):
-        return state_checksum(dict(model.named_parameters()))
+        # a LoRA policy receives its adapters only (the learner's named_parameters_for_sync): hash those
+        return state_checksum(dict(adapter_parameters(model) if is_lora(model) else model.named_parameters()))
     return None
 
 

@@ -4,7 +4,11 @@ Layout of one checkpoint (committed through `dapo.storage.CheckpointStore`: file
 ``step-XXXXXXXX/attempt-.../``, manifest last, so a half-written checkpoint is never "latest"):
 
     model/                 HF format: config.json, *.safetensors, tokenizer files
-                           (`AutoModelForCausalLM.from_pretrained(folder)` loads it)
+                           (`AutoModelForCausalLM.from_pretrained(folder)` loads it); a LoRA run
+                           (spec.model.lora): peft's adapter_config.json + adapter_model.safetensors
+                           (`PeftModel.from_pretrained(base, folder)` loads them), the tokenizer
+                           files and base_model.json, the base's spec.model.path and weights sha256
+                           (`dapo.model.lora`), checked before the adapters are restored or exported
     learner.pt             optimizer + lr-scheduler state (torch.save)
     trainer_state.json     step, weight version, sampler position, surplus groups and in-flight
                            batches (their token arrays in trainer_tensors.safetensors), the
@@ -43,6 +47,7 @@ from typing import Mapping, Protocol, runtime_checkable
 import torch
 from safetensors.torch import load_file, save_file
 
+from dapo.model.lora import read_base_reference, write_base_reference
 from dapo.storage import CheckpointCorruptError
 
 log = logging.getLogger("dapo.storage.checkpointer")
@@ -71,16 +76,20 @@ def restore_torch_rng(state: dict) -> None:
 
 def write_checkpoint_folder(folder: Path, *, model, model_state: dict[str, torch.Tensor], tokenizer,
                             learner_state: dict, trainer_state: dict,
-                            trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
+                            trainer_tensors: dict[str, torch.Tensor] | None = None,
+                            base_model: dict | None = None) -> None:
     """Write every checkpoint file into ``folder`` (local, not yet committed). The weights come
-    from ``model_state`` (full tensors by name); ``model`` supplies only the config and the class
-    (its own parameters may be partitioned placeholders)."""
+    from ``model_state`` (full tensors by name; a LoRA model's: its adapters, saved in peft's
+    format, with ``base_model`` the reference to its base); ``model`` supplies only the config and
+    the class (its own parameters may be partitioned placeholders)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         model.save_pretrained(folder / MODEL_DIR, state_dict=model_state, safe_serialization=True)
     except Exception as exc:  # e.g. a model still flagged as quantised (gguf) refuses to save
         raise RuntimeError(f"checkpoint: could not save the policy model in HF format ({exc}); "
                            "load the base model as a plain (non-quantised) model") from exc
+    if base_model is not None:
+        write_base_reference(folder / MODEL_DIR, base_model)
     tokenizer.save_pretrained(folder / MODEL_DIR)
     torch.save(learner_state, folder / LEARNER_FILE)
     (folder / TRAINER_FILE).write_text(json.dumps(trainer_state))
@@ -107,6 +116,9 @@ def restore_model_weights(target, model_dir: Path) -> None:
     """Read a checkpoint's model/ folder and hand the weights to ``target`` (a learner or a
     `Checkpointable`: every rank of a distributed learner receives them); a name mismatch says
     which spec field to check."""
+    reference = read_base_reference(model_dir)
+    if reference is not None:  # adapters: only onto the base they were trained on
+        target.check_base_model(reference, str(model_dir))
     state = read_model_state(model_dir)
     try:
         target.load_model_weights(state)
@@ -125,6 +137,7 @@ class CheckpointContents:
     trainer_state: dict  # JSON-able: position, surplus, versions, the trainer's RNG
     meta: dict  # recorded in the manifest: weight_version, total_steps
     trainer_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # trainer_state's token arrays
+    base_model: dict | None = None  # LoRA: the base's path and weights sha256 (model_state holds the adapters)
 
 
 @runtime_checkable
@@ -139,6 +152,10 @@ class Checkpointable(Protocol):
 
     def load_model_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         """A checkpoint's full weights into the model, in place; ValueError names mismatched tensors."""
+
+    def check_base_model(self, reference: dict, where: str) -> None:
+        """Raise unless the model is a LoRA policy on the base ``reference`` names (a LoRA
+        checkpoint's base_model.json: path and weights sha256)."""
 
     def load_checkpoint_state(self, learner_state: dict, trainer_state: dict,
                               trainer_tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -172,7 +189,8 @@ class Checkpointer:
             contents = trainer.checkpoint_contents()
             write_checkpoint_folder(folder, model=contents.model, model_state=contents.model_state,
                                     tokenizer=self.tokenizer, learner_state=contents.learner_state,
-                                    trainer_state=contents.trainer_state, trainer_tensors=contents.trainer_tensors)
+                                    trainer_state=contents.trainer_state, trainer_tensors=contents.trainer_tensors,
+                                    base_model=contents.base_model)
             if self.run_file is not None:
                 (folder / RUN_FILE).write_text(self.run_file)
             if self.metrics_file is not None and self.metrics_file.exists():
