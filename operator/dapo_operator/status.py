@@ -210,10 +210,15 @@ def pod_stuck(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def labelled_lines(message: str, label: str) -> list[str]:
+    """The ``LABEL: ...`` lines of a log tail (how `dapo` prints a problem or a guardrail stop), label removed."""
+    return [line.strip().removeprefix(f"{label}:").strip() for line in message.splitlines()
+            if line.strip().startswith(f"{label}:")]
+
+
 def error_lines(message: str) -> list[str]:
     """The ``error: ...`` lines of a log tail (how `dapo` prints each problem), prefix removed."""
-    return [line.strip().removeprefix("error:").strip() for line in message.splitlines()
-            if line.strip().startswith("error:")]
+    return labelled_lines(message, "error")
 
 
 def pod_guardrail_stop(pod: dict[str, Any]) -> tuple[str, str] | None:
@@ -223,8 +228,8 @@ def pod_guardrail_stop(pod: dict[str, Any]) -> tuple[str, str] | None:
     action = {GUARDRAIL_FAIL_EXIT_CODE: "fail", GUARDRAIL_SUSPEND_EXIT_CODE: "suspend"}.get(code)  # type: ignore[arg-type]
     if action is None:
         return None
-    lines = [line.strip() for line in message.splitlines() if line.strip().startswith("guardrail:")]
-    line = lines[-1].removeprefix("guardrail:").strip() if lines else \
+    lines = labelled_lines(message, "guardrail")
+    line = lines[-1] if lines else \
         f"{pod_name_of(pod)} exited with code {code}: a guardrail with action {action} tripped"
     return action, _cut(line, MAX_MESSAGE_CHARS)
 
@@ -237,9 +242,9 @@ def pod_run_file_error(pod: dict[str, Any]) -> str | None:
     if not term or term.get("exitCode") != n.SPEC_ERROR_EXIT_CODE:
         return None
     text = str(term.get("message") or "")
-    errors = [line.strip() for line in text.splitlines() if line.strip().startswith("error:")]
-    line = errors[-1] if errors else (text.strip().splitlines() or ["(no termination message)"])[-1]
-    return _cut(line.removeprefix("error:").strip(), MAX_MESSAGE_CHARS)
+    errors = error_lines(text)
+    line = errors[-1] if errors else (text.strip().splitlines() or ["(no termination message)"])[-1].strip()
+    return _cut(line, MAX_MESSAGE_CHARS)
 
 
 def current_pods(run: DAPORun, pods: list[dict[str, Any]], gang_generation: int) -> dict[str, dict[str, Any]]:

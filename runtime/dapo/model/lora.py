@@ -12,7 +12,6 @@ resume and export so that adapters never land on a different base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -103,19 +102,16 @@ def base_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def base_weights_sha256(model) -> str:
-    """sha256 over the base's weights (name, dtype, shape and bytes of each, by name): the identity
-    of the base the adapters were trained on, whatever folder or format it was loaded from. The base
-    never changes during a LoRA run, so the digest is computed once per model object."""
+    """`dapo.weightsync.state_checksum` (sha256 over each tensor's name, dtype, shape and bytes) of
+    the base's weights: the identity of the base the adapters were trained on, whatever folder or
+    format it was loaded from. The base never changes during a LoRA run, so the digest is
+    computed once per model object."""
     cached = getattr(model, "_dapo_base_sha256", None)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    for name, tensor in sorted(base_weights(model), key=lambda item: item[0]):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    model._dapo_base_sha256 = digest.hexdigest()
-    return model._dapo_base_sha256
+    if cached is None:
+        from dapo.weightsync import state_checksum
+
+        cached = model._dapo_base_sha256 = state_checksum(base_weights(model))
+    return cached
 
 
 def base_reference(model, path: str) -> dict:
