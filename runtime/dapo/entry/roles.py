@@ -188,6 +188,9 @@ def run_controller(run: DAPORun, world_size: int) -> int:
     grace = env.float(EnvVar.STATUS_GRACE_S, 60.0)
     embedded = None
     code = 1
+    # the operator reads a stopped pod's log tail (terminationMessagePolicy FallbackToLogsOnError) for
+    # a bare "error: ..." / "guardrail: ..." line: printed last, after the status grace period
+    last_line = None
     try:
         run_dir = run_dir_for(run)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,13 +213,13 @@ def run_controller(run: DAPORun, world_size: int) -> int:
         log.info("training finished: %d steps", trainer.step)
     except GuardrailStop as exc:  # suspend / fail: its own exit code, so the operator never restarts the gang
         log.error("guardrail: %s", exc)
-        code = exc.exit_code
+        code, last_line = exc.exit_code, f"guardrail: {exc}"
         status.set_override(embedded.trainer.status())  # state suspended / failed, with the trip
     except Exception as exc:  # noqa: BLE001 - reported through /status and the exit code
         run_file_error = isinstance(exc, (SpecError, ConfigError))
         if run_file_error:  # the file or a setting: one line naming it (as `dapo run` prints), no traceback
             log.error("error: %s", exc)
-            code = RUN_FILE_ERROR_EXIT_CODE
+            code, last_line = RUN_FILE_ERROR_EXIT_CODE, f"error: {exc}"
         else:
             log.exception("the controller failed")
         doc = embedded.trainer.status() if embedded is not None else placeholder_status("starting")
@@ -228,6 +231,8 @@ def run_controller(run: DAPORun, world_size: int) -> int:
     log.info("serving the final state (%s) for %gs", status.document()["state"], grace)
     time.sleep(grace)
     status.stop()
+    if last_line is not None:
+        print(last_line, file=sys.stderr, flush=True)
     return code
 
 
